@@ -1,0 +1,41 @@
+//! The backend abstraction, at the level of stages rather than tensor ops.
+//!
+//! A Fisher reduction is *accumulate* (stream chunks of per-sample gradients into partial
+//! sums) then *finalize* (divide by N, mirror, read back). Both the GPU and the fast CPU path
+//! implement exactly these stages, which keeps the trait small enough to implement twice and
+//! to test the two against each other and against the f64 reference.
+
+use ndarray::{Array2, ArrayView2};
+
+use crate::error::Result;
+use crate::form::{FisherMatrix, Form};
+
+/// A compute path able to reduce per-sample gradients to every Fisher form.
+pub trait FisherBackend {
+    /// Human-readable description, e.g. `gpu: llvmpipe (LLVM 15.0.6, 256 bits) [Vulkan, Cpu]`.
+    fn label(&self) -> String;
+
+    /// Starts a streaming reduction of `params`-column gradients to `form`.
+    ///
+    /// Memory does not grow with the number of samples pushed (except for
+    /// [`Form::SampleNorms`], whose result has one value per sample).
+    /// [`Form::Gram`] is not streamable (it pairs every sample with every other) and is
+    /// refused here; use [`FisherBackend::gram`].
+    fn accumulator<'a>(&'a self, form: &Form, params: usize) -> Result<Box<dyn Accumulator + 'a>>;
+
+    /// K = G Gᵀ / N for the whole matrix `grads` (N×P).
+    fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>>;
+}
+
+/// A streaming reduction in progress.
+pub trait Accumulator {
+    /// Adds the per-sample gradients of `chunk.nrows()` more samples (rows of `chunk`).
+    /// The chunk may have any number of rows; the backend splits it as its limits require.
+    fn push(&mut self, chunk: ArrayView2<'_, f32>) -> Result<()>;
+
+    /// Number of samples pushed so far.
+    fn samples(&self) -> usize;
+
+    /// Divides by the number of samples and returns the finished form.
+    fn finish(self: Box<Self>) -> Result<FisherMatrix>;
+}

@@ -1,0 +1,148 @@
+//! The public entry point: choose a backend once, then reduce gradients to Fisher forms.
+
+use ndarray::ArrayView2;
+
+use crate::backend::FisherBackend;
+use crate::cpu::{reference, CpuBackend};
+use crate::error::{FisherError, Result};
+use crate::form::{Agreement, FisherMatrix, Form};
+use crate::gpu::{GpuBackend, GpuContext, GpuOptions};
+use crate::validate::check_matrix;
+
+/// Which compute path to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// A GPU adapter when one exists (hardware first, software adapters such as
+    /// lavapipe/llvmpipe accepted), otherwise the CPU path with a logged warning.
+    #[default]
+    Auto,
+    /// A GPU adapter or an error.
+    Gpu,
+    /// The multi-threaded f32 CPU path.
+    Cpu,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = FisherError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "gpu" => Ok(Backend::Gpu),
+            "cpu" => Ok(Backend::Cpu),
+            _ => Err(FisherError::InvalidInput(format!(
+                "unknown backend '{s}' (expected auto, gpu or cpu)"
+            ))),
+        }
+    }
+}
+
+/// Engine construction options. `Default` = `Backend::Auto`, adapter from `FISHER_ADAPTER`,
+/// the adapter's own limits.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Which compute path.
+    pub backend: Backend,
+    /// GPU options (adapter choice, limit overrides).
+    pub gpu: GpuOptions,
+}
+
+/// A Fisher engine bound to one backend.
+pub struct Engine {
+    backend: Box<dyn FisherBackend>,
+    is_gpu: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("backend", &self.backend.label()).finish()
+    }
+}
+
+/// Result of a verified reduction: the compute result and its agreement with the f64 reference.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The backend's result.
+    pub result: FisherMatrix,
+    /// Its disagreement with the f64 reference.
+    pub agreement: Agreement,
+}
+
+impl Engine {
+    /// An engine on `backend` with default options.
+    pub fn new(backend: Backend) -> Result<Self> {
+        Self::with_options(EngineOptions { backend, ..Default::default() })
+    }
+
+    /// An engine with explicit options.
+    pub fn with_options(options: EngineOptions) -> Result<Self> {
+        match options.backend {
+            Backend::Cpu => Ok(Self::cpu()),
+            Backend::Gpu => {
+                let ctx = GpuContext::new(&options.gpu)?;
+                Self::from_context(ctx, &options.gpu)
+            }
+            Backend::Auto => match GpuContext::new(&options.gpu) {
+                Ok(ctx) => Self::from_context(ctx, &options.gpu),
+                Err(e @ FisherError::NoAdapter(_)) => {
+                    log::warn!("{e}; falling back to the CPU path");
+                    Ok(Self::cpu())
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// An engine on the CPU path.
+    pub fn cpu() -> Self {
+        Engine { backend: Box::new(CpuBackend::new()), is_gpu: false }
+    }
+
+    /// An engine on a GPU context the caller made (tests hand in their own).
+    pub fn from_context(ctx: GpuContext, options: &GpuOptions) -> Result<Self> {
+        Ok(Engine { backend: Box::new(GpuBackend::new(ctx, options)?), is_gpu: true })
+    }
+
+    /// Description of the backend in use (adapter name, API, device type, or CPU threads).
+    pub fn device_info(&self) -> String {
+        self.backend.label()
+    }
+
+    /// Whether this engine runs on a GPU adapter.
+    pub fn is_gpu(&self) -> bool {
+        self.is_gpu
+    }
+
+    /// The backend, for streaming use ([`FisherBackend::accumulator`]).
+    pub fn backend(&self) -> &dyn FisherBackend {
+        self.backend.as_ref()
+    }
+
+    /// Reduces per-sample gradients `grads` (N×P, row i = gᵢ) to `form`.
+    ///
+    /// ```
+    /// use fisher_engine::{Engine, Backend, Form, FisherMatrix};
+    /// let g = fisher_engine::synthetic::normal_matrix(100, 8, 1);
+    /// let engine = Engine::new(Backend::Cpu).unwrap();
+    /// let FisherMatrix::Full(f) = engine.fisher_from_grads(g.view(), &Form::Full).unwrap() else { panic!() };
+    /// assert_eq!(f.dim(), (8, 8));
+    /// ```
+    pub fn fisher_from_grads(&self, grads: ArrayView2<'_, f32>, form: &Form) -> Result<FisherMatrix> {
+        check_matrix("gradients", grads, 0)?;
+        form.validate(grads.ncols())?;
+        if *form == Form::Gram {
+            return Ok(FisherMatrix::Gram(self.backend.gram(grads)?));
+        }
+        let mut acc = self.backend.accumulator(form, grads.ncols())?;
+        acc.push(grads)?;
+        acc.finish()
+    }
+
+    /// Like [`Engine::fisher_from_grads`], and also computes the f64 reference and reports
+    /// the disagreement.
+    pub fn fisher_from_grads_verified(&self, grads: ArrayView2<'_, f32>, form: &Form) -> Result<Verified> {
+        let result = self.fisher_from_grads(grads, form)?;
+        let reference = reference::reduce(grads, form)?;
+        let agreement = result.agreement(&reference)?;
+        Ok(Verified { result, agreement })
+    }
+}

@@ -1,0 +1,1 @@
+//! File formats: numpy `.npy` in, safetensors out (written atomically).
