@@ -1,45 +1,462 @@
-//! The GPU path.
-use ndarray::{Array2, ArrayView2};
+//! The GPU path: one [`GpuContext`], kernels that own their pipelines, and a planner that
+//! streams samples in chunks and tiles outputs so that no binding ever exceeds the adapter's
+//! `max_storage_buffer_binding_size` and the total stays within a memory budget.
+//!
+//! ## Plan of a reduction
+//!
+//! * **Sample chunks.** Gradients are uploaded `rows` samples at a time into one reused
+//!   buffer of `rows × P` f32, with `rows ≤ binding_limit / 4P`. After each submission the host
+//!   waits for the previous one, so at most two chunks are in flight (bounded staging memory).
+//! * **Output panels.** A symmetric result over a column range is split into panels of at most
+//!   `panel` columns (`panel² · 4 ≤ binding_limit`, a multiple of the 64-wide SYRK tile); each
+//!   panel pair I ≤ J owns a running-sum and a compensation buffer. Diagonal pairs dispatch only
+//!   the tiles on or above the diagonal; the host mirrors on read-back.
+//! * **Finalize.** The host reads (S, c) and forms (S − c)/N in f64.
+
+mod buffers;
+mod context;
+pub mod kernels;
+
+pub use buffers::{read_f32, storage_f32};
+pub use context::{list_adapters, AdapterSummary, GpuContext, GpuOptions};
+
+use ndarray::{Array1, Array2, ArrayView2};
 
 use crate::backend::{Accumulator, FisherBackend};
-use crate::error::Result;
-use crate::form::Form;
+use crate::error::{FisherError, Result};
+use crate::form::{FisherMatrix, Form};
+use crate::validate::check_matrix;
+use kernels::{DiagKernel, NormsKernel, RowParams, SyrkKernel, SyrkParams, SyrkVariant, SYRK_TILE};
 
-/// Options for adapter choice and limits.
-#[derive(Debug, Clone, Default)]
-pub struct GpuOptions {
-    /// Substring of the adapter name to pick (default: `FISHER_ADAPTER`).
-    pub adapter: Option<String>,
-    /// Lowers the adapter's `max_storage_buffer_binding_size` (tests use it to force tiling).
-    pub max_binding_bytes: Option<u64>,
-    /// Device memory budget in bytes.
-    pub memory_budget_bytes: Option<u64>,
+/// Default device memory budget for one reduction.
+const DEFAULT_BUDGET: u64 = 2 << 30;
+/// Upper bound on samples per chunk: large enough to amortize dispatch overhead, small enough
+/// to keep the staging copy of a chunk modest.
+const MAX_CHUNK_ROWS: usize = 8192;
+
+/// The GPU implementation of [`FisherBackend`].
+pub struct GpuBackend {
+    ctx: GpuContext,
+    syrk: SyrkKernel,
+    diag: DiagKernel,
+    norms: NormsKernel,
+    binding_limit: u64,
+    budget: u64,
 }
 
-/// GPU context.
-pub struct GpuContext {}
-impl GpuContext {
-    /// Makes a context.
-    pub fn new(_o: &GpuOptions) -> Result<Self> {
-        Err(crate::FisherError::NoAdapter("todo".into()))
+impl std::fmt::Debug for GpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
     }
 }
-/// GPU backend.
-pub struct GpuBackend {}
+
+fn does_not_fit(what: String, needed: u64, limit: u64, which: String) -> FisherError {
+    FisherError::DoesNotFit { what, needed, limit, which }
+}
+
 impl GpuBackend {
-    /// new
-    pub fn new(_c: GpuContext, _o: &GpuOptions) -> Result<Self> {
-        todo!()
+    /// Builds the kernels on `ctx` and fixes the limits used for planning.
+    pub fn new(ctx: GpuContext, options: &GpuOptions) -> Result<Self> {
+        let variant_name = options.syrk_variant.clone().or_else(|| std::env::var("FISHER_SYRK_KERNEL").ok());
+        let variant = match variant_name.as_deref() {
+            Some("tiled") => SyrkVariant::Tiled,
+            Some("direct") => SyrkVariant::Direct,
+            Some(other) => {
+                return Err(FisherError::InvalidInput(format!(
+                    "unknown SYRK kernel '{other}' (expected tiled or direct)"
+                )))
+            }
+            // Barriers and workgroup memory cost more than they save on CPU adapters.
+            None if ctx.is_software() => SyrkVariant::Direct,
+            None => SyrkVariant::Tiled,
+        };
+        let adapter_limit = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
+        let binding_limit = options.max_binding_bytes.map_or(adapter_limit, |b| b.min(adapter_limit)) / 4 * 4;
+        let budget = options
+            .memory_budget_bytes
+            .or_else(|| {
+                std::env::var("FISHER_GPU_MEMORY_MB").ok().and_then(|v| v.parse::<u64>().ok()).map(|mb| mb << 20)
+            })
+            .unwrap_or(DEFAULT_BUDGET);
+        let min_binding = (SYRK_TILE * SYRK_TILE * 4) as u64;
+        if binding_limit < min_binding {
+            return Err(does_not_fit(
+                "one 64×64 output tile".into(),
+                min_binding,
+                binding_limit,
+                "storage binding limit".into(),
+            ));
+        }
+        let syrk = SyrkKernel::new(&ctx, variant)?;
+        let diag = DiagKernel::new(&ctx)?;
+        let norms = NormsKernel::new(&ctx)?;
+        Ok(GpuBackend { ctx, syrk, diag, norms, binding_limit, budget })
+    }
+
+    /// The context (adapter, device, limits).
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// The storage-binding limit used for planning (adapter limit, possibly lowered).
+    pub fn binding_limit(&self) -> u64 {
+        self.binding_limit
+    }
+
+    /// Largest panel edge: a multiple of the SYRK tile with edge² f32 within one binding.
+    fn panel_max(&self) -> usize {
+        let edge = ((self.binding_limit / 4) as f64).sqrt() as usize;
+        (edge / SYRK_TILE as usize).max(1) * SYRK_TILE as usize
+    }
+
+    /// Splits [start, start + len) into panels of at most `panel_max` columns.
+    fn panels(&self, start: usize, len: usize) -> Vec<(usize, usize)> {
+        let step = self.panel_max();
+        (0..len.div_ceil(step)).map(|i| (start + i * step, step.min(len - i * step))).collect()
+    }
+
+    /// Samples per uploaded chunk for `p` columns, given `reserved` bytes already planned.
+    fn chunk_rows(&self, p: usize, reserved: u64) -> Result<usize> {
+        let row_bytes = 4 * p as u64;
+        if row_bytes > self.binding_limit {
+            return Err(does_not_fit(
+                format!("one sample's gradient ({p} parameters)"),
+                row_bytes,
+                self.binding_limit,
+                format!("max_storage_buffer_binding_size of {}", self.ctx.info.name),
+            ));
+        }
+        // The chunk buffer plus a staging copy of it must fit next to what is reserved.
+        let left = self.budget.saturating_sub(reserved);
+        if 2 * row_bytes > left {
+            return Err(does_not_fit(
+                format!("accumulators for {p} parameters plus one sample"),
+                reserved + 2 * row_bytes,
+                self.budget,
+                "GPU memory budget (set FISHER_GPU_MEMORY_MB to change it)".into(),
+            ));
+        }
+        let rows = (self.binding_limit / row_bytes).min(left / (2 * row_bytes)) as usize;
+        Ok(rows.clamp(1, MAX_CHUNK_ROWS))
+    }
+
+    fn submit(&self, stage: &str, encoder: wgpu::CommandEncoder) -> Result<wgpu::SubmissionIndex> {
+        self.ctx.scoped(stage, || self.ctx.queue.submit([encoder.finish()]))
+    }
+
+    fn wait_for(&self, stage: &str, index: wgpu::SubmissionIndex) -> Result<()> {
+        self.ctx
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .map(|_| ())
+            .map_err(|e| FisherError::Gpu { stage: stage.into(), message: e.to_string() })
+    }
+
+    fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
     }
 }
+
 impl FisherBackend for GpuBackend {
     fn label(&self) -> String {
-        todo!()
+        let variant = match self.syrk.variant() {
+            SyrkVariant::Tiled => "tiled",
+            SyrkVariant::Direct => "direct",
+        };
+        format!("gpu: {} (syrk {variant})", self.ctx.label())
     }
-    fn accumulator<'a>(&'a self, _form: &Form, _params: usize) -> Result<Box<dyn Accumulator + 'a>> {
-        todo!()
+
+    fn accumulator<'a>(&'a self, form: &Form, params: usize) -> Result<Box<dyn Accumulator + 'a>> {
+        if params == 0 {
+            return Err(FisherError::Empty { what: "gradients".into(), rows: 0, cols: 0 });
+        }
+        form.validate(params)?;
+        let kind = match form {
+            Form::Full => Kind::Syrk { blocks: vec![(0, params)], full: true },
+            Form::BlockDiagonal(sizes) => {
+                Kind::Syrk { blocks: form.block_starts().into_iter().zip(sizes.iter().copied()).collect(), full: false }
+            }
+            Form::Diagonal => Kind::Diag,
+            Form::SampleNorms => Kind::Norms,
+            Form::Gram => {
+                return Err(FisherError::InvalidInput(
+                    "the Gram form pairs every sample with every other and cannot be streamed; use gram()".into(),
+                ))
+            }
+        };
+        Ok(Box::new(GpuAccumulator::new(self, kind, params)?))
     }
-    fn gram(&self, _grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
-        todo!()
+
+    fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        check_matrix("gradients", grads, 0)?;
+        let (n, p) = grads.dim();
+        let grads = grads.as_standard_layout();
+        let row_bytes = 4 * p as u64;
+        // Two row chunks (A and B) and one output block (sum + comp) must fit.
+        let rows_fit = (self.binding_limit / row_bytes) as usize;
+        let rows = rows_fit.min(self.panel_max()).min(n);
+        if rows == 0 {
+            return Err(does_not_fit(
+                format!("one sample's gradient ({p} parameters)"),
+                row_bytes,
+                self.binding_limit,
+                format!("max_storage_buffer_binding_size of {}", self.ctx.info.name),
+            ));
+        }
+        let needed = 2 * rows as u64 * row_bytes + 3 * 4 * (rows * rows) as u64;
+        if needed > self.budget {
+            return Err(does_not_fit(
+                format!("Gram tiles of {rows} samples × {p} parameters"),
+                needed,
+                self.budget,
+                "GPU memory budget".into(),
+            ));
+        }
+        let data = grads.as_slice().expect("standard layout");
+        let chunks: Vec<(usize, usize)> = (0..n.div_ceil(rows)).map(|i| (i * rows, rows.min(n - i * rows))).collect();
+        let buf_a = storage_f32(&self.ctx, "gram rows I", rows * p);
+        let buf_b = storage_f32(&self.ctx, "gram rows J", rows * p);
+        let mut out = Array2::<f32>::zeros((n, n));
+        for (ii, &(i0, ni)) in chunks.iter().enumerate() {
+            self.ctx.queue.write_buffer(&buf_a, 0, bytemuck::cast_slice(&data[i0 * p..(i0 + ni) * p]));
+            for &(j0, nj) in &chunks[ii..] {
+                let b = if j0 == i0 {
+                    &buf_a
+                } else {
+                    self.ctx.queue.write_buffer(&buf_b, 0, bytemuck::cast_slice(&data[j0 * p..(j0 + nj) * p]));
+                    &buf_b
+                };
+                let sum = storage_f32(&self.ctx, "gram sum", ni * nj);
+                let comp = storage_f32(&self.ctx, "gram comp", ni * nj);
+                let mut enc = self.encoder("gram");
+                let params = SyrkParams {
+                    k: p as u32,
+                    m: ni as u32,
+                    n: nj as u32,
+                    a_ks: 1,
+                    a_ms: p as u32,
+                    b_ks: 1,
+                    b_ns: p as u32,
+                    upper_only: (j0 == i0) as u32,
+                    ..Default::default()
+                };
+                self.ctx.scoped("gram", || self.syrk.encode(&self.ctx, &mut enc, params, &buf_a, b, &sum, &comp))??;
+                self.submit("gram", enc)?;
+                let s = read_f32(&self.ctx, &sum, ni * nj)?;
+                let c = read_f32(&self.ctx, &comp, ni * nj)?;
+                for r in 0..ni {
+                    for col in 0..nj {
+                        let (gr, gc) = (i0 + r, j0 + col);
+                        if gc >= gr {
+                            let v = ((s[r * nj + col] as f64 - c[r * nj + col] as f64) / n as f64) as f32;
+                            out[[gr, gc]] = v;
+                            out[[gc, gr]] = v;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One panel pair I ≤ J of a symmetric block and its accumulators.
+struct PanelPair {
+    block: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    sum: wgpu::Buffer,
+    comp: wgpu::Buffer,
+}
+
+enum Kind {
+    Syrk { blocks: Vec<(usize, usize)>, full: bool },
+    Diag,
+    Norms,
+}
+
+enum State {
+    Syrk { blocks: Vec<(usize, usize)>, full: bool, pairs: Vec<PanelPair> },
+    Diag { sum: wgpu::Buffer, comp: wgpu::Buffer },
+    Norms { out: wgpu::Buffer, norms: Vec<f32> },
+}
+
+struct GpuAccumulator<'a> {
+    be: &'a GpuBackend,
+    p: usize,
+    rows_per_chunk: usize,
+    chunk: wgpu::Buffer,
+    state: State,
+    samples: usize,
+    in_flight: Option<wgpu::SubmissionIndex>,
+}
+
+impl<'a> GpuAccumulator<'a> {
+    fn new(be: &'a GpuBackend, kind: Kind, p: usize) -> Result<Self> {
+        let (state, reserved) = match kind {
+            Kind::Syrk { blocks, full } => {
+                let mut plan = Vec::new();
+                for (b, &(start, len)) in blocks.iter().enumerate() {
+                    let panels = be.panels(start, len);
+                    for (i, &pi) in panels.iter().enumerate() {
+                        for &pj in &panels[i..] {
+                            plan.push((b, pi, pj));
+                        }
+                    }
+                }
+                let reserved: u64 = plan.iter().map(|(_, pi, pj)| 8 * (pi.1 * pj.1) as u64).sum();
+                if reserved > be.budget {
+                    return Err(does_not_fit(
+                        format!("{} accumulators for {p} parameters", if full { "full Fisher" } else { "block" }),
+                        reserved,
+                        be.budget,
+                        "GPU memory budget (set FISHER_GPU_MEMORY_MB to change it)".into(),
+                    ));
+                }
+                let pairs = be.ctx.scoped("allocating accumulators", || {
+                    plan.iter()
+                        .map(|&(block, rows, cols)| PanelPair {
+                            block,
+                            rows,
+                            cols,
+                            sum: storage_f32(&be.ctx, "fisher sum", rows.1 * cols.1),
+                            comp: storage_f32(&be.ctx, "fisher comp", rows.1 * cols.1),
+                        })
+                        .collect()
+                })?;
+                (State::Syrk { blocks, full, pairs }, reserved)
+            }
+            Kind::Diag => {
+                let state = be.ctx.scoped("allocating accumulators", || State::Diag {
+                    sum: storage_f32(&be.ctx, "diag sum", p),
+                    comp: storage_f32(&be.ctx, "diag comp", p),
+                })?;
+                (state, 8 * p as u64)
+            }
+            Kind::Norms => (State::Norms { out: storage_f32(&be.ctx, "norms", 1), norms: Vec::new() }, 0),
+        };
+        let rows_per_chunk = be.chunk_rows(p, reserved)?;
+        let chunk = be.ctx.scoped("allocating chunk", || storage_f32(&be.ctx, "gradient chunk", rows_per_chunk * p))?;
+        let mut acc = GpuAccumulator { be, p, rows_per_chunk, chunk, state, samples: 0, in_flight: None };
+        if let State::Norms { out, .. } = &mut acc.state {
+            *out = storage_f32(&be.ctx, "norms", rows_per_chunk);
+        }
+        Ok(acc)
+    }
+
+    /// Uploads and reduces `rows` (≤ rows_per_chunk) samples.
+    fn push_rows(&mut self, data: &[f32], rows: usize) -> Result<()> {
+        let be = self.be;
+        let p = self.p;
+        be.ctx.queue.write_buffer(&self.chunk, 0, bytemuck::cast_slice(data));
+        let mut enc = be.encoder("accumulate");
+        match &mut self.state {
+            State::Syrk { pairs, .. } => {
+                for pair in pairs.iter() {
+                    let params = SyrkParams {
+                        k: rows as u32,
+                        m: pair.rows.1 as u32,
+                        n: pair.cols.1 as u32,
+                        a_off: pair.rows.0 as u32,
+                        a_ks: p as u32,
+                        a_ms: 1,
+                        b_off: pair.cols.0 as u32,
+                        b_ks: p as u32,
+                        b_ns: 1,
+                        upper_only: (pair.rows == pair.cols) as u32,
+                        ..Default::default()
+                    };
+                    be.ctx.scoped("syrk", || {
+                        be.syrk.encode(&be.ctx, &mut enc, params, &self.chunk, &self.chunk, &pair.sum, &pair.comp)
+                    })??;
+                }
+            }
+            State::Diag { sum, comp } => {
+                let params = RowParams { rows: rows as u32, cols: p as u32, ld: p as u32, offset: 0 };
+                be.ctx.scoped("diag", || be.diag.encode(&be.ctx, &mut enc, params, &self.chunk, sum, comp))??;
+            }
+            State::Norms { out, .. } => {
+                let params = RowParams { rows: rows as u32, cols: p as u32, ld: p as u32, offset: 0 };
+                be.ctx.scoped("norms", || be.norms.encode(&be.ctx, &mut enc, params, &self.chunk, out))??;
+            }
+        }
+        let index = be.submit("accumulate", enc)?;
+        // Bound in-flight work (and wgpu's staging copies) to two chunks.
+        if let Some(previous) = self.in_flight.replace(index) {
+            be.wait_for("accumulate", previous)?;
+        }
+        if let State::Norms { out, norms } = &mut self.state {
+            norms.extend(read_f32(&be.ctx, out, rows)?);
+        }
+        self.samples += rows;
+        Ok(())
+    }
+}
+
+impl Accumulator for GpuAccumulator<'_> {
+    fn push(&mut self, chunk: ArrayView2<'_, f32>) -> Result<()> {
+        if chunk.ncols() != self.p {
+            return Err(FisherError::InvalidInput(format!(
+                "gradient chunk has {} columns but the reduction was started for {} parameters",
+                chunk.ncols(),
+                self.p
+            )));
+        }
+        check_matrix("gradients", chunk, self.samples)?;
+        let chunk = chunk.as_standard_layout();
+        let data = chunk.as_slice().expect("standard layout");
+        for part in data.chunks(self.rows_per_chunk * self.p) {
+            self.push_rows(part, part.len() / self.p)?;
+        }
+        Ok(())
+    }
+
+    fn samples(&self) -> usize {
+        self.samples
+    }
+
+    fn finish(self: Box<Self>) -> Result<FisherMatrix> {
+        let n = self.samples;
+        if n == 0 {
+            return Err(FisherError::Empty { what: "gradients".into(), rows: 0, cols: self.p });
+        }
+        let be = self.be;
+        be.ctx.wait("finish")?;
+        let finalize = |s: &[f32], c: &[f32]| -> Vec<f32> {
+            s.iter().zip(c).map(|(&s, &c)| ((s as f64 - c as f64) / n as f64) as f32).collect()
+        };
+        match self.state {
+            State::Syrk { blocks, full, pairs } => {
+                let mut out: Vec<Array2<f32>> = blocks.iter().map(|&(_, len)| Array2::zeros((len, len))).collect();
+                for pair in &pairs {
+                    let len = pair.rows.1 * pair.cols.1;
+                    let v = finalize(&read_f32(&be.ctx, &pair.sum, len)?, &read_f32(&be.ctx, &pair.comp, len)?);
+                    let start = blocks[pair.block].0;
+                    let m = &mut out[pair.block];
+                    for r in 0..pair.rows.1 {
+                        let gr = pair.rows.0 + r - start;
+                        for c in 0..pair.cols.1 {
+                            let gc = pair.cols.0 + c - start;
+                            // Only the upper triangle is trusted; mirroring makes F exactly symmetric.
+                            if gc >= gr {
+                                let x = v[r * pair.cols.1 + c];
+                                m[[gr, gc]] = x;
+                                m[[gc, gr]] = x;
+                            }
+                        }
+                    }
+                }
+                if full {
+                    Ok(FisherMatrix::Full(out.pop().expect("one block")))
+                } else {
+                    Ok(FisherMatrix::BlockDiagonal(out))
+                }
+            }
+            State::Diag { sum, comp } => {
+                let v = finalize(&read_f32(&be.ctx, &sum, self.p)?, &read_f32(&be.ctx, &comp, self.p)?);
+                Ok(FisherMatrix::Diagonal(Array1::from(v)))
+            }
+            State::Norms { norms, .. } => Ok(FisherMatrix::SampleNorms(Array1::from(norms))),
+        }
     }
 }
