@@ -9,6 +9,7 @@ use ndarray::{Array2, ArrayView2};
 
 use crate::error::Result;
 use crate::form::{FisherMatrix, Form};
+use crate::nn::{Dataset, Mlp, NetFisher, NetForm, Variant};
 
 /// A compute path able to reduce per-sample gradients to every Fisher form.
 pub trait FisherBackend {
@@ -25,6 +26,15 @@ pub trait FisherBackend {
 
     /// K = G Gᵀ / N for the whole matrix `grads` (N×P).
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>>;
+
+    /// The Fisher of a network on a dataset: per-sample quantities (forward, output rows,
+    /// backward) and their reduction to `form`, streamed in micro-batches. Inputs have been
+    /// validated by the caller ([`crate::Engine::fisher`]).
+    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+        // TEMPORARY while the CPU network path is written (removed in the same series).
+        let _ = (mlp, data, variant, form);
+        Err(crate::FisherError::InvalidInput(format!("{}: network Fisher not implemented", self.label())))
+    }
 }
 
 /// A streaming reduction in progress.

@@ -46,7 +46,9 @@ pub mod error;
 pub mod form;
 pub mod gpu;
 pub mod io;
+pub mod nn;
 pub mod synthetic;
+pub mod tolerance;
 pub mod validate;
 
 pub use backend::{Accumulator, FisherBackend};

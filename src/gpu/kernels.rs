@@ -11,6 +11,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("shaders/syrk.wgsl", include_str!("../../shaders/syrk.wgsl")),
     ("shaders/diag.wgsl", include_str!("../../shaders/diag.wgsl")),
     ("shaders/norms.wgsl", include_str!("../../shaders/norms.wgsl")),
+    ("shaders/mlp.wgsl", include_str!("../../shaders/mlp.wgsl")),
 ];
 
 /// Entry points the host uses, per shader file (checked by the naga test).
@@ -18,7 +19,12 @@ pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
     ("shaders/syrk.wgsl", &["syrk_tiled", "syrk_direct"]),
     ("shaders/diag.wgsl", &["diag_accumulate"]),
     ("shaders/norms.wgsl", &["row_norms"]),
+    ("shaders/mlp.wgsl", MLP_ENTRY_POINTS),
 ];
+
+/// Entry points of `shaders/mlp.wgsl`.
+pub const MLP_ENTRY_POINTS: &[&str] =
+    &["bias_act", "act_next", "head", "backprop_act", "sample_sq", "square", "outer_grads"];
 
 fn source(file: &str) -> &'static str {
     SHADERS.iter().find(|(f, _)| *f == file).map(|(_, s)| *s).expect("shader listed in SHADERS")
@@ -321,5 +327,83 @@ impl NormsKernel {
         let params = uniform(ctx, "norms params", &p);
         let bg = bind(ctx, &self.set.layout, "norms", &[&params, g, norms]);
         dispatch(ctx, encoder, self.set.pipeline("row_norms"), &bg, p.rows as u64)
+    }
+}
+
+/// Uniform block of `mlp.wgsl` (layout must match `struct Params` there).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MlpParams {
+    /// Samples (or R-rows for outer_grads) in the micro-batch.
+    pub rows: u32,
+    /// Columns of the element-wise operation.
+    pub cols: u32,
+    /// Row length of the first strided operand (outer_grads: δ).
+    pub ld_a: u32,
+    /// Row length of the output.
+    pub ld_out: u32,
+    /// Activation code ([`crate::nn::Activation::code`]).
+    pub act: u32,
+    /// FLAG_BIAS = 1, FLAG_ONE = 2, FLAG_GAUSSIAN = 4.
+    pub flags: u32,
+    /// Output rows per sample R.
+    pub r: u32,
+    /// Layer input width (outer_grads).
+    pub fan_in: u32,
+    /// Column offset in the output (outer_grads: the layer's θ offset).
+    pub out_off: u32,
+    /// Index of the micro-batch's first sample in the dataset (MC keys).
+    pub sample_off: u32,
+    /// 0 empirical, 1 true, 2 MC.
+    pub variant: u32,
+    /// Low word of the MC seed.
+    pub seed_lo: u32,
+    /// High word of the MC seed.
+    pub seed_hi: u32,
+    /// MC weight 1/√K.
+    pub scale: f32,
+    /// Row length of the second strided operand (outer_grads: ã).
+    pub ld_b: u32,
+    /// Padding to 64 bytes.
+    pub pad: u32,
+}
+
+/// The element-wise MLP stages (`shaders/mlp.wgsl`): one layout, several entry points.
+pub struct MlpKernel {
+    set: PipelineSet,
+    dummy: wgpu::Buffer,
+}
+
+impl MlpKernel {
+    /// Builds every entry point.
+    pub fn new(ctx: &GpuContext) -> Result<Self> {
+        let entries = [
+            uniform_entry(0),
+            storage_entry(1, true),
+            storage_entry(2, true),
+            storage_entry(3, true),
+            storage_entry(4, false),
+        ];
+        let set = PipelineSet::new(ctx, "shaders/mlp.wgsl", &entries, MLP_ENTRY_POINTS)?;
+        let dummy = super::buffers::storage_f32(ctx, "unused binding", 1);
+        Ok(MlpKernel { set, dummy })
+    }
+
+    /// Records `entry` over `elements` invocations (256 per workgroup).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        entry: &str,
+        p: MlpParams,
+        inputs: [Option<&wgpu::Buffer>; 3],
+        out: &wgpu::Buffer,
+        elements: u64,
+    ) -> Result<()> {
+        let params = uniform(ctx, entry, &p);
+        let [a, b, c] = inputs.map(|x| x.unwrap_or(&self.dummy));
+        let bg = bind(ctx, &self.set.layout, entry, &[&params, a, b, c, out]);
+        dispatch(ctx, encoder, self.set.pipeline(entry), &bg, elements.div_ceil(256))
     }
 }

@@ -16,6 +16,7 @@
 mod buffers;
 mod context;
 pub mod kernels;
+mod network;
 
 pub use buffers::{read_f32, storage_f32};
 pub use context::{list_adapters, AdapterSummary, GpuContext, GpuOptions};
@@ -26,7 +27,7 @@ use crate::backend::{Accumulator, FisherBackend};
 use crate::error::{FisherError, Result};
 use crate::form::{FisherMatrix, Form};
 use crate::validate::check_matrix;
-use kernels::{DiagKernel, NormsKernel, RowParams, SyrkKernel, SyrkParams, SyrkVariant, SYRK_TILE};
+use kernels::{DiagKernel, MlpKernel, NormsKernel, RowParams, SyrkKernel, SyrkParams, SyrkVariant, SYRK_TILE};
 
 /// Default device memory budget for one reduction.
 const DEFAULT_BUDGET: u64 = 2 << 30;
@@ -40,6 +41,7 @@ pub struct GpuBackend {
     syrk: SyrkKernel,
     diag: DiagKernel,
     norms: NormsKernel,
+    mlp: MlpKernel,
     binding_limit: u64,
     budget: u64,
 }
@@ -50,7 +52,7 @@ impl std::fmt::Debug for GpuBackend {
     }
 }
 
-fn does_not_fit(what: String, needed: u64, limit: u64, which: String) -> FisherError {
+pub(crate) fn does_not_fit(what: String, needed: u64, limit: u64, which: String) -> FisherError {
     FisherError::DoesNotFit { what, needed, limit, which }
 }
 
@@ -90,7 +92,8 @@ impl GpuBackend {
         let syrk = SyrkKernel::new(&ctx, variant)?;
         let diag = DiagKernel::new(&ctx)?;
         let norms = NormsKernel::new(&ctx)?;
-        Ok(GpuBackend { ctx, syrk, diag, norms, binding_limit, budget })
+        let mlp = MlpKernel::new(&ctx)?;
+        Ok(GpuBackend { ctx, syrk, diag, norms, mlp, binding_limit, budget })
     }
 
     /// The context (adapter, device, limits).
@@ -187,6 +190,16 @@ impl FisherBackend for GpuBackend {
         Ok(Box::new(GpuAccumulator::new(self, kind, params)?))
     }
 
+    fn network_fisher(
+        &self,
+        mlp: &crate::nn::Mlp,
+        data: &crate::nn::Dataset,
+        variant: crate::nn::Variant,
+        form: crate::nn::NetForm,
+    ) -> Result<crate::nn::NetFisher> {
+        network::network_fisher(self, mlp, data, variant, form)
+    }
+
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         check_matrix("gradients", grads, 0)?;
         let (n, p) = grads.dim();
@@ -261,7 +274,7 @@ impl FisherBackend for GpuBackend {
 }
 
 /// One panel pair I ≤ J of a symmetric block and its accumulators.
-struct PanelPair {
+pub(crate) struct PanelPair {
     block: usize,
     rows: (usize, usize),
     cols: (usize, usize),
@@ -275,17 +288,18 @@ enum Kind {
     Norms,
 }
 
-enum State {
+pub(crate) enum State {
     Syrk { blocks: Vec<(usize, usize)>, full: bool, pairs: Vec<PanelPair> },
     Diag { sum: wgpu::Buffer, comp: wgpu::Buffer },
-    Norms { out: wgpu::Buffer, norms: Vec<f32> },
+    Norms { out: Option<wgpu::Buffer>, norms: Vec<f32> },
 }
 
-struct GpuAccumulator<'a> {
+pub(crate) struct GpuAccumulator<'a> {
     be: &'a GpuBackend,
     p: usize,
     rows_per_chunk: usize,
-    chunk: wgpu::Buffer,
+    /// Upload buffer for host pushes, allocated on the first one (device-fed reductions never need it).
+    chunk: Option<wgpu::Buffer>,
     state: State,
     samples: usize,
     in_flight: Option<wgpu::SubmissionIndex>,
@@ -333,23 +347,22 @@ impl<'a> GpuAccumulator<'a> {
                 })?;
                 (state, 8 * p as u64)
             }
-            Kind::Norms => (State::Norms { out: storage_f32(&be.ctx, "norms", 1), norms: Vec::new() }, 0),
+            Kind::Norms => (State::Norms { out: None, norms: Vec::new() }, 0),
         };
         let rows_per_chunk = be.chunk_rows(p, reserved)?;
-        let chunk = be.ctx.scoped("allocating chunk", || storage_f32(&be.ctx, "gradient chunk", rows_per_chunk * p))?;
-        let mut acc = GpuAccumulator { be, p, rows_per_chunk, chunk, state, samples: 0, in_flight: None };
-        if let State::Norms { out, .. } = &mut acc.state {
-            *out = storage_f32(&be.ctx, "norms", rows_per_chunk);
-        }
-        Ok(acc)
+        Ok(GpuAccumulator { be, p, rows_per_chunk, chunk: None, state, samples: 0, in_flight: None })
     }
 
-    /// Uploads and reduces `rows` (≤ rows_per_chunk) samples.
-    fn push_rows(&mut self, data: &[f32], rows: usize) -> Result<()> {
+    /// A SYRK accumulator over column `blocks` ((start, len) pairs) of `p`-column rows, for
+    /// reductions fed from device buffers ([`GpuAccumulator::encode_device`]).
+    pub(crate) fn syrk(be: &'a GpuBackend, blocks: Vec<(usize, usize)>, full: bool, p: usize) -> Result<Self> {
+        Self::new(be, Kind::Syrk { blocks, full }, p)
+    }
+
+    /// Records the reduction of `rows` rows (of `p` columns) held in `src`.
+    fn encode_reduce(&mut self, enc: &mut wgpu::CommandEncoder, src: &wgpu::Buffer, rows: usize) -> Result<()> {
         let be = self.be;
         let p = self.p;
-        be.ctx.queue.write_buffer(&self.chunk, 0, bytemuck::cast_slice(data));
-        let mut enc = be.encoder("accumulate");
         match &mut self.state {
             State::Syrk { pairs, .. } => {
                 for pair in pairs.iter() {
@@ -366,26 +379,56 @@ impl<'a> GpuAccumulator<'a> {
                         upper_only: (pair.rows == pair.cols) as u32,
                         ..Default::default()
                     };
-                    be.ctx.scoped("syrk", || {
-                        be.syrk.encode(&be.ctx, &mut enc, params, &self.chunk, &self.chunk, &pair.sum, &pair.comp)
-                    })??;
+                    be.ctx.scoped("syrk", || be.syrk.encode(&be.ctx, enc, params, src, src, &pair.sum, &pair.comp))??;
                 }
             }
             State::Diag { sum, comp } => {
                 let params = RowParams { rows: rows as u32, cols: p as u32, ld: p as u32, offset: 0 };
-                be.ctx.scoped("diag", || be.diag.encode(&be.ctx, &mut enc, params, &self.chunk, sum, comp))??;
+                be.ctx.scoped("diag", || be.diag.encode(&be.ctx, enc, params, src, sum, comp))??;
             }
             State::Norms { out, .. } => {
+                let out = out.get_or_insert_with(|| storage_f32(&be.ctx, "norms", self.rows_per_chunk));
                 let params = RowParams { rows: rows as u32, cols: p as u32, ld: p as u32, offset: 0 };
-                be.ctx.scoped("norms", || be.norms.encode(&be.ctx, &mut enc, params, &self.chunk, out))??;
+                be.ctx.scoped("norms", || be.norms.encode(&be.ctx, enc, params, src, out))??;
             }
         }
+        Ok(())
+    }
+
+    /// Records the reduction of `rows` gradient rows already on the device in `src`, which
+    /// stand for `samples` samples (rows = samples · R for square-root-factor rows).
+    pub(crate) fn encode_device(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        rows: usize,
+        samples: usize,
+    ) -> Result<()> {
+        self.encode_reduce(enc, src, rows)?;
+        self.samples += samples;
+        Ok(())
+    }
+
+    /// Uploads and reduces `rows` (≤ rows_per_chunk) samples.
+    fn push_rows(&mut self, data: &[f32], rows: usize) -> Result<()> {
+        let be = self.be;
+        let chunk = match self.chunk.take() {
+            Some(c) => c,
+            None => be.ctx.scoped("allocating chunk", || {
+                storage_f32(&be.ctx, "gradient chunk", self.rows_per_chunk * self.p)
+            })?,
+        };
+        be.ctx.queue.write_buffer(&chunk, 0, bytemuck::cast_slice(data));
+        let mut enc = be.encoder("accumulate");
+        let encoded = self.encode_reduce(&mut enc, &chunk, rows);
+        self.chunk = Some(chunk);
+        encoded?;
         let index = be.submit("accumulate", enc)?;
         // Bound in-flight work (and wgpu's staging copies) to two chunks.
         if let Some(previous) = self.in_flight.replace(index) {
             be.wait_for("accumulate", previous)?;
         }
-        if let State::Norms { out, norms } = &mut self.state {
+        if let State::Norms { out: Some(out), norms } = &mut self.state {
             norms.extend(read_f32(&be.ctx, out, rows)?);
         }
         self.samples += rows;

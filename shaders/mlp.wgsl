@@ -1,0 +1,267 @@
+// mlp.wgsl — the element-wise stages of an MLP's per-sample backward pass.
+//
+// The matrix products (forward z = ã Wᵀ, backward δ W, and every reduction) run through the
+// compensated GEMM in syrk.wgsl; this file holds what sits between them. One bind-group
+// layout serves every entry point (unused bindings are bound to a dummy buffer):
+//
+//   0 uniform  Params
+//   1 storage  read        in0   (f32)
+//   2 storage  read        in1   (f32)
+//   3 storage  read        in2   (f32)
+//   4 storage  read_write  out0  (f32)
+//
+// Shapes (row-major; "rows" are samples, "R-rows" are the R output rows of each sample,
+// sample-major: R-row q belongs to sample q / R):
+//   bias_act      in0 S, in1 C (rows × cols; the GEMM's Kahan pair, value S − C), in2 bias (cols)
+//                 → out0 z (rows × cols); the activation goes to the next layer's input via
+//                 act_next (a second entry point, same math) so each entry writes one buffer.
+//   act_next      in0 z (rows × cols) → out0 ã (rows × ld_out): φ(z), and 1 in column `cols`
+//                 when the next layer has a bias (flag 2).
+//   head          in0 logits/means z (rows × cols), in1 targets (labels as bitcast u32, or
+//                 rows × cols values) → out0 δ_L (rows·R × cols), per variant (see nn docs).
+//   backprop_act  in0 S, in1 C (rows·R × cols), in2 z_prev (rows × cols) → out0 δ = (S − C)·φ'(z).
+//   sample_sq     in0 δ (rows·R × cols) → out0 Σ_q δ² per sample (rows × cols).
+//   square        in0 x (rows × cols) → out0 x² (elementwise).
+//   outer_grads   in0 δ (rows·R × ld_a=out), in1 ã (rows × ld_b) → out0 grads (rows·R × ld_out) at
+//                 column offset out_off: weight (o, i) → o·fan_in + i, then bias o → out·fan_in + o.
+//
+// Workgroup size 256; the element index is linear over a 2-D dispatch. Precision: f32; the
+// activations match src/nn/activation.rs (erf by Abramowitz & Stegun 7.1.26, |ε| ≤ 1.5e-7).
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    ld_a: u32,
+    ld_out: u32,
+    act: u32,
+    flags: u32,
+    r: u32,
+    fan_in: u32,
+    out_off: u32,
+    sample_off: u32,
+    variant: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    scale: f32,
+    ld_b: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> in0: array<f32>;
+@group(0) @binding(2) var<storage, read> in1: array<f32>;
+@group(0) @binding(3) var<storage, read> in2: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out0: array<f32>;
+
+const FLAG_BIAS: u32 = 1u;      // bias_act: add in2
+const FLAG_ONE: u32 = 2u;       // act_next: write the trailing 1 of ã
+const FLAG_GAUSSIAN: u32 = 4u;  // head: Gaussian likelihood (else categorical)
+
+const VARIANT_EMPIRICAL: u32 = 0u;
+const VARIANT_TRUE: u32 = 1u;
+const VARIANT_MC: u32 = 2u;
+
+fn linear_id(wg: vec3<u32>, nwg: vec3<u32>, lidx: u32) -> u32 {
+    return (wg.y * nwg.x + wg.x) * 256u + lidx;
+}
+
+fn erf_approx(x: f32) -> f32 {
+    let ax = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * ax);
+    let poly = t * (0.2548296 + t * (-0.28449674 + t * (1.4214137 + t * (-1.4531521 + t * 1.0614054))));
+    return sign(x) * (1.0 - poly * exp(-ax * ax));
+}
+
+fn tanh_safe(x: f32) -> f32 {
+    // Some drivers evaluate tanh as (e²ˣ − 1)/(e²ˣ + 1), which is inf/inf = NaN for large x;
+    // tanh(±15) already rounds to ±1 in f32.
+    return tanh(clamp(x, -15.0, 15.0));
+}
+
+fn activate(code: u32, x: f32) -> f32 {
+    switch code {
+        case 1u: { return max(x, 0.0); }
+        case 2u: { return tanh_safe(x); }
+        case 3u: { return 1.0 / (1.0 + exp(-x)); }
+        case 4u: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678)); }
+        default: { return x; }
+    }
+}
+
+fn derivative(code: u32, x: f32) -> f32 {
+    switch code {
+        case 1u: { return select(0.0, 1.0, x > 0.0); }
+        case 2u: { let t = tanh_safe(x); return 1.0 - t * t; }
+        case 3u: { let s = 1.0 / (1.0 + exp(-x)); return s * (1.0 - s); }
+        case 4u: {
+            let cdf = 0.5 * (1.0 + erf_approx(x * 0.70710678));
+            return cdf + x * exp(-0.5 * x * x) * 0.39894228;
+        }
+        default: { return 1.0; }
+    }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn bias_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lidx: u32) {
+    let e = linear_id(wg, nwg, lidx);
+    if (e >= params.rows * params.cols) { return; }
+    var z = in0[e] - in1[e];
+    if ((params.flags & FLAG_BIAS) != 0u) {
+        z = z + in2[e % params.cols];
+    }
+    out0[e] = z;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn act_next(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lidx: u32) {
+    let e = linear_id(wg, nwg, lidx);
+    if (e >= params.rows * params.cols) { return; }
+    let r = e / params.cols;
+    let j = e % params.cols;
+    out0[r * params.ld_out + j] = activate(params.act, in0[e]);
+    if (j == 0u && (params.flags & FLAG_ONE) != 0u) {
+        out0[r * params.ld_out + params.cols] = 1.0;
+    }
+}
+
+// PCG-RXS-M-XS 32 (same as nn::pcg_hash).
+fn pcg_hash(x: u32) -> u32 {
+    let state = x * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+    return (word >> 22u) ^ word;
+}
+
+// Same as nn::mc_uniform.
+fn mc_uniform(sample: u32, draw: u32, stream: u32) -> f32 {
+    let h = pcg_hash(params.seed_lo ^ pcg_hash(params.seed_hi ^ pcg_hash(sample ^ pcg_hash(draw ^ pcg_hash(stream)))));
+    return f32(h >> 8u) * (1.0 / 16777216.0);
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lidx: u32) {
+    let s = linear_id(wg, nwg, lidx);
+    if (s >= params.rows) { return; }
+    let c = params.cols;
+    let zb = s * c;
+    let rr = params.r;
+    let ob = s * rr * c;
+
+    if ((params.flags & FLAG_GAUSSIAN) != 0u) {
+        if (params.variant == VARIANT_EMPIRICAL) {
+            for (var j = 0u; j < c; j++) { out0[ob + j] = in1[zb + j] - in0[zb + j]; }
+        } else if (params.variant == VARIANT_TRUE) {
+            for (var q = 0u; q < rr; q++) {
+                for (var j = 0u; j < c; j++) { out0[ob + q * c + j] = select(0.0, 1.0, q == j); }
+            }
+        } else {
+            for (var q = 0u; q < rr; q++) {
+                for (var j = 0u; j < c; j++) {
+                    let u1 = mc_uniform(params.sample_off + s, q, 2u * j);
+                    let u2 = mc_uniform(params.sample_off + s, q, 2u * j + 1u);
+                    let eps = sqrt(-2.0 * log(1.0 - u1)) * cos(6.2831853 * u2);
+                    out0[ob + q * c + j] = eps * params.scale;
+                }
+            }
+        }
+        return;
+    }
+
+    // Categorical: p = softmax(z), stabilized by the maximum logit.
+    var zmax = in0[zb];
+    for (var j = 1u; j < c; j++) { zmax = max(zmax, in0[zb + j]); }
+    var denom = 0.0;
+    for (var j = 0u; j < c; j++) { denom = denom + exp(in0[zb + j] - zmax); }
+    let inv = 1.0 / denom;
+
+    if (params.variant == VARIANT_EMPIRICAL) {
+        let y = bitcast<u32>(in1[s]);
+        for (var j = 0u; j < c; j++) {
+            let p = exp(in0[zb + j] - zmax) * inv;
+            out0[ob + j] = select(0.0, 1.0, j == y) - p;
+        }
+    } else if (params.variant == VARIANT_TRUE) {
+        // Row q = √p_q (onehot(q) − p): Σ_q rows rowsᵀ = diag(p) − ppᵀ.
+        for (var q = 0u; q < rr; q++) {
+            let sq = sqrt(exp(in0[zb + q] - zmax) * inv);
+            for (var j = 0u; j < c; j++) {
+                let p = exp(in0[zb + j] - zmax) * inv;
+                out0[ob + q * c + j] = sq * (select(0.0, 1.0, j == q) - p);
+            }
+        }
+    } else {
+        for (var q = 0u; q < rr; q++) {
+            // Inverse CDF: the first class whose cumulative probability exceeds u.
+            let u = mc_uniform(params.sample_off + s, q, 0u);
+            var cum = 0.0;
+            var y = c - 1u;
+            for (var j = 0u; j < c; j++) {
+                cum = cum + exp(in0[zb + j] - zmax) * inv;
+                if (u < cum) { y = j; break; }
+            }
+            for (var j = 0u; j < c; j++) {
+                let p = exp(in0[zb + j] - zmax) * inv;
+                out0[ob + q * c + j] = (select(0.0, 1.0, j == y) - p) * params.scale;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn backprop_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lidx: u32) {
+    let e = linear_id(wg, nwg, lidx);
+    if (e >= params.rows * params.r * params.cols) { return; }
+    let q = e / params.cols;
+    let j = e % params.cols;
+    let z = in2[(q / params.r) * params.cols + j];
+    out0[e] = (in0[e] - in1[e]) * derivative(params.act, z);
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn sample_sq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lidx: u32) {
+    let e = linear_id(wg, nwg, lidx);
+    if (e >= params.rows * params.cols) { return; }
+    let s = e / params.cols;
+    let j = e % params.cols;
+    var acc = 0.0;
+    for (var q = 0u; q < params.r; q++) {
+        let d = in0[(s * params.r + q) * params.cols + j];
+        acc = fma(d, d, acc);
+    }
+    out0[e] = acc;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn square(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lidx: u32) {
+    let e = linear_id(wg, nwg, lidx);
+    if (e >= params.rows * params.cols) { return; }
+    let x = in0[e];
+    out0[e] = x * x;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn outer_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lidx: u32) {
+    // rows = R-rows of the micro-batch, cols = parameters of this layer.
+    let e = linear_id(wg, nwg, lidx);
+    if (e >= params.rows * params.cols) { return; }
+    let q = e / params.cols;
+    let j = e % params.cols;
+    let n_out = params.ld_a;          // δ row length (= out)
+    let n_w = n_out * params.fan_in;  // weight count
+    var v: f32;
+    if (j < n_w) {
+        let o = j / params.fan_in;
+        let i = j % params.fan_in;
+        // ã rows are per sample (row length ld_b); δ rows per R-row.
+        v = in0[q * n_out + o] * in1[(q / params.r) * params.ld_b + i];
+    } else {
+        v = in0[q * n_out + (j - n_w)];
+    }
+    out0[q * params.ld_out + params.out_off + j] = v;
+}

@@ -1,0 +1,431 @@
+//! Network Fisher on the GPU: per-micro-batch forward, output rows, backward, and the fused
+//! reductions, with device memory bounded by the model plus one micro-batch.
+//!
+//! Data flow for a micro-batch of m samples (R output rows each, see [`crate::nn`]):
+//!
+//! ```text
+//! x ─upload─▶ ã₀ ─GEMM(ã Wᵀ)+b─▶ z₀ ─φ─▶ ã₁ … ─▶ z_{L−1} ─head─▶ δ_{L−1} (m·R × C)
+//! δ_l ─GEMM(δ W)─▶ ·φ'(z_{l−1}) ─▶ δ_{l−1}            (backward, layer by layer)
+//! at each layer l, from (δ_l, ã_l):
+//!   diag : D_l += (Σ_R δ²)ᵀ (ã∘ã)             (squared-GEMM identity, out × (in+1))
+//!   kfac : A_l += ãᵀã,  G_l += δᵀδ             (two SYRKs)
+//!   full/layer/grads : rows δ ⊗ ã written into a (m·R × P) buffer, then the SYRK planner
+//!   norms: ‖δ_r‖² and ‖ã‖² per row, combined on the host
+//! ```
+//! Every GEMM is the compensated kernel of `syrk.wgsl`, so accumulations over samples carry
+//! Kahan compensation exactly like the gradient-matrix reductions.
+
+use ndarray::{Array1, Array2};
+
+use super::kernels::{MlpParams, SyrkParams};
+use super::{does_not_fit, read_f32, storage_f32, GpuAccumulator, GpuBackend};
+use crate::backend::Accumulator;
+use crate::error::{FisherError, Result};
+use crate::form::FisherMatrix;
+use crate::nn::{rows_per_sample, Dataset, KfacFactors, Likelihood, Mlp, NetFisher, NetForm, Targets, Variant};
+
+/// Largest micro-batch: beyond this the dispatch overhead is already amortized.
+const MAX_MICRO_BATCH: usize = 1024;
+
+const FLAG_BIAS: u32 = 1;
+const FLAG_ONE: u32 = 2;
+const FLAG_GAUSSIAN: u32 = 4;
+
+/// Per-layer geometry.
+struct LayerShape {
+    fan_in: usize,
+    fan_out: usize,
+    /// Row length of ã (fan_in + 1 with a bias).
+    ld: usize,
+    has_bias: bool,
+    /// Offset of the layer's parameters in θ.
+    offset: usize,
+    /// Number of parameters (weight then bias).
+    params: usize,
+}
+
+enum Reduction<'a> {
+    Syrk(Box<GpuAccumulator<'a>>),
+    Diag(Vec<(wgpu::Buffer, wgpu::Buffer)>),
+    Kfac(Vec<[wgpu::Buffer; 4]>),
+    Grads(Vec<f32>),
+    Norms(Vec<f64>),
+}
+
+fn gemm(k: usize, m: usize, n: usize, a: (usize, usize), b: (usize, usize), upper: bool) -> SyrkParams {
+    SyrkParams {
+        k: k as u32,
+        m: m as u32,
+        n: n as u32,
+        a_ks: a.0 as u32,
+        a_ms: a.1 as u32,
+        b_ks: b.0 as u32,
+        b_ns: b.1 as u32,
+        upper_only: upper as u32,
+        ..Default::default()
+    }
+}
+
+/// Reads a (sum, comp) pair and forms (S − c)/n in f64.
+fn finalize(be: &GpuBackend, pair: (&wgpu::Buffer, &wgpu::Buffer), len: usize, n: usize) -> Result<Vec<f32>> {
+    let s = read_f32(&be.ctx, pair.0, len)?;
+    let c = read_f32(&be.ctx, pair.1, len)?;
+    Ok(s.iter().zip(&c).map(|(&s, &c)| ((s as f64 - c as f64) / n as f64) as f32).collect())
+}
+
+/// A symmetric matrix from the upper triangle of a row-major `n × n` vector.
+fn mirror_upper(v: &[f32], n: usize) -> Array2<f32> {
+    Array2::from_shape_fn((n, n), |(r, c)| if c >= r { v[r * n + c] } else { v[c * n + r] })
+}
+
+pub(crate) fn network_fisher(
+    be: &GpuBackend,
+    mlp: &Mlp,
+    data: &Dataset,
+    variant: Variant,
+    form: NetForm,
+) -> Result<NetFisher> {
+    let ctx = &be.ctx;
+    let n = data.len();
+    let likelihood = data.likelihood();
+    let classes = mlp.layers.last().map(|l| l.fan_out()).unwrap_or(0);
+    let r = rows_per_sample(variant, classes);
+    let mut offset = 0;
+    let shapes: Vec<LayerShape> = mlp
+        .layers
+        .iter()
+        .map(|l| {
+            let s = LayerShape {
+                fan_in: l.fan_in(),
+                fan_out: l.fan_out(),
+                ld: l.augmented_in(),
+                has_bias: l.bias.is_some(),
+                offset,
+                params: l.num_params(),
+            };
+            offset += s.params;
+            s
+        })
+        .collect();
+    let p = offset;
+    let depth = shapes.len();
+    let max_w = shapes.iter().map(|s| s.fan_in.max(s.fan_out)).max().unwrap_or(1);
+    let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1);
+    let max_ld = shapes.iter().map(|s| s.ld).max().unwrap_or(1);
+    let materialize = matches!(form, NetForm::Full | NetForm::Layer | NetForm::Grads);
+
+    // ---- memory plan -------------------------------------------------------------------
+    let weights_bytes: u64 = shapes.iter().map(|s| 4 * (s.fan_in * s.fan_out + s.fan_out) as u64).sum();
+    let accum_bytes: u64 = match form {
+        NetForm::Diagonal => shapes.iter().map(|s| 8 * (s.fan_out * s.ld) as u64).sum(),
+        NetForm::Kfac => shapes.iter().map(|s| 8 * (s.ld * s.ld + s.fan_out * s.fan_out) as u64).sum(),
+        _ => 0, // the SYRK planner checks its own accumulators against the budget
+    };
+    let per_sample_floats = shapes.iter().map(|s| s.ld + s.fan_out).sum::<usize>()
+        + 4 * r * max_w
+        + classes
+        + if form == NetForm::Diagonal { max_out + max_ld } else { 0 }
+        + if materialize { r * p } else { 0 }
+        + if form == NetForm::Norms { depth * (r + 1) } else { 0 };
+    let per_sample = 4 * per_sample_floats as u64;
+    let widest_binding = 4 * (r * max_w.max(if materialize { p } else { 0 })).max(max_ld).max(classes) as u64;
+    let by_binding = be.binding_limit / widest_binding.max(1);
+    let left = be.budget.saturating_sub(weights_bytes + accum_bytes);
+    let by_budget = left / per_sample.max(1);
+    let mb = (by_binding.min(by_budget) as usize).min(MAX_MICRO_BATCH).min(n);
+    if mb == 0 {
+        let (needed, limit, which) = if by_binding == 0 {
+            (widest_binding, be.binding_limit, format!("max_storage_buffer_binding_size of {}", ctx.info.name))
+        } else {
+            (weights_bytes + accum_bytes + per_sample, be.budget, "GPU memory budget (FISHER_GPU_MEMORY_MB)".into())
+        };
+        return Err(does_not_fit(format!("one sample of the {form:?} reduction ({p} parameters, R = {r})"), needed, limit, which));
+    }
+    let mr = mb * r;
+
+    // ---- buffers -----------------------------------------------------------------------
+    let upload = |label: &str, data: &[f32]| {
+        let b = storage_f32(ctx, label, data.len());
+        ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(data));
+        b
+    };
+    let (weights, biases): (Vec<wgpu::Buffer>, Vec<Option<wgpu::Buffer>>) = ctx.scoped("uploading weights", || {
+        mlp.layers
+            .iter()
+            .map(|l| {
+                let w = l.weight.as_standard_layout();
+                let w = upload("weight", w.as_slice().expect("standard layout"));
+                let b = l.bias.as_ref().map(|b| upload("bias", &b.to_vec()));
+                (w, b)
+            })
+            .unzip()
+    })?;
+    let act_bufs: Vec<wgpu::Buffer> = shapes.iter().map(|s| storage_f32(ctx, "ã", mb * s.ld)).collect();
+    let z_bufs: Vec<wgpu::Buffer> = shapes.iter().map(|s| storage_f32(ctx, "z", mb * s.fan_out)).collect();
+    let mut delta_cur = storage_f32(ctx, "δ", mr * max_w);
+    let mut delta_next = storage_f32(ctx, "δ next", mr * max_w);
+    let gemm_sum = storage_f32(ctx, "gemm sum", mr * max_w);
+    let gemm_comp = storage_f32(ctx, "gemm comp", mr * max_w);
+    let targets_buf = storage_f32(ctx, "targets", mb * classes.max(1));
+    let (dsq, asq) = if form == NetForm::Diagonal {
+        (Some(storage_f32(ctx, "Σδ²", mb * max_out)), Some(storage_f32(ctx, "ã²", mb * max_ld)))
+    } else {
+        (None, None)
+    };
+    let grads_buf = materialize.then(|| storage_f32(ctx, "gradient rows", mr * p));
+    let norm_bufs: Vec<(wgpu::Buffer, wgpu::Buffer)> = if form == NetForm::Norms {
+        shapes.iter().map(|_| (storage_f32(ctx, "‖δ‖²", mr), storage_f32(ctx, "‖ã‖²", mb))).collect()
+    } else {
+        Vec::new()
+    };
+    let pair = |label: &str, len: usize| (storage_f32(ctx, label, len), storage_f32(ctx, label, len));
+    let mut reduction = match form {
+        NetForm::Full => Reduction::Syrk(Box::new(GpuAccumulator::syrk(be, vec![(0, p)], true, p)?)),
+        NetForm::Layer => Reduction::Syrk(Box::new(GpuAccumulator::syrk(
+            be,
+            shapes.iter().map(|s| (s.offset, s.params)).collect(),
+            false,
+            p,
+        )?)),
+        NetForm::Diagonal => Reduction::Diag(shapes.iter().map(|s| pair("diag", s.fan_out * s.ld)).collect()),
+        NetForm::Kfac => Reduction::Kfac(
+            shapes
+                .iter()
+                .map(|s| {
+                    let (a0, a1) = pair("kfac A", s.ld * s.ld);
+                    let (g0, g1) = pair("kfac G", s.fan_out * s.fan_out);
+                    [a0, a1, g0, g1]
+                })
+                .collect(),
+        ),
+        NetForm::Grads => {
+            let total = n.checked_mul(r).and_then(|x| x.checked_mul(p)).filter(|&x| x <= isize::MAX as usize / 4);
+            let Some(total) = total else {
+                return Err(FisherError::InvalidInput(format!("{n}·{r} gradient rows of {p} parameters do not fit in memory")));
+            };
+            Reduction::Grads(Vec::with_capacity(total))
+        }
+        NetForm::Norms => Reduction::Norms(vec![0.0; n]),
+    };
+
+    let (variant_code, seed, scale) = match variant {
+        Variant::Empirical => (0u32, 0u64, 1.0f32),
+        Variant::True => (1, 0, 1.0),
+        Variant::MonteCarlo { samples, seed } => (2, seed, 1.0 / (samples as f32).sqrt()),
+    };
+    let gaussian = likelihood == Likelihood::Gaussian;
+    let mut in_flight: Option<wgpu::SubmissionIndex> = None;
+
+    // ---- micro-batches -----------------------------------------------------------------
+    let mut host_input = vec![0f32; mb * shapes[0].ld];
+    let mut host_targets = vec![0f32; mb * classes.max(1)];
+    for s0 in (0..n).step_by(mb) {
+        let m = mb.min(n - s0);
+        let rows = m * r;
+        let ld0 = shapes[0].ld;
+        for s in 0..m {
+            let row = &mut host_input[s * ld0..(s + 1) * ld0];
+            for (dst, &x) in row.iter_mut().zip(data.inputs.row(s0 + s).iter()) {
+                *dst = x;
+            }
+            if shapes[0].has_bias {
+                row[shapes[0].fan_in] = 1.0;
+            }
+        }
+        match &data.targets {
+            Targets::Classes(labels) => {
+                for s in 0..m {
+                    host_targets[s] = f32::from_bits(labels[s0 + s]);
+                }
+            }
+            Targets::Values(values) => {
+                for s in 0..m {
+                    for (j, &v) in values.row(s0 + s).iter().enumerate() {
+                        host_targets[s * classes + j] = v;
+                    }
+                }
+            }
+        }
+        ctx.queue.write_buffer(&act_bufs[0], 0, bytemuck::cast_slice(&host_input[..m * ld0]));
+        let tlen = if gaussian { m * classes } else { m };
+        ctx.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(&host_targets[..tlen]));
+
+        let mut enc = be.encoder("network micro-batch");
+        let encoded: Result<()> = ctx.scoped("network micro-batch", || -> Result<()> {
+            // Forward.
+            for (l, s) in shapes.iter().enumerate() {
+                enc.clear_buffer(&gemm_sum, 0, Some(4 * (m * s.fan_out) as u64));
+                enc.clear_buffer(&gemm_comp, 0, Some(4 * (m * s.fan_out) as u64));
+                let params = gemm(s.fan_in, m, s.fan_out, (1, s.ld), (1, s.fan_in), false);
+                be.syrk.encode(ctx, &mut enc, params, &act_bufs[l], &weights[l], &gemm_sum, &gemm_comp)?;
+                let bias = biases[l].as_ref();
+                let p_bias = MlpParams {
+                    rows: m as u32,
+                    cols: s.fan_out as u32,
+                    flags: if bias.is_some() { FLAG_BIAS } else { 0 },
+                    ..Default::default()
+                };
+                let elems = (m * s.fan_out) as u64;
+                be.mlp.encode(ctx, &mut enc, "bias_act", p_bias, [Some(&gemm_sum), Some(&gemm_comp), bias], &z_bufs[l], elems)?;
+                if l + 1 < depth {
+                    let next = &shapes[l + 1];
+                    let p_act = MlpParams {
+                        rows: m as u32,
+                        cols: s.fan_out as u32,
+                        ld_out: next.ld as u32,
+                        act: mlp.activations[l].code(),
+                        flags: if next.has_bias { FLAG_ONE } else { 0 },
+                        ..Default::default()
+                    };
+                    be.mlp.encode(ctx, &mut enc, "act_next", p_act, [Some(&z_bufs[l]), None, None], &act_bufs[l + 1], elems)?;
+                }
+            }
+            // Output rows δ_{L−1}.
+            let p_head = MlpParams {
+                rows: m as u32,
+                cols: classes as u32,
+                r: r as u32,
+                flags: if gaussian { FLAG_GAUSSIAN } else { 0 },
+                variant: variant_code,
+                sample_off: s0 as u32,
+                seed_lo: seed as u32,
+                seed_hi: (seed >> 32) as u32,
+                scale,
+                ..Default::default()
+            };
+            be.mlp.encode(ctx, &mut enc, "head", p_head, [Some(&z_bufs[depth - 1]), Some(&targets_buf), None], &delta_cur, m as u64)?;
+
+            // Backward with the reductions of each layer.
+            for l in (0..depth).rev() {
+                let s = &shapes[l];
+                match &mut reduction {
+                    Reduction::Diag(acc) => {
+                        let (dsq, asq) = (dsq.as_ref().expect("diag scratch"), asq.as_ref().expect("diag scratch"));
+                        let p_sq = MlpParams { rows: m as u32, cols: s.fan_out as u32, r: r as u32, ..Default::default() };
+                        be.mlp.encode(ctx, &mut enc, "sample_sq", p_sq, [Some(&delta_cur), None, None], dsq, (m * s.fan_out) as u64)?;
+                        let p_a2 = MlpParams { rows: m as u32, cols: s.ld as u32, ..Default::default() };
+                        be.mlp.encode(ctx, &mut enc, "square", p_a2, [Some(&act_bufs[l]), None, None], asq, (m * s.ld) as u64)?;
+                        let params = gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false);
+                        be.syrk.encode(ctx, &mut enc, params, dsq, asq, &acc[l].0, &acc[l].1)?;
+                    }
+                    Reduction::Kfac(acc) => {
+                        let [a0, a1, g0, g1] = &acc[l];
+                        let pa = gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true);
+                        be.syrk.encode(ctx, &mut enc, pa, &act_bufs[l], &act_bufs[l], a0, a1)?;
+                        let pg = gemm(rows, s.fan_out, s.fan_out, (s.fan_out, 1), (s.fan_out, 1), true);
+                        be.syrk.encode(ctx, &mut enc, pg, &delta_cur, &delta_cur, g0, g1)?;
+                    }
+                    Reduction::Syrk(_) | Reduction::Grads(_) => {
+                        let p_outer = MlpParams {
+                            rows: rows as u32,
+                            cols: s.params as u32,
+                            ld_a: s.fan_out as u32,
+                            ld_b: s.ld as u32,
+                            fan_in: s.fan_in as u32,
+                            r: r as u32,
+                            ld_out: p as u32,
+                            out_off: s.offset as u32,
+                            ..Default::default()
+                        };
+                        let g = grads_buf.as_ref().expect("gradient rows");
+                        be.mlp.encode(ctx, &mut enc, "outer_grads", p_outer, [Some(&delta_cur), Some(&act_bufs[l]), None], g, (rows * s.params) as u64)?;
+                    }
+                    Reduction::Norms(_) => {
+                        use super::kernels::RowParams;
+                        let (dn, an) = &norm_bufs[l];
+                        let pd = RowParams { rows: rows as u32, cols: s.fan_out as u32, ld: s.fan_out as u32, offset: 0 };
+                        be.norms.encode(ctx, &mut enc, pd, &delta_cur, dn)?;
+                        let pa = RowParams { rows: m as u32, cols: s.ld as u32, ld: s.ld as u32, offset: 0 };
+                        be.norms.encode(ctx, &mut enc, pa, &act_bufs[l], an)?;
+                    }
+                }
+                if l > 0 {
+                    let prev = &shapes[l - 1];
+                    enc.clear_buffer(&gemm_sum, 0, Some(4 * (rows * s.fan_in) as u64));
+                    enc.clear_buffer(&gemm_comp, 0, Some(4 * (rows * s.fan_in) as u64));
+                    let params = gemm(s.fan_out, rows, s.fan_in, (1, s.fan_out), (s.fan_in, 1), false);
+                    be.syrk.encode(ctx, &mut enc, params, &delta_cur, &weights[l], &gemm_sum, &gemm_comp)?;
+                    let p_back = MlpParams {
+                        rows: m as u32,
+                        cols: prev.fan_out as u32,
+                        r: r as u32,
+                        act: mlp.activations[l - 1].code(),
+                        ..Default::default()
+                    };
+                    be.mlp.encode(
+                        ctx,
+                        &mut enc,
+                        "backprop_act",
+                        p_back,
+                        [Some(&gemm_sum), Some(&gemm_comp), Some(&z_bufs[l - 1])],
+                        &delta_next,
+                        (rows * prev.fan_out) as u64,
+                    )?;
+                    std::mem::swap(&mut delta_cur, &mut delta_next);
+                }
+            }
+            if let Reduction::Syrk(acc) = &mut reduction {
+                acc.encode_device(&mut enc, grads_buf.as_ref().expect("gradient rows"), rows, m)?;
+            }
+            Ok(())
+        })?;
+        encoded?;
+        let index = be.submit("network micro-batch", enc)?;
+        if let Some(previous) = in_flight.replace(index) {
+            be.wait_for("network micro-batch", previous)?;
+        }
+        match &mut reduction {
+            Reduction::Grads(out) => out.extend(read_f32(ctx, grads_buf.as_ref().expect("gradient rows"), rows * p)?),
+            Reduction::Norms(out) => {
+                for (dn, an) in &norm_bufs {
+                    let dn = read_f32(ctx, dn, rows)?;
+                    let an = read_f32(ctx, an, m)?;
+                    for s in 0..m {
+                        let d: f64 = dn[s * r..(s + 1) * r].iter().map(|&v| v as f64).sum();
+                        out[s0 + s] += d * an[s] as f64;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    ctx.wait("network finish")?;
+
+    // ---- finalize ----------------------------------------------------------------------
+    Ok(match reduction {
+        Reduction::Syrk(acc) => match acc.finish()? {
+            FisherMatrix::Full(f) => NetFisher::Full(f),
+            FisherMatrix::BlockDiagonal(blocks) => NetFisher::Layer(blocks),
+            _ => unreachable!("SYRK accumulators return full or block results"),
+        },
+        Reduction::Diag(acc) => {
+            let mut diag = vec![0f32; p];
+            for (s, pair) in shapes.iter().zip(&acc) {
+                let d = finalize(be, (&pair.0, &pair.1), s.fan_out * s.ld, n)?;
+                for o in 0..s.fan_out {
+                    for i in 0..s.fan_in {
+                        diag[s.offset + o * s.fan_in + i] = d[o * s.ld + i];
+                    }
+                    if s.has_bias {
+                        diag[s.offset + s.fan_out * s.fan_in + o] = d[o * s.ld + s.fan_in];
+                    }
+                }
+            }
+            NetFisher::Diagonal(Array1::from(diag))
+        }
+        Reduction::Kfac(acc) => {
+            let mut factors = Vec::with_capacity(depth);
+            for (s, [a0, a1, g0, g1]) in shapes.iter().zip(&acc) {
+                let a = finalize(be, (a0, a1), s.ld * s.ld, n)?;
+                let g = finalize(be, (g0, g1), s.fan_out * s.fan_out, n)?;
+                factors.push(KfacFactors { a: mirror_upper(&a, s.ld), g: mirror_upper(&g, s.fan_out) });
+            }
+            NetFisher::Kfac(factors)
+        }
+        Reduction::Grads(rows) => {
+            let total_rows = rows.len() / p.max(1);
+            NetFisher::Grads(Array2::from_shape_vec((total_rows, p), rows).map_err(|e| FisherError::InvalidInput(e.to_string()))?)
+        }
+        Reduction::Norms(norms) => NetFisher::Norms(norms.into_iter().map(|v| v as f32).collect()),
+    })
+}
