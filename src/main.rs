@@ -1,1 +1,135 @@
-fn main(){}
+//! `fisher`: the command-line front end of fisher-engine.
+//!
+//! ```text
+//! fisher devices [--json]
+//! fisher reduce (--grads G.npy | --synthetic N,P [--seed S]) [--form FORM]
+//!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--out F.safetensors]
+//!               [--verify] [--json | --quiet]
+//! ```
+//!
+//! Flags are parsed by clap ([`cli::args`]), validated into a configuration, then run.
+//! On failure `fisher` prints one line, `fisher: error: <cause>: <cause>: ...`, to stderr
+//! and exits with:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | runtime failure: GPU/device error, a request beyond the adapter's limits, a bug |
+//! | 2 | usage or bad input: flags; a file that cannot be read, written or parsed; wrong dtype, rank, order or shape; NaN/Inf in the gradients |
+//! | 3 | no GPU adapter, when `--backend gpu` (or `--adapter`) asked for one |
+//!
+//! No output file is left behind by a failed run: inputs are checked before the output is
+//! created, and the output is written to a temporary file that is renamed into place.
+
+mod cli;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::args::{Cli, Command, Input, ReduceConfig, Report};
+use cli::exit::{classify, one_line, Exit};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    install_panic_report();
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            // Help and version are successes (or, with no arguments at all, the help on
+            // stderr with code 2): clap prints those itself.
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // clap's usage errors span several lines (message, missing flags, tip, usage);
+            // fold everything before the usage block into one line.
+            let text = e.to_string();
+            let folded = text
+                .lines()
+                .take_while(|line| !line.starts_with("Usage:"))
+                .filter(|line| !line.starts_with("For more information"))
+                .flat_map(str::split_whitespace)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let message = folded.strip_prefix("error: ").unwrap_or(&folded);
+            eprintln!("fisher: error: {message} (see `fisher --help`)");
+            return ExitCode::from(Exit::Usage as u8);
+        }
+    };
+
+    // A panic is a bug; it is reported on one line like any error (by the hook) and mapped
+    // to exit code 1. Unwinding, rather than aborting, lets a pending temporary output file
+    // be removed by its destructor.
+    let outcome = std::panic::catch_unwind(|| run(cli));
+    match outcome {
+        Ok(Ok(())) => ExitCode::from(Exit::Success as u8),
+        Ok(Err(err)) => {
+            eprintln!("fisher: error: {}", one_line(&err));
+            ExitCode::from(classify(&err) as u8)
+        }
+        Err(_) => ExitCode::from(Exit::Failure as u8),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Devices(args) => cli::devices::run(&args),
+        Command::Reduce(args) => {
+            let cfg = ReduceConfig::from_args(args)?;
+            reduce(&cfg)
+        }
+    }
+}
+
+fn reduce(cfg: &ReduceConfig) -> anyhow::Result<()> {
+    if let (true, Input::Synthetic { samples, params, seed }) = (cfg.is_demo(), &cfg.input) {
+        // A status line while the paths run (the reference can take seconds), on a terminal
+        // only: redirected stderr must stay free of control codes.
+        let terminal = std::io::stderr().is_terminal();
+        let progress = |what: &str| {
+            if terminal {
+                eprint!("\r\x1b[2K{what} …");
+                let _ = std::io::stderr().flush();
+            }
+        };
+        let demo = cli::reduce::run_demo(cfg, *samples, *params, *seed, progress);
+        if terminal {
+            eprint!("\r\x1b[2K");
+        }
+        println!("{}", cli::report::demo(&demo?));
+        return Ok(());
+    }
+    let outcome = cli::reduce::run(cfg)?;
+    match cfg.report {
+        Report::Human => println!("{}", cli::report::human(&outcome)),
+        Report::Json => println!("{}", cli::report::json_line(&outcome)),
+        Report::Quiet => {}
+    }
+    Ok(())
+}
+
+/// Reports a panic as one `fisher: error:` line (the full default report only when
+/// `RUST_BACKTRACE` asks for it).
+fn install_panic_report() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some() {
+            default_hook(info);
+        }
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+        eprintln!("fisher: error: internal error (a bug; please report it): {message}{location}");
+    }));
+}

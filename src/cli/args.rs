@@ -1,0 +1,283 @@
+//! Raw flags (clap) and their validation into a [`ReduceConfig`].
+//!
+//! clap checks what it can express (which flags exist, which conflict); everything that
+//! needs parsing or cross-checking happens in [`ReduceConfig::from_args`], so that `run`
+//! code only ever sees a consistent configuration.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fisher_engine::gpu::GpuOptions;
+use fisher_engine::{Backend, Form};
+
+use super::exit::usage;
+
+/// Synthetic inputs are generated in memory; past this many values (8 GiB of f32) a typo in
+/// `--synthetic` would rather exhaust memory than demonstrate anything.
+const MAX_SYNTHETIC_VALUES: u128 = 1 << 31;
+
+/// The exit-code table, shared by every `--help` (a macro, so that `concat!` can extend it).
+macro_rules! exit_codes_help {
+    () => {
+        "Exit codes:
+  0  success
+  1  runtime failure (GPU/device error, request beyond the adapter's limits)
+  2  usage or bad input (flags; a file that cannot be read, written or parsed; wrong dtype,
+     rank, order or shape; NaN/Inf in the gradients)
+  3  no GPU adapter, when --backend gpu (or --adapter) asked for one"
+    };
+}
+
+const REDUCE_HELP: &str = concat!(
+    "Forms (G is N×P, row i = per-sample gradient gᵢ; tensor names in the output file):
+  full            F = GᵀG/N                     fisher   [P, P]
+  diag            diag(F)                       diag     [P]
+  blocks:a,b,...  diagonal blocks of F          block.0  [a, a], block.1 [b, b], ...
+                  (sizes sum to P)
+  gram            K = GGᵀ/N (same spectrum)     gram     [N, N]
+  norms           ‖gᵢ‖² (tr F = their mean)     norms    [N]
+
+G is read from a C-order float32/float64 .npy file and streamed in chunks (memory does not
+grow with N), except for gram and --verify, which need all of G in memory.
+Without --out, a --synthetic run compares the GPU, the CPU and the f64 reference.
+
+",
+    exit_codes_help!()
+);
+
+/// `fisher`: Fisher information matrices of neural networks, on any GPU (wgpu) or the CPU.
+#[derive(Debug, Parser)]
+#[command(
+    name = "fisher",
+    version,
+    about = "Fisher information matrices from per-sample gradients, on any GPU (wgpu) or the CPU",
+    long_about = "Fisher information matrices from per-sample gradients, on any GPU (wgpu) or the CPU.\n\n\
+        Start with `fisher reduce --synthetic 4096,512 --form full`: it reduces built-in data on \
+        the GPU and the CPU and shows how both agree with an f64 reference.",
+    after_help = exit_codes_help!(),
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List every GPU adapter wgpu can see, with its key limits, and which one Auto picks.
+    #[command(after_help = exit_codes_help!())]
+    Devices(DevicesArgs),
+    /// Reduce per-sample gradients G (N samples × P parameters) to a Fisher form.
+    #[command(after_help = REDUCE_HELP)]
+    Reduce(ReduceArgs),
+}
+
+
+/// Flags of `fisher devices`.
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    /// Print one JSON line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where the compute runs, as spelled on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// A GPU adapter if any exists, else the CPU.
+    Auto,
+    /// A GPU adapter, or exit code 3.
+    Gpu,
+    /// The multi-threaded f32 CPU path.
+    Cpu,
+}
+
+/// Raw flags of `fisher reduce`.
+#[derive(Debug, Args)]
+pub struct ReduceArgs {
+    /// Per-sample gradients: a 2-D float32/float64 C-order .npy file (N×P).
+    #[arg(long, value_name = "G.npy", conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    pub grads: Option<PathBuf>,
+
+    /// Built-in gradient-like data with N samples and P parameters instead of a file.
+    #[arg(long, value_name = "N,P", allow_hyphen_values = true)]
+    pub synthetic: Option<String>,
+
+    /// Seed of the synthetic data.
+    #[arg(long, value_name = "S", requires = "synthetic")]
+    pub seed: Option<u64>,
+
+    /// full, diag, gram, norms or blocks:<s1>,<s2>,... (see below).
+    #[arg(long, value_name = "FORM", default_value = "full")]
+    pub form: String,
+
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+
+    /// Use the GPU adapter whose name contains SUBSTR (case-insensitive; default: $FISHER_ADAPTER).
+    #[arg(long, value_name = "SUBSTR")]
+    pub adapter: Option<String>,
+
+    /// Output safetensors file (required with --grads). Written atomically: complete or absent.
+    #[arg(long, value_name = "F.safetensors")]
+    pub out: Option<PathBuf>,
+
+    /// Also compute the f64 reference and report the disagreement (loads all of G).
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Samples per streamed chunk of G (default: as many as fill 64 MiB).
+    #[arg(long, value_name = "ROWS")]
+    pub chunk_rows: Option<usize>,
+
+    /// Print one JSON line instead of the human summary.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Print nothing on success (errors are still reported).
+    #[arg(long, conflicts_with = "json")]
+    pub quiet: bool,
+}
+
+/// Where the gradients come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A `.npy` file.
+    File(PathBuf),
+    /// `synthetic::gradient_like(samples, params, seed)`.
+    Synthetic {
+        /// N.
+        samples: usize,
+        /// P.
+        params: usize,
+        /// Seed.
+        seed: u64,
+    },
+}
+
+/// What to print on success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// The readable summary (for a --synthetic run without --out: the agreement table).
+    Human,
+    /// One JSON line.
+    Json,
+    /// Nothing.
+    Quiet,
+}
+
+/// A validated `fisher reduce` invocation.
+#[derive(Debug, Clone)]
+pub struct ReduceConfig {
+    /// The gradients.
+    pub input: Input,
+    /// The form to reduce to (not yet checked against P, which only the input knows).
+    pub form: Form,
+    /// Requested compute path.
+    pub backend: Backend,
+    /// Adapter choice.
+    pub gpu: GpuOptions,
+    /// Output file.
+    pub out: Option<PathBuf>,
+    /// Compare with the f64 reference.
+    pub verify: bool,
+    /// Samples per streamed chunk (`None`: sized by bytes).
+    pub chunk_rows: Option<usize>,
+    /// Output style.
+    pub report: Report,
+}
+
+impl ReduceConfig {
+    /// Whether this is the built-in demonstration: synthetic data, nothing to write, a human
+    /// reading the output. It then compares every available backend with the f64 reference.
+    pub fn is_demo(&self) -> bool {
+        matches!(self.input, Input::Synthetic { .. }) && self.out.is_none() && self.report == Report::Human
+    }
+
+    /// Validates raw flags.
+    pub fn from_args(args: ReduceArgs) -> anyhow::Result<Self> {
+        let input = match (args.grads, args.synthetic) {
+            (Some(path), None) => Input::File(path),
+            (None, Some(spec)) => parse_synthetic(&spec, args.seed.unwrap_or(0))?,
+            // clap enforces exactly one of the two; keep a message rather than a panic anyway.
+            _ => return Err(usage("give exactly one of --grads G.npy and --synthetic N,P")),
+        };
+        if matches!(input, Input::File(_)) && args.out.is_none() {
+            return Err(usage(
+                "--grads needs --out F.safetensors (only --synthetic runs may skip writing)",
+            ));
+        }
+        let form = Form::parse(&args.form).map_err(|e| anyhow::Error::new(e).context("bad --form"))?;
+        let backend = match args.backend {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Gpu => Backend::Gpu,
+            BackendArg::Cpu => Backend::Cpu,
+        };
+        if backend == Backend::Cpu && args.adapter.is_some() {
+            return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
+        }
+        if args.adapter.as_deref() == Some("") {
+            return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
+        }
+        if args.chunk_rows == Some(0) {
+            return Err(usage("--chunk-rows must be at least 1"));
+        }
+        let report = if args.json {
+            Report::Json
+        } else if args.quiet {
+            Report::Quiet
+        } else {
+            Report::Human
+        };
+        Ok(ReduceConfig {
+            input,
+            form,
+            backend,
+            gpu: GpuOptions { adapter: args.adapter, ..Default::default() },
+            out: args.out,
+            verify: args.verify,
+            chunk_rows: args.chunk_rows,
+            report,
+        })
+    }
+}
+
+/// Parses `N,P` (positive integers, N×P within [`MAX_SYNTHETIC_VALUES`]).
+fn parse_synthetic(spec: &str, seed: u64) -> anyhow::Result<Input> {
+    let bad = || usage(format!("bad --synthetic '{spec}': expected N,P with positive integers, e.g. 4096,512"));
+    let (n, p) = spec.split_once(',').ok_or_else(bad)?;
+    let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&v| v > 0);
+    let (Some(samples), Some(params)) = (parse(n), parse(p)) else {
+        return Err(bad());
+    };
+    if samples as u128 * params as u128 > MAX_SYNTHETIC_VALUES {
+        return Err(usage(format!(
+            "--synthetic {samples},{params} would generate {} values in memory (limit {MAX_SYNTHETIC_VALUES}); \
+             write larger inputs to a .npy file and stream them with --grads",
+            samples as u128 * params as u128
+        )));
+    }
+    Ok(Input::Synthetic { samples, params, seed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_spec() {
+        assert_eq!(parse_synthetic("4096,512", 3).unwrap(), Input::Synthetic { samples: 4096, params: 512, seed: 3 });
+        for bad in ["4096", "0,5", "5,0", "a,b", "5,-1", "1,2,3", "100000,100000"] {
+            assert!(parse_synthetic(bad, 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,7 @@
+//! The `fisher` command line: raw flags → validated configuration → run → report.
+
+pub mod args;
+pub mod devices;
+pub mod exit;
+pub mod reduce;
+pub mod report;

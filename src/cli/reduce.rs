@@ -1,0 +1,406 @@
+//! `fisher reduce`: input → engine → reduction → (verification) → atomic write.
+//!
+//! Every check that can fail on the user's input runs before the output file is created:
+//! the output directory, the `.npy` header (dtype, rank, order, emptiness, length) and the
+//! form against P are checked before any compute; non-finite values are found while
+//! streaming, before anything is written; the write itself goes through a temporary file.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::Context;
+use fisher_engine::cpu::reference;
+use fisher_engine::gpu::{GpuContext, GpuOptions};
+use fisher_engine::io::{self, NpyRows};
+use fisher_engine::validate::check_matrix;
+use fisher_engine::{Agreement, Backend, Engine, FisherError, FisherMatrix, Form};
+use ndarray::Array2;
+
+use super::args::{Input, ReduceConfig};
+
+/// Bytes of G per streamed chunk. Large enough that per-chunk overheads (a GPU submission,
+/// a thread hand-off) vanish; small enough that the at most three chunks alive at once
+/// (one reading, one queued, one computing) are a small fixed amount of memory.
+const CHUNK_BYTES: usize = 64 << 20;
+
+/// Wall-clock seconds per stage.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Seconds {
+    /// Reading (or generating) and checking G. While streaming, reading overlaps computing
+    /// and this counts only the time spent waiting for input.
+    pub load: f64,
+    /// Choosing an adapter, creating the device and building the kernels.
+    pub setup: f64,
+    /// The reduction itself, including transfers.
+    pub compute: f64,
+    /// The f64 reference and the comparison (0 without `--verify`).
+    pub verify: f64,
+    /// Writing the output file (0 without `--out`).
+    pub write: f64,
+}
+
+/// The chosen engine, with what the report says about it.
+pub struct Device {
+    /// The engine.
+    pub engine: Engine,
+    /// The GPU adapter's name, when on a GPU.
+    pub adapter: Option<String>,
+    /// Why the CPU path is used although Auto looked for a GPU.
+    pub fallback: Option<String>,
+}
+
+/// Creates the engine for the requested backend.
+///
+/// The context is made here rather than by `Engine::with_options` so that the adapter's
+/// name is known for the report. Auto falls back to the CPU when no adapter exists, but
+/// not when `--adapter` named one: a named adapter that is missing is an error (exit 3).
+pub fn open_device(backend: Backend, gpu: &GpuOptions) -> anyhow::Result<Device> {
+    let on_gpu = |ctx: GpuContext| -> anyhow::Result<Device> {
+        let adapter = Some(ctx.info.name.clone());
+        let engine = Engine::from_context(ctx, gpu).context("setting up the GPU backend")?;
+        Ok(Device { engine, adapter, fallback: None })
+    };
+    match backend {
+        Backend::Cpu => Ok(Device { engine: Engine::cpu(), adapter: None, fallback: None }),
+        Backend::Gpu => on_gpu(GpuContext::new(gpu)?),
+        Backend::Auto if gpu.adapter.is_some() => on_gpu(GpuContext::new(gpu)?),
+        Backend::Auto => match GpuContext::new(gpu) {
+            Ok(ctx) => on_gpu(ctx),
+            Err(FisherError::NoAdapter(why)) => {
+                log::warn!("no GPU adapter ({why}); using the CPU path");
+                Ok(Device { engine: Engine::cpu(), adapter: None, fallback: Some(why) })
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// What a `reduce` run did, for the report.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Where G came from.
+    pub input: InputInfo,
+    /// N.
+    pub samples: usize,
+    /// P.
+    pub params: usize,
+    /// The form.
+    pub form: Form,
+    /// The backend's label.
+    pub backend: String,
+    /// GPU adapter name, when on a GPU.
+    pub adapter: Option<String>,
+    /// Why Auto fell back to the CPU.
+    pub fallback: Option<String>,
+    /// Names and shapes of the result's tensors.
+    pub tensors: Vec<(String, Vec<usize>)>,
+    /// tr F (every form determines it).
+    pub trace: f64,
+    /// Disagreement with the f64 reference (`--verify`).
+    pub verification: Option<Agreement>,
+    /// The file written and its size in bytes.
+    pub out: Option<(PathBuf, u64)>,
+    /// Seconds per stage.
+    pub seconds: Seconds,
+}
+
+/// Where G came from, for the report.
+#[derive(Debug, Clone)]
+pub enum InputInfo {
+    /// A `.npy` file and its element type (`float32`, `float64`, ...).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// numpy's name of its dtype.
+        dtype: &'static str,
+    },
+    /// `synthetic::gradient_like` with this seed.
+    Synthetic {
+        /// The seed.
+        seed: u64,
+    },
+}
+
+/// G, before it is read: a streamable file or a matrix already in memory.
+enum Source {
+    File { path: PathBuf, rows: NpyRows },
+    Memory(Array2<f32>),
+}
+
+/// Opens the input (the header only, for a file) and checks the form against P.
+fn open_source(input: &Input, form: &Form, seconds: &mut Seconds) -> anyhow::Result<(Source, String, InputInfo)> {
+    let start = Instant::now();
+    let (source, what, info) = match input {
+        Input::File(path) => {
+            let rows = NpyRows::open(path, 1)?;
+            let info = InputInfo::File { path: path.clone(), dtype: rows.dtype() };
+            let what = path.display().to_string();
+            (Source::File { path: path.clone(), rows }, what, info)
+        }
+        Input::Synthetic { samples, params, seed } => {
+            let g = fisher_engine::synthetic::gradient_like(*samples, *params, *seed);
+            (Source::Memory(g), "synthetic gradients".to_string(), InputInfo::Synthetic { seed: *seed })
+        }
+    };
+    let params = match &source {
+        Source::File { rows, .. } => rows.cols(),
+        Source::Memory(g) => g.ncols(),
+    };
+    form.validate(params)
+        .with_context(|| format!("--form {} does not fit {what}", io::form_spelling(form)))?;
+    seconds.load += start.elapsed().as_secs_f64();
+    Ok((source, what, info))
+}
+
+/// Streams a file through the backend's accumulator: a reader thread reads and checks the
+/// next chunk while the current one is being reduced, and memory stays at a few chunks
+/// whatever N is.
+fn reduce_streaming(
+    engine: &Engine,
+    mut rows: NpyRows,
+    what: &str,
+    form: &Form,
+    chunk_rows: Option<usize>,
+    seconds: &mut Seconds,
+) -> anyhow::Result<FisherMatrix> {
+    let params = rows.cols();
+    rows.set_chunk_rows(chunk_rows.unwrap_or(CHUNK_BYTES / (4 * params)));
+    let start = Instant::now();
+    let mut acc = engine.backend().accumulator(form, params)?;
+    seconds.compute += start.elapsed().as_secs_f64();
+
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        // Capacity 1: one chunk may wait while the next is read; more would only cost memory.
+        let (sender, receiver) = mpsc::sync_channel::<fisher_engine::Result<Array2<f32>>>(1);
+        scope.spawn(move || {
+            let mut first_row = 0;
+            for chunk in rows {
+                let chunk = chunk.and_then(|c| {
+                    check_matrix(what, c.view(), first_row)?;
+                    first_row += c.nrows();
+                    Ok(c)
+                });
+                let failed = chunk.is_err();
+                // A failed send means the consumer stopped (it hit an error): stop reading.
+                if sender.send(chunk).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        loop {
+            let waited = Instant::now();
+            let Ok(chunk) = receiver.recv() else { break }; // reader finished
+            seconds.load += waited.elapsed().as_secs_f64();
+            let chunk = chunk?;
+            let start = Instant::now();
+            acc.push(chunk.view())?;
+            seconds.compute += start.elapsed().as_secs_f64();
+        }
+        Ok(())
+    })?;
+
+    let start = Instant::now();
+    let result = acc.finish()?;
+    seconds.compute += start.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+/// Runs a (non-demo) `reduce`.
+pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
+    let mut seconds = Seconds::default();
+    if let Some(out) = &cfg.out {
+        io::check_output_path(out)?;
+    }
+    let (source, what, input) = open_source(&cfg.input, &cfg.form, &mut seconds)?;
+
+    let start = Instant::now();
+    let device = open_device(cfg.backend, &cfg.gpu)?;
+    seconds.setup = start.elapsed().as_secs_f64();
+    let engine = &device.engine;
+
+    // Gram pairs every sample with every other, and the reference needs all of G: both
+    // read the whole matrix. Everything else streams.
+    let needs_whole = cfg.form == Form::Gram || cfg.verify;
+    let (samples, params, result, verification) = match source {
+        Source::File { rows, .. } if !needs_whole => {
+            let (samples, params) = (rows.rows(), rows.cols());
+            let result = reduce_streaming(engine, rows, &what, &cfg.form, cfg.chunk_rows, &mut seconds)?;
+            (samples, params, result, None)
+        }
+        source => {
+            let start = Instant::now();
+            let g = match source {
+                Source::Memory(g) => g,
+                Source::File { path, .. } => io::read_npy_matrix(&path)?,
+            };
+            check_matrix(&what, g.view(), 0)?;
+            seconds.load += start.elapsed().as_secs_f64();
+
+            let start = Instant::now();
+            let result = engine.fisher_from_grads(g.view(), &cfg.form)?;
+            seconds.compute += start.elapsed().as_secs_f64();
+
+            let verification = if cfg.verify {
+                let start = Instant::now();
+                let reference =
+                    reference::reduce(g.view(), &cfg.form).context("computing the f64 reference")?;
+                let agreement = result.agreement(&reference)?;
+                seconds.verify = start.elapsed().as_secs_f64();
+                Some(agreement)
+            } else {
+                None
+            };
+            (g.nrows(), g.ncols(), result, verification)
+        }
+    };
+
+    let trace = result.trace();
+    let named = io::tensors_of(&result);
+    drop(result); // the tensors hold a copy; do not keep both
+    let tensors = named.iter().map(|(name, shape, _)| (name.clone(), shape.clone())).collect();
+
+    let out = match &cfg.out {
+        Some(path) => {
+            let start = Instant::now();
+            let metadata = io::fisher_metadata(&cfg.form, samples, params, &engine.device_info());
+            io::write_safetensors_atomic(path, &named, Some(metadata))?;
+            seconds.write = start.elapsed().as_secs_f64();
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            Some((path.clone(), size))
+        }
+        None => None,
+    };
+
+    Ok(Outcome {
+        input,
+        samples,
+        params,
+        form: cfg.form.clone(),
+        backend: engine.device_info(),
+        adapter: device.adapter,
+        fallback: device.fallback,
+        tensors,
+        trace,
+        verification,
+        out,
+        seconds,
+    })
+}
+
+/// One compute path in the demonstration.
+#[derive(Debug)]
+pub struct DemoRun {
+    /// Backend label.
+    pub label: String,
+    /// Seconds to set the backend up (device, kernels).
+    pub setup: f64,
+    /// Seconds of the reduction.
+    pub compute: f64,
+    /// tr F from this path.
+    pub trace: f64,
+    /// Disagreement with the f64 reference.
+    pub agreement: Agreement,
+    /// Whether this is a GPU path.
+    pub gpu: bool,
+    /// The result's values (for the GPU-vs-CPU comparison).
+    values: Vec<f64>,
+}
+
+/// What the demonstration measured.
+#[derive(Debug)]
+pub struct Demo {
+    /// N.
+    pub samples: usize,
+    /// P.
+    pub params: usize,
+    /// Seed of the synthetic data.
+    pub seed: u64,
+    /// The form.
+    pub form: Form,
+    /// Names and shapes of the result's tensors.
+    pub tensors: Vec<(String, Vec<usize>)>,
+    /// Seconds to generate G.
+    pub generate: f64,
+    /// The compute paths, the requested one first.
+    pub runs: Vec<DemoRun>,
+    /// Seconds of the f64 reference.
+    pub reference_seconds: f64,
+    /// tr F from the reference.
+    pub reference_trace: f64,
+    /// GPU result vs CPU result, when both ran.
+    pub gpu_vs_cpu: Option<Agreement>,
+    /// Why a path is missing from the comparison.
+    pub note: Option<String>,
+}
+
+/// The built-in demonstration: reduce synthetic G on the requested path and on the other
+/// one when available (GPU and CPU), and compare both with the f64 reference.
+pub fn run_demo(
+    cfg: &ReduceConfig,
+    samples: usize,
+    params: usize,
+    seed: u64,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Demo> {
+    let start = Instant::now();
+    let g = fisher_engine::synthetic::gradient_like(samples, params, seed);
+    let generate = start.elapsed().as_secs_f64();
+    cfg.form
+        .validate(params)
+        .with_context(|| format!("--form {} does not fit synthetic gradients", io::form_spelling(&cfg.form)))?;
+
+    let start = Instant::now();
+    let primary = open_device(cfg.backend, &cfg.gpu)?;
+    let primary_setup = start.elapsed().as_secs_f64();
+    let mut devices = vec![(primary_setup, primary.engine)];
+    let note = match (&primary.fallback, cfg.backend) {
+        (Some(why), _) => Some(format!("no GPU adapter ({why}), so only the CPU path ran")),
+        (None, Backend::Cpu) => Some("--backend cpu: the GPU path was not run".to_string()),
+        (None, _) => {
+            devices.push((0.0, Engine::cpu()));
+            None
+        }
+    };
+
+    let mut runs = Vec::new();
+    let mut tensors = Vec::new();
+    let mut results = Vec::new();
+    for (setup, engine) in &devices {
+        progress(&format!("reducing on {}", engine.device_info()));
+        let start = Instant::now();
+        let result = engine.fisher_from_grads(g.view(), &cfg.form)?;
+        let compute = start.elapsed().as_secs_f64();
+        if tensors.is_empty() {
+            tensors = io::tensors_of(&result).into_iter().map(|(n, s, _)| (n, s)).collect();
+        }
+        results.push((*setup, compute, engine.device_info(), engine.is_gpu(), result));
+    }
+
+    progress("computing the f64 reference (plain compensated loops: slow by design)");
+    let start = Instant::now();
+    let reference = reference::reduce(g.view(), &cfg.form).context("computing the f64 reference")?;
+    let reference_seconds = start.elapsed().as_secs_f64();
+    for (setup, compute, label, gpu, result) in results {
+        let agreement = result.agreement(&reference)?;
+        runs.push(DemoRun { label, setup, compute, trace: result.trace(), agreement, gpu, values: result.values() });
+    }
+
+    let gpu_vs_cpu = match (runs.iter().find(|r| r.gpu), runs.iter().find(|r| !r.gpu)) {
+        (Some(gpu), Some(cpu)) => Some(fisher_engine::form::agreement_of(&gpu.values, &cpu.values)),
+        _ => None,
+    };
+    Ok(Demo {
+        samples,
+        params,
+        seed,
+        form: cfg.form.clone(),
+        tensors,
+        generate,
+        runs,
+        reference_seconds,
+        reference_trace: reference.trace(),
+        gpu_vs_cpu,
+        note,
+    })
+}

@@ -1,0 +1,186 @@
+//! What `fisher` prints on success: readable summaries and one-line JSON.
+
+use fisher_engine::io::form_spelling;
+use fisher_engine::{Agreement, Form};
+use serde_json::json;
+
+use super::reduce::{Demo, InputInfo, Outcome};
+
+/// The accuracy the crate documents for its f32 paths against the f64 reference
+/// (max|Δ| ≤ 2·10⁻⁶·max|ref| for N up to 65,536; see the crate docs), used for the verdict
+/// line of the demonstration.
+const DOCUMENTED_MAX_REL: f64 = 2e-6;
+/// The largest N that bound is documented for.
+const DOCUMENTED_MAX_SAMPLES: usize = 65_536;
+
+/// What a form is, in words.
+fn describe(form: &Form) -> String {
+    match form {
+        Form::Full => "full Fisher matrix F = GᵀG/N".into(),
+        Form::Diagonal => "diagonal of the Fisher matrix, diag(GᵀG/N)".into(),
+        Form::BlockDiagonal(sizes) => format!("{} diagonal blocks of the Fisher matrix GᵀG/N", sizes.len()),
+        Form::Gram => "Gram matrix K = GGᵀ/N (the dual of F: same non-zero spectrum)".into(),
+        Form::SampleNorms => "per-sample squared gradient norms ‖gᵢ‖²".into(),
+    }
+}
+
+/// `fisher [512, 512]`, or the first few blocks and a count.
+fn tensor_list(tensors: &[(String, Vec<usize>)]) -> String {
+    const SHOWN: usize = 4;
+    let shown: Vec<String> = tensors
+        .iter()
+        .take(SHOWN)
+        .map(|(name, shape)| format!("{name} {shape:?}"))
+        .collect();
+    let mut text = shown.join(", ");
+    if tensors.len() > SHOWN {
+        text.push_str(&format!(", … ({} tensors)", tensors.len()));
+    }
+    text
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = u;
+    }
+    format!("{value:.1} {unit}")
+}
+
+fn agreement_text(a: &Agreement) -> String {
+    format!(
+        "max|Δ| {:.2e} · max|Δ|/max|ref| {:.2e} · ‖Δ‖/‖ref‖ {:.2e}",
+        a.max_abs, a.max_rel, a.frobenius_rel
+    )
+}
+
+/// The readable summary of a `reduce` run.
+pub fn human(o: &Outcome) -> String {
+    let mut lines = vec![format!("{} of {} samples × {} parameters", describe(&o.form), o.samples, o.params)];
+    lines.push(match &o.input {
+        InputInfo::File { path, dtype } => format!("  input     {} ({dtype})", path.display()),
+        InputInfo::Synthetic { seed } => format!("  input     built-in gradient-like data (seed {seed})"),
+    });
+    lines.push(format!("  backend   {}", o.backend));
+    if let Some(why) = &o.fallback {
+        lines.push(format!("            (no GPU adapter: {why})"));
+    }
+    lines.push(format!("  result    {}   tr F = {:.6e}", tensor_list(&o.tensors), o.trace));
+    if let Some(a) = &o.verification {
+        lines.push(format!("  verified  {} (against the f64 reference)", agreement_text(a)));
+    }
+    match &o.out {
+        Some((path, size)) => lines.push(format!("  wrote     {} ({})", path.display(), bytes(*size))),
+        None => lines.push("  wrote     nothing (no --out)".into()),
+    }
+    let s = &o.seconds;
+    lines.push(format!(
+        "  seconds   load {:.3} · setup {:.3} · compute {:.3} · verify {:.3} · write {:.3}",
+        s.load, s.setup, s.compute, s.verify, s.write
+    ));
+    lines.join("\n")
+}
+
+/// The one-line JSON summary of a `reduce` run.
+pub fn json_line(o: &Outcome) -> String {
+    let mut value = json!({
+        "samples": o.samples,
+        "parameters": o.params,
+        "form": form_spelling(&o.form),
+        "backend": o.backend,
+        "adapter": o.adapter,
+        "tensors": o.tensors.iter().map(|(name, shape)| json!({"name": name, "shape": shape})).collect::<Vec<_>>(),
+        "trace": o.trace,
+        "seconds": o.seconds,
+        "out": o.out.as_ref().map(|(path, _)| path.display().to_string()),
+    });
+    match &o.input {
+        InputInfo::File { path, dtype } => {
+            value["input"] = json!(path.display().to_string());
+            value["dtype"] = json!(dtype);
+        }
+        InputInfo::Synthetic { seed } => {
+            value["input"] = json!("synthetic");
+            value["seed"] = json!(seed);
+        }
+    }
+    if let Some(a) = &o.verification {
+        value["verification"] = json!(a);
+    }
+    value.to_string()
+}
+
+/// The table of the built-in demonstration.
+pub fn demo(d: &Demo) -> String {
+    let rel = match d.form {
+        Form::Full | Form::BlockDiagonal(_) => "max|F|",
+        Form::Gram => "max|K|",
+        _ => "max|ref|",
+    };
+    let mut lines = vec![
+        format!(
+            "Built-in gradient-like data G: N = {} samples × P = {} parameters (seed {}; generated in {:.3} s)",
+            d.samples, d.params, d.seed, d.generate
+        ),
+        format!("Form: {} → {}", describe(&d.form), tensor_list(&d.tensors)),
+        String::new(),
+    ];
+    let width = d.runs.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(13);
+    lines.push(format!(
+        "  {:<width$}  {:>8}  {:>9}  {:>12}  {:>14}  {:>10}",
+        "path",
+        "setup s",
+        "compute s",
+        "tr F",
+        format!("max|Δ|/{rel}"),
+        "‖Δ‖/‖ref‖"
+    ));
+    for r in &d.runs {
+        lines.push(format!(
+            "  {:<width$}  {:>8.3}  {:>9.4}  {:>12.6e}  {:>14.2e}  {:>10.2e}",
+            r.label, r.setup, r.compute, r.trace, r.agreement.max_rel, r.agreement.frobenius_rel
+        ));
+    }
+    lines.push(format!(
+        "  {:<width$}  {:>8}  {:>9.4}  {:>12.6e}  {:>14}  {:>10}",
+        "f64 reference", "", d.reference_seconds, d.reference_trace, "(oracle)", ""
+    ));
+    lines.push(String::new());
+
+    if let Some(a) = &d.gpu_vs_cpu {
+        lines.push(format!("GPU vs CPU: max|Δ|/{rel} = {:.2e}, ‖Δ‖/‖CPU‖ = {:.2e}.", a.max_rel, a.frobenius_rel));
+    }
+    if let Some(note) = &d.note {
+        lines.push(format!("Note: {note}."));
+    }
+    let worst = d.runs.iter().map(|r| r.agreement.max_rel).fold(0.0f64, |m, v| if v.is_nan() { v } else { m.max(v) });
+    if d.samples <= DOCUMENTED_MAX_SAMPLES {
+        if worst <= DOCUMENTED_MAX_REL {
+            lines.push(format!(
+                "Every path matches the f64 reference within the documented f32 accuracy \
+                 (max|Δ| ≤ {DOCUMENTED_MAX_REL:.0e}·{rel}; worst here {worst:.2e})."
+            ));
+        } else {
+            lines.push(format!(
+                "WARNING: worst disagreement {worst:.2e}·{rel} exceeds the documented {DOCUMENTED_MAX_REL:.0e}; \
+                 please report it with `fisher devices` output."
+            ));
+        }
+    }
+    lines.push(String::new());
+    lines.push("Nothing was written. On your own per-sample gradients (an N×P .npy file):".into());
+    lines.push(format!(
+        "  fisher reduce --grads G.npy --form {} --out F.safetensors [--verify]",
+        form_spelling(&d.form)
+    ));
+    lines.join("\n")
+}
