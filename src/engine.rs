@@ -102,6 +102,11 @@ impl Engine {
         Ok(Engine { backend: Box::new(GpuBackend::new(ctx, options)?), is_gpu: true })
     }
 
+    /// An engine on an already built GPU backend (e.g. one whose plan a test inspected).
+    pub fn from_gpu_backend(backend: GpuBackend) -> Self {
+        Engine { backend: Box::new(backend), is_gpu: true }
+    }
+
     /// Description of the backend in use (adapter name, API, device type, or CPU threads).
     pub fn device_info(&self) -> String {
         self.backend.label()

@@ -106,8 +106,9 @@ impl GpuBackend {
         self.binding_limit
     }
 
-    /// Largest panel edge: a multiple of the SYRK tile with edge² f32 within one binding.
-    fn panel_max(&self) -> usize {
+    /// Largest output panel edge: a multiple of the 64-wide SYRK tile with edge² f32 values
+    /// within one binding. Symmetric results wider than this are split into panel pairs.
+    pub fn panel_max(&self) -> usize {
         let edge = ((self.binding_limit / 4) as f64).sqrt() as usize;
         (edge / SYRK_TILE as usize).max(1) * SYRK_TILE as usize
     }
@@ -118,8 +119,8 @@ impl GpuBackend {
         (0..len.div_ceil(step)).map(|i| (start + i * step, step.min(len - i * step))).collect()
     }
 
-    /// Samples per uploaded chunk for `p` columns, given `reserved` bytes already planned.
-    fn chunk_rows(&self, p: usize, reserved: u64) -> Result<usize> {
+    /// Samples per uploaded chunk for `p` columns, given `reserved` bytes of accumulators.
+    pub fn chunk_rows(&self, p: usize, reserved: u64) -> Result<usize> {
         let row_bytes = 4 * p as u64;
         if row_bytes > self.binding_limit {
             return Err(does_not_fit(
