@@ -14,7 +14,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0 | success |
-//! | 1 | runtime failure: GPU/device error, a request beyond the adapter's limits, a bug |
+//! | 1 | runtime failure: GPU/device error, a request beyond the adapter's limits, a result outside the f32 tolerance (`--verify`, or the built-in comparison), a bug |
 //! | 2 | usage or bad input: flags; a file that cannot be read, written or parsed; wrong dtype, rank, order or shape; NaN/Inf in the gradients |
 //! | 3 | no GPU adapter, when `--backend gpu` (or `--adapter`) asked for one |
 //!
@@ -102,7 +102,15 @@ fn reduce(cfg: &ReduceConfig) -> anyhow::Result<()> {
         if terminal {
             eprint!("\r\x1b[2K");
         }
-        println!("{}", cli::report::demo(&demo?));
+        let demo = demo?;
+        println!("{}", cli::report::demo(&demo));
+        // The demonstration is also a smoke test of the installation: a path that disagrees
+        // with the reference is a failure (exit code 1), after the table that shows it.
+        let failed: Vec<&str> =
+            demo.runs.iter().filter(|r| !r.verification.passed).map(|r| r.label.as_str()).collect();
+        if !failed.is_empty() {
+            anyhow::bail!("{} disagree(s) with the f64 reference beyond the f32 tolerance", failed.join(" and "));
+        }
         return Ok(());
     }
     let outcome = cli::reduce::run(cfg)?;

@@ -21,7 +21,8 @@ macro_rules! exit_codes_help {
     () => {
         "Exit codes:
   0  success
-  1  runtime failure (GPU/device error, request beyond the adapter's limits)
+  1  runtime failure (GPU/device error, request beyond the adapter's limits, a result
+     outside the f32 tolerance under --verify or in the built-in comparison)
   2  usage or bad input (flags; a file that cannot be read, written or parsed; wrong dtype,
      rank, order or shape; NaN/Inf in the gradients)
   3  no GPU adapter, when --backend gpu (or --adapter) asked for one"
@@ -125,7 +126,8 @@ pub struct ReduceArgs {
     #[arg(long, value_name = "F.safetensors")]
     pub out: Option<PathBuf>,
 
-    /// Also compute the f64 reference and report the disagreement (loads all of G).
+    /// Also compute the f64 reference and report the disagreement; beyond the f32 tolerance
+    /// the run fails (exit 1) and writes nothing. Loads all of G.
     #[arg(long)]
     pub verify: bool,
 

@@ -7,7 +7,8 @@ use fisher_engine::FisherError;
 pub enum Exit {
     /// 0: success.
     Success = 0,
-    /// 1: a runtime failure: GPU/device error, a request beyond the adapter's limits, a bug.
+    /// 1: a runtime failure: GPU/device error, a request beyond the adapter's limits, a
+    /// result outside the f32 tolerance, a bug.
     Failure = 1,
     /// 2: usage or bad input: flags, unreadable or malformed files, NaN/Inf, dtype, shapes.
     Usage = 2,
