@@ -244,12 +244,24 @@ impl NpyRows {
     fn read_rows_into(&mut self, out: &mut [f32]) -> Result<()> {
         let first_row = self.next_row;
         let count = out.len();
+        let read_failed = |rows: &mut Self, e: std::io::Error| {
+            // Stop iterating: the stream position is unknown now.
+            rows.next_row = rows.rows;
+            io_error(&rows.path, format!("cannot read rows from {first_row}: {e}"))
+        };
+        // The common case, numpy's default float32 on a little-endian machine, is read
+        // straight into the destination: no staging copy, no conversion pass.
+        if cfg!(target_endian = "little") && self.element == (Element::F32 { big_endian: false }) {
+            if let Err(e) = self.reader.read_exact(bytemuck::cast_slice_mut(out)) {
+                return Err(read_failed(self, e));
+            }
+            self.next_row += count / self.cols;
+            return Ok(());
+        }
         let size = self.element.size();
         self.staging.resize(count * size, 0);
         if let Err(e) = self.reader.read_exact(&mut self.staging) {
-            // Stop iterating: the stream position is unknown now.
-            self.next_row = self.rows;
-            return Err(io_error(&self.path, format!("cannot read rows from {first_row}: {e}")));
+            return Err(read_failed(self, e));
         }
         let bytes = &self.staging;
         match self.element {
