@@ -110,7 +110,7 @@ pub struct ReduceArgs {
     #[arg(long, value_name = "S", requires = "synthetic")]
     pub seed: Option<u64>,
 
-    /// full, diag, gram, norms or blocks:<s1>,<s2>,... (see below).
+    /// full, diag, gram, norms or blocks:S1,S2,... (see below).
     #[arg(long, value_name = "FORM", default_value = "full")]
     pub form: String,
 
