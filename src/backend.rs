@@ -30,11 +30,7 @@ pub trait FisherBackend {
     /// The Fisher of a network on a dataset: per-sample quantities (forward, output rows,
     /// backward) and their reduction to `form`, streamed in micro-batches. Inputs have been
     /// validated by the caller ([`crate::Engine::fisher`]).
-    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
-        // TEMPORARY while the CPU network path is written (removed in the same series).
-        let _ = (mlp, data, variant, form);
-        Err(crate::FisherError::InvalidInput(format!("{}: network Fisher not implemented", self.label())))
-    }
+    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher>;
 }
 
 /// A streaming reduction in progress.

@@ -7,6 +7,7 @@ use crate::cpu::{reference, CpuBackend};
 use crate::error::{FisherError, Result};
 use crate::form::{Agreement, FisherMatrix, Form};
 use crate::gpu::{GpuBackend, GpuContext, GpuOptions};
+use crate::nn::{Dataset, Mlp, NetFisher, NetForm, Variant};
 use crate::validate::check_matrix;
 
 /// Which compute path to use.
@@ -149,5 +150,37 @@ impl Engine {
         let reference = reference::reduce(grads, form)?;
         let agreement = result.agreement(&reference)?;
         Ok(Verified { result, agreement })
+    }
+
+    /// The Fisher information of `mlp` on `data` (likelihood implied by the targets: class
+    /// labels → categorical, values → Gaussian) for `variant`, reduced to `form`.
+    ///
+    /// Normalization: F = (1/N) Σᵢ E_y[∇θ log p(y|xᵢ) ∇θ log p(y|xᵢ)ᵀ]; parameter order is
+    /// PyTorch's `named_parameters()` (see [`crate::nn`]).
+    pub fn fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+        mlp.validate()?;
+        data.validate(mlp, data.likelihood())?;
+        if let Variant::MonteCarlo { samples: 0, .. } = variant {
+            return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
+        }
+        if u32::try_from(data.len()).is_err() {
+            return Err(FisherError::InvalidInput(format!("{} samples exceed the 2³²−1 supported", data.len())));
+        }
+        self.backend.network_fisher(mlp, data, variant, form)
+    }
+
+    /// Like [`Engine::fisher`], and also computes the f64 reference (an independent
+    /// per-sample backprop) and reports the disagreement.
+    pub fn fisher_verified(
+        &self,
+        mlp: &Mlp,
+        data: &Dataset,
+        variant: Variant,
+        form: NetForm,
+    ) -> Result<(NetFisher, crate::form::Agreement)> {
+        let result = self.fisher(mlp, data, variant, form)?;
+        let reference = crate::nn::reference::fisher(mlp, data, data.likelihood(), variant, form)?;
+        let agreement = result.agreement(&reference)?;
+        Ok((result, agreement))
     }
 }

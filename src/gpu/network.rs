@@ -26,6 +26,10 @@ use crate::nn::{rows_per_sample, Dataset, KfacFactors, Likelihood, Mlp, NetFishe
 
 /// Largest micro-batch: beyond this the dispatch overhead is already amortized.
 const MAX_MICRO_BATCH: usize = 1024;
+/// Target size of one micro-batch's scratch buffers. Larger batches do not run faster once a
+/// dispatch covers thousands of invocations, and on integrated or software adapters device
+/// memory is host memory, so this keeps the process footprint small.
+const MICRO_BATCH_BYTES: u64 = 64 << 20;
 
 const FLAG_BIAS: u32 = 1;
 const FLAG_ONE: u32 = 2;
@@ -131,7 +135,9 @@ pub(crate) fn network_fisher(
     let widest_binding = 4 * (r * max_w.max(if materialize { p } else { 0 })).max(max_ld).max(classes) as u64;
     let by_binding = be.binding_limit / widest_binding.max(1);
     let left = be.budget.saturating_sub(weights_bytes + accum_bytes);
-    let by_budget = left / per_sample.max(1);
+    let by_budget = left.min(MICRO_BATCH_BYTES) / per_sample.max(1);
+    // At least one sample whenever one fits the budget at all, even if it exceeds the target.
+    let by_budget = if by_budget == 0 && left >= per_sample { 1 } else { by_budget };
     let mb = (by_binding.min(by_budget) as usize).min(MAX_MICRO_BATCH).min(n);
     if mb == 0 {
         let (needed, limit, which) = if by_binding == 0 {

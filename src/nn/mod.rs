@@ -25,8 +25,14 @@
 //! implemented identically in Rust and WGSL, so every backend draws the same labels.
 
 pub mod activation;
+pub mod data;
+pub mod kfac;
+pub mod model;
+pub mod reference;
 
 pub use activation::Activation;
+pub use kfac::{augmented_to_pytorch, kfac_expand};
+pub use model::ActivationSpec;
 
 use ndarray::{Array1, Array2};
 
@@ -160,6 +166,64 @@ pub enum NetFisher<T = f32> {
     Grads(Array2<T>),
     /// Per-sample squared norms.
     Norms(Array1<T>),
+}
+
+impl<T: Copy + Into<f64>> NetFisher<T> {
+    /// The form's name as used on the command line.
+    pub fn form_name(&self) -> &'static str {
+        match self {
+            NetFisher::Full(_) => "full",
+            NetFisher::Diagonal(_) => "diag",
+            NetFisher::Layer(_) => "layer",
+            NetFisher::Kfac(_) => "kfac",
+            NetFisher::Grads(_) => "grads",
+            NetFisher::Norms(_) => "norms",
+        }
+    }
+
+    /// Every stored value in a fixed order (for comparisons).
+    pub fn values(&self) -> Vec<f64> {
+        match self {
+            NetFisher::Full(m) | NetFisher::Grads(m) => m.iter().map(|&v| v.into()).collect(),
+            NetFisher::Diagonal(d) | NetFisher::Norms(d) => d.iter().map(|&v| v.into()).collect(),
+            NetFisher::Layer(blocks) => blocks.iter().flat_map(|b| b.iter().map(|&v| v.into())).collect(),
+            NetFisher::Kfac(factors) => factors
+                .iter()
+                .flat_map(|f| f.a.iter().chain(f.g.iter()).map(|&v| v.into()))
+                .collect(),
+        }
+    }
+
+    /// tr F for full, diag and layer; the mean of the norms (which equals tr F) for norms;
+    /// Σ_l tr(G_l)·tr(A_l), the trace of the KFAC approximation, for kfac; and for grads
+    /// Σ‖row‖² / rows, which is tr F only when there is one row per sample (`empirical`).
+    pub fn trace(&self) -> f64 {
+        let tr = |m: &Array2<T>| m.diag().iter().map(|&v| v.into()).sum::<f64>();
+        match self {
+            NetFisher::Full(m) => tr(m),
+            NetFisher::Diagonal(d) => d.iter().map(|&v| v.into()).sum(),
+            NetFisher::Layer(blocks) => blocks.iter().map(tr).sum(),
+            NetFisher::Kfac(factors) => factors.iter().map(|f| tr(&f.a) * tr(&f.g)).sum(),
+            NetFisher::Grads(g) => g.iter().map(|&v| v.into().powi(2)).sum::<f64>() / g.nrows().max(1) as f64,
+            NetFisher::Norms(n) => n.iter().map(|&v| v.into()).sum::<f64>() / n.len().max(1) as f64,
+        }
+    }
+
+    /// Compares against a reference of the same form (scale-free measures, see
+    /// [`crate::form::Agreement`]).
+    pub fn agreement<U: Copy + Into<f64>>(&self, reference: &NetFisher<U>) -> crate::Result<crate::form::Agreement> {
+        let (a, b) = (self.values(), reference.values());
+        if self.form_name() != reference.form_name() || a.len() != b.len() {
+            return Err(crate::FisherError::InvalidInput(format!(
+                "cannot compare {} ({} values) with {} ({} values)",
+                self.form_name(),
+                a.len(),
+                reference.form_name(),
+                b.len()
+            )));
+        }
+        Ok(crate::form::agreement_of(&a, &b))
+    }
 }
 
 /// PCG-RXS-M-XS 32-bit hash (O'Neill 2014), the building block of [`mc_uniform`]; the same

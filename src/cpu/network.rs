@@ -1,0 +1,326 @@
+//! Network Fisher on the CPU (fast f32): the same stages as `src/gpu/network.rs`, with the
+//! matrix products on the `gemm` crate and every accumulation over micro-batches in f64.
+//!
+//! Per micro-batch of m samples and R output rows each:
+//! forward Z_l = Ã_l W_lᵀ (+b), Ã_{l+1} = [φ(Z_l) | 1]; output rows δ_{L−1} (m·R × C);
+//! backward δ_{l−1} = (δ_l W_l) ∘ φ'(Z_{l−1}); at each layer the reduction of (δ_l, Ã_l):
+//! diag (Σ_R δ²)ᵀ(Ã∘Ã), KFAC ÃᵀÃ and δᵀδ, full/layer via the rows δ ⊗ ã, norms ‖δ‖²‖ã‖².
+
+use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+use super::syrk::SymmetricSum;
+use crate::error::{FisherError, Result};
+use crate::nn::{mc_uniform, rows_per_sample, Dataset, KfacFactors, Mlp, NetFisher, NetForm, Targets, Variant};
+
+/// Samples per micro-batch: large enough for efficient GEMMs, small enough to keep the
+/// per-batch buffers (m·R rows of the widest layer, or of P for full/layer) modest.
+const MICRO_BATCH_FLOATS: usize = 8 << 20;
+
+/// C = A·B (overwriting C) for views with any positive strides.
+fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>) {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    assert!(k == k2 && c.dim() == (m, n), "matmul shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    let (a_rs, a_cs) = (a.strides()[0], a.strides()[1]);
+    let (b_rs, b_cs) = (b.strides()[0], b.strides()[1]);
+    let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
+    // SAFETY: every index gemm forms is (r < m, kk < k) in A, (kk < k, c < n) in B and
+    // (r < m, c < n) in C, all inside the views; C is a distinct mutable view.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs,
+            c_rs,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+enum Reduction {
+    Syrk { sums: Vec<SymmetricSum>, full: bool },
+    Diag(Vec<Array2<f64>>),
+    Kfac(Vec<(SymmetricSum, SymmetricSum)>),
+    Grads(Vec<f32>),
+    Norms(Vec<f64>),
+}
+
+/// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::nn`]).
+fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant, r: usize) -> Array2<f32> {
+    let (m, c) = z.dim();
+    let mut out = Array2::<f32>::zeros((m * r, c));
+    out.axis_chunks_iter_mut(Axis(0), r).into_par_iter().enumerate().for_each(|(s, mut rows)| {
+        let zr = z.row(s);
+        let sample = (s0 + s) as u32;
+        match targets {
+            Targets::Values(values) => match variant {
+                Variant::Empirical => {
+                    for j in 0..c {
+                        rows[[0, j]] = values[[s0 + s, j]] - zr[j];
+                    }
+                }
+                Variant::True => {
+                    for q in 0..r {
+                        rows[[q, q]] = 1.0;
+                    }
+                }
+                Variant::MonteCarlo { samples, seed } => {
+                    let scale = 1.0 / (samples as f32).sqrt();
+                    for q in 0..r {
+                        for j in 0..c {
+                            let u1 = mc_uniform(seed, sample, q as u32, 2 * j as u32);
+                            let u2 = mc_uniform(seed, sample, q as u32, 2 * j as u32 + 1);
+                            let eps = (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                            rows[[q, j]] = eps * scale;
+                        }
+                    }
+                }
+            },
+            Targets::Classes(labels) => {
+                let zmax = zr.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let denom: f32 = zr.iter().map(|&v| (v - zmax).exp()).sum();
+                let p: Vec<f32> = zr.iter().map(|&v| (v - zmax).exp() / denom).collect();
+                match variant {
+                    Variant::Empirical => {
+                        let y = labels[s0 + s] as usize;
+                        for j in 0..c {
+                            rows[[0, j]] = (j == y) as u8 as f32 - p[j];
+                        }
+                    }
+                    Variant::True => {
+                        for q in 0..r {
+                            let sq = p[q].sqrt();
+                            for j in 0..c {
+                                rows[[q, j]] = sq * ((j == q) as u8 as f32 - p[j]);
+                            }
+                        }
+                    }
+                    Variant::MonteCarlo { samples, seed } => {
+                        let scale = 1.0 / (samples as f32).sqrt();
+                        for q in 0..r {
+                            let u = mc_uniform(seed, sample, q as u32, 0);
+                            let mut cum = 0.0f32;
+                            let mut y = c - 1;
+                            for (j, &pj) in p.iter().enumerate() {
+                                cum += pj;
+                                if u < cum {
+                                    y = j;
+                                    break;
+                                }
+                            }
+                            for j in 0..c {
+                                rows[[q, j]] = ((j == y) as u8 as f32 - p[j]) * scale;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Writes the rows δ ⊗ ã of one layer (weight row-major, then bias) into `dst` (rows × P_l).
+fn outer_rows(delta: ArrayView2<'_, f32>, act: ArrayView2<'_, f32>, r: usize, fan_in: usize, bias: bool, mut dst: ArrayViewMut2<'_, f32>) {
+    let out = delta.ncols();
+    dst.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(q, mut row)| {
+        let d = delta.row(q);
+        let a = act.row(q / r);
+        for o in 0..out {
+            let dv = d[o];
+            for i in 0..fan_in {
+                row[o * fan_in + i] = dv * a[i];
+            }
+        }
+        if bias {
+            for o in 0..out {
+                row[out * fan_in + o] = d[o];
+            }
+        }
+    });
+}
+
+pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+    let n = data.len();
+    let depth = mlp.layers.len();
+    let classes = mlp.layers.last().map(|l| l.fan_out()).unwrap_or(0);
+    let r = rows_per_sample(variant, classes);
+    let ranges: Vec<(usize, usize)> = {
+        let mut off = 0;
+        mlp.layers
+            .iter()
+            .map(|l| {
+                let range = (off, l.num_params());
+                off += l.num_params();
+                range
+            })
+            .collect()
+    };
+    let p: usize = ranges.iter().map(|x| x.1).sum();
+    let max_w = mlp.layers.iter().map(|l| l.fan_in().max(l.fan_out())).max().unwrap_or(1);
+    let row_floats = r * match form {
+        NetForm::Full | NetForm::Grads => p.max(max_w),
+        NetForm::Layer => ranges.iter().map(|x| x.1).max().unwrap_or(1).max(max_w),
+        _ => max_w,
+    };
+    let mb = (MICRO_BATCH_FLOATS / row_floats.max(1)).clamp(1, 4096).min(n.max(1));
+
+    let mut reduction = match form {
+        NetForm::Full => Reduction::Syrk { sums: vec![SymmetricSum::new(p)], full: true },
+        NetForm::Layer => Reduction::Syrk { sums: ranges.iter().map(|x| SymmetricSum::new(x.1)).collect(), full: false },
+        NetForm::Diagonal => {
+            Reduction::Diag(mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect())
+        }
+        NetForm::Kfac => Reduction::Kfac(
+            mlp.layers.iter().map(|l| (SymmetricSum::new(l.augmented_in()), SymmetricSum::new(l.fan_out()))).collect(),
+        ),
+        NetForm::Grads => {
+            let total = n.checked_mul(r).and_then(|x| x.checked_mul(p)).filter(|&x| x <= isize::MAX as usize / 4);
+            let Some(total) = total else {
+                return Err(FisherError::InvalidInput(format!("{n}·{r} gradient rows of {p} parameters do not fit in memory")));
+            };
+            Reduction::Grads(Vec::with_capacity(total))
+        }
+        NetForm::Norms => Reduction::Norms(vec![0.0; n]),
+    };
+
+    for s0 in (0..n).step_by(mb) {
+        let m = mb.min(n - s0);
+        // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer.
+        let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
+        let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
+        let first = &mlp.layers[0];
+        let mut a0 = Array2::<f32>::ones((m, first.augmented_in()));
+        a0.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs.slice(s![s0..s0 + m, ..]));
+        acts.push(a0);
+        for (l, layer) in mlp.layers.iter().enumerate() {
+            let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
+            matmul(acts[l].slice(s![.., ..layer.fan_in()]), layer.weight.t(), z.view_mut());
+            if let Some(b) = &layer.bias {
+                z += b;
+            }
+            if l + 1 < depth {
+                let next = &mlp.layers[l + 1];
+                let act = mlp.activations[l];
+                let mut a = Array2::<f32>::ones((m, next.augmented_in()));
+                ndarray::Zip::from(a.slice_mut(s![.., ..layer.fan_out()])).and(&z).par_for_each(|a, &z| *a = act.apply(z));
+                acts.push(a);
+            }
+            zs.push(z);
+        }
+        // Output rows and backward.
+        let mut delta = output_rows(zs[depth - 1].view(), &data.targets, s0, variant, r);
+        let mut grad_rows = match &reduction {
+            Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * r, p))),
+            _ => None,
+        };
+        for l in (0..depth).rev() {
+            let layer = &mlp.layers[l];
+            let act = &acts[l];
+            match &mut reduction {
+                Reduction::Diag(acc) => {
+                    let mut dsq = Array2::<f32>::zeros((m, layer.fan_out()));
+                    for (s, mut row) in dsq.axis_iter_mut(Axis(0)).enumerate() {
+                        for q in 0..r {
+                            row.zip_mut_with(&delta.row(s * r + q), |acc, &d| *acc += d * d);
+                        }
+                    }
+                    let asq = act.mapv(|v| v * v);
+                    let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
+                    matmul(dsq.t(), asq.view(), part.view_mut());
+                    ndarray::Zip::from(&mut acc[l]).and(&part).par_for_each(|a, &p| *a += p as f64);
+                }
+                Reduction::Kfac(acc) => {
+                    acc[l].0.add(act.view());
+                    acc[l].1.add(delta.view());
+                }
+                Reduction::Syrk { sums, full } => {
+                    if *full {
+                        let rows = grad_rows.as_mut().expect("rows");
+                        let (off, len) = ranges[l];
+                        outer_rows(delta.view(), act.view(), r, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
+                    } else {
+                        let mut rows = Array2::<f32>::zeros((m * r, ranges[l].1));
+                        outer_rows(delta.view(), act.view(), r, layer.fan_in(), layer.bias.is_some(), rows.view_mut());
+                        sums[l].add(rows.view());
+                    }
+                }
+                Reduction::Grads(_) => {
+                    let rows = grad_rows.as_mut().expect("rows");
+                    let (off, len) = ranges[l];
+                    outer_rows(delta.view(), act.view(), r, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
+                }
+                Reduction::Norms(out) => {
+                    for s in 0..m {
+                        let a2: f64 = act.row(s).iter().map(|&v| (v as f64).powi(2)).sum();
+                        let d2: f64 = (0..r).map(|q| delta.row(s * r + q).iter().map(|&v| (v as f64).powi(2)).sum::<f64>()).sum();
+                        out[s0 + s] += d2 * a2;
+                    }
+                }
+            }
+            if l > 0 {
+                let mut back = Array2::<f32>::zeros((m * r, layer.fan_in()));
+                matmul(delta.view(), layer.weight.view(), back.view_mut());
+                let act_prev = mlp.activations[l - 1];
+                let zprev = &zs[l - 1];
+                back.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(q, mut row)| {
+                    row.zip_mut_with(&zprev.row(q / r), |d, &z| *d *= act_prev.derivative(z));
+                });
+                delta = back;
+            }
+        }
+        match &mut reduction {
+            Reduction::Syrk { sums, full: true } => sums[0].add(grad_rows.as_ref().expect("rows").view()),
+            Reduction::Grads(out) => out.extend(grad_rows.expect("rows").iter().copied()),
+            _ => {}
+        }
+    }
+
+    let nf = n as f64;
+    Ok(match reduction {
+        Reduction::Syrk { sums, full: true } => NetFisher::Full(sums[0].finish(nf)),
+        Reduction::Syrk { sums, .. } => NetFisher::Layer(sums.iter().map(|s| s.finish(nf)).collect()),
+        Reduction::Diag(acc) => {
+            let mut diag = Vec::with_capacity(p);
+            for (layer, d) in mlp.layers.iter().zip(&acc) {
+                let fan_in = layer.fan_in();
+                for o in 0..layer.fan_out() {
+                    diag.extend((0..fan_in).map(|i| (d[[o, i]] / nf) as f32));
+                }
+                if layer.bias.is_some() {
+                    diag.extend((0..layer.fan_out()).map(|o| (d[[o, fan_in]] / nf) as f32));
+                }
+            }
+            NetFisher::Diagonal(Array1::from(diag))
+        }
+        Reduction::Kfac(acc) => NetFisher::Kfac(acc.iter().map(|(a, g)| KfacFactors { a: a.finish(nf), g: g.finish(nf) }).collect()),
+        Reduction::Grads(rows) => {
+            let total = rows.len() / p.max(1);
+            NetFisher::Grads(Array2::from_shape_vec((total, p), rows).map_err(|e| FisherError::InvalidInput(e.to_string()))?)
+        }
+        Reduction::Norms(v) => NetFisher::Norms(v.into_iter().map(|x| x as f32).collect()),
+    })
+}
+
