@@ -582,6 +582,9 @@ fn usage_errors_are_one_line_with_code_2() {
     assert_fails(&fisher(&["reduce", "--form", "full"]), 2, &["--grads"]);
     // both inputs
     assert_fails(&fisher(&["reduce", "--grads", s(&input), "--synthetic", "4,2"]), 2, &["--synthetic"]);
+    // --seed without --synthetic
+    let out = dir.path().join("F.safetensors");
+    assert_fails(&fisher(&["reduce", "--grads", s(&input), "--seed", "3", "--out", s(&out)]), 2, &["--seed"]);
     // unknown flag and unknown backend (clap's own errors, folded to one line)
     assert_fails(&fisher(&["reduce", "--synthetic", "4,2", "--frobnicate"]), 2, &["--frobnicate"]);
     assert_fails(&fisher(&["reduce", "--synthetic", "4,2", "--backend", "tpu"]), 2, &["tpu"]);

@@ -201,6 +201,10 @@ impl ReduceConfig {
 
     /// Validates raw flags.
     pub fn from_args(args: ReduceArgs) -> anyhow::Result<Self> {
+        // Checked here too: clap does not enforce `requires` on this pair in every case.
+        if args.seed.is_some() && args.synthetic.is_none() {
+            return Err(usage("--seed only applies to --synthetic data"));
+        }
         let input = match (args.grads, args.synthetic) {
             (Some(path), None) => Input::File(path),
             (None, Some(spec)) => parse_synthetic(&spec, args.seed.unwrap_or(0))?,
