@@ -15,6 +15,7 @@
 //! Every division by N is done in f64 and rounded once to f32. Work runs on rayon's global
 //! thread pool.
 
+mod network;
 pub mod reference;
 mod syrk;
 
@@ -91,6 +92,16 @@ impl FisherBackend for CpuBackend {
             stage: Array2::zeros((staged_rows, params)),
             staged: 0,
         }))
+    }
+
+    fn network_fisher(
+        &self,
+        mlp: &crate::nn::Mlp,
+        data: &crate::nn::Dataset,
+        variant: crate::nn::Variant,
+        form: crate::nn::NetForm,
+    ) -> Result<crate::nn::NetFisher> {
+        network::network_fisher(mlp, data, variant, form)
     }
 
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
