@@ -29,8 +29,9 @@
 //                 (8 KiB), barriers: the right choice on real GPUs.
 //   syrk_direct — 8×8 invocations, 4×4 register block each (a 32×32 output tile per
 //                 workgroup, 4 workgroup ids per 64×64 tile), loads straight from global
-//                 memory, no barriers: faster on CPU adapters (lavapipe/llvmpipe) where
-//                 barriers and workgroup memory cost more than they save (shared/NOTES.md).
+//                 memory, no barriers. Kept as an alternative for adapters where barriers
+//                 cost more than they save; on lavapipe with these strided scalar loads it
+//                 measured slower than syrk_tiled (benches/README.md), so tiled is the default.
 
 struct Params {
     k: u32,
@@ -180,14 +181,17 @@ fn syrk_direct(
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
     // Four consecutive workgroup ids share one 64×64 tile (2×2 quadrants of 32×32), so the
-    // tile enumeration (and upper_only) is identical to syrk_tiled.
+    // tile enumeration (and upper_only) is identical to syrk_tiled. Within a quadrant an
+    // invocation owns rows r0 + i (i < 4) and columns c0 + 8j (j < 4): CPU adapters run the
+    // 8 invocations of a row as SIMD lanes, and this layout makes their B loads contiguous
+    // across lanes (a vector load) instead of a stride-4 gather.
     let id = wg.y * nwg.x + wg.x;
     let t = id / 4u;
     if (t >= params.num_tiles) { return; }
     let quad = id % 4u;
     let tc = tile_coords(t);
     let r0 = tc.x * TILE + (quad / 2u) * 32u + lid.y * 4u;
-    let c0 = tc.y * TILE + (quad % 2u) * 32u + lid.x * 4u;
+    let c0 = tc.y * TILE + (quad % 2u) * 32u + lid.x;
     if (r0 >= params.m || c0 >= params.n) { return; }
 
     var acc: array<f32, 16>;
@@ -202,7 +206,7 @@ fn syrk_direct(
         var bv: array<f32, 4>;
         for (var i = 0u; i < 4u; i++) {
             av[i] = load_a(kk, r0 + i);
-            bv[i] = load_b(kk, c0 + i);
+            bv[i] = load_b(kk, c0 + 8u * i);
         }
         for (var i = 0u; i < 4u; i++) {
             for (var j = 0u; j < 4u; j++) {
@@ -225,7 +229,7 @@ fn syrk_direct(
         let r = r0 + i;
         if (r >= params.m) { continue; }
         for (var j = 0u; j < 4u; j++) {
-            let c = c0 + j;
+            let c = c0 + 8u * j;
             if (c >= params.n) { continue; }
             merge_global(r * params.n + c, ksum[i * 4u + j] - kcomp[i * 4u + j]);
         }
