@@ -415,6 +415,10 @@ fn loads_categorical_data() {
     let data = Dataset::from_npy(&x, &y, Likelihood::Categorical).unwrap();
     assert_eq!(data.inputs[[4, 1]], (9.0f64 / 3.0) as f32);
     assert_eq!(data.targets, Targets::Classes(vec![1, 0, 1, 1, 0]));
+    // uint8 labels (as MNIST loaders produce) are class indices too.
+    let y8 = write_npy(dir, "y8.npy", "|u1", &[5], &[3, 0, 255, 1, 2], false);
+    let data = Dataset::from_npy(&x, &y8, Likelihood::Categorical).unwrap();
+    assert_eq!(data.targets, Targets::Classes(vec![3, 0, 255, 1, 2]));
 }
 
 #[test]
@@ -543,6 +547,11 @@ fn bad_data_files_and_dtypes() {
     assert_mentions(&data_error(&flat, &y, Likelihood::Categorical).to_string(), &["x1.npy", "(3,)", "2-D"]);
     let bytes = write_npy(dir, "xu.npy", "|u1", &[3, 2], &[0u8; 6], false);
     assert_mentions(&data_error(&bytes, &y, Likelihood::Categorical).to_string(), &["xu.npy", "uint8"]);
+    let booleans = write_npy(dir, "yb.npy", "|b1", &[3], &[0, 1, 0], false);
+    assert_mentions(
+        &data_error(&x, &booleans, Likelihood::Categorical).to_string(),
+        &["yb.npy", "bool", "not supported"],
+    );
     // Fortran order.
     let fortran = write_npy(dir, "xf.npy", "<f4", &[3, 2], &f32_bytes(&[0.0; 6]), true);
     assert!(

@@ -2,7 +2,8 @@
 //!
 //! * Inputs: N×d, float32 or float64 (rounded to f32), C order (what `np.save` writes for a
 //!   normal array).
-//! * Categorical labels: class indices, int32 or int64, shape (N,) or (N, 1).
+//! * Categorical labels: class indices, int32 or int64 (any numpy integer type is accepted),
+//!   shape (N,) or (N, 1).
 //! * Gaussian targets: N×k, float32 or float64 (integers are accepted too), or (N,) read as N×1.
 //!
 //! [`Dataset::from_npy`] checks what can be checked without the model (file format, dtype,
@@ -25,8 +26,8 @@ use crate::validate::check_matrix;
 enum NpyValues {
     F32(Vec<f32>),
     F64(Vec<f64>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
+    /// Any integer dtype, widened (class labels are often saved as int64, int32 or uint8).
+    Int(Vec<i64>),
 }
 
 /// A whole `.npy` array: its shape, its values in C order and numpy's name for its dtype.
@@ -62,7 +63,8 @@ fn numpy_dtype_name(dtype: &DType) -> String {
     }
 }
 
-/// Reads a whole `.npy` file of float32/float64/int32/int64 (either byte order) in C order.
+/// Reads a whole `.npy` file of float32/float64 or any integer dtype (either byte order) in
+/// C order.
 ///
 /// This is a private helper rather than `crate::io::read_npy_matrix` because labels need
 /// integer dtypes and 1-D shapes, which that reader (float matrices only) refuses.
@@ -89,23 +91,44 @@ fn read_npy(path: &Path) -> Result<NpyArray> {
         DType::Plain(ts) => match (ts.type_char(), ts.size_field()) {
             (TypeChar::Float, 4) => NpyValues::F32(npy.into_vec().map_err(read_error)?),
             (TypeChar::Float, 8) => NpyValues::F64(npy.into_vec().map_err(read_error)?),
-            (TypeChar::Int, 4) => NpyValues::I32(npy.into_vec().map_err(read_error)?),
-            (TypeChar::Int, 8) => NpyValues::I64(npy.into_vec().map_err(read_error)?),
+            (TypeChar::Int, 1) => widen::<i8, _>(npy, read_error)?,
+            (TypeChar::Int, 2) => widen::<i16, _>(npy, read_error)?,
+            (TypeChar::Int, 4) => widen::<i32, _>(npy, read_error)?,
+            (TypeChar::Int, 8) => NpyValues::Int(npy.into_vec().map_err(read_error)?),
+            (TypeChar::Uint, 1) => widen::<u8, _>(npy, read_error)?,
+            (TypeChar::Uint, 2) => widen::<u16, _>(npy, read_error)?,
+            (TypeChar::Uint, 4) => widen::<u32, _>(npy, read_error)?,
+            (TypeChar::Uint, 8) => {
+                let wide: Vec<u64> = npy.into_vec().map_err(read_error)?;
+                let narrow =
+                    wide.iter().map(|&v| i64::try_from(v)).collect::<std::result::Result<Vec<_>, _>>();
+                NpyValues::Int(narrow.map_err(|_| invalid(path, "uint64 value beyond the int64 range"))?)
+            }
             _ => {
                 return Err(invalid(
                     path,
-                    format!("dtype {dtype_name} is not supported (float32, float64, int32 or int64)"),
+                    format!("dtype {dtype_name} is not supported (float32, float64 or an integer type)"),
                 ))
             }
         },
         _ => {
             return Err(invalid(
                 path,
-                format!("dtype {dtype_name} is not supported (float32, float64, int32 or int64)"),
+                format!("dtype {dtype_name} is not supported (float32, float64 or an integer type)"),
             ))
         }
     };
     Ok(NpyArray { shape, values, dtype: dtype_name })
+}
+
+/// Reads integers of type `T` and widens them to i64.
+fn widen<T, R>(npy: NpyFile<R>, read_error: impl Fn(std::io::Error) -> FisherError) -> Result<NpyValues>
+where
+    T: npyz::Deserialize + Into<i64>,
+    R: std::io::Read,
+{
+    let values: Vec<T> = npy.into_vec().map_err(read_error)?;
+    Ok(NpyValues::Int(values.into_iter().map(Into::into).collect()))
 }
 
 /// numpy's spelling of a shape: `(5,)`, `(2, 3)`.
@@ -143,9 +166,8 @@ fn to_f32_matrix(
             }
             v.into_iter().map(|x| x as f32).collect()
         }
-        NpyValues::I32(v) if allow_int => v.into_iter().map(|x| x as f32).collect(),
-        NpyValues::I64(v) if allow_int => v.into_iter().map(|x| x as f32).collect(),
-        NpyValues::I32(_) | NpyValues::I64(_) => {
+        NpyValues::Int(v) if allow_int => v.into_iter().map(|x| x as f32).collect(),
+        NpyValues::Int(_) => {
             return Err(invalid(path, format!("{what} have dtype {dtype}; expected float32 or float64")))
         }
     };
@@ -209,8 +231,7 @@ impl Dataset {
                     ));
                 }
                 let wide: Vec<i64> = match y.values {
-                    NpyValues::I32(v) => v.into_iter().map(i64::from).collect(),
-                    NpyValues::I64(v) => v,
+                    NpyValues::Int(v) => v,
                     NpyValues::F32(_) | NpyValues::F64(_) => {
                         return Err(invalid(
                             labels,

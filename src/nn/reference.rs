@@ -14,9 +14,11 @@
 //! θ's PyTorch order. With these rows, F = (1/N) Σᵢ Σ_r g_ir g_irᵀ.
 //!
 //! ## Forms
-//! Every [`NetForm`] is computed from the explicit rows g_ir (KFAC from the explicit ãᵢ and
-//! δ_ir): no identity that the fast paths use (such as (δ∘δ)ᵀ(ã∘ã) for the diagonal or
-//! ‖δ‖²‖ã‖² for the norms) is used here, so that the tests check those identities too.
+//! Every [`NetForm`] is computed from the explicit gradient entries `g_ir[(o, i)] = δ_ir[o]·a_i[i]`
+//! (KFAC from the explicit ãᵢ and δ_ir): `full`, `layer` and `grads` from the stacked rows,
+//! `diag` and `norms` by forming each product and squaring it. No identity that the fast
+//! paths use (such as (δ∘δ)ᵀ(ã∘ã) for the diagonal or ‖δ‖²‖ã‖² for the norms) is used here,
+//! so that the tests check those identities too.
 //!
 //! ## Accuracy
 //! Products and sums are in f64. Sums over samples of outer products are formed batch by
@@ -26,8 +28,9 @@
 //! the f32 paths are held to. The division by N is done once, at the end.
 //!
 //! Memory is bounded by the output plus one batch of samples (at most [`BATCH_BYTES`] of
-//! gradient rows), so `diag`, `kfac` and `norms` also work on models whose N×P gradients
-//! would not fit; only `full`, `layer` and `grads` allocate what their output needs. Samples
+//! gradient rows or per-sample aᵢ, δ_ir), so `diag`, `kfac` and `norms` also work on models
+//! whose N×P gradients would not fit; only `full`, `layer` and `grads` allocate what their
+//! output needs. Samples
 //! of a batch are processed in parallel (rayon), and every reduction is in a fixed order, so
 //! results are bitwise reproducible across runs and thread counts.
 
@@ -346,27 +349,62 @@ fn gradient_rows(net: &NetF64<'_>, parts: &SampleParts) -> Array2<f64> {
     let r_count = parts.deltas.first().map_or(0, |d| d.nrows());
     let p: usize = net.layers.iter().map(|l| l.weight.len() + l.bias.as_ref().map_or(0, |b| b.len())).sum();
     let mut rows = Array2::zeros((r_count, p));
-    for r in 0..r_count {
+    for (r, mut row) in rows.outer_iter_mut().enumerate() {
         let mut at = 0;
         for (l, layer) in net.layers.iter().enumerate() {
             let (out, fan_in) = layer.weight.dim();
             let delta = parts.deltas[l].row(r);
             let a = &parts.inputs[l];
             for o in 0..out {
-                for i in 0..fan_in {
-                    rows[[r, at + o * fan_in + i]] = delta[o] * a[i];
-                }
+                let mut target = row.slice_mut(s![at + o * fan_in..at + (o + 1) * fan_in]);
+                target.zip_mut_with(a, |g, &x| *g = delta[o] * x);
             }
             at += out * fan_in;
             if layer.bias.is_some() {
-                for o in 0..out {
-                    rows[[r, at + o]] = delta[o];
-                }
+                row.slice_mut(s![at..at + out]).assign(&delta);
                 at += out;
             }
         }
     }
     rows
+}
+
+/// Σᵢ Σ_r g_ir[θ]² for the parameters of output unit `o` of layer `l` over the samples in
+/// `parts`: the weight row (o, 0..in) then, with a bias, the bias o. Each g is formed as the
+/// product δ_ro · a_i and then squared, as in the definition.
+fn unit_squares(parts: &[SampleParts], l: usize, o: usize, fan_in: usize, has_bias: bool) -> Vec<f64> {
+    let mut sums = vec![0.0f64; fan_in + has_bias as usize];
+    for part in parts {
+        let a = &part.inputs[l];
+        for delta in part.deltas[l].column(o) {
+            for (sum, &x) in sums.iter_mut().zip(a) {
+                let g = delta * x;
+                *sum += g * g;
+            }
+            if has_bias {
+                sums[fan_in] += delta * delta;
+            }
+        }
+    }
+    sums
+}
+
+/// Σ_r ‖g_ir‖² of one sample, from the explicit products δ_ro · a_i.
+fn squared_norm(net: &NetF64<'_>, part: &SampleParts) -> f64 {
+    let mut total = 0.0;
+    for (l, layer) in net.layers.iter().enumerate() {
+        let a = &part.inputs[l];
+        for delta in part.deltas[l].iter() {
+            for &x in a {
+                let g = delta * x;
+                total += g * g;
+            }
+            if layer.bias.is_some() {
+                total += delta * delta;
+            }
+        }
+    }
+    total
 }
 
 /// acc += the upper triangle (and diagonal blocks) of rowsᵀ rows; the caller mirrors it once
@@ -409,6 +447,25 @@ fn check_inputs(mlp: &Mlp, data: &Dataset, likelihood: Likelihood, variant: Vari
     Ok(())
 }
 
+/// A zero f64 matrix, or [`FisherError::DoesNotFit`] when its size overflows or the
+/// allocation fails (instead of aborting the process).
+fn zeros_checked(rows: usize, cols: usize, what: &str) -> Result<Array2<f64>> {
+    let elements = rows.checked_mul(cols);
+    let bytes = elements.and_then(|e| e.checked_mul(8));
+    let does_not_fit = || FisherError::DoesNotFit {
+        what: format!("{what} ({rows}×{cols} f64)"),
+        needed: bytes.map_or(u64::MAX, |b| b as u64),
+        limit: isize::MAX as u64,
+        which: "host memory for the f64 reference".into(),
+    };
+    let elements =
+        elements.filter(|_| bytes.is_some_and(|b| b <= isize::MAX as usize)).ok_or_else(does_not_fit)?;
+    let mut values: Vec<f64> = Vec::new();
+    values.try_reserve_exact(elements).map_err(|_| does_not_fit())?;
+    values.resize(elements, 0.0);
+    Array2::from_shape_vec((rows, cols), values).map_err(|_| does_not_fit())
+}
+
 /// Samples per batch when each sample holds `bytes_per_sample` bytes.
 fn batch_size(bytes_per_sample: usize) -> usize {
     (BATCH_BYTES / bytes_per_sample.max(1)).clamp(1, MAX_BATCH)
@@ -439,7 +496,7 @@ pub fn per_sample_rows(
     let net = NetF64::from_mlp(mlp);
     let r = rows_per_sample(variant, mlp.output_dim());
     let p = mlp.num_params();
-    let mut grads = Array2::zeros((data.len() * r, p));
+    let mut grads = zeros_checked(data.len().saturating_mul(r), p, "the per-sample gradient rows")?;
     let batch = batch_size(r * p * 8);
     for start in (0..data.len()).step_by(batch) {
         let end = (start + batch).min(data.len());
@@ -497,11 +554,14 @@ pub fn fisher(
             .map_err(|e| FisherError::InvalidInput(format!("cannot stack gradient rows: {e}")))
     };
     let row_batch = batch_size(r * p * 8);
+    // Samples per batch for the forms that need only the per-sample parts (aᵢ and δ_ir).
+    let parts_bytes: usize = mlp.layers.iter().map(|l| l.fan_in() + r * l.fan_out()).sum::<usize>() * 8;
+    let parts_batch = batch_size(parts_bytes);
 
     match form {
         NetForm::Grads => Ok(NetFisher::Grads(per_sample_rows(mlp, data, likelihood, variant)?.0)),
         NetForm::Full => {
-            let mut full = Array2::zeros((p, p));
+            let mut full = zeros_checked(p, p, "the full Fisher matrix")?;
             for start in (0..n).step_by(row_batch) {
                 let parts = compute_parts(start, (start + row_batch).min(n))?;
                 add_upper_gram(&mut full, stack_rows(&parts)?.view());
@@ -510,8 +570,10 @@ pub fn fisher(
             Ok(NetFisher::Full(full * scale))
         }
         NetForm::Layer => {
-            let mut blocks: Vec<Array2<f64>> =
-                ranges.iter().map(|&(_, len)| Array2::zeros((len, len))).collect();
+            let mut blocks = ranges
+                .iter()
+                .map(|&(_, len)| zeros_checked(len, len, "a layer block"))
+                .collect::<Result<Vec<Array2<f64>>>>()?;
             for start in (0..n).step_by(row_batch) {
                 let parts = compute_parts(start, (start + row_batch).min(n))?;
                 let rows = stack_rows(&parts)?;
@@ -530,47 +592,47 @@ pub fn fisher(
             ))
         }
         NetForm::Diagonal => {
+            // No gradient rows: every output unit (layer l, row o of W_l) owns its weight row
+            // and its bias in θ, so units are independent tasks, and within one the samples
+            // are summed in order.
+            let units: Vec<(usize, usize)> = mlp
+                .layers
+                .iter()
+                .enumerate()
+                .flat_map(|(l, layer)| (0..layer.fan_out()).map(move |o| (l, o)))
+                .collect();
             let mut diag = Array1::<f64>::zeros(p);
-            for start in (0..n).step_by(row_batch) {
-                let parts = compute_parts(start, (start + row_batch).min(n))?;
-                let rows = stack_rows(&parts)?;
-                // Columns are independent: parallel over column chunks, rows in order.
-                let chunks: Vec<Array1<f64>> = (0..p)
-                    .step_by(4096)
-                    .collect::<Vec<_>>()
+            for start in (0..n).step_by(parts_batch) {
+                let parts = compute_parts(start, (start + parts_batch).min(n))?;
+                let sums: Vec<Vec<f64>> = units
                     .par_iter()
-                    .map(|&c0| {
-                        let c1 = (c0 + 4096).min(p);
-                        let mut sums = Array1::<f64>::zeros(c1 - c0);
-                        for row in rows.outer_iter() {
-                            for (sum, &g) in sums.iter_mut().zip(row.slice(s![c0..c1])) {
-                                *sum += g * g;
-                            }
-                        }
-                        sums
+                    .map(|&(l, o)| {
+                        let layer = &mlp.layers[l];
+                        unit_squares(&parts, l, o, layer.fan_in(), layer.bias.is_some())
                     })
                     .collect();
-                for (chunk_index, sums) in chunks.into_iter().enumerate() {
-                    let c0 = chunk_index * 4096;
-                    let mut target = diag.slice_mut(s![c0..c0 + sums.len()]);
-                    target += &sums;
+                for (&(l, o), unit) in units.iter().zip(sums) {
+                    let layer = &mlp.layers[l];
+                    let (at, fan_in) = (ranges[l].0, layer.fan_in());
+                    let mut weights = diag.slice_mut(s![at + o * fan_in..at + (o + 1) * fan_in]);
+                    weights += &ArrayView1::from(&unit[..fan_in]);
+                    if layer.bias.is_some() {
+                        diag[at + fan_in * layer.fan_out() + o] += unit[fan_in];
+                    }
                 }
             }
             Ok(NetFisher::Diagonal(diag * scale))
         }
         NetForm::Norms => {
-            let norms = (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    let parts = sample_parts(&net, data, i, likelihood, variant)?;
-                    Ok(gradient_rows(&net, &parts).iter().map(|g| g * g).sum::<f64>())
-                })
-                .collect::<Result<Vec<f64>>>()?;
+            let mut norms = Vec::with_capacity(n);
+            for start in (0..n).step_by(parts_batch) {
+                let parts = compute_parts(start, (start + parts_batch).min(n))?;
+                norms.extend(parts.par_iter().map(|part| squared_norm(&net, part)).collect::<Vec<f64>>());
+            }
             Ok(NetFisher::Norms(Array1::from(norms)))
         }
         NetForm::Kfac => {
-            let widths: usize = mlp.layers.iter().map(|l| l.augmented_in() + r * l.fan_out()).sum();
-            let batch = batch_size(widths * 8);
+            let batch = parts_batch;
             let mut a_factors: Vec<Array2<f64>> =
                 mlp.layers.iter().map(|l| Array2::zeros((l.augmented_in(), l.augmented_in()))).collect();
             let mut g_factors: Vec<Array2<f64>> =
