@@ -22,6 +22,11 @@
 //   backprop_act  in0 S, in1 C (rows·R × cols), in2 z_prev (rows × cols) → out0 δ = (S − C)·φ'(z).
 //   sample_sq     in0 δ (rows·R × cols) → out0 Σ_q δ² per sample (rows × cols).
 //   square        in0 x (rows × cols) → out0 x² (elementwise).
+//   tangent_act   in0 ż (rows × cols), in1 z (rows × cols) → out0 ȧ_next = φ'(z)·ż (rows × cols):
+//                 forward-mode (JVP) propagation of a parameter direction v.
+//   head_fvp      in0 z_L, in1 targets, in2 ż_L (rows × cols) → out0 w = Λ ż per sample, with
+//                 Λ = E_y[e eᵀ] of the variant (true categorical: diag(p) − ppᵀ; true Gaussian:
+//                 I; empirical: e eᵀ; MC: (1/K) Σ_k e_k e_kᵀ), so that F·v = (1/N) Σ Jᵀ Λ J v.
 //   outer_grads   in0 δ (rows·R × ld_a=out), in1 ã (rows × ld_b) → out0 grads (rows·R × ld_out) at
 //                 column offset out_off: weight (o, i) → o·fan_in + i, then bias o → out·fan_in + o.
 //
@@ -204,6 +209,93 @@ fn head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             for (var j = 0u; j < c; j++) {
                 let p = exp(in0[zb + j] - zmax) * inv;
                 out0[ob + q * c + j] = (select(0.0, 1.0, j == y) - p) * params.scale;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn tangent_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lidx: u32) {
+    let e = linear_id(wg, nwg, lidx);
+    if (e >= params.rows * params.cols) { return; }
+    out0[e] = in0[e] * derivative(params.act, in1[e]);
+}
+
+// w = Λ ż for one sample per invocation; `scale` = 1/K for MC (the mean over K draws, drawn
+// with the same keys as head(), so F·v matches the materialized MC Fisher exactly).
+@compute @workgroup_size(256, 1, 1)
+fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lidx: u32) {
+    let s = linear_id(wg, nwg, lidx);
+    if (s >= params.rows) { return; }
+    let c = params.cols;
+    let zb = s * c;
+    let kk = params.r; // MC draws K (1 otherwise)
+
+    if ((params.flags & FLAG_GAUSSIAN) != 0u) {
+        if (params.variant == VARIANT_TRUE) {
+            for (var j = 0u; j < c; j++) { out0[zb + j] = in2[zb + j]; }
+        } else if (params.variant == VARIANT_EMPIRICAL) {
+            var dot = 0.0;
+            for (var j = 0u; j < c; j++) { dot = dot + (in1[zb + j] - in0[zb + j]) * in2[zb + j]; }
+            for (var j = 0u; j < c; j++) { out0[zb + j] = (in1[zb + j] - in0[zb + j]) * dot; }
+        } else {
+            for (var j = 0u; j < c; j++) { out0[zb + j] = 0.0; }
+            for (var q = 0u; q < kk; q++) {
+                var dot = 0.0;
+                for (var j = 0u; j < c; j++) {
+                    let u1 = mc_uniform(params.sample_off + s, q, 2u * j);
+                    let u2 = mc_uniform(params.sample_off + s, q, 2u * j + 1u);
+                    dot = dot + sqrt(-2.0 * log(1.0 - u1)) * cos(6.2831853 * u2) * in2[zb + j];
+                }
+                for (var j = 0u; j < c; j++) {
+                    let u1 = mc_uniform(params.sample_off + s, q, 2u * j);
+                    let u2 = mc_uniform(params.sample_off + s, q, 2u * j + 1u);
+                    let eps = sqrt(-2.0 * log(1.0 - u1)) * cos(6.2831853 * u2);
+                    out0[zb + j] = out0[zb + j] + eps * dot * params.scale;
+                }
+            }
+        }
+        return;
+    }
+
+    var zmax = in0[zb];
+    for (var j = 1u; j < c; j++) { zmax = max(zmax, in0[zb + j]); }
+    var denom = 0.0;
+    for (var j = 0u; j < c; j++) { denom = denom + exp(in0[zb + j] - zmax); }
+    let inv = 1.0 / denom;
+    // pᵀż, shared by every variant.
+    var pdot = 0.0;
+    for (var j = 0u; j < c; j++) { pdot = pdot + exp(in0[zb + j] - zmax) * inv * in2[zb + j]; }
+
+    if (params.variant == VARIANT_TRUE) {
+        for (var j = 0u; j < c; j++) {
+            let p = exp(in0[zb + j] - zmax) * inv;
+            out0[zb + j] = p * (in2[zb + j] - pdot);
+        }
+    } else if (params.variant == VARIANT_EMPIRICAL) {
+        // e = onehot(y) − p, eᵀż = ż_y − pᵀż.
+        let y = bitcast<u32>(in1[s]);
+        let dot = in2[zb + y] - pdot;
+        for (var j = 0u; j < c; j++) {
+            let p = exp(in0[zb + j] - zmax) * inv;
+            out0[zb + j] = (select(0.0, 1.0, j == y) - p) * dot;
+        }
+    } else {
+        for (var j = 0u; j < c; j++) { out0[zb + j] = 0.0; }
+        for (var q = 0u; q < kk; q++) {
+            let u = mc_uniform(params.sample_off + s, q, 0u);
+            var cum = 0.0;
+            var y = c - 1u;
+            for (var j = 0u; j < c; j++) {
+                cum = cum + exp(in0[zb + j] - zmax) * inv;
+                if (u < cum) { y = j; break; }
+            }
+            let dot = in2[zb + y] - pdot;
+            for (var j = 0u; j < c; j++) {
+                let p = exp(in0[zb + j] - zmax) * inv;
+                out0[zb + j] = out0[zb + j] + (select(0.0, 1.0, j == y) - p) * dot * params.scale;
             }
         }
     }

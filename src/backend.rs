@@ -5,11 +5,11 @@
 //! implement exactly these stages, which keeps the trait small enough to implement twice and
 //! to test the two against each other and against the f64 reference.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::error::Result;
 use crate::form::{FisherMatrix, Form};
-use crate::nn::{Dataset, Mlp, NetFisher, NetForm, Variant};
+use crate::nn::{Dataset, Fvp, Mlp, NetFisher, NetForm, Variant};
 
 /// A compute path able to reduce per-sample gradients to every Fisher form.
 pub trait FisherBackend {
@@ -31,6 +31,11 @@ pub trait FisherBackend {
     /// backward) and their reduction to `form`, streamed in micro-batches. Inputs have been
     /// validated by the caller ([`crate::Engine::fisher`]).
     fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher>;
+
+    /// The implicit Fisher–vector product F·v (when `product`) and vᵀFv of a network,
+    /// without forming F: forward-mode J v, Λ J v at the output, and one backward pass,
+    /// streamed in micro-batches. `v` is in θ order (PyTorch `named_parameters()`).
+    fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp>;
 }
 
 /// A streaming reduction in progress.

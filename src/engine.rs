@@ -1,6 +1,6 @@
 //! The public entry point: choose a backend once, then reduce gradients to Fisher forms.
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView1, ArrayView2};
 
 use crate::backend::FisherBackend;
 use crate::cpu::{reference, CpuBackend};
@@ -182,5 +182,35 @@ impl Engine {
         let reference = crate::nn::reference::fisher(mlp, data, data.likelihood(), variant, form)?;
         let agreement = result.agreement(&reference)?;
         Ok((result, agreement))
+    }
+
+    /// The implicit Fisher–vector product F·v of a network (θ order), without forming F:
+    /// memory is the model plus one micro-batch, so it works for models whose F would never
+    /// fit (P ≥ 10⁶). Also returns vᵀFv.
+    pub fn fisher_vector_product(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<crate::nn::Fvp> {
+        self.check_direction(mlp, data, variant, v)?;
+        self.backend.network_fvp(mlp, data, variant, v, true)
+    }
+
+    /// vᵀFv alone (a forward-mode pass, no backward): the squared Fisher length of v.
+    pub fn fisher_quadratic(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<f64> {
+        self.check_direction(mlp, data, variant, v)?;
+        Ok(self.backend.network_fvp(mlp, data, variant, v, false)?.quadratic)
+    }
+
+    fn check_direction(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<()> {
+        mlp.validate()?;
+        data.validate(mlp, data.likelihood())?;
+        if let Variant::MonteCarlo { samples: 0, .. } = variant {
+            return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
+        }
+        let p = mlp.num_params();
+        if v.len() != p {
+            return Err(FisherError::InvalidInput(format!("direction has {} entries but the model has {p} parameters", v.len())));
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(FisherError::InvalidInput(format!("direction entry {i} is {}", v[i])));
+        }
+        Ok(())
     }
 }

@@ -104,6 +104,19 @@ impl FisherBackend for CpuBackend {
         network::network_fisher(mlp, data, variant, form)
     }
 
+    fn network_fvp(
+        &self,
+        mlp: &crate::nn::Mlp,
+        data: &crate::nn::Dataset,
+        variant: crate::nn::Variant,
+        v: ndarray::ArrayView1<'_, f32>,
+        product: bool,
+    ) -> Result<crate::nn::Fvp> {
+        let v = v.to_vec();
+        let (product, quadratic) = network::network_fvp(mlp, data, variant, &v, product)?;
+        Ok(crate::nn::Fvp { product: product.map(ndarray::Array1::from), quadratic })
+    }
+
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         check_matrix("gradients", grads, 0)?;
         // K = G Gᵀ = (Gᵀ)ᵀ(Gᵀ): the symmetric sum over the rows of Gᵀ, i.e. over parameters.

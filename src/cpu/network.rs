@@ -324,3 +324,185 @@ pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: 
     })
 }
 
+
+/// w = Λ ż per sample (see `head_fvp` in shaders/mlp.wgsl): Λ = E_y[e eᵀ] of the variant.
+fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant) -> Array2<f32> {
+    let (m, c) = z.dim();
+    let mut w = Array2::<f32>::zeros((m, c));
+    w.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(s, mut out)| {
+        let zr = z.row(s);
+        let t = zdot.row(s);
+        let sample = (s0 + s) as u32;
+        match targets {
+            Targets::Values(values) => match variant {
+                Variant::True => out.assign(&t),
+                Variant::Empirical => {
+                    let e: Vec<f32> = (0..c).map(|j| values[[s0 + s, j]] - zr[j]).collect();
+                    let dot: f32 = e.iter().zip(t.iter()).map(|(a, b)| a * b).sum();
+                    for j in 0..c {
+                        out[j] = e[j] * dot;
+                    }
+                }
+                Variant::MonteCarlo { samples, seed } => {
+                    for q in 0..samples {
+                        let eps: Vec<f32> = (0..c)
+                            .map(|j| {
+                                let u1 = mc_uniform(seed, sample, q as u32, 2 * j as u32);
+                                let u2 = mc_uniform(seed, sample, q as u32, 2 * j as u32 + 1);
+                                (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+                            })
+                            .collect();
+                        let dot: f32 = eps.iter().zip(t.iter()).map(|(a, b)| a * b).sum();
+                        for j in 0..c {
+                            out[j] += eps[j] * dot / samples as f32;
+                        }
+                    }
+                }
+            },
+            Targets::Classes(labels) => {
+                let zmax = zr.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let denom: f32 = zr.iter().map(|&v| (v - zmax).exp()).sum();
+                let p: Vec<f32> = zr.iter().map(|&v| (v - zmax).exp() / denom).collect();
+                let pdot: f32 = p.iter().zip(t.iter()).map(|(a, b)| a * b).sum();
+                let mut add_row = |y: usize, weight: f32| {
+                    let dot = t[y] - pdot;
+                    for j in 0..c {
+                        out[j] += ((j == y) as u8 as f32 - p[j]) * dot * weight;
+                    }
+                };
+                match variant {
+                    Variant::True => {
+                        for j in 0..c {
+                            out[j] = p[j] * (t[j] - pdot);
+                        }
+                    }
+                    Variant::Empirical => add_row(labels[s0 + s] as usize, 1.0),
+                    Variant::MonteCarlo { samples, seed } => {
+                        for q in 0..samples {
+                            let u = mc_uniform(seed, sample, q as u32, 0);
+                            let mut cum = 0.0f32;
+                            let mut y = c - 1;
+                            for (j, &pj) in p.iter().enumerate() {
+                                cum += pj;
+                                if u < cum {
+                                    y = j;
+                                    break;
+                                }
+                            }
+                            add_row(y, 1.0 / samples as f32);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    w
+}
+
+/// Implicit F·v and vᵀFv (see `src/gpu/network.rs::network_fvp` for the method).
+pub(crate) fn network_fvp(mlp: &Mlp, data: &Dataset, variant: Variant, v: &[f32], product: bool) -> Result<(Option<Vec<f32>>, f64)> {
+    let n = data.len();
+    let depth = mlp.layers.len();
+    let p: usize = mlp.layers.iter().map(|l| l.num_params()).sum();
+    if v.len() != p {
+        return Err(FisherError::InvalidInput(format!("direction has {} entries but the model has {p} parameters", v.len())));
+    }
+    // Per layer: the direction as an augmented out × (in+1) matrix [V | v_b].
+    let mut off = 0;
+    let dirs: Vec<Array2<f32>> = mlp
+        .layers
+        .iter()
+        .map(|l| {
+            let (fi, fo) = (l.fan_in(), l.fan_out());
+            let mut d = Array2::<f32>::zeros((fo, l.augmented_in()));
+            for o in 0..fo {
+                for i in 0..fi {
+                    d[[o, i]] = v[off + o * fi + i];
+                }
+                if l.bias.is_some() {
+                    d[[o, fi]] = v[off + fo * fi + o];
+                }
+            }
+            off += l.num_params();
+            d
+        })
+        .collect();
+    let max_w = mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
+    let mb = (MICRO_BATCH_FLOATS / (4 * max_w)).clamp(1, 4096).min(n.max(1));
+    let mut acc: Vec<Array2<f64>> = if product {
+        mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect()
+    } else {
+        Vec::new()
+    };
+    let mut quadratic = 0f64;
+    for s0 in (0..n).step_by(mb) {
+        let m = mb.min(n - s0);
+        let first = &mlp.layers[0];
+        let mut act = Array2::<f32>::ones((m, first.augmented_in()));
+        act.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs.slice(s![s0..s0 + m, ..]));
+        let mut tangent: Option<Array2<f32>> = None; // ȧ (m × fan_in); None = 0 for the inputs
+        let mut acts = Vec::with_capacity(depth);
+        let mut zs = Vec::with_capacity(depth);
+        let mut zdot = Array2::<f32>::zeros((0, 0));
+        for (l, layer) in mlp.layers.iter().enumerate() {
+            let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
+            matmul(act.slice(s![.., ..layer.fan_in()]), layer.weight.t(), z.view_mut());
+            if let Some(b) = &layer.bias {
+                z += b;
+            }
+            zdot = Array2::<f32>::zeros((m, layer.fan_out()));
+            matmul(act.view(), dirs[l].t(), zdot.view_mut());
+            if let Some(t) = &tangent {
+                let mut extra = Array2::<f32>::zeros((m, layer.fan_out()));
+                matmul(t.view(), layer.weight.t(), extra.view_mut());
+                zdot += &extra;
+            }
+            if l + 1 < depth {
+                let next = &mlp.layers[l + 1];
+                let phi = mlp.activations[l];
+                let mut a = Array2::<f32>::ones((m, next.augmented_in()));
+                ndarray::Zip::from(a.slice_mut(s![.., ..layer.fan_out()])).and(&z).par_for_each(|a, &z| *a = phi.apply(z));
+                let mut t = zdot.clone();
+                ndarray::Zip::from(&mut t).and(&z).par_for_each(|t, &z| *t *= phi.derivative(z));
+                tangent = Some(t);
+                acts.push(std::mem::replace(&mut act, a));
+            } else {
+                acts.push(act.clone());
+            }
+            zs.push(z);
+        }
+        let w = lambda_times(zs[depth - 1].view(), zdot.view(), &data.targets, s0, variant);
+        quadratic += zdot.iter().zip(w.iter()).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+        if product {
+            let mut delta = w;
+            for l in (0..depth).rev() {
+                let layer = &mlp.layers[l];
+                let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
+                matmul(delta.t(), acts[l].view(), part.view_mut());
+                ndarray::Zip::from(&mut acc[l]).and(&part).par_for_each(|a, &p| *a += p as f64);
+                if l > 0 {
+                    let mut back = Array2::<f32>::zeros((m, layer.fan_in()));
+                    matmul(delta.view(), layer.weight.view(), back.view_mut());
+                    let phi = mlp.activations[l - 1];
+                    ndarray::Zip::from(&mut back).and(&zs[l - 1]).par_for_each(|d, &z| *d *= phi.derivative(z));
+                    delta = back;
+                }
+            }
+        }
+    }
+    let nf = n as f64;
+    if !product {
+        return Ok((None, quadratic / nf));
+    }
+    let mut out = Vec::with_capacity(p);
+    for (layer, a) in mlp.layers.iter().zip(&acc) {
+        let fi = layer.fan_in();
+        for o in 0..layer.fan_out() {
+            out.extend((0..fi).map(|i| (a[[o, i]] / nf) as f32));
+        }
+        if layer.bias.is_some() {
+            out.extend((0..layer.fan_out()).map(|o| (a[[o, fi]] / nf) as f32));
+        }
+    }
+    Ok((Some(out), quadratic / nf))
+}

@@ -24,7 +24,7 @@ pub const ENTRY_POINTS: &[(&str, &[&str])] = &[
 
 /// Entry points of `shaders/mlp.wgsl`.
 pub const MLP_ENTRY_POINTS: &[&str] =
-    &["bias_act", "act_next", "head", "backprop_act", "sample_sq", "square", "outer_grads"];
+    &["bias_act", "act_next", "head", "backprop_act", "sample_sq", "square", "outer_grads", "tangent_act", "head_fvp"];
 
 fn source(file: &str) -> &'static str {
     SHADERS.iter().find(|(f, _)| *f == file).map(|(_, s)| *s).expect("shader listed in SHADERS")

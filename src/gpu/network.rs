@@ -82,20 +82,9 @@ fn mirror_upper(v: &[f32], n: usize) -> Array2<f32> {
     Array2::from_shape_fn((n, n), |(r, c)| if c >= r { v[r * n + c] } else { v[c * n + r] })
 }
 
-pub(crate) fn network_fisher(
-    be: &GpuBackend,
-    mlp: &Mlp,
-    data: &Dataset,
-    variant: Variant,
-    form: NetForm,
-) -> Result<NetFisher> {
-    let ctx = &be.ctx;
-    let n = data.len();
-    let likelihood = data.likelihood();
-    let classes = mlp.layers.last().map(|l| l.fan_out()).unwrap_or(0);
-    let r = rows_per_sample(variant, classes);
+fn layer_shapes(mlp: &Mlp) -> (Vec<LayerShape>, usize) {
     let mut offset = 0;
-    let shapes: Vec<LayerShape> = mlp
+    let shapes = mlp
         .layers
         .iter()
         .map(|l| {
@@ -111,7 +100,217 @@ pub(crate) fn network_fisher(
             s
         })
         .collect();
-    let p = offset;
+    (shapes, offset)
+}
+
+/// Samples per micro-batch: every binding within the adapter limit, the whole within the
+/// budget, the scratch near [`MICRO_BATCH_BYTES`].
+fn plan_micro_batch(
+    be: &GpuBackend,
+    n: usize,
+    per_sample: u64,
+    widest_binding: u64,
+    fixed: u64,
+    what: impl FnOnce() -> String,
+) -> Result<usize> {
+    let by_binding = be.binding_limit / widest_binding.max(1);
+    let left = be.budget.saturating_sub(fixed);
+    let by_budget = left.min(MICRO_BATCH_BYTES) / per_sample.max(1);
+    // At least one sample whenever one fits the budget at all, even if it exceeds the target.
+    let by_budget = if by_budget == 0 && left >= per_sample { 1 } else { by_budget };
+    let mb = (by_binding.min(by_budget) as usize).min(MAX_MICRO_BATCH).min(n);
+    if mb == 0 {
+        let (needed, limit, which) = if by_binding == 0 {
+            (widest_binding, be.binding_limit, format!("max_storage_buffer_binding_size of {}", be.ctx.info.name))
+        } else {
+            (fixed + per_sample, be.budget, "GPU memory budget (FISHER_GPU_MEMORY_MB)".into())
+        };
+        return Err(does_not_fit(what(), needed, limit, which));
+    }
+    Ok(mb)
+}
+
+/// The model on the device and the buffers of one micro-batch's forward pass.
+struct Net<'a> {
+    be: &'a GpuBackend,
+    mlp: &'a Mlp,
+    shapes: Vec<LayerShape>,
+    classes: usize,
+    weights: Vec<wgpu::Buffer>,
+    biases: Vec<Option<wgpu::Buffer>>,
+    /// ã_l, m × ld_l (with the trailing 1 for layers with a bias).
+    acts: Vec<wgpu::Buffer>,
+    /// z_l, m × out_l (pre-activations).
+    zs: Vec<wgpu::Buffer>,
+    /// The Kahan pair every GEMM of the pass writes into (m·R × max width).
+    gemm_sum: wgpu::Buffer,
+    gemm_comp: wgpu::Buffer,
+    targets: wgpu::Buffer,
+    host_input: Vec<f32>,
+    host_targets: Vec<f32>,
+}
+
+impl<'a> Net<'a> {
+    fn new(be: &'a GpuBackend, mlp: &'a Mlp, mb: usize, gemm_rows: usize) -> Result<Self> {
+        let ctx = &be.ctx;
+        let (shapes, _) = layer_shapes(mlp);
+        let classes = shapes.last().map(|s| s.fan_out).unwrap_or(0);
+        let max_w = shapes.iter().map(|s| s.fan_in.max(s.fan_out)).max().unwrap_or(1);
+        let upload = |label: &str, data: &[f32]| {
+            let b = storage_f32(ctx, label, data.len());
+            ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(data));
+            b
+        };
+        ctx.scoped("allocating network buffers", || {
+            let (weights, biases) = mlp
+                .layers
+                .iter()
+                .map(|l| {
+                    let w = l.weight.as_standard_layout();
+                    let w = upload("weight", w.as_slice().expect("standard layout"));
+                    let b = l.bias.as_ref().map(|b| upload("bias", &b.to_vec()));
+                    (w, b)
+                })
+                .unzip();
+            Net {
+                be,
+                mlp,
+                acts: shapes.iter().map(|s| storage_f32(ctx, "ã", mb * s.ld)).collect(),
+                zs: shapes.iter().map(|s| storage_f32(ctx, "z", mb * s.fan_out)).collect(),
+                gemm_sum: storage_f32(ctx, "gemm sum", gemm_rows * max_w),
+                gemm_comp: storage_f32(ctx, "gemm comp", gemm_rows * max_w),
+                targets: storage_f32(ctx, "targets", mb * classes.max(1)),
+                host_input: vec![0.0; mb * shapes[0].ld],
+                host_targets: vec![0.0; mb * classes.max(1)],
+                weights,
+                biases,
+                classes,
+                shapes,
+            }
+        })
+    }
+
+    /// Writes the inputs (with the trailing 1) and targets of samples s0..s0+m.
+    fn upload(&mut self, data: &Dataset, s0: usize, m: usize) {
+        let first = &self.shapes[0];
+        let ld0 = first.ld;
+        for s in 0..m {
+            let row = &mut self.host_input[s * ld0..(s + 1) * ld0];
+            for (dst, &x) in row.iter_mut().zip(data.inputs.row(s0 + s).iter()) {
+                *dst = x;
+            }
+            if first.has_bias {
+                row[first.fan_in] = 1.0;
+            }
+        }
+        let tlen = match &data.targets {
+            Targets::Classes(labels) => {
+                for s in 0..m {
+                    self.host_targets[s] = f32::from_bits(labels[s0 + s]);
+                }
+                m
+            }
+            Targets::Values(values) => {
+                for s in 0..m {
+                    for (j, &v) in values.row(s0 + s).iter().enumerate() {
+                        self.host_targets[s * self.classes + j] = v;
+                    }
+                }
+                m * self.classes
+            }
+        };
+        let q = &self.be.ctx.queue;
+        q.write_buffer(&self.acts[0], 0, bytemuck::cast_slice(&self.host_input[..m * ld0]));
+        q.write_buffer(&self.targets, 0, bytemuck::cast_slice(&self.host_targets[..tlen]));
+    }
+
+    /// Clears the GEMM pair for `elems` outputs.
+    fn clear_gemm(&self, enc: &mut wgpu::CommandEncoder, elems: usize) {
+        enc.clear_buffer(&self.gemm_sum, 0, Some(4 * elems as u64));
+        enc.clear_buffer(&self.gemm_comp, 0, Some(4 * elems as u64));
+    }
+
+    /// Records `out = (S − C) [+ bias]` for an m × cols GEMM result.
+    fn encode_collect(&self, enc: &mut wgpu::CommandEncoder, m: usize, cols: usize, bias: Option<&wgpu::Buffer>, out: &wgpu::Buffer) -> Result<()> {
+        let p = MlpParams { rows: m as u32, cols: cols as u32, flags: if bias.is_some() { FLAG_BIAS } else { 0 }, ..Default::default() };
+        self.be.mlp.encode(&self.be.ctx, enc, "bias_act", p, [Some(&self.gemm_sum), Some(&self.gemm_comp), bias], out, (m * cols) as u64)
+    }
+
+    /// Records the forward pass of m samples: z_l and ã_{l+1} for every layer.
+    fn encode_forward(&self, enc: &mut wgpu::CommandEncoder, m: usize) -> Result<()> {
+        let (be, ctx) = (self.be, &self.be.ctx);
+        let depth = self.shapes.len();
+        for (l, s) in self.shapes.iter().enumerate() {
+            self.clear_gemm(enc, m * s.fan_out);
+            let params = gemm(s.fan_in, m, s.fan_out, (1, s.ld), (1, s.fan_in), false);
+            be.syrk.encode(ctx, enc, params, &self.acts[l], &self.weights[l], &self.gemm_sum, &self.gemm_comp)?;
+            self.encode_collect(enc, m, s.fan_out, self.biases[l].as_ref(), &self.zs[l])?;
+            if l + 1 < depth {
+                let next = &self.shapes[l + 1];
+                let p_act = MlpParams {
+                    rows: m as u32,
+                    cols: s.fan_out as u32,
+                    ld_out: next.ld as u32,
+                    act: self.mlp.activations[l].code(),
+                    flags: if next.has_bias { FLAG_ONE } else { 0 },
+                    ..Default::default()
+                };
+                let elems = (m * s.fan_out) as u64;
+                be.mlp.encode(ctx, enc, "act_next", p_act, [Some(&self.zs[l]), None, None], &self.acts[l + 1], elems)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records δ_{l−1} = (δ_l W_l) ∘ φ'(z_{l−1}) for `rows` = m·R output rows.
+    fn encode_backprop(&self, enc: &mut wgpu::CommandEncoder, l: usize, m: usize, r: usize, delta: &wgpu::Buffer, out: &wgpu::Buffer) -> Result<()> {
+        let (be, ctx) = (self.be, &self.be.ctx);
+        let s = &self.shapes[l];
+        let rows = m * r;
+        self.clear_gemm(enc, rows * s.fan_in);
+        let params = gemm(s.fan_out, rows, s.fan_in, (1, s.fan_out), (s.fan_in, 1), false);
+        be.syrk.encode(ctx, enc, params, delta, &self.weights[l], &self.gemm_sum, &self.gemm_comp)?;
+        let prev = &self.shapes[l - 1];
+        let p_back = MlpParams {
+            rows: m as u32,
+            cols: prev.fan_out as u32,
+            r: r as u32,
+            act: self.mlp.activations[l - 1].code(),
+            ..Default::default()
+        };
+        be.mlp.encode(
+            ctx,
+            enc,
+            "backprop_act",
+            p_back,
+            [Some(&self.gemm_sum), Some(&self.gemm_comp), Some(&self.zs[l - 1])],
+            out,
+            (rows * prev.fan_out) as u64,
+        )
+    }
+}
+
+fn variant_params(variant: Variant) -> (u32, u64, u32) {
+    match variant {
+        Variant::Empirical => (0, 0, 1),
+        Variant::True => (1, 0, 1),
+        Variant::MonteCarlo { samples, seed } => (2, seed, samples as u32),
+    }
+}
+
+pub(crate) fn network_fisher(
+    be: &GpuBackend,
+    mlp: &Mlp,
+    data: &Dataset,
+    variant: Variant,
+    form: NetForm,
+) -> Result<NetFisher> {
+    let ctx = &be.ctx;
+    let n = data.len();
+    let gaussian = data.likelihood() == Likelihood::Gaussian;
+    let (shapes, p) = layer_shapes(mlp);
+    let classes = shapes.last().map(|s| s.fan_out).unwrap_or(0);
+    let r = rows_per_sample(variant, classes);
     let depth = shapes.len();
     let max_w = shapes.iter().map(|s| s.fan_in.max(s.fan_out)).max().unwrap_or(1);
     let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1);
@@ -131,48 +330,16 @@ pub(crate) fn network_fisher(
         + if form == NetForm::Diagonal { max_out + max_ld } else { 0 }
         + if materialize { r * p } else { 0 }
         + if form == NetForm::Norms { depth * (r + 1) } else { 0 };
-    let per_sample = 4 * per_sample_floats as u64;
     let widest_binding = 4 * (r * max_w.max(if materialize { p } else { 0 })).max(max_ld).max(classes) as u64;
-    let by_binding = be.binding_limit / widest_binding.max(1);
-    let left = be.budget.saturating_sub(weights_bytes + accum_bytes);
-    let by_budget = left.min(MICRO_BATCH_BYTES) / per_sample.max(1);
-    // At least one sample whenever one fits the budget at all, even if it exceeds the target.
-    let by_budget = if by_budget == 0 && left >= per_sample { 1 } else { by_budget };
-    let mb = (by_binding.min(by_budget) as usize).min(MAX_MICRO_BATCH).min(n);
-    if mb == 0 {
-        let (needed, limit, which) = if by_binding == 0 {
-            (widest_binding, be.binding_limit, format!("max_storage_buffer_binding_size of {}", ctx.info.name))
-        } else {
-            (weights_bytes + accum_bytes + per_sample, be.budget, "GPU memory budget (FISHER_GPU_MEMORY_MB)".into())
-        };
-        return Err(does_not_fit(format!("one sample of the {form:?} reduction ({p} parameters, R = {r})"), needed, limit, which));
-    }
+    let mb = plan_micro_batch(be, n, 4 * per_sample_floats as u64, widest_binding, weights_bytes + accum_bytes, || {
+        format!("one sample of the {form:?} reduction ({p} parameters, R = {r})")
+    })?;
     let mr = mb * r;
 
     // ---- buffers -----------------------------------------------------------------------
-    let upload = |label: &str, data: &[f32]| {
-        let b = storage_f32(ctx, label, data.len());
-        ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(data));
-        b
-    };
-    let (weights, biases): (Vec<wgpu::Buffer>, Vec<Option<wgpu::Buffer>>) = ctx.scoped("uploading weights", || {
-        mlp.layers
-            .iter()
-            .map(|l| {
-                let w = l.weight.as_standard_layout();
-                let w = upload("weight", w.as_slice().expect("standard layout"));
-                let b = l.bias.as_ref().map(|b| upload("bias", &b.to_vec()));
-                (w, b)
-            })
-            .unzip()
-    })?;
-    let act_bufs: Vec<wgpu::Buffer> = shapes.iter().map(|s| storage_f32(ctx, "ã", mb * s.ld)).collect();
-    let z_bufs: Vec<wgpu::Buffer> = shapes.iter().map(|s| storage_f32(ctx, "z", mb * s.fan_out)).collect();
+    let mut net = Net::new(be, mlp, mb, mr)?;
     let mut delta_cur = storage_f32(ctx, "δ", mr * max_w);
     let mut delta_next = storage_f32(ctx, "δ next", mr * max_w);
-    let gemm_sum = storage_f32(ctx, "gemm sum", mr * max_w);
-    let gemm_comp = storage_f32(ctx, "gemm comp", mr * max_w);
-    let targets_buf = storage_f32(ctx, "targets", mb * classes.max(1));
     let (dsq, asq) = if form == NetForm::Diagonal {
         (Some(storage_f32(ctx, "Σδ²", mb * max_out)), Some(storage_f32(ctx, "ã²", mb * max_ld)))
     } else {
@@ -214,78 +381,18 @@ pub(crate) fn network_fisher(
         NetForm::Norms => Reduction::Norms(vec![0.0; n]),
     };
 
-    let (variant_code, seed, scale) = match variant {
-        Variant::Empirical => (0u32, 0u64, 1.0f32),
-        Variant::True => (1, 0, 1.0),
-        Variant::MonteCarlo { samples, seed } => (2, seed, 1.0 / (samples as f32).sqrt()),
-    };
-    let gaussian = likelihood == Likelihood::Gaussian;
+    let (variant_code, seed, draws) = variant_params(variant);
+    let scale = 1.0 / (draws as f32).sqrt();
     let mut in_flight: Option<wgpu::SubmissionIndex> = None;
 
     // ---- micro-batches -----------------------------------------------------------------
-    let mut host_input = vec![0f32; mb * shapes[0].ld];
-    let mut host_targets = vec![0f32; mb * classes.max(1)];
     for s0 in (0..n).step_by(mb) {
         let m = mb.min(n - s0);
         let rows = m * r;
-        let ld0 = shapes[0].ld;
-        for s in 0..m {
-            let row = &mut host_input[s * ld0..(s + 1) * ld0];
-            for (dst, &x) in row.iter_mut().zip(data.inputs.row(s0 + s).iter()) {
-                *dst = x;
-            }
-            if shapes[0].has_bias {
-                row[shapes[0].fan_in] = 1.0;
-            }
-        }
-        match &data.targets {
-            Targets::Classes(labels) => {
-                for s in 0..m {
-                    host_targets[s] = f32::from_bits(labels[s0 + s]);
-                }
-            }
-            Targets::Values(values) => {
-                for s in 0..m {
-                    for (j, &v) in values.row(s0 + s).iter().enumerate() {
-                        host_targets[s * classes + j] = v;
-                    }
-                }
-            }
-        }
-        ctx.queue.write_buffer(&act_bufs[0], 0, bytemuck::cast_slice(&host_input[..m * ld0]));
-        let tlen = if gaussian { m * classes } else { m };
-        ctx.queue.write_buffer(&targets_buf, 0, bytemuck::cast_slice(&host_targets[..tlen]));
-
+        net.upload(data, s0, m);
         let mut enc = be.encoder("network micro-batch");
         let encoded: Result<()> = ctx.scoped("network micro-batch", || -> Result<()> {
-            // Forward.
-            for (l, s) in shapes.iter().enumerate() {
-                enc.clear_buffer(&gemm_sum, 0, Some(4 * (m * s.fan_out) as u64));
-                enc.clear_buffer(&gemm_comp, 0, Some(4 * (m * s.fan_out) as u64));
-                let params = gemm(s.fan_in, m, s.fan_out, (1, s.ld), (1, s.fan_in), false);
-                be.syrk.encode(ctx, &mut enc, params, &act_bufs[l], &weights[l], &gemm_sum, &gemm_comp)?;
-                let bias = biases[l].as_ref();
-                let p_bias = MlpParams {
-                    rows: m as u32,
-                    cols: s.fan_out as u32,
-                    flags: if bias.is_some() { FLAG_BIAS } else { 0 },
-                    ..Default::default()
-                };
-                let elems = (m * s.fan_out) as u64;
-                be.mlp.encode(ctx, &mut enc, "bias_act", p_bias, [Some(&gemm_sum), Some(&gemm_comp), bias], &z_bufs[l], elems)?;
-                if l + 1 < depth {
-                    let next = &shapes[l + 1];
-                    let p_act = MlpParams {
-                        rows: m as u32,
-                        cols: s.fan_out as u32,
-                        ld_out: next.ld as u32,
-                        act: mlp.activations[l].code(),
-                        flags: if next.has_bias { FLAG_ONE } else { 0 },
-                        ..Default::default()
-                    };
-                    be.mlp.encode(ctx, &mut enc, "act_next", p_act, [Some(&z_bufs[l]), None, None], &act_bufs[l + 1], elems)?;
-                }
-            }
+            net.encode_forward(&mut enc, m)?;
             // Output rows δ_{L−1}.
             let p_head = MlpParams {
                 rows: m as u32,
@@ -299,25 +406,26 @@ pub(crate) fn network_fisher(
                 scale,
                 ..Default::default()
             };
-            be.mlp.encode(ctx, &mut enc, "head", p_head, [Some(&z_bufs[depth - 1]), Some(&targets_buf), None], &delta_cur, m as u64)?;
+            be.mlp.encode(ctx, &mut enc, "head", p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, m as u64)?;
 
             // Backward with the reductions of each layer.
             for l in (0..depth).rev() {
                 let s = &shapes[l];
+                let act = &net.acts[l];
                 match &mut reduction {
                     Reduction::Diag(acc) => {
                         let (dsq, asq) = (dsq.as_ref().expect("diag scratch"), asq.as_ref().expect("diag scratch"));
                         let p_sq = MlpParams { rows: m as u32, cols: s.fan_out as u32, r: r as u32, ..Default::default() };
                         be.mlp.encode(ctx, &mut enc, "sample_sq", p_sq, [Some(&delta_cur), None, None], dsq, (m * s.fan_out) as u64)?;
                         let p_a2 = MlpParams { rows: m as u32, cols: s.ld as u32, ..Default::default() };
-                        be.mlp.encode(ctx, &mut enc, "square", p_a2, [Some(&act_bufs[l]), None, None], asq, (m * s.ld) as u64)?;
+                        be.mlp.encode(ctx, &mut enc, "square", p_a2, [Some(act), None, None], asq, (m * s.ld) as u64)?;
                         let params = gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false);
                         be.syrk.encode(ctx, &mut enc, params, dsq, asq, &acc[l].0, &acc[l].1)?;
                     }
                     Reduction::Kfac(acc) => {
                         let [a0, a1, g0, g1] = &acc[l];
                         let pa = gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true);
-                        be.syrk.encode(ctx, &mut enc, pa, &act_bufs[l], &act_bufs[l], a0, a1)?;
+                        be.syrk.encode(ctx, &mut enc, pa, act, act, a0, a1)?;
                         let pg = gemm(rows, s.fan_out, s.fan_out, (s.fan_out, 1), (s.fan_out, 1), true);
                         be.syrk.encode(ctx, &mut enc, pg, &delta_cur, &delta_cur, g0, g1)?;
                     }
@@ -334,7 +442,7 @@ pub(crate) fn network_fisher(
                             ..Default::default()
                         };
                         let g = grads_buf.as_ref().expect("gradient rows");
-                        be.mlp.encode(ctx, &mut enc, "outer_grads", p_outer, [Some(&delta_cur), Some(&act_bufs[l]), None], g, (rows * s.params) as u64)?;
+                        be.mlp.encode(ctx, &mut enc, "outer_grads", p_outer, [Some(&delta_cur), Some(act), None], g, (rows * s.params) as u64)?;
                     }
                     Reduction::Norms(_) => {
                         use super::kernels::RowParams;
@@ -342,31 +450,11 @@ pub(crate) fn network_fisher(
                         let pd = RowParams { rows: rows as u32, cols: s.fan_out as u32, ld: s.fan_out as u32, offset: 0 };
                         be.norms.encode(ctx, &mut enc, pd, &delta_cur, dn)?;
                         let pa = RowParams { rows: m as u32, cols: s.ld as u32, ld: s.ld as u32, offset: 0 };
-                        be.norms.encode(ctx, &mut enc, pa, &act_bufs[l], an)?;
+                        be.norms.encode(ctx, &mut enc, pa, act, an)?;
                     }
                 }
                 if l > 0 {
-                    let prev = &shapes[l - 1];
-                    enc.clear_buffer(&gemm_sum, 0, Some(4 * (rows * s.fan_in) as u64));
-                    enc.clear_buffer(&gemm_comp, 0, Some(4 * (rows * s.fan_in) as u64));
-                    let params = gemm(s.fan_out, rows, s.fan_in, (1, s.fan_out), (s.fan_in, 1), false);
-                    be.syrk.encode(ctx, &mut enc, params, &delta_cur, &weights[l], &gemm_sum, &gemm_comp)?;
-                    let p_back = MlpParams {
-                        rows: m as u32,
-                        cols: prev.fan_out as u32,
-                        r: r as u32,
-                        act: mlp.activations[l - 1].code(),
-                        ..Default::default()
-                    };
-                    be.mlp.encode(
-                        ctx,
-                        &mut enc,
-                        "backprop_act",
-                        p_back,
-                        [Some(&gemm_sum), Some(&gemm_comp), Some(&z_bufs[l - 1])],
-                        &delta_next,
-                        (rows * prev.fan_out) as u64,
-                    )?;
+                    net.encode_backprop(&mut enc, l, m, r, &delta_cur, &delta_next)?;
                     std::mem::swap(&mut delta_cur, &mut delta_next);
                 }
             }
@@ -434,4 +522,152 @@ pub(crate) fn network_fisher(
         }
         Reduction::Norms(norms) => NetFisher::Norms(norms.into_iter().map(|v| v as f32).collect()),
     })
+}
+
+/// Rearranges the layer's slice of θ-ordered `v` (weight row-major, then bias) into the
+/// augmented [V | v_b] layout (out × ld) that multiplies ã.
+fn augmented_direction(v: &[f32], s: &LayerShape) -> Vec<f32> {
+    let mut out = vec![0f32; s.fan_out * s.ld];
+    for o in 0..s.fan_out {
+        out[o * s.ld..o * s.ld + s.fan_in].copy_from_slice(&v[s.offset + o * s.fan_in..s.offset + (o + 1) * s.fan_in]);
+        if s.has_bias {
+            out[o * s.ld + s.fan_in] = v[s.offset + s.fan_out * s.fan_in + o];
+        }
+    }
+    out
+}
+
+/// Implicit Fisher–vector product F·v = (1/N) Σᵢ Jᵢᵀ Λᵢ Jᵢ v and the quadratic form vᵀFv,
+/// without forming F: a forward-mode pass carries the tangent ż = J v beside z, the output
+/// stage forms w = Λ ż (Λ = E_y[e eᵀ] of the variant), and one backward pass of w gives
+/// Jᵀ w, accumulated as (1/N) Σ δ_l ã_lᵀ per layer. vᵀFv = (1/N) Σᵢ żᵢᵀ wᵢ needs only the
+/// forward part (`product = false`). Memory: the model, two direction-sized accumulators and
+/// one micro-batch.
+pub(crate) fn network_fvp(
+    be: &GpuBackend,
+    mlp: &Mlp,
+    data: &Dataset,
+    variant: Variant,
+    v: &[f32],
+    product: bool,
+) -> Result<(Option<Vec<f32>>, f64)> {
+    let ctx = &be.ctx;
+    let n = data.len();
+    let gaussian = data.likelihood() == Likelihood::Gaussian;
+    let (shapes, p) = layer_shapes(mlp);
+    if v.len() != p {
+        return Err(FisherError::InvalidInput(format!("direction has {} entries but the model has {p} parameters", v.len())));
+    }
+    let classes = shapes.last().map(|s| s.fan_out).unwrap_or(0);
+    let depth = shapes.len();
+    let max_w = shapes.iter().map(|s| s.fan_in.max(s.fan_out)).max().unwrap_or(1);
+    let weights_bytes: u64 = shapes.iter().map(|s| 4 * (s.fan_in * s.fan_out + s.fan_out) as u64).sum();
+    // Direction in augmented layout, and the (sum, comp) pair of the product.
+    let fixed = weights_bytes * if product { 3 } else { 2 };
+    let per_sample_floats = shapes.iter().map(|s| s.ld + 2 * s.fan_out + s.fan_in).sum::<usize>() + 5 * max_w + 3 * classes;
+    let widest_binding = 4 * max_w.max(classes).max(shapes.iter().map(|s| s.ld).max().unwrap_or(1)) as u64;
+    let mb = plan_micro_batch(be, n, 4 * per_sample_floats as u64, widest_binding, fixed, || {
+        format!("one sample of the implicit F·v ({p} parameters)")
+    })?;
+
+    let mut net = Net::new(be, mlp, mb, mb)?;
+    let directions: Vec<wgpu::Buffer> = ctx.scoped("uploading direction", || {
+        shapes
+            .iter()
+            .map(|s| {
+                let d = augmented_direction(v, s);
+                let b = storage_f32(ctx, "direction", d.len());
+                ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(&d));
+                b
+            })
+            .collect()
+    })?;
+    // ȧ_l (m × fan_in) for l ≥ 1; the inputs do not depend on θ, so ȧ_0 = 0.
+    let tangents: Vec<wgpu::Buffer> = shapes.iter().map(|s| storage_f32(ctx, "ȧ", mb * s.fan_in)).collect();
+    let zdot = storage_f32(ctx, "ż", mb * max_w);
+    let w_out = storage_f32(ctx, "Λ ż", mb * classes.max(1));
+    let mut delta_cur = storage_f32(ctx, "δ", mb * max_w);
+    let mut delta_next = storage_f32(ctx, "δ next", mb * max_w);
+    let accum: Vec<(wgpu::Buffer, wgpu::Buffer)> = if product {
+        shapes.iter().map(|s| (storage_f32(ctx, "F·v sum", s.fan_out * s.ld), storage_f32(ctx, "F·v comp", s.fan_out * s.ld))).collect()
+    } else {
+        Vec::new()
+    };
+    let (variant_code, seed, draws) = variant_params(variant);
+    let mut quadratic = 0f64;
+
+    for s0 in (0..n).step_by(mb) {
+        let m = mb.min(n - s0);
+        net.upload(data, s0, m);
+        let mut enc = be.encoder("F·v micro-batch");
+        let encoded: Result<()> = ctx.scoped("F·v micro-batch", || -> Result<()> {
+            net.encode_forward(&mut enc, m)?;
+            // Tangents: ż_l = ã_l [V_l | v_b]ᵀ + ȧ_l W_lᵀ, ȧ_{l+1} = φ'(z_l) ∘ ż_l.
+            for (l, s) in shapes.iter().enumerate() {
+                net.clear_gemm(&mut enc, m * s.fan_out);
+                let pv = gemm(s.ld, m, s.fan_out, (1, s.ld), (1, s.ld), false);
+                be.syrk.encode(ctx, &mut enc, pv, &net.acts[l], &directions[l], &net.gemm_sum, &net.gemm_comp)?;
+                if l > 0 {
+                    let pw = gemm(s.fan_in, m, s.fan_out, (1, s.fan_in), (1, s.fan_in), false);
+                    be.syrk.encode(ctx, &mut enc, pw, &tangents[l], &net.weights[l], &net.gemm_sum, &net.gemm_comp)?;
+                }
+                net.encode_collect(&mut enc, m, s.fan_out, None, &zdot)?;
+                if l + 1 < depth {
+                    let pt = MlpParams { rows: m as u32, cols: s.fan_out as u32, act: mlp.activations[l].code(), ..Default::default() };
+                    let elems = (m * s.fan_out) as u64;
+                    be.mlp.encode(ctx, &mut enc, "tangent_act", pt, [Some(&zdot), Some(&net.zs[l]), None], &tangents[l + 1], elems)?;
+                }
+            }
+            let p_head = MlpParams {
+                rows: m as u32,
+                cols: classes as u32,
+                r: draws,
+                flags: if gaussian { FLAG_GAUSSIAN } else { 0 },
+                variant: variant_code,
+                sample_off: s0 as u32,
+                seed_lo: seed as u32,
+                seed_hi: (seed >> 32) as u32,
+                scale: 1.0 / draws as f32,
+                ..Default::default()
+            };
+            let inputs = [Some(&net.zs[depth - 1]), Some(&net.targets), Some(&zdot)];
+            be.mlp.encode(ctx, &mut enc, "head_fvp", p_head, inputs, &w_out, m as u64)?;
+            if product {
+                // Backward of w (one row per sample), accumulating (1/N) Σ δ_l ã_lᵀ.
+                for l in (0..depth).rev() {
+                    let s = &shapes[l];
+                    let delta = if l + 1 == depth { &w_out } else { &delta_cur };
+                    let pg = gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false);
+                    be.syrk.encode(ctx, &mut enc, pg, delta, &net.acts[l], &accum[l].0, &accum[l].1)?;
+                    if l > 0 {
+                        net.encode_backprop(&mut enc, l, m, 1, delta, &delta_next)?;
+                        std::mem::swap(&mut delta_cur, &mut delta_next);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        encoded?;
+        be.submit("F·v micro-batch", enc)?;
+        // ż_L and w are read back every micro-batch (m × C each) for vᵀFv = (1/N) Σ żᵀ w.
+        let zd = read_f32(ctx, &zdot, m * classes)?;
+        let w = read_f32(ctx, &w_out, m * classes)?;
+        quadratic += zd.iter().zip(&w).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+    }
+    ctx.wait("F·v finish")?;
+    let quadratic = quadratic / n as f64;
+    if !product {
+        return Ok((None, quadratic));
+    }
+    let mut out = vec![0f32; p];
+    for (s, pair) in shapes.iter().zip(&accum) {
+        let d = finalize(be, (&pair.0, &pair.1), s.fan_out * s.ld, n)?;
+        for o in 0..s.fan_out {
+            out[s.offset + o * s.fan_in..s.offset + (o + 1) * s.fan_in].copy_from_slice(&d[o * s.ld..o * s.ld + s.fan_in]);
+            if s.has_bias {
+                out[s.offset + s.fan_out * s.fan_in + o] = d[o * s.ld + s.fan_in];
+            }
+        }
+    }
+    Ok((Some(out), quadratic))
 }

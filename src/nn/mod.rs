@@ -226,6 +226,15 @@ impl<T: Copy + Into<f64>> NetFisher<T> {
     }
 }
 
+/// Result of an implicit Fisher–vector product.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fvp {
+    /// F·v in θ order (`None` when only the quadratic form was asked for).
+    pub product: Option<Array1<f32>>,
+    /// vᵀ F v, accumulated in f64.
+    pub quadratic: f64,
+}
+
 /// PCG-RXS-M-XS 32-bit hash (O'Neill 2014), the building block of [`mc_uniform`]; the same
 /// function is in `shaders/mlp.wgsl` (WGSL has no 64-bit integers, hence 32-bit words).
 pub fn pcg_hash(x: u32) -> u32 {
