@@ -39,6 +39,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod action;
 pub mod backend;
 pub mod cpu;
 pub mod engine;
@@ -49,6 +50,7 @@ pub mod io;
 pub mod nn;
 pub mod synthetic;
 pub mod tolerance;
+pub mod train;
 pub mod validate;
 
 pub use backend::{Accumulator, FisherBackend};
