@@ -25,8 +25,8 @@
 // u·(KB + O(1)) per entry instead of u·k, for any number of chunks (u = 2⁻²⁴).
 //
 // Two entry points with the same bindings:
-//   syrk_tiled  — 16×16 invocations, 4×4 register block each, KT×64 workgroup-memory tiles
-//                 (8 KiB), barriers: the right choice on real GPUs.
+//   syrk_tiled  — 16×16 invocations, 4×4 register block each (vec4 rows), KT×64
+//                 workgroup-memory tiles stored as vec4 (8 KiB), barriers: the default.
 //   syrk_direct — 8×8 invocations, 4×4 register block each (a 32×32 output tile per
 //                 workgroup, 4 workgroup ids per 64×64 tile), loads straight from global
 //                 memory, no barriers. Kept as an alternative for adapters where barriers
@@ -102,8 +102,12 @@ fn merge_global(idx: u32, x: f32) {
     c_sum[idx] = t;
 }
 
-var<workgroup> a_tile: array<f32, 1024>; // KT × TILE, [kk][r]
-var<workgroup> b_tile: array<f32, 1024>; // KT × TILE, [kk][c]
+// Tiles in workgroup memory as vec4 along the output dimension: [kk][r/4] and [kk][c/4].
+// Each invocation then reads its 4 rows and 4 columns with two 16-byte loads per k (LDS.128 on
+// GPUs; one access instead of four on CPU adapters, where each workgroup-memory access is
+// serialized per invocation).
+var<workgroup> a_tile: array<vec4<f32>, 256>; // KT × TILE/4
+var<workgroup> b_tile: array<vec4<f32>, 256>; // KT × TILE/4
 
 @compute @workgroup_size(16, 16, 1)
 fn syrk_tiled(
@@ -119,57 +123,56 @@ fn syrk_tiled(
     let r0 = tc.x * TILE;
     let c0 = tc.y * TILE;
 
-    var acc: array<f32, 16>;
-    var ksum: array<f32, 16>;
-    var kcomp: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; ksum[i] = 0.0; kcomp[i] = 0.0; }
+    // Invocation (x, y) owns rows r0 + 4y + i and columns c0 + 4x + j (i, j < 4): row i of
+    // its block is acc[i] (a vec4 over j).
+    var acc: array<vec4<f32>, 4>;
+    var ksum: array<vec4<f32>, 4>;
+    var kcomp: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) { acc[i] = vec4<f32>(0.0); ksum[i] = vec4<f32>(0.0); kcomp[i] = vec4<f32>(0.0); }
 
     var k0 = 0u;
     loop {
         if (k0 >= params.k) { break; }
-        // Cooperative load: 1024 values per operand, 4 per invocation.
+        // Cooperative load: 1024 values per operand, 4 per invocation; adjacent invocations
+        // read adjacent rows/columns of global memory.
         for (var q = 0u; q < 4u; q++) {
             let e = lidx + 256u * q;
             let kk = e / TILE;
             let rr = e % TILE;
-            a_tile[e] = load_a(k0 + kk, r0 + rr);
-            b_tile[e] = load_b(k0 + kk, c0 + rr);
+            a_tile[kk * 16u + rr / 4u][rr % 4u] = load_a(k0 + kk, r0 + rr);
+            b_tile[kk * 16u + rr / 4u][rr % 4u] = load_b(k0 + kk, c0 + rr);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KT; kk++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                av[i] = a_tile[kk * TILE + lid.y + 16u * i];
-                bv[i] = b_tile[kk * TILE + lid.x + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] = fma(av[i], bv[j], acc[i * 4u + j]);
-                }
-            }
+            let av = a_tile[kk * 16u + lid.y];
+            let bv = b_tile[kk * 16u + lid.x];
+            acc[0] = fma(vec4<f32>(av.x), bv, acc[0]);
+            acc[1] = fma(vec4<f32>(av.y), bv, acc[1]);
+            acc[2] = fma(vec4<f32>(av.z), bv, acc[2]);
+            acc[3] = fma(vec4<f32>(av.w), bv, acc[3]);
         }
         workgroupBarrier();
         k0 = k0 + KT;
         // Fold the f32 block sum into the Kahan accumulator every KB values of k.
         if (k0 % KB == 0u || k0 >= params.k) {
-            for (var i = 0u; i < 16u; i++) {
+            for (var i = 0u; i < 4u; i++) {
                 let y = acc[i] - kcomp[i];
                 let s = ksum[i] + y;
                 kcomp[i] = (s - ksum[i]) - y;
                 ksum[i] = s;
-                acc[i] = 0.0;
+                acc[i] = vec4<f32>(0.0);
             }
         }
     }
 
     for (var i = 0u; i < 4u; i++) {
-        let r = r0 + lid.y + 16u * i;
+        let r = r0 + 4u * lid.y + i;
         if (r >= params.m) { continue; }
+        let total = ksum[i] - kcomp[i];
         for (var j = 0u; j < 4u; j++) {
-            let c = c0 + lid.x + 16u * j;
+            let c = c0 + 4u * lid.x + j;
             if (c >= params.n) { continue; }
-            merge_global(r * params.n + c, ksum[i * 4u + j] - kcomp[i * 4u + j]);
+            merge_global(r * params.n + c, total[j]);
         }
     }
 }
