@@ -355,14 +355,34 @@ fn write_npy<T: Copy>(
     m: ArrayView2<'_, T>,
     to_le: impl Fn(T) -> Vec<u8>,
 ) -> Result<()> {
+    // `iter()` walks logical row-major order whatever the view's strides are.
+    write_npy_values(path, descr, &[m.nrows(), m.ncols()], m.iter().copied(), to_le)
+}
+
+/// Writes `values` (C order) under a header for `shape`.
+fn write_npy_values<T>(
+    path: &Path,
+    descr: &str,
+    shape: &[usize],
+    values: impl Iterator<Item = T>,
+    to_le: impl Fn(T) -> Vec<u8>,
+) -> Result<()> {
     let fail = |e: std::io::Error| io_error(path, format!("cannot write: {e}"));
     let mut out = BufWriter::new(File::create(path).map_err(fail)?);
-    write_npy_header(&mut out, descr, &[m.nrows(), m.ncols()]).map_err(fail)?;
-    // `iter()` walks logical row-major order whatever the view's strides are.
-    for &v in m.iter() {
+    write_npy_header(&mut out, descr, shape).map_err(fail)?;
+    for v in values {
         out.write_all(&to_le(v)).map_err(fail)?;
     }
     out.flush().map_err(fail)
+}
+
+/// Writes class labels as a little-endian int64 `.npy` vector of shape (N,), what
+/// `np.save(path, y)` writes for a default integer array (and what PyTorch's
+/// `torch.from_numpy(...).long()` expects).
+pub fn write_npy_labels(path: &Path, labels: &[u32]) -> Result<()> {
+    write_npy_values(path, "<i8", &[labels.len()], labels.iter().map(|&c| i64::from(c)), |v| {
+        v.to_le_bytes().to_vec()
+    })
 }
 
 /// Writes `m` as a little-endian float32 C-order `.npy` file (what `np.save` writes for a
@@ -561,6 +581,19 @@ mod tests {
         write_npy_matrix_f64(&path, g.view()).unwrap();
         let err = read_npy_matrix(&path).unwrap_err().to_string();
         assert!(err.contains("row 1, column 2") && err.contains("float32"), "{err}");
+    }
+
+    #[test]
+    fn labels_are_written_as_int64_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, y) = (dir.path().join("x.npy"), dir.path().join("y.npy"));
+        write_npy_matrix(&x, crate::synthetic::normal_matrix(3, 2, 1).view()).unwrap();
+        write_npy_labels(&y, &[2, 0, u32::MAX]).unwrap();
+        let bytes = std::fs::read(&y).unwrap();
+        let header = String::from_utf8_lossy(&bytes[10..bytes.len() - 3 * 8]);
+        assert!(header.contains("'descr': '<i8'") && header.contains("'shape': (3,)"), "{header}");
+        let data = crate::nn::Dataset::from_npy(&x, &y, crate::nn::Likelihood::Categorical).unwrap();
+        assert_eq!(data.targets, crate::nn::Targets::Classes(vec![2, 0, u32::MAX]));
     }
 
     #[test]

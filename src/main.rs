@@ -2,6 +2,14 @@
 //!
 //! ```text
 //! fisher devices [--json]
+//! fisher compute (--weights M.safetensors --inputs X.npy --labels y.npy
+//!                 | --synthetic-model WIDTHS --synthetic-samples N [--synthetic-seed S]
+//!                   [--save-model M.safetensors] [--save-data DIR])
+//!                --activation SPEC [--likelihood categorical|gaussian]
+//!                [--variant empirical|true|mc] [--mc-samples K] [--seed S]
+//!                --form full|diag|layer|kfac|grads|norms [--backend auto|gpu|cpu]
+//!                [--adapter SUBSTR] --out F.safetensors [--verify] [--max-result-gib G]
+//!                [--json | --quiet]
 //! fisher reduce (--grads G.npy | --synthetic N,P [--seed S]) [--form FORM]
 //!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--out F.safetensors]
 //!               [--verify] [--json | --quiet]
@@ -15,7 +23,7 @@
 //! |---|---|
 //! | 0 | success |
 //! | 1 | runtime failure: GPU/device error, a request beyond the adapter's limits, a result outside the f32 tolerance (`--verify`, or the built-in comparison), a bug |
-//! | 2 | usage or bad input: flags; a file that cannot be read, written or parsed; wrong dtype, rank, order or shape; NaN/Inf in the gradients |
+//! | 2 | usage or bad input: flags; a file that cannot be read, written or parsed; wrong dtype, rank, order or shape; NaN/Inf in the inputs or weights; a label out of range; model keys or widths that do not fit; a `compute` result beyond `--max-result-gib` (checked before computing) |
 //! | 3 | no GPU adapter, when `--backend gpu` (or `--adapter`) asked for one |
 //!
 //! No output file is left behind by a failed run: inputs are checked before the output is
@@ -80,6 +88,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Devices(args) => cli::devices::run(&args),
+        Command::Compute(args) => {
+            let cfg = cli::compute::ComputeConfig::from_args(args)?;
+            let report = cfg.report;
+            let outcome = cli::compute::run(&cfg)?;
+            match report {
+                Report::Human => println!("{}", cli::compute::human(&outcome)),
+                Report::Json => println!("{}", cli::compute::json_line(&outcome)),
+                Report::Quiet => {}
+            }
+            Ok(())
+        }
         Command::Reduce(args) => {
             let cfg = ReduceConfig::from_args(args)?;
             reduce(&cfg)

@@ -24,7 +24,8 @@ macro_rules! exit_codes_help {
   1  runtime failure (GPU/device error, request beyond the adapter's limits, a result
      outside the f32 tolerance under --verify or in the built-in comparison)
   2  usage or bad input (flags; a file that cannot be read, written or parsed; wrong dtype,
-     rank, order or shape; NaN/Inf in the gradients)
+     rank, order or shape; NaN/Inf in the inputs or weights; a label out of range; model
+     keys or widths that do not fit; a result beyond compute's --max-result-gib)
   3  no GPU adapter, when --backend gpu (or --adapter) asked for one"
     };
 }
@@ -46,15 +47,53 @@ Without --out, a --synthetic run compares the GPU, the CPU and the f64 reference
     exit_codes_help!()
 );
 
+const COMPUTE_HELP: &str = concat!(
+    "Forms (P parameters in PyTorch named_parameters() order: per layer the weight row-major,
+then the bias; N samples; R output rows per sample; tensor names in the output file):
+  full    F (P×P)                                   fisher            [P, P]
+  diag    diag(F)                                   diag              [P]
+  layer   one block of F per Linear layer           block.<index>     [P_l, P_l]
+  kfac    KFAC factors per Linear layer             kfac.<index>.A    [in+1, in+1] (in without bias)
+                                                    kfac.<index>.G    [out, out]
+          the block ≈ G ⊗ A in [W|b] row-major order (fisher_engine::nn::kfac_expand
+          permutes it to PyTorch order)
+  grads   per-sample gradient rows, F = GᵀG/N       grads             [N·R, P]
+          (row i·R + r is output row r of sample i; N×P for --variant empirical)
+  norms   per-sample squared norms Σ_r ‖g_ir‖²      norms             [N]
+          (never forms the gradients; their mean is tr F)
+<index> is the layer's index in the nn.Sequential (0, 2, 4, ... with activations between).
+F = (1/N) Σᵢ E_y[∇θ log p(y|xᵢ) ∇θ log p(y|xᵢ)ᵀ]; the file's metadata records form, variant,
+likelihood, samples, parameters, rows_per_sample, backend, activations and the layouts.
+
+Variants (R rows per sample):
+  empirical  at the observed labels                              R = 1
+  true       exact expectation over the predictive distribution  R = outputs (closed form)
+  mc         --mc-samples K labels drawn with --seed S            R = K
+
+Only full, layer and grads hold a result that grows with the model (P², Σ P_l², N·R·P);
+one larger than --max-result-gib (default 2) is refused before computing (exit 2).
+
+Without files, --synthetic-model 784,512,512,10 --synthetic-samples 4096 builds a seeded
+model and data in memory; --save-model M.safetensors --save-data DIR writes them out (give
+neither --form nor --out to only write them).
+
+",
+    exit_codes_help!()
+);
+
 /// `fisher`: Fisher information matrices of neural networks, on any GPU (wgpu) or the CPU.
 #[derive(Debug, Parser)]
 #[command(
     name = "fisher",
     version,
-    about = "Fisher information matrices from per-sample gradients, on any GPU (wgpu) or the CPU",
-    long_about = "Fisher information matrices from per-sample gradients, on any GPU (wgpu) or the CPU.\n\n\
-        Start with `fisher reduce --synthetic 4096,512 --form full`: it reduces built-in data on \
-        the GPU and the CPU and shows how both agree with an f64 reference.",
+    about = "Fisher information matrices of neural networks, on any GPU (wgpu) or the CPU",
+    long_about = "Fisher information matrices of neural networks, on any GPU (wgpu) or the CPU.\n\n\
+        `fisher compute` takes a PyTorch MLP (safetensors) and data (.npy) and computes its Fisher \
+        information in any variant and form; try `fisher compute --synthetic-model 64,32,10 \
+        --synthetic-samples 1797 --activation tanh --form full --out F.safetensors --verify`.\n\
+        `fisher reduce` reduces per-sample gradients you already have; start with \
+        `fisher reduce --synthetic 4096,512 --form full`, which compares the GPU and the CPU with an \
+        f64 reference.",
     after_help = exit_codes_help!(),
     arg_required_else_help = true
 )]
@@ -70,6 +109,9 @@ pub enum Command {
     /// List every GPU adapter wgpu can see, with its key limits, and which one Auto picks.
     #[command(after_help = exit_codes_help!())]
     Devices(DevicesArgs),
+    /// The Fisher information of a PyTorch MLP on data: every variant and form.
+    #[command(after_help = COMPUTE_HELP)]
+    Compute(super::compute::ComputeArgs),
     /// Reduce per-sample gradients G (N samples × P parameters) to a Fisher form.
     #[command(after_help = REDUCE_HELP)]
     Reduce(ReduceArgs),

@@ -1,6 +1,7 @@
 //! The `fisher` command line: raw flags → validated configuration → run → report.
 
 pub mod args;
+pub mod compute;
 pub mod devices;
 pub mod exit;
 pub mod reduce;
