@@ -15,8 +15,9 @@
 //!
 //! The only concession to speed is the loop order: output row i of F = GᵀG is built by
 //! streaming over the samples k and adding G[k,i]·G[k,j] into a row of accumulators for all
-//! j ≥ i at once, so that the inner loop runs over contiguous memory and vectorizes; rows
-//! are independent and run in parallel with rayon. The lower triangle is a copy of the
+//! j ≥ i at once, so that the inner loop runs over contiguous memory and vectorizes; a few
+//! rows share each pass over the samples, and groups of rows run in parallel with rayon.
+//! The summation order of every entry is the same whatever the grouping (k = 0, 1, …). The lower triangle is a copy of the
 //! upper one, so Full and Gram results are exactly symmetric.
 
 use ndarray::{s, Array1, Array2, ArrayView2};
@@ -81,18 +82,24 @@ pub fn reduce(grads: ArrayView2<'_, f32>, form: &Form) -> Result<FisherMatrix<f6
 /// entry; exactly symmetric. Not divided by anything.
 fn sum_of_outer_products(a: ArrayView2<'_, f32>) -> Array2<f64> {
     let m = a.ncols();
+    // Output rows are built ROWS_PER_PASS at a time, so that each pass over the K rows of
+    // `a` (which do not fit in cache at the `--verify` sizes) feeds several of them.
+    const ROWS_PER_PASS: usize = 4;
     // upper[i] holds entries (i, i..m).
-    let upper: Vec<Vec<f64>> = (0..m)
+    let upper: Vec<Vec<f64>> = (0..m.div_ceil(ROWS_PER_PASS))
         .into_par_iter()
-        .map(|i| {
-            let mut sums = vec![Neumaier::default(); m - i];
-            for row in a.outer_iter() {
-                let a_ki = f64::from(row[i]);
-                for (sum, &a_kj) in sums.iter_mut().zip(row.slice(s![i..])) {
-                    sum.add(a_ki * f64::from(a_kj));
+        .flat_map_iter(|pass| {
+            let rows = pass * ROWS_PER_PASS..((pass + 1) * ROWS_PER_PASS).min(m);
+            let mut sums: Vec<Vec<Neumaier>> = rows.clone().map(|i| vec![Neumaier::default(); m - i]).collect();
+            for a_k in a.outer_iter() {
+                for (i, sums_i) in rows.clone().zip(&mut sums) {
+                    let a_ki = f64::from(a_k[i]);
+                    for (sum, &a_kj) in sums_i.iter_mut().zip(a_k.slice(s![i..])) {
+                        sum.add(a_ki * f64::from(a_kj));
+                    }
                 }
             }
-            sums.iter().map(Neumaier::total).collect()
+            sums.into_iter().map(|row| row.iter().map(Neumaier::total).collect::<Vec<f64>>())
         })
         .collect();
     let mut out = Array2::zeros((m, m));

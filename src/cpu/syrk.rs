@@ -25,11 +25,11 @@
 use ndarray::{s, Array2, ArrayView2};
 use rayon::prelude::*;
 
-/// Rows per panel (one `gemm` call per panel and chunk). Measured on the 2-core AVX-512
-/// development machine at M = 2048, K = 4096: 128 to 256 are equally fast; below 128
-/// gemm's per-call packing shows, above 256 the wasted lower half of each diagonal block
-/// does. 192 keeps the waste at M = 2048 to 4.7%.
-pub(crate) const PANEL: usize = 192;
+/// Rows per panel (one `gemm` call per panel and chunk). On the 2-core AVX-512 development
+/// machine at M = 2048, K = 4096 (best of 12, interleaved, machine shared): 256 → 101 ms,
+/// 192 → 108 ms, 128 → 128 ms; thinner panels repack the wide right-hand side more often,
+/// wider ones waste more of the lower half of each diagonal block (PANEL/(2M) of the work).
+pub(crate) const PANEL: usize = 256;
 
 /// Most rows summed in f32 before the partial sum moves to f64. Long enough that the
 /// O(M²) flush costs < 3% of the O(K·M²) products, short enough that the f32 error stays
@@ -40,8 +40,12 @@ pub(crate) const FLUSH_ROWS: usize = 4096;
 /// f32 values (512 KiB) stay in L2 while their lower triangle is filled column by column.
 const FINISH_ROWS: usize = 64;
 
-/// Threads inside each `gemm` call; panels already run in parallel (see `gemm_upper`).
-const PARALLELISM: gemm::Parallelism = gemm::Parallelism::None;
+/// Threads inside each `gemm` call; the panels run one after another. Measured against
+/// running the panels in parallel with single-threaded `gemm` calls: as fast on an idle
+/// machine, 25–40% faster when other processes compete for the cores (the panels differ in
+/// width, and gemm balances its own work), and it does not run out of tasks when there are
+/// more threads than panels.
+const PARALLELISM: gemm::Parallelism = gemm::Parallelism::Rayon(0);
 
 /// A running AᵀA over the rows of A pushed so far (see the module docs).
 #[derive(Debug)]
@@ -100,8 +104,7 @@ impl SymmetricSum {
         }
         let (row_stride, col_stride) = (a.strides()[0], a.strides()[1]);
         let accumulate = self.pending_rows > 0;
-        // Each panel writes only its own rows of `pending`: hand each a disjoint slice.
-        self.pending.par_chunks_mut(PANEL * m).enumerate().for_each(|(p, rows)| {
+        for (p, rows) in self.pending.chunks_mut(PANEL * m).enumerate() {
             let i0 = p * PANEL;
             let panel_rows = rows.len() / m;
             // SAFETY: dst covers rows [i0, i0 + panel_rows) × columns [i0, m) of `pending`,
@@ -133,7 +136,7 @@ impl SymmetricSum {
                     PARALLELISM,
                 );
             }
-        });
+        }
     }
 
     /// `flushed` += `pending` (upper triangle), in f64.
@@ -151,9 +154,14 @@ impl SymmetricSum {
     }
 
     /// The full symmetric matrix S / `divisor` in f32: the upper triangle computed (sum of
-    /// the f32 and f64 parts, divided in f64, rounded once to f32) and mirrored bit for bit.
+    /// the f32 and f64 parts, scaled in f64, rounded once to f32) and mirrored bit for bit.
+    ///
+    /// The scaling multiplies by the f64 reciprocal of `divisor` rather than dividing
+    /// (vdivpd would make this pass several times slower): the two differ by at most one
+    /// f64 ulp, 10⁻¹⁶ relative, before the rounding to f32.
     pub(crate) fn finish(&self, divisor: f64) -> Array2<f32> {
         let m = self.m;
+        let scale = 1.0 / divisor;
         let mut out = vec![0.0f32; m * m];
         if m > 0 {
             out.par_chunks_mut(FINISH_ROWS * m).enumerate().for_each(|(b, block)| {
@@ -162,7 +170,7 @@ impl SymmetricSum {
                 // Upper part of this block's rows, (i, j ≥ i).
                 for t in 0..rows {
                     let i = r0 + t;
-                    self.scaled_row_segment(i, i..m, divisor, &mut block[t * m + i..(t + 1) * m]);
+                    self.scaled_row_segment(i, i..m, scale, &mut block[t * m + i..(t + 1) * m]);
                 }
                 // Lower part inside the block: (i, j) for r0 ≤ j < i is (j, i), just written.
                 for t in 0..rows {
@@ -172,12 +180,20 @@ impl SymmetricSum {
                 }
                 // Lower part left of the block: (r0 + t, j) for j < r0 is (j, r0 + t), an
                 // upper entry of another block's row j: recomputed here with the same
-                // formula (hence bitwise equal) from row j's contiguous segment.
-                let mut segment = [0.0f32; FINISH_ROWS];
-                for j in 0..r0 {
-                    self.scaled_row_segment(j, r0..r0 + rows, divisor, &mut segment[..rows]);
-                    for (t, &v) in segment[..rows].iter().enumerate() {
-                        block[t * m + j] = v;
+                // formula (hence bitwise equal) from row j's contiguous segment, a 64×64
+                // tile at a time, so that the transposed writes go to contiguous runs of
+                // each output row rather than one cache line (and page) per value.
+                let mut tile = [[0.0f32; FINISH_ROWS]; FINISH_ROWS];
+                for j0 in (0..r0).step_by(FINISH_ROWS) {
+                    let width = FINISH_ROWS.min(r0 - j0);
+                    for (jj, tile_row) in tile.iter_mut().enumerate().take(width) {
+                        self.scaled_row_segment(j0 + jj, r0..r0 + rows, scale, &mut tile_row[..rows]);
+                    }
+                    for t in 0..rows {
+                        let out_run = &mut block[t * m + j0..t * m + j0 + width];
+                        for (jj, o) in out_run.iter_mut().enumerate() {
+                            *o = tile[jj][t];
+                        }
                     }
                 }
             });
@@ -185,22 +201,22 @@ impl SymmetricSum {
         Array2::from_shape_vec((m, m), out).expect("m·m values form an m×m array")
     }
 
-    /// `out[c] = (pending[i, j] + flushed[i, j]) / divisor` for j = cols.start + c, j ≥ i.
+    /// `out[c] = (pending[i, j] + flushed[i, j]) · scale` for j = cols.start + c, j ≥ i.
     ///
     /// `pending` is valid here: it is zero until the first `gemm`, and every flush is
     /// immediately followed by a `gemm` that overwrites it.
-    fn scaled_row_segment(&self, i: usize, cols: std::ops::Range<usize>, divisor: f64, out: &mut [f32]) {
+    fn scaled_row_segment(&self, i: usize, cols: std::ops::Range<usize>, scale: f64, out: &mut [f32]) {
         let range = i * self.m + cols.start..i * self.m + cols.end;
         let pending = &self.pending[range.clone()];
         match &self.flushed {
             None => {
                 for (o, &p) in out.iter_mut().zip(pending) {
-                    *o = (f64::from(p) / divisor) as f32;
+                    *o = (f64::from(p) * scale) as f32;
                 }
             }
             Some(flushed) => {
                 for ((o, &p), &f) in out.iter_mut().zip(pending).zip(&flushed[range]) {
-                    *o = ((f64::from(p) + f) / divisor) as f32;
+                    *o = ((f64::from(p) + f) * scale) as f32;
                 }
             }
         }
