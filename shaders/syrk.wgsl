@@ -133,13 +133,18 @@ fn syrk_tiled(
     var k0 = 0u;
     loop {
         if (k0 >= params.k) { break; }
-        // Cooperative load: 1024 values per operand, 4 per invocation; adjacent invocations
-        // read adjacent rows/columns of global memory.
+        // Cooperative load: 1024 values per operand, 4 per invocation. Adjacent invocations
+        // walk the operand's contiguous dimension (rows/columns for G chunks, k for
+        // row-major activations), so that global reads coalesce either way.
         for (var q = 0u; q < 4u; q++) {
             let e = lidx + 256u * q;
-            let kk = e / TILE;
-            let rr = e % TILE;
+            var kk = e / TILE;
+            var rr = e % TILE;
+            if (params.a_ks == 1u) { kk = e % KT; rr = e / KT; }
             a_tile[kk * 16u + rr / 4u][rr % 4u] = load_a(k0 + kk, r0 + rr);
+            kk = e / TILE;
+            rr = e % TILE;
+            if (params.b_ks == 1u) { kk = e % KT; rr = e / KT; }
             b_tile[kk * 16u + rr / 4u][rr % 4u] = load_b(k0 + kk, c0 + rr);
         }
         workgroupBarrier();
