@@ -65,7 +65,7 @@ impl Tolerance {
     /// Derivation (standard model fl(x∘y) = (x∘y)(1+δ) + η, |δ| ≤ u, |η| ≤ 2⁻¹⁵⁰):
     ///
     /// * `2`: one rounding of each product and one of the final f32 result, each ≤ u·max|F|.
-    /// * The largest errors sit on the diagonal (for F: Σₖ G[k,j]², whose value is the
+    /// * The largest errors sit on the diagonal (for F: Σₖ `G[k,j]`², whose value is the
     ///   scale max|F|; off-diagonal sums of random-sign terms have smaller partial sums and
     ///   errors). In a sequential run of b positive terms the partial sums grow like
     ///   S·k/b, and with rounding errors modelled as independent, mean zero and of standard

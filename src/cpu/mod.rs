@@ -1,4 +1,4 @@
-//! The CPU path: fast multi-threaded f32 ([`CpuBackend`]) and the f64 oracle ([`reference`]).
+//! The CPU path: fast multi-threaded f32 ([`CpuBackend`]) and the f64 oracle ([`mod@reference`]).
 //!
 //! [`CpuBackend`] is the fallback when no GPU adapter exists and the baseline every GPU
 //! timing is compared against, so it is meant to be as fast as a tuned BLAS on the same
@@ -144,7 +144,7 @@ enum Sums {
     Full(SymmetricSum),
     /// (first column, its sum) per block.
     Blocks(Vec<(usize, SymmetricSum)>),
-    /// Σₖ G[k,j]² in f64.
+    /// Σₖ `G[k,j]`² in f64.
     Diagonal(Vec<f64>),
     /// ‖gₖ‖² per sample so far.
     Norms(Vec<f32>),

@@ -14,7 +14,7 @@
 //! better than any f32 result it judges.
 //!
 //! The only concession to speed is the loop order: output row i of F = GᵀG is built by
-//! streaming over the samples k and adding G[k,i]·G[k,j] into a row of accumulators for all
+//! streaming over the samples k and adding `G[k,i]·G[k,j]` into a row of accumulators for all
 //! j ≥ i at once, so that the inner loop runs over contiguous memory and vectorizes; a few
 //! rows share each pass over the samples, and groups of rows run in parallel with rayon.
 //! The summation order of every entry is the same whatever the grouping (k = 0, 1, …). The lower triangle is a copy of the
@@ -112,7 +112,7 @@ fn sum_of_outer_products(a: ArrayView2<'_, f32>) -> Array2<f64> {
     out
 }
 
-/// Σₖ A[k,j]² for every column j, in f64 with Neumaier summation.
+/// Σₖ `A[k,j]`² for every column j, in f64 with Neumaier summation.
 fn column_sums_of_squares(a: ArrayView2<'_, f32>) -> Array1<f64> {
     let mut sums = vec![Neumaier::default(); a.ncols()];
     for row in a.outer_iter() {
