@@ -48,6 +48,8 @@ pub mod form;
 pub mod gpu;
 pub mod io;
 pub mod nn;
+pub mod plot;
+pub mod progress;
 pub mod synthetic;
 pub mod tolerance;
 pub mod train;
