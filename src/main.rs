@@ -13,6 +13,14 @@
 //! fisher reduce (--grads G.npy | --synthetic N,P [--seed S]) [--form FORM]
 //!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--out F.safetensors]
 //!               [--verify] [--json | --quiet]
+//! fisher train [--widths 16,32,32,4] [--activation tanh] [--samples 2048] [--steps 400]
+//!              [--lr 0.1] [--momentum 0.9] [--batch 64] [--checkpoints 25] [--seed 0]
+//!              --out-dir RUN [--force] [--json | --quiet]
+//! fisher action --checkpoints (RUN | c0.safetensors c1.safetensors ...) --activation SPEC
+//!               --inputs X.npy --labels y.npy [--likelihood categorical|gaussian]
+//!               [--variant true|empirical|mc] [--mc-samples K] [--seed S] [--segments M]
+//!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--plot action.png|.svg]
+//!               [--json | --quiet]
 //! ```
 //!
 //! Flags are parsed by clap ([`cli::args`]), validated into a configuration, then run.
@@ -102,6 +110,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reduce(args) => {
             let cfg = ReduceConfig::from_args(args)?;
             reduce(&cfg)
+        }
+        Command::Train(args) => {
+            let cfg = cli::train::TrainConfig::from_args(args)?;
+            let outcome = cli::train::run(&cfg)?;
+            match cfg.report {
+                Report::Human => println!("{}", cli::train::human(&outcome)),
+                Report::Json => println!("{}", cli::train::json_line(&outcome)),
+                Report::Quiet => {}
+            }
+            Ok(())
+        }
+        Command::Action(args) => {
+            let cfg = cli::action::ActionConfig::from_args(args)?;
+            let outcome = cli::action::run(&cfg)?;
+            match cfg.report {
+                Report::Human => println!("{}", cli::action::human(&outcome)),
+                Report::Json => println!("{}", cli::action::json_line(&outcome)),
+                Report::Quiet => {}
+            }
+            Ok(())
         }
     }
 }

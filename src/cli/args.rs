@@ -81,6 +81,37 @@ neither --form nor --out to only write them).
     exit_codes_help!()
 );
 
+const TRAIN_HELP: &str = concat!(
+    "Writes RUN/X.npy (float32 inputs), RUN/y.npy (int64 labels), RUN/ckpt_000.safetensors …
+(PyTorch nn.Sequential state dicts: 0.weight, 0.bias, 2.weight, …) and RUN/run.json (widths,
+activations, optimizer, seeds, the step and the training loss of each checkpoint).
+The task is fisher_engine::train::classification_task: one Gaussian cluster per class in
+WIDTHS[0] dimensions, warped by a fixed random tanh layer. Minibatch SGD with momentum on
+the softmax cross-entropy; weights initialized like PyTorch's nn.Linear.
+RUN is built in a temporary directory beside it and renamed into place when complete; an
+existing non-empty RUN is refused unless --force.
+
+Then: fisher action --checkpoints RUN --activation tanh --inputs RUN/X.npy --labels RUN/y.npy
+
+",
+    exit_codes_help!()
+);
+
+const ACTION_HELP: &str = concat!(
+    "With Δθ_t = θ_{t+1} − θ_t and F(θ) the Fisher at θ (--variant), each term one implicit
+quadratic form vᵀFv (no F is formed, so any model size works):
+  S  action              Σ_t Δθ_tᵀ F(θ_t) Δθ_t
+  L  Fisher–Rao length   Σ_t √(Δθ_tᵀ F(θ_t) Δθ_t)
+     chord               Σ_j √(δᵀ F(θ₀ + (j+½)δ) δ), δ = (θ_T − θ₀)/M   (midpoint rule, --segments M)
+     efficiency          L / chord (1: as short as the straight chord)
+The Euclidean path length Σ‖Δθ_t‖ and ‖θ_T − θ₀‖ are reported for context.
+Every checkpoint must have the first one's architecture; all are held in memory.
+--plot writes the per-step action (log scale) and the cumulative length with the chord.
+
+",
+    exit_codes_help!()
+);
+
 /// `fisher`: Fisher information matrices of neural networks, on any GPU (wgpu) or the CPU.
 #[derive(Debug, Parser)]
 #[command(
@@ -115,6 +146,12 @@ pub enum Command {
     /// Reduce per-sample gradients G (N samples × P parameters) to a Fisher form.
     #[command(after_help = REDUCE_HELP)]
     Reduce(ReduceArgs),
+    /// Train a seeded demo MLP and write a run directory of checkpoints and data.
+    #[command(after_help = TRAIN_HELP)]
+    Train(super::train::TrainArgs),
+    /// The action, Fisher–Rao length, chord and efficiency of a training run.
+    #[command(after_help = ACTION_HELP)]
+    Action(super::action::ActionArgs),
 }
 
 

@@ -1,8 +1,10 @@
 //! The `fisher` command line: raw flags → validated configuration → run → report.
 
+pub mod action;
 pub mod args;
 pub mod compute;
 pub mod devices;
 pub mod exit;
 pub mod reduce;
 pub mod report;
+pub mod train;
