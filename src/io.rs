@@ -529,7 +529,7 @@ pub fn write_safetensors_atomic(
     let fail = |e: std::io::Error| io_error(path, format!("cannot write: {e}"));
     // In the destination directory, so that the final rename stays on one file system and
     // is atomic.
-    let temp = tempfile::NamedTempFile::new_in(dir).map_err(fail)?;
+    let temp = output_temp_file(dir, "").map_err(fail)?;
     {
         let mut out = BufWriter::with_capacity(1 << 20, temp.as_file());
         out.write_all(&(header.len() as u64).to_le_bytes()).map_err(fail)?;
@@ -602,4 +602,16 @@ mod tests {
             assert_eq!(Form::parse(&form_spelling(&form)).unwrap(), form);
         }
     }
+}
+
+/// A temporary file in `dir` (same file system as the destination, so that the final
+/// `persist` is an atomic rename) for an output that will be renamed into place. Temporary
+/// files are private (0600) by default; outputs get the usual 0666 less the umask, as any
+/// file a program creates.
+pub fn output_temp_file(dir: &Path, suffix: &str) -> std::io::Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".fisher-").suffix(suffix);
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    builder.tempfile_in(dir)
 }

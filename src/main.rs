@@ -13,6 +13,11 @@
 //! fisher reduce (--grads G.npy | --synthetic N,P [--seed S]) [--form FORM]
 //!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--out F.safetensors]
 //!               [--verify] [--json | --quiet]
+//! fisher bench [--shapes 2048x512,4096x1024|none] [--forms full,diag,gram,norms]
+//!              [--network 784,256,10|none] [--samples 1024] [--net-forms diag,kfac]
+//!              [--variant true|empirical|mc] [--mc-samples K] [--activation tanh]
+//!              [--backend gpu,cpu] [--adapter SUBSTR] [--repeat 3] [--warmup 1] [--seed S]
+//!              [--max-result-gib G] [--json | --quiet]
 //! fisher train [--widths 16,32,32,4] [--activation tanh] [--samples 2048] [--steps 400]
 //!              [--lr 0.1] [--momentum 0.9] [--batch 64] [--checkpoints 25] [--seed 0]
 //!              --out-dir RUN [--force] [--json | --quiet]
@@ -110,6 +115,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reduce(args) => {
             let cfg = ReduceConfig::from_args(args)?;
             reduce(&cfg)
+        }
+        Command::Bench(args) => {
+            let cfg = cli::bench::BenchConfig::from_args(args)?;
+            cli::bench::main(&cfg)
         }
         Command::Train(args) => {
             let cfg = cli::train::TrainConfig::from_args(args)?;

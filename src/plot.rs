@@ -153,14 +153,7 @@ fn render(path: &Path, figure: &impl Figure) -> Result<()> {
         PlotFormat::Png => ".png",
         PlotFormat::Svg => ".svg",
     };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".fisher-plot-").suffix(suffix);
-    // A temporary file is private (0600) by default; an image is not: the usual 0666 less
-    // the umask, as for any file a program creates.
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-    let temp = builder
-        .tempfile_in(dir)
+    let temp = crate::io::output_temp_file(dir, suffix)
         .map_err(|e| fail(format!("cannot write: {e}")))?;
     match format {
         PlotFormat::Png => {

@@ -112,6 +112,30 @@ Every checkpoint must have the first one's architecture; all are held in memory.
     exit_codes_help!()
 );
 
+const BENCH_HELP: &str = concat!(
+    "Stages (each timed on every backend, back to back; set-up and data generation untimed):
+  reduce FORM  on NxP      Engine::fisher_from_grads on synthetic::gradient_like(N, P)
+  network FORM on WIDTHS   Engine::fisher on train::init_mlp(WIDTHS) and
+                           train::classification_task(--samples) (categorical likelihood)
+Each timed call includes the transfers to and from the device. Reported: the best and the
+median of --repeat calls after --warmup untimed ones, GFLOP/s of the best call, and the
+GPU speedup (CPU best / GPU best, > 1: the GPU is faster) of the same run.
+
+Flop counts (R = gradient rows per sample: 1 empirical, classes true, K mc):
+  reduce   GEMM-equivalent: full 2·N·P², diag and norms 2·N·P, gram 2·N²·P
+  network  effective, of the explicit algorithm: 2·N·P forward + 2·N·R·P backward + the
+           reduction of the N·R gradient rows (full 2·N·R·P², layer 2·N·R·Σ P_l², diag and
+           norms 2·N·R·P, grads 0, kfac Σ_l 2·N·ã_l² + 2·N·R·out_l², ã_l = in_l + 1);
+           diag, norms and kfac never form those rows, so their rate can exceed the GEMM rate
+Peak memory is the process's peak resident set size (VmHWM, Linux only), over all stages.
+
+The default run takes about a minute on two CPU cores with a software GPU (lavapipe); try
+--shapes 4096x512,4096x2048 --network 784,512,512,10 --samples 4096 on a real GPU.
+
+",
+    exit_codes_help!()
+);
+
 /// `fisher`: Fisher information matrices of neural networks, on any GPU (wgpu) or the CPU.
 #[derive(Debug, Parser)]
 #[command(
@@ -124,7 +148,9 @@ Every checkpoint must have the first one's architecture; all are held in memory.
         --synthetic-samples 1797 --activation tanh --form full --out F.safetensors --verify`.\n\
         `fisher reduce` reduces per-sample gradients you already have; start with \
         `fisher reduce --synthetic 4096,512 --form full`, which compares the GPU and the CPU with an \
-        f64 reference.",
+        f64 reference.\n\
+        `fisher bench` times every form on the GPU and the CPU of this machine (seconds, GFLOP/s, \
+        GPU speedup, peak memory).",
     after_help = exit_codes_help!(),
     arg_required_else_help = true
 )]
@@ -146,6 +172,9 @@ pub enum Command {
     /// Reduce per-sample gradients G (N samples × P parameters) to a Fisher form.
     #[command(after_help = REDUCE_HELP)]
     Reduce(ReduceArgs),
+    /// Time every Fisher form on GPU and CPU: seconds, GFLOP/s, GPU speedup, peak memory.
+    #[command(after_help = BENCH_HELP)]
+    Bench(super::bench::BenchArgs),
     /// Train a seeded demo MLP and write a run directory of checkpoints and data.
     #[command(after_help = TRAIN_HELP)]
     Train(super::train::TrainArgs),

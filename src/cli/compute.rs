@@ -46,7 +46,7 @@ pub const KFAC_LAYOUT_NOTE: &str = "block ≈ G ⊗ A in [W|b] row-major order; 
 /// The likelihood, as spelled on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LikelihoodArg {
-    /// Softmax over the outputs (logits); labels are int32/int64 class indices.
+    /// Softmax over the outputs (logits); labels are class indices of any integer dtype.
     Categorical,
     /// Unit-variance Gaussian with the outputs as mean; labels are N×k float targets.
     Gaussian,
@@ -140,8 +140,8 @@ pub struct ComputeArgs {
     #[arg(long, value_name = "X.npy", conflicts_with = "synthetic_model")]
     pub inputs: Option<PathBuf>,
 
-    /// Labels: int32/int64 class indices of shape (N,) (categorical), or N×k float targets
-    /// (gaussian).
+    /// Labels: class indices of shape (N,) in any integer dtype, e.g. int64, int32, uint8
+    /// (categorical), or N×k float targets (gaussian).
     #[arg(long, value_name = "y.npy", conflicts_with = "synthetic_model")]
     pub labels: Option<PathBuf>,
 

@@ -2,6 +2,7 @@
 
 pub mod action;
 pub mod args;
+pub mod bench;
 pub mod compute;
 pub mod devices;
 pub mod exit;

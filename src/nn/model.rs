@@ -452,7 +452,7 @@ impl Mlp {
             _ => Path::new("."),
         };
         // In the destination directory, so that the final rename stays on one file system.
-        let mut temp = tempfile::NamedTempFile::new_in(dir)
+        let mut temp = crate::io::output_temp_file(dir, "")
             .map_err(|e| io_error(format!("cannot write (directory {}): {e}", dir.display())))?;
         temp.write_all(&bytes).map_err(|e| io_error(format!("cannot write: {e}")))?;
         temp.as_file().sync_all().map_err(|e| io_error(format!("cannot write: {e}")))?;
