@@ -129,7 +129,7 @@ Flop counts (R = gradient rows per sample: 1 empirical, classes true, K mc):
            diag, norms and kfac never form those rows, so their rate can exceed the GEMM rate
 Peak memory is the process's peak resident set size (VmHWM, Linux only), over all stages.
 
-The default run takes about a minute on two CPU cores with a software GPU (lavapipe); try
+The default run takes under a minute on two CPU cores with a software GPU (lavapipe); try
 --shapes 4096x512,4096x2048 --network 784,512,512,10 --samples 4096 on a real GPU.
 
 ",
