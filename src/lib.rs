@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 pub mod action;
+pub mod analysis;
 pub mod backend;
 pub mod cpu;
 pub mod engine;
