@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::syrk::SymmetricSum;
 use crate::error::{FisherError, Result};
-use crate::nn::{mc_uniform, rows_per_sample, Dataset, KfacFactors, Mlp, NetFisher, NetForm, Targets, Variant};
+use crate::nn::{mc_class, mc_normal, rows_per_sample, Dataset, KfacFactors, Mlp, NetFisher, NetForm, Targets, Variant};
 
 /// Samples per micro-batch: large enough for efficient GEMMs, small enough to keep the
 /// per-batch buffers (m·R rows of the widest layer, or of P for full/layer) modest.
@@ -90,10 +90,7 @@ fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Va
                     let scale = 1.0 / (samples as f32).sqrt();
                     for q in 0..r {
                         for j in 0..c {
-                            let u1 = mc_uniform(seed, sample, q as u32, 2 * j as u32);
-                            let u2 = mc_uniform(seed, sample, q as u32, 2 * j as u32 + 1);
-                            let eps = (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
-                            rows[[q, j]] = eps * scale;
+                            rows[[q, j]] = mc_normal(seed, sample, q as u32, j) * scale;
                         }
                     }
                 }
@@ -120,16 +117,7 @@ fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Va
                     Variant::MonteCarlo { samples, seed } => {
                         let scale = 1.0 / (samples as f32).sqrt();
                         for q in 0..r {
-                            let u = mc_uniform(seed, sample, q as u32, 0);
-                            let mut cum = 0.0f32;
-                            let mut y = c - 1;
-                            for (j, &pj) in p.iter().enumerate() {
-                                cum += pj;
-                                if u < cum {
-                                    y = j;
-                                    break;
-                                }
-                            }
+                            let y = mc_class(seed, sample, q as u32, &p);
                             for j in 0..c {
                                 rows[[q, j]] = ((j == y) as u8 as f32 - p[j]) * scale;
                             }
@@ -345,13 +333,7 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
                 }
                 Variant::MonteCarlo { samples, seed } => {
                     for q in 0..samples {
-                        let eps: Vec<f32> = (0..c)
-                            .map(|j| {
-                                let u1 = mc_uniform(seed, sample, q as u32, 2 * j as u32);
-                                let u2 = mc_uniform(seed, sample, q as u32, 2 * j as u32 + 1);
-                                (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-                            })
-                            .collect();
+                        let eps: Vec<f32> = (0..c).map(|j| mc_normal(seed, sample, q as u32, j)).collect();
                         let dot: f32 = eps.iter().zip(t.iter()).map(|(a, b)| a * b).sum();
                         for j in 0..c {
                             out[j] += eps[j] * dot / samples as f32;
@@ -379,17 +361,7 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
                     Variant::Empirical => add_row(labels[s0 + s] as usize, 1.0),
                     Variant::MonteCarlo { samples, seed } => {
                         for q in 0..samples {
-                            let u = mc_uniform(seed, sample, q as u32, 0);
-                            let mut cum = 0.0f32;
-                            let mut y = c - 1;
-                            for (j, &pj) in p.iter().enumerate() {
-                                cum += pj;
-                                if u < cum {
-                                    y = j;
-                                    break;
-                                }
-                            }
-                            add_row(y, 1.0 / samples as f32);
+                            add_row(mc_class(seed, sample, q as u32, &p), 1.0 / samples as f32);
                         }
                     }
                 }

@@ -284,3 +284,24 @@ pub fn rows_per_sample(variant: Variant, outputs: usize) -> usize {
         Variant::MonteCarlo { samples, .. } => samples,
     }
 }
+
+/// The categorical MC draw: the first class c with u < p₀ + … + p_c (the last class when
+/// rounding leaves u above the running sum), u = `mc_uniform(seed, sample, draw, 0)`.
+pub fn mc_class(seed: u64, sample: u32, draw: u32, p: &[f32]) -> usize {
+    let u = mc_uniform(seed, sample, draw, 0);
+    let mut cum = 0.0f32;
+    for (j, &pj) in p.iter().enumerate() {
+        cum += pj;
+        if u < cum {
+            return j;
+        }
+    }
+    p.len().saturating_sub(1)
+}
+
+/// The Gaussian MC draw ε_j for output j: Box–Muller on streams 2j and 2j + 1.
+pub fn mc_normal(seed: u64, sample: u32, draw: u32, j: usize) -> f32 {
+    let u1 = mc_uniform(seed, sample, draw, 2 * j as u32);
+    let u2 = mc_uniform(seed, sample, draw, 2 * j as u32 + 1);
+    (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
