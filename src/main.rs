@@ -1,6 +1,8 @@
 //! `fisher`: the command-line front end of fisher-engine.
 //!
 //! ```text
+//! fisher demo [--backend auto|gpu|cpu] [--adapter SUBSTR] [--out-dir fisher-demo] [--quick]
+//!             [--json | --quiet]
 //! fisher devices [--json]
 //! fisher compute (--weights M.safetensors --inputs X.npy --labels y.npy
 //!                 | --synthetic-model WIDTHS --synthetic-samples N [--synthetic-seed S]
@@ -100,6 +102,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(args) => {
+            let cfg = cli::demo::DemoConfig::from_args(args)?;
+            cli::demo::main(&cfg)
+        }
         Command::Devices(args) => cli::devices::run(&args),
         Command::Compute(args) => {
             let cfg = cli::compute::ComputeConfig::from_args(args)?;

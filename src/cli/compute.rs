@@ -730,8 +730,8 @@ fn trace_of(result: &NetFisher, samples: usize) -> f64 {
     }
 }
 
-/// The safetensors metadata of a result.
-fn metadata(
+/// The safetensors metadata of a result (also of `fisher demo`'s fisher.safetensors).
+pub fn metadata(
     mlp: &Mlp,
     samples: usize,
     likelihood: Likelihood,

@@ -4,6 +4,7 @@ pub mod action;
 pub mod args;
 pub mod bench;
 pub mod compute;
+pub mod demo;
 pub mod devices;
 pub mod exit;
 pub mod reduce;

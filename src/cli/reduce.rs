@@ -104,6 +104,8 @@ pub struct Device {
     pub adapter: Option<String>,
     /// Why the CPU path is used although Auto looked for a GPU.
     pub fallback: Option<String>,
+    /// Whether the GPU adapter is a software one (lavapipe, llvmpipe, WARP, SwiftShader).
+    pub software: bool,
 }
 
 /// Creates the engine for the requested backend.
@@ -114,18 +116,19 @@ pub struct Device {
 pub fn open_device(backend: Backend, gpu: &GpuOptions) -> anyhow::Result<Device> {
     let on_gpu = |ctx: GpuContext| -> anyhow::Result<Device> {
         let adapter = Some(ctx.info.name.clone());
+        let software = ctx.is_software();
         let engine = Engine::from_context(ctx, gpu).context("setting up the GPU backend")?;
-        Ok(Device { engine, adapter, fallback: None })
+        Ok(Device { engine, adapter, fallback: None, software })
     };
     match backend {
-        Backend::Cpu => Ok(Device { engine: Engine::cpu(), adapter: None, fallback: None }),
+        Backend::Cpu => Ok(Device { engine: Engine::cpu(), adapter: None, fallback: None, software: false }),
         Backend::Gpu => on_gpu(GpuContext::new(gpu)?),
         Backend::Auto if gpu.adapter.is_some() => on_gpu(GpuContext::new(gpu)?),
         Backend::Auto => match GpuContext::new(gpu) {
             Ok(ctx) => on_gpu(ctx),
             Err(FisherError::NoAdapter(why)) => {
                 log::warn!("no GPU adapter ({why}); using the CPU path");
-                Ok(Device { engine: Engine::cpu(), adapter: None, fallback: Some(why) })
+                Ok(Device { engine: Engine::cpu(), adapter: None, fallback: Some(why), software: false })
             }
             Err(e) => Err(e.into()),
         },
@@ -410,7 +413,7 @@ pub fn run_demo(
     samples: usize,
     params: usize,
     seed: u64,
-    mut progress: impl FnMut(&str),
+    progress: impl FnMut(&str),
 ) -> anyhow::Result<Demo> {
     let start = Instant::now();
     let g = fisher_engine::synthetic::gradient_like(samples, params, seed);
@@ -431,27 +434,43 @@ pub fn run_demo(
             None
         }
     };
+    let engines: Vec<(f64, &Engine)> = devices.iter().map(|(setup, engine)| (*setup, engine)).collect();
+    compare_paths(&g, seed, generate, &cfg.form, &engines, note, progress)
+}
 
+/// Reduces `g` to `form` on each of `engines` (with the seconds each took to set up), and
+/// compares every result with one f64 reference: the body of the built-in demonstration,
+/// shared with `fisher demo`. `seed` and `generate` (seconds) describe how `g` was made.
+pub fn compare_paths(
+    g: &Array2<f32>,
+    seed: u64,
+    generate: f64,
+    form: &Form,
+    engines: &[(f64, &Engine)],
+    note: Option<String>,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Demo> {
+    let (samples, params) = g.dim();
     let mut runs = Vec::new();
     let mut tensors = Vec::new();
     let mut results = Vec::new();
-    for (setup, engine) in &devices {
+    for &(setup, engine) in engines {
         progress(&format!("reducing on {}", engine.device_info()));
         let start = Instant::now();
-        let result = engine.fisher_from_grads(g.view(), &cfg.form)?;
+        let result = engine.fisher_from_grads(g.view(), form)?;
         let compute = start.elapsed().as_secs_f64();
         if tensors.is_empty() {
             tensors = io::tensors_of(&result).into_iter().map(|(n, s, _)| (n, s)).collect();
         }
-        results.push((*setup, compute, engine.device_info(), engine.is_gpu(), result));
+        results.push((setup, compute, engine.device_info(), engine.is_gpu(), result));
     }
 
     progress("computing the f64 reference (plain compensated loops: slow by design)");
     let start = Instant::now();
-    let reference = reference::reduce(g.view(), &cfg.form).context("computing the f64 reference")?;
+    let reference = reference::reduce(g.view(), form).context("computing the f64 reference")?;
     let reference_seconds = start.elapsed().as_secs_f64();
     for (setup, compute, label, gpu, result) in results {
-        let verification = judge(&result, &reference, &cfg.form, samples, params)?;
+        let verification = judge(&result, &reference, form, samples, params)?;
         runs.push(DemoRun { label, setup, compute, trace: result.trace(), verification, gpu, values: result.values() });
     }
 
@@ -463,7 +482,7 @@ pub fn run_demo(
         samples,
         params,
         seed,
-        form: cfg.form.clone(),
+        form: form.clone(),
         tensors,
         generate,
         runs,
@@ -471,7 +490,7 @@ pub fn run_demo(
         reference_trace: reference.trace(),
         gpu_vs_cpu,
         note,
-        terms: sum_length(&cfg.form, samples, params),
+        terms: sum_length(form, samples, params),
     })
 }
 

@@ -247,7 +247,7 @@ fn io_error(path: &Path, message: impl Into<String>) -> FisherError {
 
 /// Refuses an output location that cannot (or, without --force, must not) be written.
 /// Returns whether RUN exists (and will be replaced).
-fn check_out_dir(cfg: &TrainConfig) -> anyhow::Result<bool> {
+pub fn check_out_dir(cfg: &TrainConfig) -> anyhow::Result<bool> {
     let dir = &cfg.out_dir;
     let parent = parent_of(dir);
     if !parent.is_dir() {
@@ -356,14 +356,26 @@ fn publish(staged: tempfile::TempDir, out: &Path, replace: bool) -> anyhow::Resu
 /// Runs `fisher train`.
 pub fn run(cfg: &TrainConfig) -> anyhow::Result<Outcome> {
     let replaced = check_out_dir(cfg)?;
+    let (data, run, train_seconds) = train(cfg)?;
+    write(cfg, &data, run, replaced, train_seconds)
+}
+
+/// The data and the training run of `cfg`, in memory; also the seconds it took.
+pub fn train(cfg: &TrainConfig) -> anyhow::Result<(Dataset, TrainRun, f64)> {
     let start = Instant::now();
     let (d, classes) = (cfg.widths[0], cfg.widths[cfg.widths.len() - 1]);
     let data = classification_task(cfg.samples, d, classes, cfg.seed).context("building the classification task")?;
     let init = init_mlp(&cfg.widths, Activation::Identity, true, cfg.seed ^ INIT_STREAM)?;
     let init = Mlp::new(init.layers, cfg.activations.clone())?;
     let run = sgd(&init, &data, &cfg.sgd).context("training")?;
-    let train_seconds = start.elapsed().as_secs_f64();
+    Ok((data, run, start.elapsed().as_secs_f64()))
+}
 
+/// Writes a run that [`train`] made as the directory `cfg.out_dir` (staged beside it and
+/// renamed into place; an existing directory is replaced only when `replace`, which
+/// [`check_out_dir`] decides).
+pub fn write(cfg: &TrainConfig, data: &Dataset, run: TrainRun, replace: bool, train_seconds: f64) -> anyhow::Result<Outcome> {
+    let replaced = replace;
     let start = Instant::now();
     let files: Vec<String> = (0..run.checkpoints.len()).map(|i| checkpoint_name(i, run.checkpoints.len())).collect();
     let name = cfg.out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
@@ -372,7 +384,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<Outcome> {
         .prefix(&format!(".{name}.fisher-train-"))
         .tempdir_in(parent_of(&cfg.out_dir))
         .map_err(|e| io_error(parent_of(&cfg.out_dir), format!("cannot create a directory: {e}")))?;
-    write_run(staged.path(), cfg, &data, &run, &files)?;
+    write_run(staged.path(), cfg, data, &run, &files)?;
     publish(staged, &cfg.out_dir, replaced)?;
     let write_seconds = start.elapsed().as_secs_f64();
 
@@ -381,7 +393,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<Outcome> {
         widths: cfg.widths.clone(),
         activations: cfg.activations.iter().map(|a| a.name()).collect(),
         activation_text: cfg.activation_text.clone(),
-        parameters: init.num_params(),
+        parameters: run.checkpoints[0].num_params(),
         samples: cfg.samples,
         steps: cfg.sgd.steps,
         files,
@@ -394,7 +406,7 @@ pub fn run(cfg: &TrainConfig) -> anyhow::Result<Outcome> {
 }
 
 /// A shell word: as is when it is plain, else in single quotes.
-fn shell_word(text: &str) -> String {
+pub fn shell_word(text: &str) -> String {
     if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_./,=:+".contains(c)) {
         text.to_string()
     } else {
