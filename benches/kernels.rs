@@ -83,9 +83,25 @@ fn mlp_problem(widths: &[usize], n: usize) -> (Mlp, Dataset) {
 fn networks(c: &mut Criterion) {
     let (widths, n): (&[usize], usize) = if smoke() { (&[32, 16, 4], 64) } else { (&[784, 512, 512, 10], 1024) };
     let (mlp, data) = mlp_problem(widths, n);
-    let p: usize = mlp.layers.iter().map(|l| l.num_params()).sum();
-    // Forward + backward + the reduction, per output row: ≈ 2·P (forward) + 4·P (backward and
-    // the squared GEMM / factor GEMMs) multiply-adds per sample-row, i.e. 6·P·N·R flops·2.
+    // Flops of the work actually done: the forward pass (2·N·P), the backward GEMMs of the R
+    // output rows (2·N·R·out·in per layer but the first), and the reduction: the squared GEMM
+    // (2·N·out·(in+1) per layer) for diag, the factor GEMMs (2·N·(in+1)² + 2·N·R·out²) for kfac.
+    let forward: f64 = mlp.layers.iter().map(|l| 2.0 * (n * l.num_params()) as f64).sum();
+    let backward = |r: usize| -> f64 {
+        mlp.layers.iter().skip(1).map(|l| 2.0 * (n * r * l.fan_out() * l.fan_in()) as f64).sum()
+    };
+    let reduction = |form: NetForm, r: usize| -> f64 {
+        mlp.layers
+            .iter()
+            .map(|l| {
+                let (a, o) = (l.augmented_in() as f64, l.fan_out() as f64);
+                match form {
+                    NetForm::Kfac => 2.0 * n as f64 * (a * a + r as f64 * o * o),
+                    _ => 2.0 * n as f64 * o * a,
+                }
+            })
+            .sum()
+    };
     let engines = engines();
     for (stage, form, variant, rows) in [
         ("net-diag-empirical", NetForm::Diagonal, Variant::Empirical, 1),
@@ -95,7 +111,7 @@ fn networks(c: &mut Criterion) {
         for (name, engine) in &engines {
             let mut group = c.benchmark_group(format!("{stage}/{name}"));
             group.sample_size(10);
-            group.throughput(Throughput::Elements((12 * p * n * rows) as u64));
+            group.throughput(Throughput::Elements((forward + backward(rows) + reduction(form, rows)) as u64));
             group.bench_function(BenchmarkId::from_parameter(format!("{widths:?}x{n}")), |b| {
                 b.iter(|| engine.fisher(&mlp, &data, variant, form).expect("network fisher"))
             });
