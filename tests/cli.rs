@@ -6,9 +6,10 @@
 
 mod common;
 
+use common::cli::{assert_dir_holds, assert_fails, fisher, s, temp};
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use fisher_engine::cpu::reference;
 use fisher_engine::io::{write_npy_matrix, write_npy_matrix_f64};
@@ -16,65 +17,9 @@ use fisher_engine::tolerance::{assert_agrees, Tolerance};
 use fisher_engine::{FisherMatrix, Form};
 use ndarray::{Array1, Array2};
 
-const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
 
 /// Relative slack for comparing scalars the CLI prints (tr F, verification numbers).
 const SCALAR_REL: f64 = 1e-5;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fisher(args: &[&str]) -> Run {
-    let Output { status, stdout, stderr } =
-        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
-    Run {
-        code: status.code().expect("fisher exited by a signal"),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-/// The single `fisher: error:` line of a failed run. Other stderr lines may come from
-/// drivers (Mesa's EGL prints its own complaints while adapters are enumerated).
-#[track_caller]
-fn error_line(run: &Run) -> String {
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("fisher:")).collect();
-    assert_eq!(lines.len(), 1, "expected one `fisher:` line on stderr, got:\n{}", run.stderr);
-    assert!(lines[0].starts_with("fisher: error: "), "{}", lines[0]);
-    lines[0].to_string()
-}
-
-/// Asserts a failure with `code` whose one-line message contains every one of `needles`.
-#[track_caller]
-fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
-    assert_eq!(run.code, code, "exit status; stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-    let line = error_line(run);
-    for needle in needles {
-        assert!(line.contains(needle), "message {line:?} does not mention {needle:?}");
-    }
-    assert!(run.stdout.is_empty(), "a failed run printed to stdout: {}", run.stdout);
-}
-
-/// Asserts that `dir` holds exactly `names` (so neither the output nor a temporary file
-/// was left behind).
-#[track_caller]
-fn assert_dir_holds(dir: &Path, names: &[&str]) {
-    let mut found: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    found.sort();
-    let mut expected: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    expected.sort();
-    assert_eq!(found, expected, "files in {}", dir.display());
-}
 
 /// A `.npy` file written byte by byte from a header dict, independently of the crate's
 /// writer, so that malformed and unusual files can be made.
@@ -163,10 +108,6 @@ fn assert_matches_reference(saved: &Saved, g: &Array2<f32>, form: &Form) {
 /// Seeded gradient-like input with an awkward shape (prime N, P not a multiple of any tile).
 fn grads(n: usize, p: usize) -> Array2<f32> {
     fisher_engine::synthetic::gradient_like(n, p, 0x5EED)
-}
-
-fn temp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
 }
 
 // ---------------------------------------------------------------------------------------

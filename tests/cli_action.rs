@@ -5,72 +5,19 @@
 
 mod common;
 
+use common::cli::{Run, assert_fails, fisher, json, names_in, s, succeeds};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use fisher_engine::nn::{Activation, Mlp};
 use fisher_engine::train::init_mlp;
 
-const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
 /// The small run every test measures.
 const WIDTHS: &str = "6,12,3";
 const CHECKPOINTS: usize = 21;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fisher(args: &[&str]) -> Run {
-    let Output { status, stdout, stderr } =
-        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
-    Run {
-        code: status.code().expect("fisher exited by a signal"),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-#[track_caller]
-fn succeeds(run: &Run) {
-    assert_eq!(run.code, 0, "stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-}
-
-#[track_caller]
-fn json(run: &Run) -> serde_json::Value {
-    succeeds(run);
-    let lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "--json prints one line: {}", run.stdout);
-    serde_json::from_str(lines[0]).expect("valid JSON")
-}
-
-/// Asserts a failure with `code` whose single `fisher: error:` line contains every needle.
-#[track_caller]
-fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
-    assert_eq!(run.code, code, "exit status; stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("fisher:")).collect();
-    assert_eq!(lines.len(), 1, "expected one `fisher:` line on stderr, got:\n{}", run.stderr);
-    assert!(lines[0].starts_with("fisher: error: "), "{}", lines[0]);
-    for needle in needles {
-        assert!(lines[0].contains(needle), "message {:?} does not mention {needle:?}", lines[0]);
-    }
-    assert!(run.stdout.is_empty(), "a failed run printed to stdout: {}", run.stdout);
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    names
-}
 
 /// One training run shared by the tests (training is deterministic, so sharing changes no
 /// result): a temporary directory holding `run/`.

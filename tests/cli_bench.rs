@@ -4,32 +4,16 @@
 
 mod common;
 
+use common::cli::{Run, fisher};
+
 use std::collections::HashSet;
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
 
 /// The tiny run, on the backends given.
 const TINY: &[&str] =
     &["bench", "--shapes", "64x32", "--forms", "full,diag", "--network", "8,6,3", "--samples", "32", "--repeat", "1", "--warmup", "0"];
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fisher(args: &[&str]) -> Run {
-    let Output { status, stdout, stderr } =
-        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
-    Run {
-        code: status.code().expect("fisher exited by a signal"),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
 
 fn tiny(extra: &[&str]) -> Run {
     let args: Vec<&str> = TINY.iter().chain(extra).copied().collect();

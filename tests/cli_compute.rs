@@ -6,9 +6,10 @@
 
 mod common;
 
+use common::cli::{assert_dir_holds, assert_fails, fisher, s, temp};
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use fisher_engine::io::{write_npy_labels, write_npy_matrix};
 use fisher_engine::nn::{
@@ -17,65 +18,9 @@ use fisher_engine::nn::{
 use fisher_engine::synthetic::{normal_matrix, SplitMix64};
 use ndarray::{Array1, Array2};
 
-const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
 
 /// The contract for every variant × form on every backend.
 const FROBENIUS_REL: f64 = 1e-5;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fisher(args: &[&str]) -> Run {
-    let Output { status, stdout, stderr } =
-        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
-    Run {
-        code: status.code().expect("fisher exited by a signal"),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn temp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
-/// The single `fisher: error:` line of a failed run (drivers may print other lines).
-#[track_caller]
-fn error_line(run: &Run) -> String {
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("fisher:")).collect();
-    assert_eq!(lines.len(), 1, "expected one `fisher:` line on stderr, got:\n{}", run.stderr);
-    assert!(lines[0].starts_with("fisher: error: "), "{}", lines[0]);
-    lines[0].to_string()
-}
-
-/// Asserts a failure with `code` whose one-line message contains every one of `needles`.
-#[track_caller]
-fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
-    assert_eq!(run.code, code, "exit status; stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-    let line = error_line(run);
-    for needle in needles {
-        assert!(line.contains(needle), "message {line:?} does not mention {needle:?}");
-    }
-    assert!(run.stdout.is_empty(), "a failed run printed to stdout: {}", run.stdout);
-}
-
-/// Asserts that `dir` holds exactly `names` (no output, no temporary file left behind).
-#[track_caller]
-fn assert_dir_holds(dir: &Path, names: &[&str]) {
-    let mut found: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    found.sort();
-    let mut expected: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    expected.sort();
-    assert_eq!(found, expected, "files in {}", dir.display());
-}
 
 // ---------------------------------------------------------------------------------------
 // Problems and files

@@ -6,45 +6,13 @@
 
 mod common;
 
+use common::cli::{fisher, names_in, s, succeeds};
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fisher(args: &[&str]) -> Run {
-    let Output { status, stdout, stderr } =
-        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
-    Run {
-        code: status.code().expect("fisher exited by a signal"),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-#[track_caller]
-fn succeeds(run: &Run) {
-    assert_eq!(run.code, 0, "stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    names
-}
 
 fn summary(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary.json")).expect("valid JSON")

@@ -5,6 +5,8 @@
 //! (which CI sets), where a missing adapter fails the test.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use fisher_engine::gpu::{GpuContext, GpuOptions};
 use fisher_engine::{Engine, FisherError};
 

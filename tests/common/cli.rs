@@ -1,0 +1,89 @@
+//! Running the `fisher` binary in CLI tests, and the assertions every such test makes: the
+//! exit status, the single `fisher: error:` line, and that nothing was left behind.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The binary under test.
+pub const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
+
+/// The outcome of one run.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `fisher args…` (with `FISHER_ADAPTER` removed, so the test picks the adapter).
+pub fn fisher(args: &[&str]) -> Run {
+    let Output { status, stdout, stderr } =
+        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
+    Run {
+        code: status.code().expect("fisher exited by a signal"),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// A path as the `&str` argument the CLI takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// A fresh temporary directory.
+pub fn temp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Asserts exit status 0, showing both streams otherwise.
+#[track_caller]
+pub fn succeeds(run: &Run) {
+    assert_eq!(run.code, 0, "stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
+}
+
+/// The one JSON line a successful `--json` run printed.
+#[track_caller]
+pub fn json(run: &Run) -> serde_json::Value {
+    succeeds(run);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json prints one line: {}", run.stdout);
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+/// The single `fisher: error:` line of a failed run. Other stderr lines may come from
+/// drivers (Mesa prints its own complaints while adapters are enumerated).
+#[track_caller]
+pub fn error_line(run: &Run) -> String {
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("fisher:")).collect();
+    assert_eq!(lines.len(), 1, "expected one `fisher:` line on stderr, got:\n{}", run.stderr);
+    assert!(lines[0].starts_with("fisher: error: "), "{}", lines[0]);
+    lines[0].to_string()
+}
+
+/// Asserts a failure with `code` whose one-line message contains every one of `needles`,
+/// and that nothing was printed to stdout.
+#[track_caller]
+pub fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
+    assert_eq!(run.code, code, "exit status; stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
+    let line = error_line(run);
+    for needle in needles {
+        assert!(line.contains(needle), "message {line:?} does not mention {needle:?}");
+    }
+    assert!(run.stdout.is_empty(), "a failed run printed to stdout: {}", run.stdout);
+}
+
+/// The file names in `dir`, sorted.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Asserts that `dir` holds exactly `names` (no output, no temporary file left behind).
+#[track_caller]
+pub fn assert_dir_holds(dir: &Path, names: &[&str]) {
+    let mut expected: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    expected.sort();
+    assert_eq!(names_in(dir), expected, "files in {}", dir.display());
+}
