@@ -10,7 +10,8 @@
 //!   temporary file in the destination directory that is renamed into place only when
 //!   complete: a failed run never leaves a partial file, and an existing file is either
 //!   replaced whole or left untouched.
-//! * [`tensors_of`] and [`fisher_metadata`] name the tensors and metadata of a result.
+//! * [`tensors_of`] and [`fisher_metadata`] name the tensors and metadata of a result;
+//!   [`read_safetensors`] reads a stored result back (tensors and metadata).
 //! * [`write_npy_matrix`] / [`write_npy_matrix_f64`] write C-order `.npy` inputs (tests,
 //!   examples, exporting synthetic data).
 //!
@@ -547,6 +548,41 @@ pub fn write_safetensors_atomic(
     temp.as_file().sync_all().map_err(fail)?;
     temp.persist(path).map_err(|e| fail(e.error))?;
     Ok(())
+}
+
+/// Reads a whole safetensors file: its tensors as `(name, shape, f32 values)` (F32 and F64
+/// accepted, F64 rounded to f32), sorted by name, and its metadata (empty when it has none).
+/// The reverse of [`write_safetensors_atomic`], for reading back stored results.
+///
+/// Errors: [`FisherError::Io`] when the file cannot be read or is not safetensors;
+/// [`FisherError::InvalidInput`], naming the file and the tensor, for another dtype or a
+/// non-finite value.
+pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, HashMap<String, String>)> {
+    use safetensors::{Dtype, SafeTensors};
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, format!("cannot read: {e}")))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| io_error(path, format!("not a safetensors file ({e})")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| io_error(path, format!("not a safetensors file ({e})")))?;
+    let invalid = |message: String| FisherError::InvalidInput(format!("{}: {message}", path.display()));
+    let mut tensors = Vec::new();
+    for (name, view) in file.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                .collect(),
+            other => return Err(invalid(format!("tensor '{name}' has dtype {other:?}; only F32 and F64 are read"))),
+        };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(invalid(format!("tensor '{name}' has a non-finite value {} at flat index {i}", values[i])));
+        }
+        tensors.push((name, view.shape().to_vec(), values));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((tensors, metadata))
 }
 
 #[cfg(test)]

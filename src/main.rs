@@ -28,6 +28,15 @@
 //!               [--variant true|empirical|mc] [--mc-samples K] [--seed S] [--segments M]
 //!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--plot action.png|.svg]
 //!               [--json | --quiet]
+//! fisher report (--weights M.safetensors --inputs X.npy --labels y.npy
+//!                | --synthetic-model WIDTHS --synthetic-samples N [--synthetic-seed S])
+//!               --activation SPEC [--likelihood ...] [--variant ...] [--mc-samples K] [--seed S]
+//!               [--form auto|implicit|full|diag|layer|kfac] [--backend auto|gpu|cpu]
+//!               [--adapter SUBSTR] [--top K] [--alpha A1,A2,...] [--damping L] [--samples-n n]
+//!               [--probes NV] [--lanczos-steps M] [--coupling-probes R] [--top-tol TOL]
+//!               [--top-iterations N] [--probe-seed S] [--plot spectrum.png|.svg] [--json | --quiet]
+//! fisher report --fisher F.safetensors [--weights M.safetensors] [--top K] [--alpha ...]
+//!               [--damping L] [--samples-n n] [--plot spectrum.png|.svg] [--json | --quiet]
 //! ```
 //!
 //! Flags are parsed by clap ([`cli::args`]), validated into a configuration, then run.
@@ -142,6 +151,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match cfg.report {
                 Report::Human => println!("{}", cli::action::human(&outcome)),
                 Report::Json => println!("{}", cli::action::json_line(&outcome)),
+                Report::Quiet => {}
+            }
+            Ok(())
+        }
+        Command::Report(args) => {
+            let cfg = cli::fisher_report::ReportConfig::from_args(args)?;
+            let outcome = cli::fisher_report::run(&cfg)?;
+            match cfg.report {
+                Report::Human => println!("{}", cli::fisher_report::human(&outcome)),
+                Report::Json => println!("{}", cli::fisher_report::json_line(&outcome)),
                 Report::Quiet => {}
             }
             Ok(())

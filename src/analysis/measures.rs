@@ -37,7 +37,9 @@
 //!
 //! For an implicit operator ([`measures_implicit`]) the trace (unless the operator knows
 //! it), Frobenius norm, log det, d_eff, Abbas, stable rank and spectral entropy come from
-//! one SLQ run ([`super::slq`]) and carry standard errors in [`ErrorBars`]; the top
+//! one SLQ run ([`super::slq`]) and carry standard errors in [`ErrorBars`] (log det, d_eff,
+//! Abbas and entropy are the midpoints of the Gauss and Gauss–Radau rules, with a bound on
+//! their quadrature error in [`ErrorBars::quadrature`]); the top
 //! eigenvalues come from Lanczos; θᵀFθ is exact (one F·v); the condition number is known
 //! only when the operator reports a rank bound below P (then λ_min = 0); the inter-layer
 //! coupling is a Hutchinson estimate. Where a function needs tr F and the operator does not
@@ -46,9 +48,9 @@
 use serde::Serialize;
 
 use super::coupling::coupling_implicit;
-use super::lanczos::{lanczos_top_k, LanczosOptions};
+use super::lanczos::{lanczos_top_k, LanczosOptions, LanczosResult};
 use super::operator::ExplicitFisher;
-use super::slq::{slq, SlqOptions};
+use super::slq::{slq, SlqOptions, SlqQuadrature};
 use super::spectrum::{check_alpha, check_damping, Spectrum};
 use super::{check_len, FisherOperator, ParameterLayout};
 use crate::error::{FisherError, Result};
@@ -142,6 +144,26 @@ pub struct ErrorBars {
     pub spectral_entropy: Option<f64>,
     /// Of `inter_layer_coupling`.
     pub inter_layer_coupling: Option<f64>,
+    /// Bounds on the quadrature error of the SLQ measures (not statistical: see
+    /// [`QuadratureBounds`]).
+    pub quadrature: QuadratureBounds,
+}
+
+/// Bounds on the quadrature (bias) error of the SLQ estimates: half the mean gap between the
+/// Gauss and the Gauss–Radau rules ([`SlqQuadrature::bracketed`]), within which each probe's
+/// exact value lies for these functions. The total error of such an estimate is at most this
+/// plus its statistical error. `None` when exact or not computed; ‖F‖_F and tr F need none
+/// (both rules integrate λ and λ² exactly).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct QuadratureBounds {
+    /// Of `logdet`.
+    pub logdet: Option<f64>,
+    /// Of `effective_dimension`.
+    pub effective_dimension: Option<f64>,
+    /// Of `abbas_effective_dimension`.
+    pub abbas_effective_dimension: Option<f64>,
+    /// Of `spectral_entropy`.
+    pub spectral_entropy: Option<f64>,
 }
 
 /// The measures of one Fisher matrix (see the module table). Infinite or undefined values
@@ -211,8 +233,20 @@ fn check_options(options: &MeasureOptions<'_>, dim: usize) -> Result<()> {
 /// Every measure of a stored form, exactly from its spectrum (θᵀFθ through the form's own
 /// product, coupling from its entries or factors). For a Gram form, P must be set.
 pub fn measures_exact(fisher: &ExplicitFisher, options: &MeasureOptions<'_>) -> Result<Measures> {
-    let spectrum = fisher.spectrum()?;
+    measures_from_spectrum(fisher, &fisher.spectrum()?, options)
+}
+
+/// [`measures_exact`] with the form's spectrum already computed ([`ExplicitFisher::spectrum`]),
+/// for callers that also use the spectrum (a plot, more spectral functions) and would
+/// otherwise pay for the eigendecomposition twice. `spectrum` must be `fisher`'s.
+pub fn measures_from_spectrum(fisher: &ExplicitFisher, spectrum: &Spectrum, options: &MeasureOptions<'_>) -> Result<Measures> {
     let p = spectrum.dim;
+    if p != fisher.parameters() {
+        return Err(FisherError::InvalidInput(format!(
+            "the spectrum has dimension {p} but the form has {} parameters",
+            fisher.parameters()
+        )));
+    }
     if !matches!(fisher, ExplicitFisher::Gram(_)) {
         check_options(options, p)?;
     } else {
@@ -262,10 +296,33 @@ pub fn measures_exact(fisher: &ExplicitFisher, options: &MeasureOptions<'_>) -> 
 /// Lanczos, Hutchinson; error bars in [`Measures::error_bars`]). Costs
 /// probes·steps (SLQ) + ≤ `lanczos.max_iterations` + 1 (θ) + coupling_probes·layers F·v.
 pub fn measures_implicit(op: &(impl FisherOperator + ?Sized), options: &MeasureOptions<'_>) -> Result<Measures> {
+    check_options(options, op.dim())?;
+    let quadrature = slq(op, &options.slq)?;
+    measures_from_quadrature(op, &quadrature, None, options)
+}
+
+/// [`measures_implicit`] with the SLQ run (`quadrature`, from [`slq`] or
+/// [`super::slq_deflated`]) and optionally the top-k Lanczos run (`top`, e.g. the one whose
+/// Ritz pairs were deflated) already done, for callers that also use them (the spectral
+/// density, d_eff at more scales α, deflation) or time the stages apart. Runs the rest:
+/// Lanczos top-k when `top` is `None`, θᵀFθ, the coupling estimate. `options.slq` is not
+/// used again (its seed still seeds the coupling probes); the F·v products of `quadrature`
+/// and `top` are counted in [`Measures::fv_products`].
+pub fn measures_from_quadrature(
+    op: &(impl FisherOperator + ?Sized),
+    quadrature: &SlqQuadrature,
+    top: Option<&LanczosResult>,
+    options: &MeasureOptions<'_>,
+) -> Result<Measures> {
     let p = op.dim();
     check_options(options, p)?;
+    if quadrature.dim != p {
+        return Err(FisherError::InvalidInput(format!(
+            "the quadrature has dimension {} but the operator has {p}",
+            quadrature.dim
+        )));
+    }
     let pf = p as f64;
-    let quadrature = slq(op, &options.slq)?;
     let mut fv_products = quadrature.iterations;
     let mut bars = ErrorBars::default();
 
@@ -282,23 +339,26 @@ pub fn measures_implicit(op: &(impl FisherOperator + ?Sized), options: &MeasureO
     bars.frobenius = Some(if frobenius > 0.0 { frob2.std_error / (2.0 * frobenius) } else { frob2.std_error.sqrt() });
 
     let damping = options.damping;
-    let logdet = quadrature.estimate(|x| (x + damping).ln());
+    let (logdet, bound) = quadrature.bracketed(|x| (x + damping).ln());
     bars.logdet = Some(logdet.std_error);
+    bars.quadrature.logdet = Some(bound);
     let alpha = options.alpha;
-    let d_eff = quadrature.estimate(|x| x / (x + alpha));
+    let (d_eff, bound) = quadrature.bracketed(|x| x / (x + alpha));
     bars.effective_dimension = Some(d_eff.std_error);
+    bars.quadrature.effective_dimension = Some(bound);
 
     let abbas = match options.samples {
         Some(n) => {
             let kappa = abbas_kappa(n)?;
-            let e =
-                quadrature.estimate(|x| if trace > 0.0 { (kappa * pf * x / trace).ln_1p() / kappa.ln() } else { 0.0 });
+            let (e, bound) = quadrature
+                .bracketed(|x| if trace > 0.0 { (kappa * pf * x / trace).ln_1p() / kappa.ln() } else { 0.0 });
             bars.abbas_effective_dimension = Some(e.std_error);
+            bars.quadrature.abbas_effective_dimension = Some(bound);
             Some(e.value)
         }
         None => None,
     };
-    let entropy = quadrature.estimate(|x| {
+    let (entropy, bound) = quadrature.bracketed(|x| {
         let q = x / trace;
         if q > 0.0 {
             -q * q.ln()
@@ -306,14 +366,21 @@ pub fn measures_implicit(op: &(impl FisherOperator + ?Sized), options: &MeasureO
             0.0
         }
     });
+    bars.quadrature.spectral_entropy = Some(bound);
     bars.spectral_entropy = Some(entropy.std_error);
 
-    let top = if options.top > 0 {
-        let lanczos = lanczos_top_k(op, &LanczosOptions { k: options.top, ..options.lanczos.clone() })?;
-        fv_products += lanczos.iterations;
-        Some(lanczos)
-    } else {
-        None
+    let computed;
+    let top = match top {
+        Some(given) => {
+            fv_products += given.iterations;
+            Some(given)
+        }
+        None if options.top > 0 => {
+            computed = lanczos_top_k(op, &LanczosOptions { k: options.top, ..options.lanczos.clone() })?;
+            fv_products += computed.iterations;
+            Some(&computed)
+        }
+        None => None,
     };
     let lambda_max = top.as_ref().and_then(|t| t.values.first().copied()).unwrap_or(f64::NAN);
     let stable_rank = frob2.value / (lambda_max * lambda_max);

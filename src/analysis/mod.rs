@@ -33,8 +33,9 @@
 //!   show (coupling of a diagonal form) is `None`, also `null` in JSON.
 //! * Stochastic estimates ([`Estimate`]) carry a *statistical* error bar: the standard error
 //!   of the mean over independent probes, σ/√n (≈ 68% coverage for a Gaussian sampling
-//!   distribution; n ≥ 2). It does not include the (much smaller, for enough Lanczos steps)
-//!   quadrature bias.
+//!   distribution; n ≥ 2). The quadrature bias of SLQ is not in it; SLQ measures carry a
+//!   separate bound on it from the Gauss/Gauss–Radau bracket ([`QuadratureBounds`]), which
+//!   matters when F has a large null space (rank N·R ≪ P).
 //!
 //! ## Example
 //!
@@ -63,12 +64,15 @@ mod spectrum;
 
 pub use coupling::{coupling_implicit, Coupling};
 pub use lanczos::{lanczos_top_k, LanczosOptions, LanczosResult};
-pub use measures::{abbas_effective_dimension, measures_exact, measures_implicit, ErrorBars, MeasureOptions, Measures};
+pub use measures::{
+    abbas_effective_dimension, measures_exact, measures_from_quadrature, measures_from_spectrum, measures_implicit,
+    ErrorBars, MeasureOptions, Measures, QuadratureBounds,
+};
 pub use operator::{
     BlockDiagonalOperator, DenseOperator, DiagonalOperator, ExplicitFisher, FactorOperator, FisherOperator, FnOperator,
     GramOperator, KfacLayer, KfacOperator,
 };
-pub use slq::{slq, SlqOptions, SlqQuadrature};
+pub use slq::{slq, slq_deflated, SlqOptions, SlqQuadrature};
 pub use solve::{conjugate_gradient, CgOptions, Solution};
 pub use spectrum::{eigenvalues, net_eigenvalues, SpectralDensity, Spectrum};
 

@@ -122,19 +122,16 @@ pub fn likelihood_name(likelihood: Likelihood) -> &'static str {
     }
 }
 
-/// Raw flags of `fisher compute`.
+/// The model, data, variant and backend flags that `fisher compute` and `fisher report`
+/// share (flattened into each command's flags; validated by [`ModelArgs::source`],
+/// [`ModelArgs::variant`], [`ModelArgs::likelihood`] and [`ModelArgs::backend`]).
+/// `--activation` is not here: `compute` requires it, `report` only with a model.
 #[derive(Debug, Args)]
-pub struct ComputeArgs {
+pub struct ModelArgs {
     /// The model: an nn.Sequential of Linear layers (and activations) saved with
     /// safetensors.torch.save_file(model.state_dict(), path).
     #[arg(long, value_name = "M.safetensors", conflicts_with = "synthetic_model")]
     pub weights: Option<PathBuf>,
-
-    /// The activation after every Linear layer but the last: relu, tanh, sigmoid, gelu
-    /// (exact, erf) or identity; or a JSON list with one per gap, e.g. '["tanh","relu"]',
-    /// inline or in a .json file.
-    #[arg(long, value_name = "NAME|JSON|FILE")]
-    pub activation: String,
 
     /// Inputs: an N×d float32/float64 .npy file.
     #[arg(long, value_name = "X.npy", conflicts_with = "synthetic_model")]
@@ -145,13 +142,13 @@ pub struct ComputeArgs {
     #[arg(long, value_name = "y.npy", conflicts_with = "synthetic_model")]
     pub labels: Option<PathBuf>,
 
-    /// The likelihood the outputs define.
-    #[arg(long, value_enum, default_value_t = LikelihoodArg::Categorical)]
-    pub likelihood: LikelihoodArg,
+    /// The likelihood the outputs define [default: categorical].
+    #[arg(long, value_enum)]
+    pub likelihood: Option<LikelihoodArg>,
 
-    /// Which expectation over the labels.
-    #[arg(long, value_enum, default_value_t = VariantArg::True)]
-    pub variant: VariantArg,
+    /// Which expectation over the labels [default: true].
+    #[arg(long, value_enum)]
+    pub variant: Option<VariantArg>,
 
     /// Labels drawn per input for --variant mc [default: 1].
     #[arg(long, value_name = "K")]
@@ -161,17 +158,142 @@ pub struct ComputeArgs {
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
 
-    /// What to compute (see below).
+    /// Where to compute [default: auto].
     #[arg(long, value_enum)]
-    pub form: Option<FormArg>,
-
-    /// Where to compute.
-    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
-    pub backend: BackendArg,
+    pub backend: Option<BackendArg>,
 
     /// Use the GPU adapter whose name contains SUBSTR (case-insensitive; default: $FISHER_ADAPTER).
     #[arg(long, value_name = "SUBSTR")]
     pub adapter: Option<String>,
+
+    /// Instead of --weights: a seeded He-initialized MLP with these layer widths (input,
+    /// hidden..., output), e.g. 784,512,512,10; Linear layers at indices 0, 2, 4, ...
+    #[arg(long, value_name = "WIDTHS")]
+    pub synthetic_model: Option<String>,
+
+    /// Instead of --inputs/--labels: N seeded standard-normal inputs with uniformly drawn
+    /// class labels (categorical) or standard-normal targets (gaussian).
+    #[arg(long, value_name = "N")]
+    pub synthetic_samples: Option<usize>,
+
+    /// Seed of the synthetic model and data [default: 0].
+    #[arg(long, value_name = "S")]
+    pub synthetic_seed: Option<u64>,
+}
+
+impl ModelArgs {
+    /// Whether the model and data are to be built in memory (`--synthetic-model` or
+    /// `--synthetic-samples` given).
+    pub fn is_synthetic(&self) -> bool {
+        self.synthetic_model.is_some() || self.synthetic_samples.is_some()
+    }
+
+    /// Files or a synthetic problem: exactly one of the two, complete. Each refusal names the
+    /// flag at fault.
+    pub fn source(&self) -> anyhow::Result<Source> {
+        if self.is_synthetic() {
+            for (given, flag) in
+                [(self.weights.is_some(), "--weights"), (self.inputs.is_some(), "--inputs"), (self.labels.is_some(), "--labels")]
+            {
+                if given {
+                    return Err(usage(format!(
+                        "{flag} cannot be combined with --synthetic-model/--synthetic-samples (which build the model and the data in memory)"
+                    )));
+                }
+            }
+            let (Some(widths), Some(samples)) = (&self.synthetic_model, self.synthetic_samples) else {
+                return Err(usage("--synthetic-model WIDTHS and --synthetic-samples N go together"));
+            };
+            return parse_synthetic(widths, samples, self.synthetic_seed.unwrap_or(0));
+        }
+        if self.synthetic_seed.is_some() {
+            return Err(usage("--synthetic-seed only applies to --synthetic-model runs"));
+        }
+        let missing: Vec<&str> = [
+            (self.weights.is_none(), "--weights M.safetensors"),
+            (self.inputs.is_none(), "--inputs X.npy"),
+            (self.labels.is_none(), "--labels y.npy"),
+        ]
+        .into_iter()
+        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .collect();
+        if !missing.is_empty() {
+            return Err(usage(format!(
+                "missing {} (or build a model and data in memory with --synthetic-model WIDTHS --synthetic-samples N)",
+                missing.join(", ")
+            )));
+        }
+        Ok(Source::Files {
+            weights: self.weights.clone().expect("checked"),
+            inputs: self.inputs.clone().expect("checked"),
+            labels: self.labels.clone().expect("checked"),
+        })
+    }
+
+    /// The variant; `--mc-samples` and `--seed` only with `--variant mc`.
+    pub fn variant(&self) -> anyhow::Result<Variant> {
+        if self.mc_samples == Some(0) {
+            return Err(usage("--mc-samples must be at least 1"));
+        }
+        let variant = self.variant.unwrap_or(VariantArg::True);
+        if variant != VariantArg::Mc {
+            if self.mc_samples.is_some() {
+                return Err(usage("--mc-samples only applies to --variant mc"));
+            }
+            if self.seed.is_some() {
+                return Err(usage(
+                    "--seed only applies to --variant mc (the label draws); the synthetic model's seed is --synthetic-seed",
+                ));
+            }
+        }
+        Ok(match variant {
+            VariantArg::Empirical => Variant::Empirical,
+            VariantArg::True => Variant::True,
+            VariantArg::Mc => Variant::MonteCarlo { samples: self.mc_samples.unwrap_or(1), seed: self.seed.unwrap_or(0) },
+        })
+    }
+
+    /// The likelihood (categorical unless `--likelihood gaussian`).
+    pub fn likelihood(&self) -> Likelihood {
+        match self.likelihood.unwrap_or(LikelihoodArg::Categorical) {
+            LikelihoodArg::Categorical => Likelihood::Categorical,
+            LikelihoodArg::Gaussian => Likelihood::Gaussian,
+        }
+    }
+
+    /// The backend and the adapter choice; `--adapter` needs a GPU and a non-empty name.
+    pub fn backend(&self) -> anyhow::Result<(Backend, GpuOptions)> {
+        let backend = match self.backend.unwrap_or(BackendArg::Auto) {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Gpu => Backend::Gpu,
+            BackendArg::Cpu => Backend::Cpu,
+        };
+        if backend == Backend::Cpu && self.adapter.is_some() {
+            return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
+        }
+        if self.adapter.as_deref() == Some("") {
+            return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
+        }
+        Ok((backend, GpuOptions { adapter: self.adapter.clone(), ..Default::default() }))
+    }
+}
+
+/// Raw flags of `fisher compute`.
+#[derive(Debug, Args)]
+pub struct ComputeArgs {
+    /// The activation after every Linear layer but the last: relu, tanh, sigmoid, gelu
+    /// (exact, erf) or identity; or a JSON list with one per gap, e.g. '["tanh","relu"]',
+    /// inline or in a .json file.
+    #[arg(long, value_name = "NAME|JSON|FILE")]
+    pub activation: String,
+
+    /// Model, data, variant and backend.
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// What to compute (see below).
+    #[arg(long, value_enum)]
+    pub form: Option<FormArg>,
 
     /// Output safetensors file. Written atomically: complete or absent.
     #[arg(long, value_name = "F.safetensors")]
@@ -194,20 +316,6 @@ pub struct ComputeArgs {
     /// Print nothing on success (errors are still reported).
     #[arg(long, conflicts_with = "json")]
     pub quiet: bool,
-
-    /// Instead of --weights: a seeded He-initialized MLP with these layer widths (input,
-    /// hidden..., output), e.g. 784,512,512,10; Linear layers at indices 0, 2, 4, ...
-    #[arg(long, value_name = "WIDTHS")]
-    pub synthetic_model: Option<String>,
-
-    /// Instead of --inputs/--labels: N seeded standard-normal inputs with uniformly drawn
-    /// class labels (categorical) or standard-normal targets (gaussian).
-    #[arg(long, value_name = "N")]
-    pub synthetic_samples: Option<usize>,
-
-    /// Seed of the synthetic model and data [default: 0].
-    #[arg(long, value_name = "S")]
-    pub synthetic_seed: Option<u64>,
 
     /// Write the synthetic model as a PyTorch state-dict safetensors file.
     #[arg(long, value_name = "M.safetensors")]
@@ -278,76 +386,16 @@ impl ComputeConfig {
     /// Validates raw flags. Cross-flag rules are checked here, not (only) by clap, so that
     /// each refusal names the flag at fault.
     pub fn from_args(args: ComputeArgs) -> anyhow::Result<Self> {
-        let synthetic = args.synthetic_model.is_some() || args.synthetic_samples.is_some();
-        let source = if synthetic {
-            for (given, flag) in
-                [(args.weights.is_some(), "--weights"), (args.inputs.is_some(), "--inputs"), (args.labels.is_some(), "--labels")]
-            {
-                if given {
-                    return Err(usage(format!(
-                        "{flag} cannot be combined with --synthetic-model/--synthetic-samples (which build the model and the data in memory)"
-                    )));
-                }
-            }
-            let (Some(widths), Some(samples)) = (&args.synthetic_model, args.synthetic_samples) else {
-                return Err(usage("--synthetic-model WIDTHS and --synthetic-samples N go together"));
-            };
-            parse_synthetic(widths, samples, args.synthetic_seed.unwrap_or(0))?
-        } else {
-            for (given, flag) in [
-                (args.synthetic_seed.is_some(), "--synthetic-seed"),
-                (args.save_model.is_some(), "--save-model"),
-                (args.save_data.is_some(), "--save-data"),
-            ] {
+        if !args.model.is_synthetic() {
+            for (given, flag) in [(args.save_model.is_some(), "--save-model"), (args.save_data.is_some(), "--save-data")] {
                 if given {
                     return Err(usage(format!("{flag} only applies to --synthetic-model runs")));
                 }
             }
-            let missing: Vec<&str> = [
-                (args.weights.is_none(), "--weights M.safetensors"),
-                (args.inputs.is_none(), "--inputs X.npy"),
-                (args.labels.is_none(), "--labels y.npy"),
-            ]
-            .into_iter()
-            .filter_map(|(missing, flag)| missing.then_some(flag))
-            .collect();
-            if !missing.is_empty() {
-                return Err(usage(format!(
-                    "missing {} (or build a model and data in memory with --synthetic-model WIDTHS --synthetic-samples N)",
-                    missing.join(", ")
-                )));
-            }
-            Source::Files {
-                weights: args.weights.expect("checked"),
-                inputs: args.inputs.expect("checked"),
-                labels: args.labels.expect("checked"),
-            }
-        };
-
-        if args.mc_samples == Some(0) {
-            return Err(usage("--mc-samples must be at least 1"));
         }
-        if args.variant != VariantArg::Mc {
-            if args.mc_samples.is_some() {
-                return Err(usage("--mc-samples only applies to --variant mc"));
-            }
-            if args.seed.is_some() {
-                return Err(usage(
-                    "--seed only applies to --variant mc (the label draws); the synthetic model's seed is --synthetic-seed",
-                ));
-            }
-        }
-        let variant = match args.variant {
-            VariantArg::Empirical => Variant::Empirical,
-            VariantArg::True => Variant::True,
-            VariantArg::Mc => {
-                Variant::MonteCarlo { samples: args.mc_samples.unwrap_or(1), seed: args.seed.unwrap_or(0) }
-            }
-        };
-        let likelihood = match args.likelihood {
-            LikelihoodArg::Categorical => Likelihood::Categorical,
-            LikelihoodArg::Gaussian => Likelihood::Gaussian,
-        };
+        let source = args.model.source()?;
+        let variant = args.model.variant()?;
+        let likelihood = args.model.likelihood();
         let activation = ActivationSpec::parse(&args.activation)
             .map_err(|e| anyhow::Error::new(e).context("bad --activation"))?;
 
@@ -365,17 +413,7 @@ impl ComputeConfig {
             (None, None) => return Err(usage("--form full|diag|layer|kfac|grads|norms and --out F.safetensors are required")),
         }
 
-        let backend = match args.backend {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Gpu => Backend::Gpu,
-            BackendArg::Cpu => Backend::Cpu,
-        };
-        if backend == Backend::Cpu && args.adapter.is_some() {
-            return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
-        }
-        if args.adapter.as_deref() == Some("") {
-            return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
-        }
+        let (backend, gpu) = args.model.backend()?;
         if !(args.max_result_gib.is_finite() && args.max_result_gib > 0.0) {
             return Err(usage(format!("--max-result-gib must be a positive number, not {}", args.max_result_gib)));
         }
@@ -394,7 +432,7 @@ impl ComputeConfig {
             variant,
             form,
             backend,
-            gpu: GpuOptions { adapter: args.adapter, ..Default::default() },
+            gpu,
             out: args.out,
             verify: args.verify,
             max_result_bytes: (args.max_result_gib * (1u64 << 30) as f64) as u128,
@@ -612,11 +650,21 @@ fn check_result_size(cfg: &ComputeConfig, mlp: &Mlp, samples: usize, rows: usize
 
 /// Loads (or builds) the model and the data, and checks them against each other.
 fn load(cfg: &ComputeConfig) -> anyhow::Result<(Mlp, Dataset)> {
-    match &cfg.source {
+    load_model_and_data(&cfg.source, &cfg.activation, cfg.likelihood)
+}
+
+/// Loads the model and the data from files, or builds the synthetic problem, and checks them
+/// against each other (the files at fault are named).
+pub fn load_model_and_data(
+    source: &Source,
+    activation: &ActivationSpec,
+    likelihood: Likelihood,
+) -> anyhow::Result<(Mlp, Dataset)> {
+    match source {
         Source::Files { weights, inputs, labels } => {
-            let mlp = Mlp::from_safetensors(weights, &cfg.activation)?;
-            let data = Dataset::from_npy(inputs, labels, cfg.likelihood)?;
-            data.validate(&mlp, cfg.likelihood).with_context(|| {
+            let mlp = Mlp::from_safetensors(weights, activation)?;
+            let data = Dataset::from_npy(inputs, labels, likelihood)?;
+            data.validate(&mlp, likelihood).with_context(|| {
                 format!(
                     "{} and {} do not fit the model {}",
                     inputs.display(),
@@ -627,7 +675,7 @@ fn load(cfg: &ComputeConfig) -> anyhow::Result<(Mlp, Dataset)> {
             Ok((mlp, data))
         }
         Source::Synthetic { widths, samples, seed } => {
-            let (mlp, data) = synthetic_problem(widths, *samples, *seed, &cfg.activation, cfg.likelihood)
+            let (mlp, data) = synthetic_problem(widths, *samples, *seed, activation, likelihood)
                 .context("building the synthetic model")?;
             Ok((mlp, data))
         }
@@ -773,7 +821,7 @@ pub fn metadata(
 }
 
 /// Input width, then every layer's output width.
-fn widths_of(mlp: &Mlp) -> Vec<usize> {
+pub fn widths_of(mlp: &Mlp) -> Vec<usize> {
     std::iter::once(mlp.input_dim()).chain(mlp.layers.iter().map(Linear::fan_out)).collect()
 }
 

@@ -1,0 +1,484 @@
+//! `fisher report` end to end: the exact forms against `analysis::measures_exact` on the f64
+//! reference Fisher, the implicit form against the exact one (Lanczos top eigenvalues, SLQ
+//! within its error bars), stored results (`--fisher`) against computing directly, the plot,
+//! the table, a GPU run, and every bad input (message, exit status, no plot left behind).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use fisher_engine::analysis::{measures_exact, ExplicitFisher, MeasureOptions, ParameterLayout};
+use fisher_engine::nn::{self, ActivationSpec, Dataset, Likelihood, Mlp, NetForm, Variant};
+use serde_json::Value;
+
+const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// The model every test analyses: P = 12·9 + 4·13 = 160 parameters, N = 30 samples, true
+/// Fisher with R = 4 rows per sample, so rank F ≤ N·R = 120 < P (a null space, as in large
+/// networks).
+const WIDTHS: &str = "8,12,4";
+const SAMPLES: &str = "30";
+const P: usize = 160;
+/// α and λ on the scale of this spectrum (λ_max ≈ 1), so that the f32 rounding of F (≈10⁻⁷
+/// of λ_max) moves the small-eigenvalue measures by well under 10⁻⁵ of themselves.
+const ALPHA: f64 = 1e-2;
+const DAMPING: f64 = 1e-2;
+
+/// The keys the issue asks `--json` for.
+const KEYS: [&str; 13] = [
+    "parameters",
+    "samples",
+    "trace",
+    "frobenius",
+    "top_eigenvalues",
+    "logdet",
+    "damping",
+    "effective_dimension",
+    "abbas_effective_dimension",
+    "fisher_rao_norm",
+    "condition_number",
+    "stable_rank",
+    "inter_layer_coupling",
+];
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn fisher(args: &[&str]) -> Run {
+    let Output { status, stdout, stderr } =
+        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
+    Run {
+        code: status.code().expect("fisher exited by a signal"),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+#[track_caller]
+fn succeeds(run: &Run) {
+    assert_eq!(run.code, 0, "stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
+}
+
+#[track_caller]
+fn json(run: &Run) -> Value {
+    succeeds(run);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json prints one line: {}", run.stdout);
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+/// Asserts a failure with `code` whose single `fisher: error:` line contains every needle.
+#[track_caller]
+fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
+    assert_eq!(run.code, code, "exit status; stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
+    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("fisher:")).collect();
+    assert_eq!(lines.len(), 1, "expected one `fisher:` line on stderr, got:\n{}", run.stderr);
+    assert!(lines[0].starts_with("fisher: error: "), "{}", lines[0]);
+    for needle in needles {
+        assert!(lines[0].contains(needle), "message {:?} does not mention {needle:?}", lines[0]);
+    }
+    assert!(run.stdout.is_empty(), "a failed run printed to stdout: {}", run.stdout);
+}
+
+/// The model and data files, and stored results of `fisher compute`, shared by the tests.
+struct Files {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    weights: PathBuf,
+    inputs: PathBuf,
+    labels: PathBuf,
+}
+
+impl Files {
+    fn stored(&self, form: &str) -> PathBuf {
+        self.dir.join(format!("F_{form}.safetensors"))
+    }
+}
+
+fn files() -> &'static Files {
+    static FILES: OnceLock<Files> = OnceLock::new();
+    FILES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let weights = path.join("M.safetensors");
+        let data = path.join("data");
+        succeeds(&fisher(&[
+            "compute", "--synthetic-model", WIDTHS, "--synthetic-samples", SAMPLES, "--synthetic-seed", "5",
+            "--activation", "tanh", "--save-model", s(&weights), "--save-data", s(&data), "--quiet",
+        ]));
+        let files =
+            Files { _dir: dir, dir: path, weights, inputs: data.join("inputs.npy"), labels: data.join("labels.npy") };
+        for form in ["full", "diag", "layer", "kfac", "norms"] {
+            succeeds(&fisher(&[
+                "compute", "--weights", s(&files.weights), "--activation", "tanh", "--inputs", s(&files.inputs),
+                "--labels", s(&files.labels), "--backend", "cpu", "--form", form, "--out", s(&files.stored(form)),
+                "--quiet",
+            ]));
+        }
+        files
+    })
+}
+
+/// `fisher report` on the shared model and data with `extra` flags.
+fn report(extra: &[&str]) -> Run {
+    let f = files();
+    let mut args = vec![
+        "report", "--weights", s(&f.weights), "--activation", "tanh", "--inputs", s(&f.inputs), "--labels",
+        s(&f.labels),
+    ];
+    args.extend_from_slice(extra);
+    fisher(&args)
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key} is not a number: {}", v[key]))
+}
+
+fn nums(v: &Value, key: &str) -> Vec<f64> {
+    v[key].as_array().unwrap_or_else(|| panic!("{key} is not an array")).iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+#[track_caller]
+fn close(got: f64, want: f64, rel: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= rel * want.abs().max(1e-300),
+        "{what}: {got:e} vs {want:e} (relative {:.2e} > {rel:.0e})",
+        (got - want).abs() / want.abs()
+    );
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn full_form_matches_the_exact_measures_of_the_f64_reference() {
+    let f = files();
+    let (alpha, damping) = (ALPHA.to_string(), DAMPING.to_string());
+    let v = json(&report(&[
+        "--form", "full", "--backend", "cpu", "--top", "6", "--alpha", &format!("{alpha},0.1"), "--damping", &damping,
+        "--json",
+    ]));
+    for key in KEYS {
+        assert!(v.get(key).is_some_and(|x| !x.is_null()), "--json lacks {key}: {v}");
+    }
+    assert_eq!(v["parameters"], P);
+    assert_eq!(v["samples"], 30);
+    assert_eq!(v["form"], "full");
+    assert_eq!(v["method"], "exact");
+    assert_eq!(v["fv_products"], 0);
+    assert!(v["backend"].as_str().unwrap().starts_with("cpu"), "{}", v["backend"]);
+    assert_eq!(v["effective_dimensions"].as_array().unwrap().len(), 2);
+
+    // The f64 reference Fisher, analysed with the same options by the library.
+    let spec = ActivationSpec::parse("tanh").unwrap();
+    let mlp = Mlp::from_safetensors(&f.weights, &spec).unwrap();
+    let data = Dataset::from_npy(&f.inputs, &f.labels, Likelihood::Categorical).unwrap();
+    let reference = nn::reference::fisher(&mlp, &data, Likelihood::Categorical, Variant::True, NetForm::Full).unwrap();
+    let layout = ParameterLayout::from_mlp(&mlp).unwrap();
+    let exact = ExplicitFisher::from_net(&reference, Some(&layout)).unwrap();
+    let theta: Vec<f64> = mlp.parameters().iter().map(|&x| f64::from(x)).collect();
+    let options = MeasureOptions {
+        alpha: ALPHA,
+        damping: DAMPING,
+        top: 6,
+        samples: Some(30),
+        theta: Some(&theta),
+        layout: Some(&layout),
+        ..Default::default()
+    };
+    let m = measures_exact(&exact, &options).unwrap();
+    let tol = 1e-5;
+    close(num(&v, "trace"), m.trace, tol, "trace");
+    close(num(&v, "frobenius"), m.frobenius, tol, "frobenius");
+    for (got, want) in nums(&v, "top_eigenvalues").iter().zip(&m.top_eigenvalues) {
+        close(*got, *want, tol, "top eigenvalue");
+    }
+    assert_eq!(nums(&v, "top_eigenvalues").len(), 6);
+    close(num(&v, "logdet"), m.logdet, tol, "logdet");
+    close(num(&v, "effective_dimension"), m.effective_dimension, tol, "d_eff");
+    close(v["effective_dimensions"][0]["value"].as_f64().unwrap(), m.effective_dimension, tol, "d_eff[0]");
+    let other = measures_exact(&exact, &MeasureOptions { alpha: 0.1, ..options.clone() }).unwrap();
+    close(v["effective_dimensions"][1]["value"].as_f64().unwrap(), other.effective_dimension, tol, "d_eff(0.1)");
+    close(num(&v, "abbas_effective_dimension"), m.abbas_effective_dimension.unwrap(), tol, "Abbas");
+    close(num(&v, "fisher_rao_norm"), m.fisher_rao_norm.unwrap(), tol, "Fisher–Rao norm");
+    close(num(&v, "condition_number"), m.condition_number.unwrap(), tol, "condition number");
+    close(num(&v, "stable_rank"), m.stable_rank, tol, "stable rank");
+    close(num(&v, "spectral_entropy"), m.spectral_entropy, tol, "spectral entropy");
+    close(num(&v, "inter_layer_coupling"), m.inter_layer_coupling.unwrap(), tol, "inter-layer coupling");
+    let units = nums(&v, "inter_unit_coupling");
+    assert_eq!(units.len(), 2);
+    for (got, want) in units.iter().zip(&m.inter_unit_coupling) {
+        close(*got, want.unwrap(), tol, "inter-unit coupling");
+    }
+}
+
+#[test]
+fn implicit_form_agrees_with_the_exact_spectrum() {
+    let damping = DAMPING.to_string();
+    let alpha = ALPHA.to_string();
+    let full = json(&report(&["--form", "full", "--backend", "cpu", "--top", "5", "--damping", &damping, "--alpha", &alpha, "--json"]));
+    let implicit = json(&report(&[
+        "--form", "implicit", "--backend", "cpu", "--top", "5", "--damping", &damping, "--alpha", &alpha, "--probes",
+        "24", "--lanczos-steps", "40", "--top-tol", "1e-8", "--top-iterations", "200", "--json",
+    ]));
+    assert_eq!(implicit["form"], "implicit");
+    assert_eq!(implicit["method"], "stochastic");
+    assert_eq!(implicit["lanczos_converged"], true);
+    for key in KEYS {
+        assert!(implicit.get(key).is_some_and(|x| !x.is_null()), "--json lacks {key}: {implicit}");
+    }
+    // Lanczos on the implicit F·v against the dense eigensolver on the computed F.
+    for (got, want) in nums(&implicit, "top_eigenvalues").iter().zip(nums(&full, "top_eigenvalues")) {
+        close(*got, want, 1e-5, "top eigenvalue");
+    }
+    // Exact in both: tr F (mean of the per-sample norms), θᵀFθ, and the condition number
+    // (rank ≤ N·R = 120 < P, so λ_min = 0 and the damped condition is (λ_max + λ)/λ).
+    close(num(&implicit, "trace"), num(&full, "trace"), 1e-5, "trace");
+    close(num(&implicit, "fisher_rao_norm"), num(&full, "fisher_rao_norm"), 1e-5, "Fisher–Rao norm");
+    close(num(&implicit, "condition_number"), num(&full, "condition_number"), 1e-5, "condition number");
+    // SLQ within 4 error bars (statistical plus the quadrature bound) of the exact values.
+    let bars = &implicit["error_bars"];
+    for (key, quadrature) in [
+        ("logdet", true),
+        ("effective_dimension", true),
+        ("abbas_effective_dimension", true),
+        ("spectral_entropy", true),
+        ("frobenius", false),
+        ("inter_layer_coupling", false),
+    ] {
+        let (got, want) = (num(&implicit, key), num(&full, key));
+        let mut bar = bars[key].as_f64().unwrap();
+        if quadrature {
+            bar += bars["quadrature"][key].as_f64().unwrap();
+        }
+        assert!(bar > 0.0 && bar.is_finite(), "{key}: error bar {bar}");
+        assert!((got - want).abs() <= 4.0 * bar, "{key}: SLQ {got} ± {bar} vs exact {want}");
+    }
+    // The F·v accounting: SLQ probes × steps + Lanczos + θ + coupling rounds × layers.
+    let lanczos_steps = 40;
+    let fv = implicit["fv_products"].as_u64().unwrap() as usize;
+    assert!(fv > 24 * lanczos_steps + 1 + 4 * 2 && fv <= 24 * lanczos_steps + 200 + 1 + 4 * 2, "F·v count {fv}");
+    assert_eq!(implicit["implicit"]["rank_bound"], 120);
+}
+
+#[test]
+fn stored_results_give_the_measures_of_computing_directly() {
+    let f = files();
+    let ignored = ["seconds", "input", "plot", "notes"];
+    let same = |a: &Value, b: &Value, form: &str| {
+        let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
+        for (key, value) in a {
+            if ignored.contains(&key.as_str()) {
+                continue;
+            }
+            assert_eq!(Some(value), b.get(key), "{form}: {key} differs");
+        }
+    };
+    for form in ["full", "diag", "layer", "kfac"] {
+        let direct = json(&report(&["--form", form, "--backend", "cpu", "--json"]));
+        let stored = json(&fisher(&[
+            "report", "--fisher", s(&f.stored(form)), "--weights", s(&f.weights), "--json",
+        ]));
+        same(&direct, &stored, form);
+        assert_eq!(stored["form"], form);
+        assert_eq!(stored["samples"], 30, "N comes from the metadata");
+        // Without the model: no θ, so no Fisher–Rao norm; KFAC and the layer blocks take the
+        // layer shapes from the metadata.
+        let bare = json(&fisher(&["report", "--fisher", s(&f.stored(form)), "--json"]));
+        assert!(bare["fisher_rao_norm"].is_null(), "{form}: {}", bare["fisher_rao_norm"]);
+        for key in ["trace", "logdet", "effective_dimension", "abbas_effective_dimension", "top_eigenvalues"] {
+            assert_eq!(bare[key], direct[key], "{form}: {key}");
+        }
+        assert_eq!(bare["inter_unit_coupling"], direct["inter_unit_coupling"], "{form}: shapes from the metadata");
+    }
+}
+
+#[test]
+fn reduce_results_full_gram_and_blocks() {
+    // Per-sample gradients with N = 40 < P = 60: F has 20 zero eigenvalues; its Gram dual
+    // K = GGᵀ/N holds the 40 others.
+    let dir = tempfile::tempdir().unwrap();
+    let out = |form: &str| dir.path().join(format!("{}.safetensors", form.replace([':', ','], "_")));
+    for form in ["full", "gram", "blocks:20,40"] {
+        succeeds(&fisher(&[
+            "reduce", "--synthetic", "40,60", "--seed", "3", "--form", form, "--backend", "cpu", "--out",
+            s(&out(form)), "--quiet",
+        ]));
+    }
+    let report = |form: &str| json(&fisher(&["report", "--fisher", s(&out(form)), "--top", "5", "--json"]));
+    let (full, gram, blocks) = (report("full"), report("gram"), report("blocks:20,40"));
+    assert_eq!(gram["parameters"], 60, "P from the metadata");
+    assert_eq!(gram["form"], "gram");
+    assert_eq!(blocks["form"], "blocks:20,40");
+    assert_eq!(full["samples"], 40);
+    for key in ["trace", "frobenius", "logdet", "effective_dimension", "abbas_effective_dimension", "stable_rank"] {
+        close(num(&gram, key), num(&full, key), 1e-5, &format!("gram vs full {key}"));
+    }
+    for (g, f) in nums(&gram, "top_eigenvalues").iter().zip(nums(&full, "top_eigenvalues")) {
+        close(*g, f, 1e-5, "gram vs full top eigenvalue");
+    }
+    // The blocks hold the diagonal blocks of the same F: the same trace, a smaller ‖F‖_F.
+    close(num(&blocks, "trace"), num(&full, "trace"), 1e-5, "blocks trace");
+    assert!(num(&blocks, "frobenius") < num(&full, "frobenius"));
+    assert!(gram["fisher_rao_norm"].is_null() && gram["inter_layer_coupling"].is_null());
+}
+
+#[test]
+fn plots_are_written_for_exact_and_implicit_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("spectrum.png");
+    let v = json(&report(&["--form", "full", "--backend", "cpu", "--plot", s(&png), "--json"]));
+    assert_eq!(v["plot"], s(&png));
+    assert!(std::fs::read(&png).unwrap().starts_with(PNG_SIGNATURE));
+    let png2 = dir.path().join("implicit.png");
+    succeeds(&report(&["--form", "implicit", "--backend", "cpu", "--plot", s(&png2), "--quiet"]));
+    assert!(std::fs::read(&png2).unwrap().starts_with(PNG_SIGNATURE));
+    let svg = dir.path().join("stored.SVG");
+    succeeds(&fisher(&["report", "--fisher", s(&files().stored("kfac")), "--plot", s(&svg), "--quiet"]));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    assert_eq!(names_in(dir.path()), ["implicit.png", "spectrum.png", "stored.SVG"]);
+}
+
+#[test]
+fn table_says_what_is_exact_and_what_is_estimated() {
+    let run = report(&["--form", "implicit", "--backend", "cpu", "--alpha", "1e-3,1e-2"]);
+    succeeds(&run);
+    let out = &run.stdout;
+    for needle in [
+        "P = 160 parameters, N = 30 samples",
+        "tr F",
+        "top eigenvalues (10)",
+        "log det(F + λI)",
+        "d_eff(α = 1.0e-03)",
+        "d_eff(α = 1.0e-02)",
+        "Abbas d_n (n = 30)",
+        "Fisher–Rao norm",
+        "condition number",
+        "stable rank",
+        "spectral entropy",
+        "inter-layer coupling",
+        "Exact: trace",
+        "Estimated (± one standard error",
+        "F·v products:",
+        "seconds",
+        "quadrature",
+    ] {
+        assert!(out.contains(needle), "table lacks {needle:?}:\n{out}");
+    }
+    assert!(run.stderr.is_empty(), "no progress bar off a terminal: {}", run.stderr);
+    let exact = report(&["--backend", "cpu"]);
+    succeeds(&exact);
+    assert!(exact.stdout.contains("--form auto: full, since P = 160"), "{}", exact.stdout);
+    assert!(exact.stdout.contains("Every measure is exact"), "{}", exact.stdout);
+    let quiet = report(&["--backend", "cpu", "--quiet"]);
+    succeeds(&quiet);
+    assert!(quiet.stdout.is_empty() && quiet.stderr.is_empty());
+}
+
+#[test]
+fn synthetic_models_need_no_files() {
+    let v = json(&fisher(&[
+        "report", "--synthetic-model", "6,9,3", "--synthetic-samples", "25", "--activation", "relu", "--backend", "cpu",
+        "--form", "kfac", "--json",
+    ]));
+    assert_eq!(v["parameters"], 9 * 7 + 3 * 10);
+    assert_eq!(v["form"], "kfac");
+    assert_eq!(v["layers"], serde_json::json!([6, 9, 3]));
+}
+
+#[test]
+fn gpu_agrees_with_cpu() {
+    if common::gpu_context("gpu_agrees_with_cpu").is_none() {
+        return;
+    }
+    for form in ["full", "implicit"] {
+        let cpu = json(&report(&["--form", form, "--backend", "cpu", "--top", "5", "--json"]));
+        let gpu = json(&report(&["--form", form, "--backend", "gpu", "--top", "5", "--json"]));
+        assert!(!gpu["backend"].as_str().unwrap().starts_with("cpu"), "{}", gpu["backend"]);
+        for key in ["trace", "logdet", "effective_dimension", "fisher_rao_norm", "stable_rank", "spectral_entropy"] {
+            close(num(&gpu, key), num(&cpu, key), 1e-4, &format!("{form} {key}"));
+        }
+        for (g, c) in nums(&gpu, "top_eigenvalues").iter().zip(nums(&cpu, "top_eigenvalues")) {
+            close(*g, c, 1e-4, &format!("{form} top eigenvalue"));
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_and_write_nothing() {
+    let f = files();
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("s.png");
+    let plot = ["--plot", s(&png)];
+    let with_plot = |extra: &[&str]| {
+        let mut args = extra.to_vec();
+        args.extend_from_slice(&plot);
+        report(&args)
+    };
+    assert_fails(&with_plot(&["--form", "full", "--probes", "4"]), 2, &["--probes", "only applies to --form implicit"]);
+    assert_fails(&with_plot(&["--samples-n", "5"]), 2, &["--samples-n", "19"]);
+    assert_fails(&with_plot(&["--alpha", "0"]), 2, &["--alpha", "positive"]);
+    assert_fails(&with_plot(&["--top", "0"]), 2, &["--top"]);
+    assert_fails(&with_plot(&["--form", "implicit", "--damping", "0"]), 2, &["--damping", "implicit"]);
+    assert_fails(&with_plot(&["--form", "implicit", "--probes", "1"]), 2, &["--probes", "at least 2"]);
+    assert_fails(&with_plot(&["--inputs", s(&f.labels)]), 2, &["--inputs"]);
+    assert_fails(&report(&["--plot", s(&dir.path().join("s.jpg"))]), 2, &["--plot", ".png or .svg"]);
+    assert_fails(&report(&["--plot", s(&dir.path().join("missing/s.png"))]), 2, &["--plot", "does not exist"]);
+    let no_activation = fisher(&[
+        "report", "--weights", s(&f.weights), "--inputs", s(&f.inputs), "--labels", s(&f.labels), "--plot", s(&png),
+    ]);
+    assert_fails(&no_activation, 2, &["--activation"]);
+    // Too large to analyse densely: refused before anything is computed.
+    let dense = fisher(&[
+        "report", "--synthetic-model", "100,150,10", "--synthetic-samples", "20", "--activation", "tanh", "--form",
+        "full", "--plot", s(&png),
+    ]);
+    assert_fails(&dense, 2, &["--form full", "--form implicit"]);
+
+    // Stored results.
+    let stored = |extra: &[&str]| {
+        let mut args = vec!["report", "--plot", s(&png)];
+        args.extend_from_slice(extra);
+        fisher(&args)
+    };
+    let full = f.stored("full");
+    assert_fails(&stored(&["--fisher", s(&full), "--inputs", s(&f.inputs)]), 2, &["--inputs", "--fisher"]);
+    assert_fails(&stored(&["--fisher", s(&full), "--form", "full"]), 2, &["--form", "--fisher"]);
+    assert_fails(&stored(&["--fisher", s(&full), "--variant", "empirical"]), 2, &["--variant", "--fisher"]);
+    assert_fails(&stored(&["--fisher", s(&full), "--probes", "4"]), 2, &["--probes", "implicit"]);
+    assert_fails(&stored(&["--fisher", s(&f.stored("norms"))]), 2, &["norms", "only tr F"]);
+    assert_fails(&stored(&["--fisher", s(&f.inputs)]), 2, &["inputs.npy", "safetensors"]);
+    assert_fails(&stored(&["--fisher", s(&dir.path().join("none.safetensors"))]), 2, &["none.safetensors"]);
+    // A model of another size.
+    let other = dir.path().join("other.safetensors");
+    succeeds(&fisher(&[
+        "compute", "--synthetic-model", "3,2", "--synthetic-samples", "4", "--activation", "tanh", "--save-model",
+        s(&other), "--quiet",
+    ]));
+    assert_fails(&stored(&["--fisher", s(&full), "--weights", s(&other)]), 2, &["8 parameters", "160"]);
+    // KFAC factors without metadata and without the model: the bias column is unknown.
+    let bare = dir.path().join("bare_kfac.safetensors");
+    let (tensors, _) = fisher_engine::io::read_safetensors(&f.stored("kfac")).unwrap();
+    fisher_engine::io::write_safetensors_atomic(&bare, &tensors, None).unwrap();
+    assert_fails(&stored(&["--fisher", s(&bare)]), 2, &["layer shapes", "--weights"]);
+    // With the model it works.
+    succeeds(&fisher(&["report", "--fisher", s(&bare), "--weights", s(&f.weights), "--quiet"]));
+
+    let mut left = names_in(dir.path());
+    left.retain(|n| n != "other.safetensors" && n != "bare_kfac.safetensors");
+    assert!(left.is_empty(), "a failed run left {left:?}");
+}
