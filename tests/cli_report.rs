@@ -5,15 +5,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use common::cli::{assert_dir_holds, assert_fails, fisher, json, names_in, s, succeeds, temp, Run};
 use fisher_engine::analysis::{measures_exact, ExplicitFisher, MeasureOptions, ParameterLayout};
 use fisher_engine::nn::{self, ActivationSpec, Dataset, Likelihood, Mlp, NetForm, Variant};
 use serde_json::Value;
 
-const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
 /// The model every test analyses: P = 12·9 + 4·13 = 160 parameters, N = 30 samples, true
@@ -44,52 +43,6 @@ const KEYS: [&str; 13] = [
     "inter_layer_coupling",
 ];
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fisher(args: &[&str]) -> Run {
-    let Output { status, stdout, stderr } =
-        Command::new(FISHER).args(args).env_remove("FISHER_ADAPTER").output().expect("run fisher");
-    Run {
-        code: status.code().expect("fisher exited by a signal"),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-#[track_caller]
-fn succeeds(run: &Run) {
-    assert_eq!(run.code, 0, "stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-}
-
-#[track_caller]
-fn json(run: &Run) -> Value {
-    succeeds(run);
-    let lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "--json prints one line: {}", run.stdout);
-    serde_json::from_str(lines[0]).expect("valid JSON")
-}
-
-/// Asserts a failure with `code` whose single `fisher: error:` line contains every needle.
-#[track_caller]
-fn assert_fails(run: &Run, code: i32, needles: &[&str]) {
-    assert_eq!(run.code, code, "exit status; stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("fisher:")).collect();
-    assert_eq!(lines.len(), 1, "expected one `fisher:` line on stderr, got:\n{}", run.stderr);
-    assert!(lines[0].starts_with("fisher: error: "), "{}", lines[0]);
-    for needle in needles {
-        assert!(lines[0].contains(needle), "message {:?} does not mention {needle:?}", lines[0]);
-    }
-    assert!(run.stdout.is_empty(), "a failed run printed to stdout: {}", run.stdout);
-}
-
 /// The model and data files, and stored results of `fisher compute`, shared by the tests.
 struct Files {
     _dir: tempfile::TempDir,
@@ -108,7 +61,7 @@ impl Files {
 fn files() -> &'static Files {
     static FILES: OnceLock<Files> = OnceLock::new();
     FILES.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = temp();
         let path = dir.path().to_path_buf();
         let weights = path.join("M.safetensors");
         let data = path.join("data");
@@ -155,13 +108,6 @@ fn close(got: f64, want: f64, rel: f64, what: &str) {
         "{what}: {got:e} vs {want:e} (relative {:.2e} > {rel:.0e})",
         (got - want).abs() / want.abs()
     );
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    names
 }
 
 #[test]
@@ -311,7 +257,7 @@ fn stored_results_give_the_measures_of_computing_directly() {
 fn reduce_results_full_gram_and_blocks() {
     // Per-sample gradients with N = 40 < P = 60: F has 20 zero eigenvalues; its Gram dual
     // K = GGᵀ/N holds the 40 others.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = temp();
     let out = |form: &str| dir.path().join(format!("{}.safetensors", form.replace([':', ','], "_")));
     for form in ["full", "gram", "blocks:20,40"] {
         succeeds(&fisher(&[
@@ -339,7 +285,7 @@ fn reduce_results_full_gram_and_blocks() {
 
 #[test]
 fn plots_are_written_for_exact_and_implicit_forms() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = temp();
     let png = dir.path().join("spectrum.png");
     let v = json(&report(&["--form", "full", "--backend", "cpu", "--plot", s(&png), "--json"]));
     assert_eq!(v["plot"], s(&png));
@@ -350,7 +296,7 @@ fn plots_are_written_for_exact_and_implicit_forms() {
     let svg = dir.path().join("stored.SVG");
     succeeds(&fisher(&["report", "--fisher", s(&files().stored("kfac")), "--plot", s(&svg), "--quiet"]));
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
-    assert_eq!(names_in(dir.path()), ["implicit.png", "spectrum.png", "stored.SVG"]);
+    assert_dir_holds(dir.path(), &["implicit.png", "spectrum.png", "stored.SVG"]);
 }
 
 #[test]
@@ -421,7 +367,7 @@ fn gpu_agrees_with_cpu() {
 #[test]
 fn bad_inputs_are_refused_and_write_nothing() {
     let f = files();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = temp();
     let png = dir.path().join("s.png");
     let plot = ["--plot", s(&png)];
     let with_plot = |extra: &[&str]| {
