@@ -224,7 +224,7 @@ fn implicit_form_agrees_with_the_exact_spectrum() {
 #[test]
 fn stored_results_give_the_measures_of_computing_directly() {
     let f = files();
-    let ignored = ["seconds", "input", "plot", "notes"];
+    let ignored = ["seconds", "input", "plot", "notes", "stored"];
     let same = |a: &Value, b: &Value, form: &str| {
         let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
         for (key, value) in a {
@@ -241,6 +241,7 @@ fn stored_results_give_the_measures_of_computing_directly() {
         ]));
         same(&direct, &stored, form);
         assert_eq!(stored["form"], form);
+        assert_eq!((direct["stored"].as_bool(), stored["stored"].as_bool()), (Some(false), Some(true)));
         assert_eq!(stored["samples"], 30, "N comes from the metadata");
         // Without the model: no θ, so no Fisher–Rao norm; KFAC and the layer blocks take the
         // layer shapes from the metadata.

@@ -502,6 +502,8 @@ pub struct Outcome {
     pub adapter: Option<String>,
     /// Why Auto fell back to the CPU.
     pub fallback: Option<String>,
+    /// Whether a stored result was analysed (then `backend` is where it was computed).
+    pub stored: bool,
     /// Why `--form auto` chose what it chose.
     pub form_reason: Option<String>,
     /// Implicit-form settings.
@@ -700,6 +702,7 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
         backend: Some(engine.device_info()),
         adapter: device.adapter.clone(),
         fallback: device.fallback.clone(),
+        stored: false,
         form_reason,
         implicit: None,
         notes,
@@ -1089,6 +1092,21 @@ fn rebuild(
     Ok(Stored { form: label.unwrap_or(stored.form), ..stored })
 }
 
+/// `6-12-3 tanh MLP` from a stored result's widths and the activations in its metadata (those
+/// of `fisher compute`; `--activation` only reads the weights here).
+fn stored_architecture(widths: Option<&[usize]>, meta: &HashMap<String, String>) -> Option<String> {
+    let widths = widths?.iter().map(usize::to_string).collect::<Vec<_>>().join("-");
+    let mut names: Vec<String> =
+        meta.get("activations").and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+    let all = names.join("/");
+    names.dedup();
+    Some(match names.as_slice() {
+        [] => format!("{widths} MLP"),
+        [one] => format!("{widths} {one} MLP"),
+        _ => format!("{widths} {all} MLP"),
+    })
+}
+
 fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
     let ReportInput::Stored { path, weights, activation } = &cfg.input else {
         unreachable!("run_stored on a stored input")
@@ -1134,17 +1152,14 @@ fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
     let abbas_n = abbas_samples(cfg, samples, &mut notes);
     let options = measure_options(cfg, p, theta.as_deref(), layout.as_ref(), abbas_n);
     let widths: Option<Vec<usize>> = meta.get("layers").and_then(|v| serde_json::from_str(v).ok());
+    let model_widths: Option<Vec<usize>> = mlp.as_ref().map(widths_of);
     let mut outcome = Outcome {
         measures: None,
         effective_dimensions: Vec::new(),
         form: stored.form.clone(),
         samples,
-        architecture: mlp.as_ref().map(|m| {
-            // The activations of a stored result are in its metadata, not in --activation.
-            let widths = widths_of(m).iter().map(usize::to_string).collect::<Vec<_>>().join("-");
-            format!("{widths} MLP")
-        }),
-        layers: widths.or_else(|| mlp.as_ref().map(widths_of)),
+        architecture: stored_architecture(widths.as_deref().or(model_widths.as_deref()), &meta),
+        layers: widths.or(model_widths),
         layer_indices: meta
             .get("layer_indices")
             .and_then(|v| serde_json::from_str(v).ok())
@@ -1155,6 +1170,7 @@ fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
         backend: meta.get("backend").cloned(),
         adapter: None,
         fallback: None,
+        stored: true,
         form_reason: None,
         implicit: None,
         notes,
@@ -1248,7 +1264,11 @@ pub fn human(o: &Outcome) -> String {
         lines.push(format!("            ({why})"));
     }
     if let Some(b) = &o.backend {
-        lines.push(format!("  backend   {b}"));
+        if o.stored {
+            lines.push(format!("  computed  on {b} (the stored result's metadata)"));
+        } else {
+            lines.push(format!("  backend   {b}"));
+        }
     }
     if let Some(why) = &o.fallback {
         lines.push(format!("            (no GPU adapter: {why})"));
@@ -1379,6 +1399,7 @@ pub fn json_line(o: &Outcome) -> String {
         "samples": o.samples,
         "form": o.form,
         "backend": o.backend,
+        "stored": o.stored,
         "adapter": o.adapter,
         "variant": o.variant,
         "likelihood": o.likelihood,
