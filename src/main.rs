@@ -64,6 +64,7 @@ use cli::args::{Cli, Command, Input, ReduceConfig, Report};
 use cli::exit::{classify, one_line, Exit};
 
 fn main() -> ExitCode {
+    quiet_headless_environment();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     install_panic_report();
 
@@ -221,4 +222,25 @@ fn install_panic_report() {
         let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
         eprintln!("fisher: error: internal error (a bug; please report it): {message}{location}");
     }));
+}
+
+/// Process-wide settings a command-line tool needs, made first thing in `main`, while the
+/// process has one thread (so changing the environment is sound):
+///
+/// * SIGPIPE back to its default action, so that `fisher … | head` ends quietly when `head`
+///   closes the pipe, like every Unix tool, instead of failing on a write to stdout (Rust
+///   ignores SIGPIPE by default).
+/// * `XDG_RUNTIME_DIR`, when unset, pointed at the temporary directory: Mesa's Vulkan and EGL
+///   drivers look for a Wayland display while adapters are enumerated and otherwise print
+///   "XDG_RUNTIME_DIR is invalid or not set" on every headless run. Compute needs no display;
+///   the connection attempt then fails silently.
+fn quiet_headless_environment() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of a signal has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
 }
