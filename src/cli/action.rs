@@ -22,8 +22,8 @@ use fisher_engine::progress::Progress;
 use fisher_engine::{Backend, FisherError};
 use serde_json::json;
 
-use super::args::{BackendArg, Report};
-use super::compute::{likelihood_name, variant_name, LikelihoodArg, VariantArg};
+use super::args::{BackendArgs, Report};
+use super::compute::{likelihood_name, variant_name, VariantArgs};
 use super::exit::usage;
 use super::reduce::open_device;
 
@@ -54,33 +54,17 @@ pub struct ActionArgs {
     #[arg(long, value_name = "y.npy")]
     pub labels: PathBuf,
 
-    /// The likelihood the outputs define.
-    #[arg(long, value_enum, default_value_t = LikelihoodArg::Categorical)]
-    pub likelihood: LikelihoodArg,
-
-    /// Which Fisher F(θ) measures each step.
-    #[arg(long, value_enum, default_value_t = VariantArg::True)]
-    pub variant: VariantArg,
-
-    /// Labels drawn per input for --variant mc [default: 1].
-    #[arg(long, value_name = "K")]
-    pub mc_samples: Option<usize>,
-
-    /// Seed of the label draws for --variant mc [default: 0].
-    #[arg(long, value_name = "S")]
-    pub seed: Option<u64>,
+    /// Likelihood and variant (the Fisher F(θ) that measures each step).
+    #[command(flatten)]
+    pub variant: VariantArgs,
 
     /// Segments of the midpoint rule for the chord θ₀ → θ_T.
     #[arg(long, value_name = "M", default_value_t = 8)]
     pub segments: usize,
 
-    /// Where to compute.
-    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
-    pub backend: BackendArg,
-
-    /// Use the GPU adapter whose name contains SUBSTR (case-insensitive; default: $FISHER_ADAPTER).
-    #[arg(long, value_name = "SUBSTR")]
-    pub adapter: Option<String>,
+    /// Backend and adapter.
+    #[command(flatten)]
+    pub backend: BackendArgs,
 
     /// Also plot the per-step action and the cumulative length (PNG, or SVG for a .svg path);
     /// written atomically, only when the run succeeds.
@@ -126,52 +110,18 @@ pub struct ActionConfig {
 impl ActionConfig {
     /// Validates raw flags.
     pub fn from_args(args: ActionArgs) -> anyhow::Result<Self> {
-        if args.mc_samples == Some(0) {
-            return Err(usage("--mc-samples must be at least 1"));
-        }
-        if args.variant != VariantArg::Mc {
-            if args.mc_samples.is_some() {
-                return Err(usage("--mc-samples only applies to --variant mc"));
-            }
-            if args.seed.is_some() {
-                return Err(usage("--seed only applies to --variant mc (the label draws)"));
-            }
-        }
-        let variant = match args.variant {
-            VariantArg::Empirical => Variant::Empirical,
-            VariantArg::True => Variant::True,
-            VariantArg::Mc => Variant::MonteCarlo { samples: args.mc_samples.unwrap_or(1), seed: args.seed.unwrap_or(0) },
-        };
-        let likelihood = match args.likelihood {
-            LikelihoodArg::Categorical => Likelihood::Categorical,
-            LikelihoodArg::Gaussian => Likelihood::Gaussian,
-        };
+        let variant = args.variant.variant("")?;
+        let likelihood = args.variant.likelihood();
         let activation =
             ActivationSpec::parse(&args.activation).map_err(|e| anyhow::Error::new(e).context("bad --activation"))?;
         if args.segments == 0 {
             return Err(usage("--segments must be at least 1"));
         }
-        let backend = match args.backend {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Gpu => Backend::Gpu,
-            BackendArg::Cpu => Backend::Cpu,
-        };
-        if backend == Backend::Cpu && args.adapter.is_some() {
-            return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
-        }
-        if args.adapter.as_deref() == Some("") {
-            return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
-        }
+        let (backend, gpu) = args.backend.resolve()?;
         if let Some(path) = &args.plot {
             plot::plot_format(path).map_err(|e| anyhow::Error::new(e).context("bad --plot"))?;
         }
-        let report = if args.json {
-            Report::Json
-        } else if args.quiet {
-            Report::Quiet
-        } else {
-            Report::Human
-        };
+        let report = Report::from_flags(args.json, args.quiet);
         Ok(ActionConfig {
             checkpoints: args.checkpoints,
             activation,
@@ -181,7 +131,7 @@ impl ActionConfig {
             variant,
             segments: args.segments,
             backend,
-            gpu: GpuOptions { adapter: args.adapter, ..Default::default() },
+            gpu,
             plot: args.plot,
             report,
         })

@@ -278,6 +278,42 @@ pub enum BackendArg {
     Cpu,
 }
 
+/// `--backend` and `--adapter`, shared by the commands that compute on a model (flattened;
+/// validated by [`BackendArgs::resolve`]).
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Where to compute [default: auto].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+
+    /// Use the GPU adapter whose name contains SUBSTR (case-insensitive; default: $FISHER_ADAPTER).
+    #[arg(long, value_name = "SUBSTR")]
+    pub adapter: Option<String>,
+}
+
+impl BackendArgs {
+    /// The backend (auto unless given) and the adapter choice; see [`backend_choice`].
+    pub fn resolve(&self) -> anyhow::Result<(Backend, GpuOptions)> {
+        backend_choice(self.backend.unwrap_or(BackendArg::Auto), self.adapter.clone())
+    }
+}
+
+/// The backend and the adapter choice; `--adapter` needs a GPU and a non-empty name.
+pub fn backend_choice(backend: BackendArg, adapter: Option<String>) -> anyhow::Result<(Backend, GpuOptions)> {
+    let backend = match backend {
+        BackendArg::Auto => Backend::Auto,
+        BackendArg::Gpu => Backend::Gpu,
+        BackendArg::Cpu => Backend::Cpu,
+    };
+    if backend == Backend::Cpu && adapter.is_some() {
+        return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
+    }
+    if adapter.as_deref() == Some("") {
+        return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
+    }
+    Ok((backend, GpuOptions { adapter, ..Default::default() }))
+}
+
 /// Raw flags of `fisher reduce`.
 #[derive(Debug, Args)]
 pub struct ReduceArgs {
@@ -354,6 +390,19 @@ pub enum Report {
     Quiet,
 }
 
+impl Report {
+    /// From `--json` and `--quiet` (clap keeps them apart).
+    pub fn from_flags(json: bool, quiet: bool) -> Report {
+        if json {
+            Report::Json
+        } else if quiet {
+            Report::Quiet
+        } else {
+            Report::Human
+        }
+    }
+}
+
 /// A validated `fisher reduce` invocation.
 #[derive(Debug, Clone)]
 pub struct ReduceConfig {
@@ -400,32 +449,16 @@ impl ReduceConfig {
             ));
         }
         let form = Form::parse(&args.form).map_err(|e| anyhow::Error::new(e).context("bad --form"))?;
-        let backend = match args.backend {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Gpu => Backend::Gpu,
-            BackendArg::Cpu => Backend::Cpu,
-        };
-        if backend == Backend::Cpu && args.adapter.is_some() {
-            return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
-        }
-        if args.adapter.as_deref() == Some("") {
-            return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
-        }
+        let (backend, gpu) = backend_choice(args.backend, args.adapter)?;
         if args.chunk_rows == Some(0) {
             return Err(usage("--chunk-rows must be at least 1"));
         }
-        let report = if args.json {
-            Report::Json
-        } else if args.quiet {
-            Report::Quiet
-        } else {
-            Report::Human
-        };
+        let report = Report::from_flags(args.json, args.quiet);
         Ok(ReduceConfig {
             input,
             form,
             backend,
-            gpu: GpuOptions { adapter: args.adapter, ..Default::default() },
+            gpu,
             out: args.out,
             verify: args.verify,
             chunk_rows: args.chunk_rows,

@@ -25,7 +25,7 @@ use fisher_engine::{Agreement, Backend};
 use ndarray::{Array, Array1, Dimension};
 use serde_json::json;
 
-use super::args::{BackendArg, Report};
+use super::args::{BackendArgs, Report};
 use super::exit::usage;
 use super::reduce::open_device;
 
@@ -122,6 +122,60 @@ pub fn likelihood_name(likelihood: Likelihood) -> &'static str {
     }
 }
 
+/// `--likelihood`, `--variant`, `--mc-samples` and `--seed`, shared by `fisher compute`,
+/// `fisher report` (through [`ModelArgs`]) and `fisher action` (flattened; validated by
+/// [`VariantArgs::variant`] and [`VariantArgs::likelihood`]).
+#[derive(Debug, Args)]
+pub struct VariantArgs {
+    /// The likelihood the outputs define [default: categorical].
+    #[arg(long, value_enum)]
+    pub likelihood: Option<LikelihoodArg>,
+
+    /// Which expectation over the labels [default: true].
+    #[arg(long, value_enum)]
+    pub variant: Option<VariantArg>,
+
+    /// Labels drawn per input for --variant mc [default: 1].
+    #[arg(long, value_name = "K")]
+    pub mc_samples: Option<usize>,
+
+    /// Seed of the label draws for --variant mc [default: 0].
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+impl VariantArgs {
+    /// The variant (true unless given); `--mc-samples` and `--seed` only with `--variant mc`.
+    /// `seed_hint` is appended to the refusal of a `--seed` without it.
+    pub fn variant(&self, seed_hint: &str) -> anyhow::Result<Variant> {
+        if self.mc_samples == Some(0) {
+            return Err(usage("--mc-samples must be at least 1"));
+        }
+        let variant = self.variant.unwrap_or(VariantArg::True);
+        if variant != VariantArg::Mc {
+            if self.mc_samples.is_some() {
+                return Err(usage("--mc-samples only applies to --variant mc"));
+            }
+            if self.seed.is_some() {
+                return Err(usage(format!("--seed only applies to --variant mc (the label draws){seed_hint}")));
+            }
+        }
+        Ok(match variant {
+            VariantArg::Empirical => Variant::Empirical,
+            VariantArg::True => Variant::True,
+            VariantArg::Mc => Variant::MonteCarlo { samples: self.mc_samples.unwrap_or(1), seed: self.seed.unwrap_or(0) },
+        })
+    }
+
+    /// The likelihood (categorical unless `--likelihood gaussian`).
+    pub fn likelihood(&self) -> Likelihood {
+        match self.likelihood.unwrap_or(LikelihoodArg::Categorical) {
+            LikelihoodArg::Categorical => Likelihood::Categorical,
+            LikelihoodArg::Gaussian => Likelihood::Gaussian,
+        }
+    }
+}
+
 /// The model, data, variant and backend flags that `fisher compute` and `fisher report`
 /// share (flattened into each command's flags; validated by [`ModelArgs::source`],
 /// [`ModelArgs::variant`], [`ModelArgs::likelihood`] and [`ModelArgs::backend`]).
@@ -142,29 +196,13 @@ pub struct ModelArgs {
     #[arg(long, value_name = "y.npy", conflicts_with = "synthetic_model")]
     pub labels: Option<PathBuf>,
 
-    /// The likelihood the outputs define [default: categorical].
-    #[arg(long, value_enum)]
-    pub likelihood: Option<LikelihoodArg>,
+    /// Likelihood and variant.
+    #[command(flatten)]
+    pub variant: VariantArgs,
 
-    /// Which expectation over the labels [default: true].
-    #[arg(long, value_enum)]
-    pub variant: Option<VariantArg>,
-
-    /// Labels drawn per input for --variant mc [default: 1].
-    #[arg(long, value_name = "K")]
-    pub mc_samples: Option<usize>,
-
-    /// Seed of the label draws for --variant mc [default: 0].
-    #[arg(long, value_name = "S")]
-    pub seed: Option<u64>,
-
-    /// Where to compute [default: auto].
-    #[arg(long, value_enum)]
-    pub backend: Option<BackendArg>,
-
-    /// Use the GPU adapter whose name contains SUBSTR (case-insensitive; default: $FISHER_ADAPTER).
-    #[arg(long, value_name = "SUBSTR")]
-    pub adapter: Option<String>,
+    /// Backend and adapter.
+    #[command(flatten)]
+    pub backend: BackendArgs,
 
     /// Instead of --weights: a seeded He-initialized MLP with these layer widths (input,
     /// hidden..., output), e.g. 784,512,512,10; Linear layers at indices 0, 2, 4, ...
@@ -232,49 +270,17 @@ impl ModelArgs {
 
     /// The variant; `--mc-samples` and `--seed` only with `--variant mc`.
     pub fn variant(&self) -> anyhow::Result<Variant> {
-        if self.mc_samples == Some(0) {
-            return Err(usage("--mc-samples must be at least 1"));
-        }
-        let variant = self.variant.unwrap_or(VariantArg::True);
-        if variant != VariantArg::Mc {
-            if self.mc_samples.is_some() {
-                return Err(usage("--mc-samples only applies to --variant mc"));
-            }
-            if self.seed.is_some() {
-                return Err(usage(
-                    "--seed only applies to --variant mc (the label draws); the synthetic model's seed is --synthetic-seed",
-                ));
-            }
-        }
-        Ok(match variant {
-            VariantArg::Empirical => Variant::Empirical,
-            VariantArg::True => Variant::True,
-            VariantArg::Mc => Variant::MonteCarlo { samples: self.mc_samples.unwrap_or(1), seed: self.seed.unwrap_or(0) },
-        })
+        self.variant.variant("; the synthetic model's seed is --synthetic-seed")
     }
 
     /// The likelihood (categorical unless `--likelihood gaussian`).
     pub fn likelihood(&self) -> Likelihood {
-        match self.likelihood.unwrap_or(LikelihoodArg::Categorical) {
-            LikelihoodArg::Categorical => Likelihood::Categorical,
-            LikelihoodArg::Gaussian => Likelihood::Gaussian,
-        }
+        self.variant.likelihood()
     }
 
     /// The backend and the adapter choice; `--adapter` needs a GPU and a non-empty name.
     pub fn backend(&self) -> anyhow::Result<(Backend, GpuOptions)> {
-        let backend = match self.backend.unwrap_or(BackendArg::Auto) {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Gpu => Backend::Gpu,
-            BackendArg::Cpu => Backend::Cpu,
-        };
-        if backend == Backend::Cpu && self.adapter.is_some() {
-            return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
-        }
-        if self.adapter.as_deref() == Some("") {
-            return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
-        }
-        Ok((backend, GpuOptions { adapter: self.adapter.clone(), ..Default::default() }))
+        self.backend.resolve()
     }
 }
 
@@ -417,13 +423,7 @@ impl ComputeConfig {
         if !(args.max_result_gib.is_finite() && args.max_result_gib > 0.0) {
             return Err(usage(format!("--max-result-gib must be a positive number, not {}", args.max_result_gib)));
         }
-        let report = if args.json {
-            Report::Json
-        } else if args.quiet {
-            Report::Quiet
-        } else {
-            Report::Human
-        };
+        let report = Report::from_flags(args.json, args.quiet);
         Ok(ComputeConfig {
             source,
             activation,

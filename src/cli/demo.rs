@@ -44,7 +44,7 @@ use fisher_engine::{Agreement, Backend, Engine, FisherError, Form};
 use ndarray::Array1;
 use serde_json::{json, Value};
 
-use super::args::{BackendArg, Report};
+use super::args::{backend_choice, BackendArg, Report};
 use super::compute::{self as compute_cmd, form_name, likelihood_name, VERIFY_FROBENIUS_REL};
 use super::exit::usage;
 use super::reduce::{compare_paths, open_device, Demo as ReduceDemo};
@@ -151,31 +151,15 @@ pub struct DemoConfig {
 impl DemoConfig {
     /// Validates raw flags.
     pub fn from_args(args: DemoArgs) -> anyhow::Result<Self> {
-        let backend = match args.backend {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Gpu => Backend::Gpu,
-            BackendArg::Cpu => Backend::Cpu,
-        };
-        if backend == Backend::Cpu && args.adapter.is_some() {
-            return Err(usage("--adapter chooses a GPU adapter; it cannot be combined with --backend cpu"));
-        }
-        if args.adapter.as_deref() == Some("") {
-            return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
-        }
+        let (backend, gpu) = backend_choice(args.backend, args.adapter)?;
         if args.out_dir.as_os_str().is_empty() {
             return Err(usage("--out-dir needs a directory name"));
         }
         let sizes = if args.quick { QUICK_SIZES } else { DEFAULT_SIZES };
-        let report = if args.json {
-            Report::Json
-        } else if args.quiet {
-            Report::Quiet
-        } else {
-            Report::Human
-        };
+        let report = Report::from_flags(args.json, args.quiet);
         Ok(DemoConfig {
             backend,
-            gpu: GpuOptions { adapter: args.adapter, ..Default::default() },
+            gpu,
             train: train_config(&args.out_dir.join(RUN_DIR), sizes.train)?,
             out_dir: args.out_dir,
             quick: args.quick,

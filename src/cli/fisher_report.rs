@@ -279,12 +279,12 @@ impl ReportConfig {
                 (m.synthetic_model.is_some(), "--synthetic-model"),
                 (m.synthetic_samples.is_some(), "--synthetic-samples"),
                 (m.synthetic_seed.is_some(), "--synthetic-seed"),
-                (m.likelihood.is_some(), "--likelihood"),
-                (m.variant.is_some(), "--variant"),
-                (m.mc_samples.is_some(), "--mc-samples"),
-                (m.seed.is_some(), "--seed"),
-                (m.backend.is_some(), "--backend"),
-                (m.adapter.is_some(), "--adapter"),
+                (m.variant.likelihood.is_some(), "--likelihood"),
+                (m.variant.variant.is_some(), "--variant"),
+                (m.variant.mc_samples.is_some(), "--mc-samples"),
+                (m.variant.seed.is_some(), "--seed"),
+                (m.backend.backend.is_some(), "--backend"),
+                (m.backend.adapter.is_some(), "--adapter"),
                 (args.form.is_some(), "--form"),
             ];
             if let Some((_, flag)) = ignored.iter().find(|(given, _)| *given) {
@@ -386,13 +386,7 @@ impl ReportConfig {
         if let Some(path) = &args.plot {
             plot::plot_format(path).map_err(|e| anyhow::Error::new(e).context("bad --plot"))?;
         }
-        let report = if args.json {
-            Report::Json
-        } else if args.quiet {
-            Report::Quiet
-        } else {
-            Report::Human
-        };
+        let report = Report::from_flags(args.json, args.quiet);
         Ok(ReportConfig {
             input,
             top: args.top,

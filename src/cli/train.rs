@@ -174,13 +174,7 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&args.momentum) {
             return Err(usage(format!("--momentum must be in [0, 1), not {}", args.momentum)));
         }
-        let report = if args.json {
-            Report::Json
-        } else if args.quiet {
-            Report::Quiet
-        } else {
-            Report::Human
-        };
+        let report = Report::from_flags(args.json, args.quiet);
         Ok(TrainConfig {
             widths,
             activations,
