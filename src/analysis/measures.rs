@@ -108,7 +108,8 @@ pub struct MeasureOptions<'a> {
 
 impl Default for MeasureOptions<'_> {
     /// α = 10⁻³, λ = 10⁻³, top 20, no n/θ/layout, default SLQ and Lanczos, 8 coupling
-    /// probes. α and λ are placeholders: they should be chosen on the scale of the spectrum.
+    /// probes. The α and λ defaults are generic scales: choose them relative to the spectrum
+    /// (e.g. a fraction of λ_max or of tr F / P), as `fisher demo` does.
     fn default() -> Self {
         MeasureOptions {
             alpha: 1e-3,
