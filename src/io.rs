@@ -66,7 +66,7 @@ impl Element {
 }
 
 /// numpy's name for a dtype (`int64`, `float16`, `bool`, ...), for error messages.
-fn numpy_dtype_name(dtype: &DType) -> String {
+pub(crate) fn numpy_dtype_name(dtype: &DType) -> String {
     match dtype {
         DType::Plain(ts) => {
             let bits = ts.size_field() * 8;

@@ -45,24 +45,6 @@ fn invalid(path: &Path, message: impl std::fmt::Display) -> FisherError {
     FisherError::InvalidInput(format!("{}: {message}", path.display()))
 }
 
-/// numpy's name for a dtype (`int64`, `float16`, `bool`, …), for error messages.
-fn numpy_dtype_name(dtype: &DType) -> String {
-    match dtype {
-        DType::Plain(ts) => {
-            let bits = ts.size_field() * 8;
-            match ts.type_char() {
-                TypeChar::Bool => "bool".into(),
-                TypeChar::Int => format!("int{bits}"),
-                TypeChar::Uint => format!("uint{bits}"),
-                TypeChar::Float => format!("float{bits}"),
-                TypeChar::Complex => format!("complex{bits}"),
-                _ => ts.to_string(),
-            }
-        }
-        other => other.descr(),
-    }
-}
-
 /// Reads a whole `.npy` file of float32/float64 or any integer dtype (either byte order) in
 /// C order.
 ///
@@ -73,7 +55,7 @@ fn read_npy(path: &Path) -> Result<NpyArray> {
     let npy = NpyFile::new(BufReader::new(file))
         .map_err(|e| io_error(path, format!("not a numpy .npy file ({e}); save it with np.save")))?;
     let dtype = npy.dtype();
-    let dtype_name = numpy_dtype_name(&dtype);
+    let dtype_name = crate::io::numpy_dtype_name(&dtype);
     let shape = npy
         .shape()
         .iter()
