@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::cli::{assert_dir_holds, assert_fails, fisher, s, temp};
+use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use fisher_engine::cpu::reference;
@@ -21,47 +20,6 @@ use ndarray::{Array1, Array2};
 /// Relative slack for comparing scalars the CLI prints (tr F, verification numbers).
 const SCALAR_REL: f64 = 1e-5;
 
-/// A `.npy` file written byte by byte from a header dict, independently of the crate's
-/// writer, so that malformed and unusual files can be made.
-fn write_raw_npy(path: &Path, descr: &str, fortran: bool, shape: &str, data: &[u8]) {
-    let mut dict = format!(
-        "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
-        if fortran { "True" } else { "False" }
-    );
-    while (10 + dict.len() + 1) % 64 != 0 {
-        dict.push(' ');
-    }
-    dict.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((dict.len() as u16).to_le_bytes());
-    bytes.extend(dict.as_bytes());
-    bytes.extend(data);
-    std::fs::write(path, bytes).unwrap();
-}
-
-/// The tensors and metadata of a safetensors file, as f32 values.
-struct Saved {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    metadata: HashMap<String, String>,
-}
-
-fn read_safetensors(path: &Path) -> Saved {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let file = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let tensors = file
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-            (name, (view.shape().to_vec(), values))
-        })
-        .collect();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    Saved { tensors, metadata: header.metadata().clone().unwrap_or_default() }
-}
-
-/// The saved tensors of `form`, rebuilt as the library's result type.
 #[track_caller]
 fn saved_form(saved: &Saved, form: &Form) -> FisherMatrix {
     let matrix = |name: &str| {

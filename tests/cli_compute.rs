@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::cli::{assert_dir_holds, assert_fails, fisher, s, temp};
+use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use fisher_engine::io::{write_npy_labels, write_npy_matrix};
@@ -108,43 +107,6 @@ fn write_dict(path: &Path, dict: &[(String, Vec<usize>, Vec<f32>)]) {
     write_state_dict(path, &borrowed);
 }
 
-/// A `.npy` file written byte by byte (for int32 labels).
-fn write_raw_npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
-    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    while (10 + dict.len() + 1) % 64 != 0 {
-        dict.push(' ');
-    }
-    dict.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((dict.len() as u16).to_le_bytes());
-    bytes.extend(dict.as_bytes());
-    bytes.extend(data);
-    std::fs::write(path, bytes).unwrap();
-}
-
-// ---------------------------------------------------------------------------------------
-// Reading results back
-
-struct Saved {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    metadata: HashMap<String, String>,
-}
-
-fn read_safetensors(path: &Path) -> Saved {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let file = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let tensors = file
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-            (name, (view.shape().to_vec(), values))
-        })
-        .collect();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    Saved { tensors, metadata: header.metadata().clone().unwrap_or_default() }
-}
 
 impl Saved {
     #[track_caller]
@@ -357,7 +319,7 @@ fn activation_specs_json_inline_and_file_and_int32_labels() {
     let files = write_problem(dir.path(), &mlp);
     let int32 = dir.path().join("y32.npy");
     let data32: Vec<u8> = labels(N).iter().flat_map(|&c| (c as i32).to_le_bytes()).collect();
-    write_raw_npy(&int32, "<i4", &format!("({N},)"), &data32);
+    write_raw_npy(&int32, "<i4", false, &format!("({N},)"), &data32);
     let spec_file = dir.path().join("act.json");
     std::fs::write(&spec_file, r#"{"activations": ["gelu", "relu"]}"#).unwrap();
     for (spec, labels) in [(r#"["gelu","relu"]"#, &files.labels), (s(&spec_file), &int32)] {

@@ -1,6 +1,7 @@
 //! Running the `fisher` binary in CLI tests, and the assertions every such test makes: the
 //! exit status, the single `fisher: error:` line, and that nothing was left behind.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -86,4 +87,46 @@ pub fn assert_dir_holds(dir: &Path, names: &[&str]) {
     let mut expected: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     expected.sort();
     assert_eq!(names_in(dir), expected, "files in {}", dir.display());
+}
+
+/// A `.npy` file written byte by byte from a header dict, independently of the crate's
+/// writer, so that malformed and unusual files (dtypes, ranks, Fortran order) can be made.
+pub fn write_raw_npy(path: &Path, descr: &str, fortran: bool, shape: &str, data: &[u8]) {
+    let mut dict = format!(
+        "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+        if fortran { "True" } else { "False" }
+    );
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((dict.len() as u16).to_le_bytes());
+    bytes.extend(dict.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The tensors and metadata of a safetensors file, as f32 values.
+pub struct Saved {
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads a safetensors file written by `fisher` (every tensor F32), with the safetensors
+/// crate rather than the crate's own writer.
+pub fn read_safetensors(path: &Path) -> Saved {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let tensors = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    Saved { tensors, metadata: header.metadata().clone().unwrap_or_default() }
 }
