@@ -8,7 +8,8 @@
 //! computed) so that numbers compare directly with `numpy G.T @ G` (benches/numpy_baseline.py).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fisher_engine::nn::{Activation, Dataset, Linear, Mlp, NetForm, Targets, Variant};
+use fisher_engine::model::{Activation, Dataset, Linear, Mlp, Targets};
+use fisher_engine::fisher::{NetForm, Variant};
 use fisher_engine::synthetic::{gradient_like, normal_matrix, SplitMix64};
 use fisher_engine::{Backend, Engine, Form};
 

@@ -6,7 +6,8 @@
 //! ```
 use std::time::Instant;
 
-use fisher_engine::cpu::{reference, CpuBackend};
+use fisher_engine::backend::cpu::CpuBackend;
+use fisher_engine::reference::grads as reference;
 use fisher_engine::{FisherBackend, Form};
 
 fn main() -> fisher_engine::Result<()> {

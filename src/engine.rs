@@ -3,11 +3,13 @@
 use ndarray::{ArrayView1, ArrayView2};
 
 use crate::backend::FisherBackend;
-use crate::cpu::{reference, CpuBackend};
+use crate::backend::cpu::CpuBackend;
+use crate::reference::grads as reference;
 use crate::error::{FisherError, Result};
-use crate::form::{Agreement, FisherMatrix, Form};
-use crate::gpu::{GpuBackend, GpuContext, GpuOptions};
-use crate::nn::{Dataset, Mlp, NetFisher, NetForm, Variant};
+use crate::fisher::{Agreement, FisherMatrix, Form};
+use crate::backend::gpu::{GpuBackend, GpuContext, GpuOptions};
+use crate::model::{Dataset, Mlp};
+use crate::fisher::{NetFisher, NetForm, Variant};
 use crate::validate::check_matrix;
 
 /// Which compute path to use.
@@ -156,7 +158,7 @@ impl Engine {
     /// labels → categorical, values → Gaussian) for `variant`, reduced to `form`.
     ///
     /// Normalization: F = (1/N) Σᵢ E_y[∇θ log p(y|xᵢ) ∇θ log p(y|xᵢ)ᵀ]; parameter order is
-    /// PyTorch's `named_parameters()` (see [`crate::nn`]).
+    /// PyTorch's `named_parameters()` (see [`crate::model`]).
     pub fn fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
         mlp.validate()?;
         data.validate(mlp, data.likelihood())?;
@@ -177,9 +179,9 @@ impl Engine {
         data: &Dataset,
         variant: Variant,
         form: NetForm,
-    ) -> Result<(NetFisher, crate::form::Agreement)> {
+    ) -> Result<(NetFisher, crate::fisher::Agreement)> {
         let result = self.fisher(mlp, data, variant, form)?;
-        let reference = crate::nn::reference::fisher(mlp, data, data.likelihood(), variant, form)?;
+        let reference = crate::reference::network::fisher(mlp, data, data.likelihood(), variant, form)?;
         let agreement = result.agreement(&reference)?;
         Ok((result, agreement))
     }
@@ -187,7 +189,7 @@ impl Engine {
     /// The implicit Fisher–vector product F·v of a network (θ order), without forming F:
     /// memory is the model plus one micro-batch, so it works for models whose F would never
     /// fit (P ≥ 10⁶). Also returns vᵀFv.
-    pub fn fisher_vector_product(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<crate::nn::Fvp> {
+    pub fn fisher_vector_product(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<crate::fisher::Fvp> {
         self.check_direction(mlp, data, variant, v)?;
         self.backend.network_fvp(mlp, data, variant, v, true)
     }

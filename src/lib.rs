@@ -39,24 +39,20 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod action;
 pub mod analysis;
 pub mod backend;
-pub mod cpu;
 pub mod engine;
 pub mod error;
-pub mod form;
-pub mod gpu;
+pub mod fisher;
 pub mod io;
-pub mod nn;
-pub mod plot;
-pub mod progress;
+pub mod model;
+pub mod output;
+pub mod reference;
 pub mod synthetic;
-pub mod tolerance;
-pub mod train;
 pub mod validate;
+pub mod verify;
 
 pub use backend::{Accumulator, FisherBackend};
 pub use engine::{Backend, Engine, EngineOptions, Verified};
 pub use error::{FisherError, Result};
-pub use form::{Agreement, FisherMatrix, Form};
+pub use fisher::{Agreement, FisherMatrix, Form};

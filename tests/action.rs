@@ -3,9 +3,11 @@
 
 mod common;
 
-use fisher_engine::action::{self, check_same_architecture};
-use fisher_engine::nn::{reference, Activation, NetFisher, NetForm, Variant};
-use fisher_engine::train::{classification_task, init_mlp, loss_and_gradient, sgd, SgdOptions};
+use fisher_engine::analysis::action::{self, check_same_architecture};
+use fisher_engine::model::Activation;
+use fisher_engine::fisher::{NetFisher, NetForm, Variant};
+use fisher_engine::reference::network as reference;
+use fisher_engine::model::train::{classification_task, init_mlp, loss_and_gradient, sgd, SgdOptions};
 use fisher_engine::{Backend, Engine};
 use ndarray::Array1;
 
@@ -58,7 +60,7 @@ fn action_terms_match_dense_reference() {
     let data = classification_task(40, 5, 3, 7).unwrap();
     let run = sgd(&mlp, &data, &SgdOptions { learning_rate: 0.3, momentum: 0.5, batch_size: 10, steps: 6, checkpoints: 4, seed: 8 }).unwrap();
     let thetas: Vec<Array1<f64>> = run.checkpoints.iter().map(|c| c.parameters().mapv(f64::from)).collect();
-    let dense = |m: &fisher_engine::nn::Mlp| {
+    let dense = |m: &fisher_engine::model::Mlp| {
         let NetFisher::Full(f) = reference::fisher(m, &data, data.likelihood(), Variant::True, NetForm::Full).unwrap() else { unreachable!() };
         f
     };

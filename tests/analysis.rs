@@ -7,10 +7,10 @@ use fisher_engine::analysis::{
     DenseOperator, ExplicitFisher, FactorOperator, FisherOperator, FnOperator, KfacOperator, LanczosOptions,
     LayerShape, MeasureOptions, ParameterLayout, SlqOptions, SpectralDensity, Spectrum,
 };
-use fisher_engine::cpu::reference;
-use fisher_engine::nn::{kfac_expand, KfacFactors, NetFisher};
+use fisher_engine::reference::grads as reference;
+use fisher_engine::fisher::{kfac_expand, KfacFactors, NetFisher};
 use fisher_engine::synthetic::{gradient_like, normal_matrix, SplitMix64};
-use fisher_engine::tolerance::symmetric_eigenvalues;
+use fisher_engine::verify::symmetric_eigenvalues;
 use fisher_engine::{Engine, FisherError, FisherMatrix, Form};
 use ndarray::{array, s, Array1, Array2};
 

@@ -10,9 +10,9 @@ use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, t
 
 use std::path::Path;
 
-use fisher_engine::cpu::reference;
+use fisher_engine::reference::grads as reference;
 use fisher_engine::io::{write_npy_matrix, write_npy_matrix_f64};
-use fisher_engine::tolerance::{assert_agrees, Tolerance};
+use fisher_engine::verify::{assert_agrees, Tolerance};
 use fisher_engine::{FisherMatrix, Form};
 use ndarray::{Array1, Array2};
 

@@ -10,8 +10,8 @@ use common::cli::{Run, assert_fails, fisher, json, names_in, s, succeeds};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use fisher_engine::nn::{Activation, Mlp};
-use fisher_engine::train::init_mlp;
+use fisher_engine::model::{Activation, Mlp};
+use fisher_engine::model::train::init_mlp;
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 

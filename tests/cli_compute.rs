@@ -11,9 +11,9 @@ use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, t
 use std::path::Path;
 
 use fisher_engine::io::{write_npy_labels, write_npy_matrix};
-use fisher_engine::nn::{
-    reference, Activation, Dataset, KfacFactors, Likelihood, Linear, Mlp, NetFisher, NetForm, Targets, Variant,
-};
+use fisher_engine::model::{Activation, Dataset, Likelihood, Linear, Mlp, Targets};
+use fisher_engine::fisher::{KfacFactors, NetFisher, NetForm, Variant};
+use fisher_engine::reference::network as reference;
 use fisher_engine::synthetic::{normal_matrix, SplitMix64};
 use ndarray::{Array1, Array2};
 

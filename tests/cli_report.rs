@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 
 use common::cli::{assert_dir_holds, assert_fails, fisher, json, names_in, s, succeeds, temp, Run};
 use fisher_engine::analysis::{measures_exact, ExplicitFisher, MeasureOptions, ParameterLayout};
-use fisher_engine::nn::{self, ActivationSpec, Dataset, Likelihood, Mlp, NetForm, Variant};
+use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Mlp};
+use fisher_engine::fisher::{NetForm, Variant};
 use serde_json::Value;
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
@@ -133,7 +134,7 @@ fn full_form_matches_the_exact_measures_of_the_f64_reference() {
     let spec = ActivationSpec::parse("tanh").unwrap();
     let mlp = Mlp::from_safetensors(&f.weights, &spec).unwrap();
     let data = Dataset::from_npy(&f.inputs, &f.labels, Likelihood::Categorical).unwrap();
-    let reference = nn::reference::fisher(&mlp, &data, Likelihood::Categorical, Variant::True, NetForm::Full).unwrap();
+    let reference = fisher_engine::reference::network::fisher(&mlp, &data, Likelihood::Categorical, Variant::True, NetForm::Full).unwrap();
     let layout = ParameterLayout::from_mlp(&mlp).unwrap();
     let exact = ExplicitFisher::from_net(&reference, Some(&layout)).unwrap();
     let theta: Vec<f64> = mlp.parameters().iter().map(|&x| f64::from(x)).collect();

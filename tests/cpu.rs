@@ -5,8 +5,9 @@
 //! All inputs are seeded ([`fisher_engine::synthetic`]); tolerances come from
 //! [`Tolerance::for_sum`] with the reduction length of each form.
 
-use fisher_engine::cpu::{reference, CpuBackend};
-use fisher_engine::tolerance::{assert_agrees, Tolerance};
+use fisher_engine::backend::cpu::CpuBackend;
+use fisher_engine::reference::grads as reference;
+use fisher_engine::verify::{assert_agrees, Tolerance};
 use fisher_engine::{Backend, Engine, FisherBackend, FisherError, FisherMatrix, Form};
 use ndarray::{s, Array2, ArrayView2};
 

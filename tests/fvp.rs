@@ -3,7 +3,9 @@
 
 mod common;
 
-use fisher_engine::nn::{reference, Activation, Dataset, Linear, Mlp, NetFisher, NetForm, Targets, Variant};
+use fisher_engine::model::{Activation, Dataset, Linear, Mlp, Targets};
+use fisher_engine::fisher::{NetFisher, NetForm, Variant};
+use fisher_engine::reference::network as reference;
 use fisher_engine::synthetic::SplitMix64;
 use fisher_engine::{Backend, Engine};
 use ndarray::{Array1, Array2};

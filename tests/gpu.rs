@@ -5,10 +5,10 @@
 
 mod common;
 
-use fisher_engine::cpu::reference;
-use fisher_engine::gpu::{GpuBackend, GpuOptions};
+use fisher_engine::reference::grads as reference;
+use fisher_engine::backend::gpu::{GpuBackend, GpuOptions};
 use fisher_engine::synthetic::gradient_like;
-use fisher_engine::tolerance::{assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, Tolerance};
+use fisher_engine::verify::{assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, Tolerance};
 use fisher_engine::{Backend, Engine, FisherError, FisherMatrix, Form};
 use ndarray::{s, Array2};
 
@@ -214,7 +214,7 @@ fn auto_backend_uses_the_gpu_when_one_exists() {
     let Some(_ctx) = common::gpu_context("auto_backend_uses_the_gpu_when_one_exists") else { return };
     let engine = Engine::new(Backend::Auto).unwrap();
     assert!(engine.is_gpu(), "Auto picked {}", engine.device_info());
-    let adapters = fisher_engine::gpu::list_adapters();
+    let adapters = fisher_engine::backend::gpu::list_adapters();
     assert!(!adapters.is_empty());
     assert_eq!(adapters.iter().filter(|a| a.auto_pick).count(), 1, "{adapters:?}");
 }
@@ -222,7 +222,7 @@ fn auto_backend_uses_the_gpu_when_one_exists() {
 #[test]
 fn unknown_adapter_filter_is_a_clear_error() {
     let options = GpuOptions { adapter: Some("no-such-adapter-xyz".into()), ..Default::default() };
-    match fisher_engine::gpu::GpuContext::new(&options) {
+    match fisher_engine::backend::gpu::GpuContext::new(&options) {
         Err(FisherError::NoAdapter(msg)) => assert!(msg.contains("no-such-adapter-xyz"), "{msg}"),
         other => panic!("expected NoAdapter, got {other:?}"),
     }
@@ -230,7 +230,7 @@ fn unknown_adapter_filter_is_a_clear_error() {
 
 #[test]
 fn dispatch_grid_covers_more_than_65535_groups() {
-    use fisher_engine::gpu::kernels::grid;
+    use fisher_engine::backend::gpu::kernels::grid;
     assert_eq!(grid(1, 65_535).unwrap(), (1, 1));
     assert_eq!(grid(65_535, 65_535).unwrap(), (65_535, 1));
     let (x, y) = grid(200_000, 65_535).unwrap();

@@ -9,8 +9,9 @@
 
 use std::panic::catch_unwind;
 
-use fisher_engine::cpu::{reference, CpuBackend};
-use fisher_engine::tolerance::{
+use fisher_engine::backend::cpu::CpuBackend;
+use fisher_engine::reference::grads as reference;
+use fisher_engine::verify::{
     assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, symmetric_eigenvalues,
     trace_mismatch, Tolerance,
 };
@@ -221,7 +222,7 @@ fn tolerance_is_tight_enough_to_reject_sequential_f32_and_wrong_normalization() 
     let tol = Tolerance::for_sum(n);
     assert!(tol.rel <= 2e-6, "{tol:?}");
     // Monotone in the reduction length, and never below a few roundings.
-    assert!(Tolerance::for_sum(1).rel >= 3.0 * fisher_engine::tolerance::F32_UNIT_ROUNDOFF);
+    assert!(Tolerance::for_sum(1).rel >= 3.0 * fisher_engine::verify::F32_UNIT_ROUNDOFF);
     assert!(Tolerance::for_sum(100).rel <= Tolerance::for_sum(1000).rel);
 
     let g = fisher_engine::synthetic::gradient_like(n, p, 700);

@@ -5,11 +5,11 @@
 
 mod common;
 
-use fisher_engine::nn::{
-    kfac_expand, reference, Activation, Dataset, Linear, Mlp, NetFisher, NetForm, Targets, Variant,
-};
+use fisher_engine::model::{Activation, Dataset, Linear, Mlp, Targets};
+use fisher_engine::fisher::{kfac_expand, NetFisher, NetForm, Variant};
+use fisher_engine::reference::network as reference;
 use fisher_engine::synthetic::SplitMix64;
-use fisher_engine::tolerance::{assert_psd, assert_symmetric};
+use fisher_engine::verify::{assert_psd, assert_symmetric};
 use fisher_engine::{Backend, Engine, FisherError};
 use ndarray::{Array1, Array2};
 

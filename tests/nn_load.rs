@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fisher_engine::nn::{Activation, ActivationSpec, Dataset, Likelihood, Linear, Mlp, Targets};
+use fisher_engine::model::{Activation, ActivationSpec, Dataset, Likelihood, Linear, Mlp, Targets};
 use fisher_engine::FisherError;
 use ndarray::{array, Array1, Array2};
 use safetensors::tensor::TensorView;

@@ -3,10 +3,9 @@
 //! Carlo convergence, and the identities between forms (blocks of `full`, its diagonal and
 //! trace, KFAC expansion).
 
-use fisher_engine::nn::{
-    augmented_to_pytorch, kfac_expand, mc_uniform, reference, Activation, Dataset, KfacFactors, Likelihood,
-    Linear, Mlp, NetFisher, NetForm, Targets, Variant,
-};
+use fisher_engine::model::{Activation, Dataset, Likelihood, Linear, Mlp, Targets};
+use fisher_engine::fisher::{augmented_to_pytorch, kfac_expand, mc_uniform, KfacFactors, NetFisher, NetForm, Variant};
+use fisher_engine::reference::network as reference;
 use fisher_engine::synthetic::SplitMix64;
 use ndarray::{s, Array1, Array2, ArrayView2};
 
@@ -342,7 +341,7 @@ fn check_form_identities(mlp: &Mlp, data: &Dataset, likelihood: Likelihood, vari
     assert!((norms.mean().unwrap() - trace).abs() <= 1e-13 * trace, "{what}: mean(norms) ≠ tr F");
 
     let NetFisher::Grads(grads) = run(NetForm::Grads) else { panic!() };
-    let r = fisher_engine::nn::rows_per_sample(variant, mlp.output_dim());
+    let r = fisher_engine::fisher::rows_per_sample(variant, mlp.output_dim());
     assert_eq!(grads.dim(), (data.len() * r, p_count));
     let gram = grads.t().dot(&grads) / data.len() as f64;
     assert_close(&format!("{what}: GᵀG/N"), gram.view(), f.view(), 1e-13);

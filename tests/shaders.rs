@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use fisher_engine::gpu::kernels::{ENTRY_POINTS, SHADERS};
+use fisher_engine::backend::gpu::kernels::{ENTRY_POINTS, SHADERS};
 
 fn validate(file: &str, source: &str) -> naga::Module {
     let module = naga::front::wgsl::parse_str(source)

@@ -53,6 +53,7 @@
 //! # Ok::<(), fisher_engine::FisherError>(())
 //! ```
 
+pub mod action;
 mod coupling;
 mod dense;
 mod lanczos;
@@ -79,7 +80,7 @@ pub use spectrum::{eigenvalues, net_eigenvalues, SpectralDensity, Spectrum};
 use serde::Serialize;
 
 use crate::error::{FisherError, Result};
-use crate::nn::{Linear, Mlp};
+use crate::model::{Linear, Mlp};
 
 /// Shape of one `nn.Linear` layer, for the unit structure of its parameter block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 
 use super::{check_len, dot, LayerShape, ParameterLayout};
 use crate::error::{FisherError, Result};
-use crate::form::FisherMatrix;
-use crate::nn::{augmented_to_pytorch, KfacFactors, NetFisher};
+use crate::fisher::FisherMatrix;
+use crate::fisher::{augmented_to_pytorch, KfacFactors, NetFisher};
 
 /// A symmetric positive semi-definite operator v ↦ F v on ℝ^dim.
 ///
@@ -240,7 +240,7 @@ pub struct KfacLayer {
     /// The layer's shape.
     pub shape: LayerShape,
     /// `perm[o·a + i]`: PyTorch index of augmented parameter (o, i) (see
-    /// [`crate::nn::augmented_to_pytorch`]).
+    /// [`crate::fisher::augmented_to_pytorch`]).
     perm: Vec<usize>,
 }
 
@@ -288,7 +288,7 @@ impl KfacLayer {
 /// With X the layer's slice of v reshaped to out × (in+1) in augmented order (row-major,
 /// X[o, i] = v at augmented index o·(in+1) + i), (G ⊗ A) vec(X) = vec(G X Aᵀ): O(out·a·(out+a))
 /// instead of O(out²·a²). The permutation to and from PyTorch order is that of
-/// [`crate::nn::kfac_expand`], so `apply` equals `kfac_expand(factors)·v` block by block.
+/// [`crate::fisher::kfac_expand`], so `apply` equals `kfac_expand(factors)·v` block by block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KfacOperator {
     layers: Vec<KfacLayer>,

@@ -15,8 +15,8 @@ use super::dense::symmetric_eigenvalues;
 use super::operator::ExplicitFisher;
 use super::{FisherOperator, ParameterLayout};
 use crate::error::{FisherError, Result};
-use crate::form::FisherMatrix;
-use crate::nn::NetFisher;
+use crate::fisher::FisherMatrix;
+use crate::fisher::NetFisher;
 
 /// The spectrum of a PSD F of dimension `dim`: `eigenvalues` in descending order, possibly
 /// fewer than `dim` of them, the remaining `dim − len` being exactly zero (as for a Gram

@@ -1,5 +1,5 @@
 //! `fisher action`: the action, Fisher–Rao length, chord and efficiency of a training run
-//! given as checkpoints (see [`fisher_engine::action`] for the definitions).
+//! given as checkpoints (see [`fisher_engine::analysis::action`] for the definitions).
 //!
 //! Flow: flags → [`ActionConfig`] → the plot location checked → the checkpoint list (files,
 //! or every `*.safetensors` of one directory in natural order) → every checkpoint loaded and
@@ -14,11 +14,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use fisher_engine::action::{self, ActionReport};
-use fisher_engine::gpu::GpuOptions;
-use fisher_engine::nn::{ActivationSpec, Dataset, Likelihood, Linear, Mlp, Variant};
-use fisher_engine::plot;
-use fisher_engine::progress::Progress;
+use fisher_engine::analysis::action::{self, ActionReport};
+use fisher_engine::backend::gpu::GpuOptions;
+use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp};
+use fisher_engine::fisher::Variant;
+use fisher_engine::output::plot;
+use fisher_engine::output::progress::Progress;
 use fisher_engine::{Backend, FisherError};
 use serde_json::json;
 

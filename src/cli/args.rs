@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fisher_engine::gpu::GpuOptions;
+use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::{Backend, Form};
 
 use super::exit::usage;
@@ -55,7 +55,7 @@ then the bias; N samples; R output rows per sample; tensor names in the output f
   layer   one block of F per Linear layer           block.<index>     [P_l, P_l]
   kfac    KFAC factors per Linear layer             kfac.<index>.A    [in+1, in+1] (in without bias)
                                                     kfac.<index>.G    [out, out]
-          the block ≈ G ⊗ A in [W|b] row-major order (fisher_engine::nn::kfac_expand
+          the block ≈ G ⊗ A in [W|b] row-major order (fisher_engine::fisher::kfac_expand
           permutes it to PyTorch order)
   grads   per-sample gradient rows, F = GᵀG/N       grads             [N·R, P]
           (row i·R + r is output row r of sample i; N×P for --variant empirical)
@@ -85,7 +85,7 @@ const TRAIN_HELP: &str = concat!(
     "Writes RUN/X.npy (float32 inputs), RUN/y.npy (int64 labels), RUN/ckpt_000.safetensors …
 (PyTorch nn.Sequential state dicts: 0.weight, 0.bias, 2.weight, …) and RUN/run.json (widths,
 activations, optimizer, seeds, the step and the training loss of each checkpoint).
-The task is fisher_engine::train::classification_task: one Gaussian cluster per class in
+The task is fisher_engine::model::train::classification_task: one Gaussian cluster per class in
 WIDTHS[0] dimensions, warped by a fixed random tanh layer. Minibatch SGD with momentum on
 the softmax cross-entropy; weights initialized like PyTorch's nn.Linear.
 RUN is built in a temporary directory beside it and renamed into place when complete; an

@@ -13,9 +13,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use fisher_engine::gpu::{GpuContext, GpuOptions};
-use fisher_engine::nn::{rows_per_sample, Activation, Mlp, NetForm, Variant};
-use fisher_engine::{synthetic, train, Engine, FisherError, Form};
+use fisher_engine::backend::gpu::{GpuContext, GpuOptions};
+use fisher_engine::model::{Activation, Mlp};
+use fisher_engine::fisher::{rows_per_sample, NetForm, Variant};
+use fisher_engine::model::train;
+use fisher_engine::{synthetic, Engine, FisherError, Form};
 use serde_json::{json, Value};
 
 use super::compute::{form_name, variant_name, FormArg, VariantArg};

@@ -15,11 +15,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use fisher_engine::gpu::GpuOptions;
+use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::io::{self, NamedTensor};
-use fisher_engine::nn::{
-    self, rows_per_sample, ActivationSpec, Dataset, Likelihood, Linear, Mlp, NetFisher, NetForm, Targets, Variant,
-};
+use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp, Targets};
+use fisher_engine::fisher::{rows_per_sample, NetFisher, NetForm, Variant};
 use fisher_engine::synthetic::{normal_matrix, SplitMix64};
 use fisher_engine::{Agreement, Backend};
 use ndarray::{Array, Array1, Dimension};
@@ -896,7 +895,7 @@ pub fn run(cfg: &ComputeConfig) -> anyhow::Result<Outcome> {
 
     if cfg.verify {
         let start = Instant::now();
-        let reference = nn::reference::fisher(&mlp, &data, cfg.likelihood, cfg.variant, form)
+        let reference = fisher_engine::reference::network::fisher(&mlp, &data, cfg.likelihood, cfg.variant, form)
             .context("computing the f64 reference")?;
         let verification = judge(result.agreement(&reference)?);
         drop(reference);
@@ -1139,7 +1138,7 @@ mod tests {
     fn judge_passes_the_backend_and_fails_a_perturbed_result() {
         let spec = ActivationSpec::parse("tanh").unwrap();
         let (mlp, data) = synthetic_problem(&[4, 5, 3], 30, 1, &spec, Likelihood::Categorical).unwrap();
-        let reference = nn::reference::fisher(&mlp, &data, Likelihood::Categorical, Variant::True, NetForm::Diagonal).unwrap();
+        let reference = fisher_engine::reference::network::fisher(&mlp, &data, Likelihood::Categorical, Variant::True, NetForm::Diagonal).unwrap();
         let result = Engine::cpu().fisher(&mlp, &data, Variant::True, NetForm::Diagonal).unwrap();
         assert!(judge(result.agreement(&reference).unwrap()).passed);
         let NetFisher::Diagonal(mut d) = result else { unreachable!() };

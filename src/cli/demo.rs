@@ -29,17 +29,18 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, FromArgMatches};
-use fisher_engine::action::{self, ActionReport};
+use fisher_engine::analysis::action::{self, ActionReport};
 use fisher_engine::analysis::{
     self, ExplicitFisher, FnOperator, LanczosOptions, LanczosResult, MeasureOptions, Measures, ParameterLayout,
     SpectralDensity, Spectrum,
 };
-use fisher_engine::gpu::GpuOptions;
+use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::io;
-use fisher_engine::nn::{self, rows_per_sample, Dataset, Linear, Mlp, NetFisher, NetForm, Variant};
-use fisher_engine::plot::{self, Histogram};
-use fisher_engine::progress::Progress;
-use fisher_engine::train::TrainRun;
+use fisher_engine::model::{Dataset, Linear, Mlp};
+use fisher_engine::fisher::{rows_per_sample, NetFisher, NetForm, Variant};
+use fisher_engine::output::plot::{self, Histogram};
+use fisher_engine::output::progress::Progress;
+use fisher_engine::model::train::TrainRun;
 use fisher_engine::{Agreement, Backend, Engine, FisherError, Form};
 use ndarray::Array1;
 use serde_json::{json, Value};
@@ -395,7 +396,7 @@ fn network_fisher(
             progress.set(done, forms.len() * (engines.len() + 1));
         }
         let start = Instant::now();
-        let reference = nn::reference::fisher(mlp, data, data.likelihood(), VARIANT, form)
+        let reference = fisher_engine::reference::network::fisher(mlp, data, data.likelihood(), VARIANT, form)
             .with_context(|| format!("the f64 reference of the {} Fisher", form_name(form)))?;
         let reference_seconds = start.elapsed().as_secs_f64();
         done += 1;

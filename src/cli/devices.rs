@@ -1,6 +1,6 @@
 //! `fisher devices`: every adapter wgpu sees, its key limits, and Auto's pick.
 
-use fisher_engine::gpu::{list_adapters, AdapterSummary};
+use fisher_engine::backend::gpu::{list_adapters, AdapterSummary};
 use serde_json::json;
 
 use super::args::DevicesArgs;

@@ -35,13 +35,12 @@ use fisher_engine::analysis::{
     self, ExplicitFisher, FnOperator, LanczosOptions, LayerShape, MeasureOptions, Measures,
     ParameterLayout, SlqOptions, SpectralDensity, Spectrum,
 };
-use fisher_engine::gpu::GpuOptions;
+use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::io;
-use fisher_engine::nn::{
-    rows_per_sample, ActivationSpec, Dataset, KfacFactors, Likelihood, Linear, Mlp, NetFisher, NetForm, Variant,
-};
-use fisher_engine::plot::{self, Histogram};
-use fisher_engine::progress::Progress;
+use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp};
+use fisher_engine::fisher::{rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
+use fisher_engine::output::plot::{self, Histogram};
+use fisher_engine::output::progress::Progress;
 use fisher_engine::{Backend, FisherError};
 use ndarray::{Array1, Array2};
 use serde_json::json;

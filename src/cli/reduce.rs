@@ -10,10 +10,10 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Context;
-use fisher_engine::cpu::reference;
-use fisher_engine::gpu::{GpuContext, GpuOptions};
+use fisher_engine::reference::grads as reference;
+use fisher_engine::backend::gpu::{GpuContext, GpuOptions};
 use fisher_engine::io::{self, NpyRows};
-use fisher_engine::tolerance::Tolerance;
+use fisher_engine::verify::Tolerance;
 use fisher_engine::validate::check_matrix;
 use fisher_engine::{Agreement, Backend, Engine, FisherError, FisherMatrix, Form};
 use ndarray::Array2;
@@ -475,7 +475,7 @@ pub fn compare_paths(
     }
 
     let gpu_vs_cpu = match (runs.iter().find(|r| r.gpu), runs.iter().find(|r| !r.gpu)) {
-        (Some(gpu), Some(cpu)) => Some(fisher_engine::form::agreement_of(&gpu.values, &cpu.values)),
+        (Some(gpu), Some(cpu)) => Some(fisher_engine::fisher::agreement_of(&gpu.values, &cpu.values)),
         _ => None,
     };
     Ok(Demo {

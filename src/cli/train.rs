@@ -21,8 +21,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use fisher_engine::io;
-use fisher_engine::nn::{Activation, ActivationSpec, Dataset, Linear, Mlp, Targets};
-use fisher_engine::train::{classification_task, init_mlp, sgd, SgdOptions, TrainRun};
+use fisher_engine::model::{Activation, ActivationSpec, Dataset, Linear, Mlp, Targets};
+use fisher_engine::model::train::{classification_task, init_mlp, sgd, SgdOptions, TrainRun};
 use fisher_engine::FisherError;
 use serde_json::json;
 
@@ -297,9 +297,9 @@ fn write_run(dir: &Path, cfg: &TrainConfig, data: &Dataset, run: &TrainRun, file
         "inputs": "X.npy",
         "labels": "y.npy",
         "samples": cfg.samples,
-        "task": "fisher_engine::train::classification_task(samples, widths[0], widths[-1], seed)",
+        "task": "fisher_engine::model::train::classification_task(samples, widths[0], widths[-1], seed)",
         "seed": cfg.seed,
-        "init": format!("fisher_engine::train::init_mlp (PyTorch nn.Linear default), seed {} ^ {INIT_STREAM:#x}", cfg.seed),
+        "init": format!("fisher_engine::model::train::init_mlp (PyTorch nn.Linear default), seed {} ^ {INIT_STREAM:#x}", cfg.seed),
         "optimizer": {
             "name": "sgd",
             "learning_rate": cfg.sgd.learning_rate,

@@ -7,7 +7,7 @@
 
 pub mod cli;
 
-use fisher_engine::gpu::{GpuContext, GpuOptions};
+use fisher_engine::backend::gpu::{GpuContext, GpuOptions};
 use fisher_engine::{Engine, FisherError};
 
 /// True when the environment demands a GPU adapter.

@@ -7,7 +7,7 @@
 //!
 //! ## Per sample i
 //! Forward: a₀ = xᵢ, z_l = W_l a_{l−1} + b_l, a_l = φ_l(z_l), the last z_L being the output.
-//! The variant gives R *output rows* s_r (the table in [`crate::nn`]); for each,
+//! The variant gives R *output rows* s_r (the table in [`crate::model`]); for each,
 //! backpropagation gives δ_L = s_r and δ_{l−1} = (W_lᵀ δ_l) ∘ φ'_{l−1}(z_{l−1}), so that
 //! δ_l = ∂(s_rᵀ z_L)/∂z_l (for `empirical`, ∂ log p(yᵢ|xᵢ)/∂z_l). The gradient row is then
 //! g_ir = J_θᵢᵀ s_r, per layer ∂/∂W_l = δ_l a_{l−1}ᵀ (flattened row-major) and ∂/∂b_l = δ_l, in
@@ -37,10 +37,8 @@
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use super::{
-    mc_uniform, rows_per_sample, Activation, Dataset, KfacFactors, Likelihood, Mlp, NetFisher, NetForm,
-    Targets, Variant,
-};
+use crate::fisher::{mc_uniform, rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
+use crate::model::{Activation, Dataset, Likelihood, Mlp, Targets};
 use crate::error::{FisherError, Result};
 
 /// Bytes of gradient rows held at once: large enough that per-batch overheads vanish, small
@@ -187,7 +185,7 @@ fn log_sum_exp(z: ArrayView1<'_, f64>) -> f64 {
 }
 
 /// The R×k output rows s_r of sample `sample` of `data`, given its network output `logits`
-/// (z_L, in f64), following the variant table in [`crate::nn`] exactly:
+/// (z_L, in f64), following the variant table in [`crate::model`] exactly:
 ///
 /// * `empirical`: e(yᵢ) (categorical: onehot(yᵢ) − p; Gaussian: yᵢ − z);
 /// * `true`, categorical: √p_c (onehot(c) − p) for c = 0..C, so Σ_c s_c s_cᵀ = diag(p) − ppᵀ;
@@ -476,7 +474,7 @@ fn batch_size(bytes_per_sample: usize) -> usize {
 /// gradient matrix ∇θ log p(yᵢ|xᵢ)).
 ///
 /// ```
-/// use fisher_engine::nn::{reference, Activation, Dataset, Likelihood, Linear, Mlp, Targets, Variant};
+/// use fisher_engine::model::{reference, Activation, Dataset, Likelihood, Linear, Mlp, Targets, Variant};
 /// use ndarray::array;
 /// // One layer, z = W x with W = 0 (so p is uniform) and x = (1, 2): g = (e(y) xᵀ) row-major.
 /// let mlp = Mlp::new(vec![Linear { index: 0, weight: ndarray::Array2::zeros((2, 2)), bias: None }], vec![])?;
@@ -521,7 +519,7 @@ pub fn per_sample_rows(
 /// * `Layer`: for each Linear layer, the block of F over that layer's range in θ (weight
 ///   row-major, then bias; see [`Mlp::param_ranges`]).
 /// * `Kfac`: per layer A = (1/N) Σᵢ ãᵢãᵢᵀ with ã = [a; 1] when the layer has a bias (a
-///   without), and G = (1/N) Σᵢ Σ_r δ_ir δ_irᵀ; see [`crate::nn::kfac_expand`].
+///   without), and G = (1/N) Σᵢ Σ_r δ_ir δ_irᵀ; see [`crate::fisher::kfac_expand`].
 /// * `Grads`: the rows of [`per_sample_rows`].
 /// * `Norms`: per sample Σ_r ‖g_ir‖² (N values, not divided by N; their mean is tr F).
 ///

@@ -22,7 +22,7 @@
 
 use ndarray::{Array2, LinalgScalar};
 
-use super::KfacFactors;
+use super::network::KfacFactors;
 use crate::error::{FisherError, Result};
 
 /// `perm[o·in_aug + i]` = the PyTorch-order index of augmented parameter (o, i), where
@@ -31,7 +31,7 @@ use crate::error::{FisherError, Result};
 ///
 /// ```
 /// // 2 outputs, 1 input, with bias: augmented order (w00, b0, w10, b1); PyTorch (w00, w10, b0, b1).
-/// assert_eq!(fisher_engine::nn::augmented_to_pytorch(1, 2, true), [0, 2, 1, 3]);
+/// assert_eq!(fisher_engine::fisher::augmented_to_pytorch(1, 2, true), [0, 2, 1, 3]);
 /// ```
 pub fn augmented_to_pytorch(fan_in: usize, fan_out: usize, has_bias: bool) -> Vec<usize> {
     let augmented_in = fan_in + has_bias as usize;
@@ -52,7 +52,7 @@ pub fn augmented_to_pytorch(fan_in: usize, fan_out: usize, has_bias: bool) -> Ve
 /// in×in. Errors when a factor is not square.
 ///
 /// ```
-/// use fisher_engine::nn::{kfac_expand, KfacFactors};
+/// use fisher_engine::model::{kfac_expand, KfacFactors};
 /// use ndarray::array;
 /// // in = 1 with bias (A is 2×2), out = 1: P_l = 2 (weight, bias), the block is g·A.
 /// let factors = KfacFactors { a: array![[4.0, 2.0], [2.0, 1.0]], g: array![[3.0]] };

@@ -11,7 +11,8 @@ use rayon::prelude::*;
 
 use super::syrk::SymmetricSum;
 use crate::error::{FisherError, Result};
-use crate::nn::{mc_class, mc_normal, rows_per_sample, Dataset, KfacFactors, Mlp, NetFisher, NetForm, Targets, Variant};
+use crate::model::{Dataset, Mlp, Targets};
+use crate::fisher::{mc_class, mc_normal, rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
 
 /// Samples per micro-batch: large enough for efficient GEMMs, small enough to keep the
 /// per-batch buffers (m·R rows of the widest layer, or of P for full/layer) modest.
@@ -67,7 +68,7 @@ enum Reduction {
     Norms(Vec<f64>),
 }
 
-/// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::nn`]).
+/// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::model`]).
 fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant, r: usize) -> Array2<f32> {
     let (m, c) = z.dim();
     let mut out = Array2::<f32>::zeros((m * r, c));

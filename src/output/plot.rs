@@ -6,7 +6,7 @@
 //!   bins, a second panel shows it with log λ across and log mass up.
 //! * [`action_plot`]: the per-step action Δθ_tᵀ F(θ_t) Δθ_t on a log y-axis, and the
 //!   cumulative Fisher–Rao length L(t) with the chord length as a horizontal reference line
-//!   (see [`crate::action`] for the definitions).
+//!   (see [`crate::analysis::action`] for the definitions).
 //!
 //! ## What is not drawn
 //! A log axis cannot show zero, negative or non-finite values: such values are skipped, and
@@ -27,7 +27,7 @@
 //! font family `sans-serif` and leave the glyphs to the viewer.
 //!
 //! ```no_run
-//! use fisher_engine::plot::{spectrum_plot, Histogram};
+//! use fisher_engine::output::plot::{spectrum_plot, Histogram};
 //! let eigenvalues = [3.0, 1.0, 0.2, 0.01, 0.0];
 //! let density = Histogram { edges: vec![1e-3, 1e-2, 1e-1, 1.0, 10.0], mass: vec![0.0, 1.0, 1.0, 2.0] };
 //! spectrum_plot("spectrum.png".as_ref(), &eigenvalues, Some(&density), "Fisher spectrum")?;
@@ -40,7 +40,7 @@ use std::sync::Once;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::action::ActionReport;
+use crate::analysis::action::ActionReport;
 use crate::error::{FisherError, Result};
 
 /// A histogram of eigenvalue mass: `mass[b]` over [`edges[b]`, `edges[b + 1]`). Edges are
@@ -105,7 +105,7 @@ const GREY: RGBColor = RGBColor(110, 110, 110);
 const DENSITY_FLOOR: f64 = 1e-6;
 
 /// The embedded font (DejaVu Sans 2.37, Bitstream Vera license: assets/fonts/).
-static DEJAVU_SANS: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 /// Registers the embedded font as `sans-serif`, plotters' default family, once per process.
 fn register_font() {
@@ -600,7 +600,7 @@ pub fn action_plot(path: &Path, report: &ActionReport, title: &str) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::action::ActionStep;
+    use crate::analysis::action::ActionStep;
 
     const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 

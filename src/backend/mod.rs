@@ -5,11 +5,15 @@
 //! implement exactly these stages, which keeps the trait small enough to implement twice and
 //! to test the two against each other and against the f64 reference.
 
+pub mod cpu;
+pub mod gpu;
+
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::error::Result;
-use crate::form::{FisherMatrix, Form};
-use crate::nn::{Dataset, Fvp, Mlp, NetFisher, NetForm, Variant};
+use crate::fisher::{FisherMatrix, Form};
+use crate::model::{Dataset, Mlp};
+use crate::fisher::{Fvp, NetFisher, NetForm, Variant};
 
 /// A compute path able to reduce per-sample gradients to every Fisher form.
 pub trait FisherBackend {

@@ -26,7 +26,7 @@ use ndarray::{Array2, ArrayView2};
 use npyz::{DType, Endianness, NpyHeader, Order, TypeChar};
 
 use crate::error::{FisherError, Result};
-use crate::form::{FisherMatrix, Form};
+use crate::fisher::{FisherMatrix, Form};
 
 /// One named tensor to write: name, shape (row-major), values.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
@@ -628,8 +628,8 @@ mod tests {
         let bytes = std::fs::read(&y).unwrap();
         let header = String::from_utf8_lossy(&bytes[10..bytes.len() - 3 * 8]);
         assert!(header.contains("'descr': '<i8'") && header.contains("'shape': (3,)"), "{header}");
-        let data = crate::nn::Dataset::from_npy(&x, &y, crate::nn::Likelihood::Categorical).unwrap();
-        assert_eq!(data.targets, crate::nn::Targets::Classes(vec![2, 0, u32::MAX]));
+        let data = crate::model::Dataset::from_npy(&x, &y, crate::model::Likelihood::Categorical).unwrap();
+        assert_eq!(data.targets, crate::model::Targets::Classes(vec![2, 0, u32::MAX]));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use ndarray::{Array1, Array2, Axis};
 
 use crate::error::{FisherError, Result};
-use crate::nn::{Activation, Dataset, Linear, Mlp, Targets};
+use crate::model::{Activation, Dataset, Linear, Mlp, Targets};
 use crate::synthetic::SplitMix64;
 
 /// Initializes an MLP like PyTorch's `nn.Linear` default: weights and biases uniform in

@@ -8,10 +8,10 @@ use crate::error::{FisherError, Result};
 
 /// WGSL sources, labelled with their file names so that compiler errors name the file.
 pub const SHADERS: &[(&str, &str)] = &[
-    ("shaders/syrk.wgsl", include_str!("../../shaders/syrk.wgsl")),
-    ("shaders/diag.wgsl", include_str!("../../shaders/diag.wgsl")),
-    ("shaders/norms.wgsl", include_str!("../../shaders/norms.wgsl")),
-    ("shaders/mlp.wgsl", include_str!("../../shaders/mlp.wgsl")),
+    ("shaders/syrk.wgsl", include_str!("../../../shaders/syrk.wgsl")),
+    ("shaders/diag.wgsl", include_str!("../../../shaders/diag.wgsl")),
+    ("shaders/norms.wgsl", include_str!("../../../shaders/norms.wgsl")),
+    ("shaders/mlp.wgsl", include_str!("../../../shaders/mlp.wgsl")),
 ];
 
 /// Entry points the host uses, per shader file (checked by the naga test).
@@ -342,7 +342,7 @@ pub struct MlpParams {
     pub ld_a: u32,
     /// Row length of the output.
     pub ld_out: u32,
-    /// Activation code ([`crate::nn::Activation::code`]).
+    /// Activation code ([`crate::model::Activation::code`]).
     pub act: u32,
     /// FLAG_BIAS = 1, FLAG_ONE = 2, FLAG_GAUSSIAN = 4.
     pub flags: u32,

@@ -12,7 +12,7 @@
 //! than return errors: they are assertions.
 //!
 //! ```
-//! use fisher_engine::tolerance::{assert_agrees, Tolerance};
+//! use fisher_engine::verify::{assert_agrees, Tolerance};
 //! use fisher_engine::{cpu::reference, Backend, Engine, Form};
 //! let grads = fisher_engine::synthetic::gradient_like(300, 12, 5);
 //! let result = Engine::new(Backend::Cpu)?.fisher_from_grads(grads.view(), &Form::Full)?;
@@ -23,7 +23,7 @@
 
 use ndarray::Array2;
 
-use crate::form::FisherMatrix;
+use crate::fisher::FisherMatrix;
 
 /// Unit roundoff of f32, u = 2⁻²⁴ ≈ 5.96·10⁻⁸: the largest relative error of one rounding.
 pub const F32_UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;

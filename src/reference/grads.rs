@@ -1,6 +1,6 @@
 //! The f64 reference: simple, slow, correct. It is the oracle of every test and of `--verify`.
 //!
-//! Every form is computed from its definition (see [`crate::form`]) with
+//! Every form is computed from its definition (see [`crate::fisher`]) with
 //!
 //! * products of two f32 values formed in f64, where they are **exact** (a 24-bit × 24-bit
 //!   significand product needs at most 48 of f64's 53 bits), and
@@ -24,7 +24,7 @@ use ndarray::{s, Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::form::{FisherMatrix, Form};
+use crate::fisher::{FisherMatrix, Form};
 use crate::validate::check_matrix;
 
 /// Reduces `grads` (N×P, row i = gᵢ) to `form` in f64 with compensated summation.

@@ -65,7 +65,7 @@ impl ActivationSpec {
     /// * the path of a file holding such a JSON spec.
     ///
     /// ```
-    /// use fisher_engine::nn::{Activation, ActivationSpec};
+    /// use fisher_engine::model::{Activation, ActivationSpec};
     /// assert_eq!(ActivationSpec::parse("tanh")?, ActivationSpec::Uniform(Activation::Tanh));
     /// assert_eq!(
     ///     ActivationSpec::parse(r#"["gelu", "relu"]"#)?,
@@ -294,7 +294,7 @@ impl Mlp {
     /// chaining (in of layer k+1 = out of layer k) and finite values.
     ///
     /// ```
-    /// use fisher_engine::nn::{Activation, Linear, Mlp};
+    /// use fisher_engine::model::{Activation, Linear, Mlp};
     /// use ndarray::{array, Array2};
     /// let hidden = Linear { index: 0, weight: Array2::ones((4, 3)), bias: Some(array![0.0, 0.1, 0.2, 0.3]) };
     /// let output = Linear { index: 2, weight: Array2::ones((2, 4)), bias: None };

@@ -25,7 +25,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 
 use crate::backend::{Accumulator, FisherBackend};
 use crate::error::{FisherError, Result};
-use crate::form::{FisherMatrix, Form};
+use crate::fisher::{FisherMatrix, Form};
 use crate::validate::check_matrix;
 use kernels::{DiagKernel, MlpKernel, NormsKernel, RowParams, SyrkKernel, SyrkParams, SyrkVariant, SYRK_TILE};
 
@@ -194,25 +194,25 @@ impl FisherBackend for GpuBackend {
 
     fn network_fisher(
         &self,
-        mlp: &crate::nn::Mlp,
-        data: &crate::nn::Dataset,
-        variant: crate::nn::Variant,
-        form: crate::nn::NetForm,
-    ) -> Result<crate::nn::NetFisher> {
+        mlp: &crate::model::Mlp,
+        data: &crate::model::Dataset,
+        variant: crate::fisher::Variant,
+        form: crate::fisher::NetForm,
+    ) -> Result<crate::fisher::NetFisher> {
         network::network_fisher(self, mlp, data, variant, form)
     }
 
     fn network_fvp(
         &self,
-        mlp: &crate::nn::Mlp,
-        data: &crate::nn::Dataset,
-        variant: crate::nn::Variant,
+        mlp: &crate::model::Mlp,
+        data: &crate::model::Dataset,
+        variant: crate::fisher::Variant,
         v: ndarray::ArrayView1<'_, f32>,
         product: bool,
-    ) -> Result<crate::nn::Fvp> {
+    ) -> Result<crate::fisher::Fvp> {
         let v = v.to_vec();
         let (product, quadratic) = network::network_fvp(self, mlp, data, variant, &v, product)?;
-        Ok(crate::nn::Fvp { product: product.map(Array1::from), quadratic })
+        Ok(crate::fisher::Fvp { product: product.map(Array1::from), quadratic })
     }
 
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {

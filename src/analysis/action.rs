@@ -20,7 +20,8 @@ use ndarray::Array1;
 
 use crate::engine::Engine;
 use crate::error::{FisherError, Result};
-use crate::nn::{Dataset, Mlp, Variant};
+use crate::model::{Dataset, Mlp};
+use crate::fisher::Variant;
 
 /// One step of the path.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -3,7 +3,7 @@
 //! file, a CI log), so that redirected output never holds control codes.
 //!
 //! ```
-//! use fisher_engine::progress::Progress;
+//! use fisher_engine::output::progress::Progress;
 //! let progress = Progress::new("quadratic forms", 10, Progress::wanted(false, false));
 //! let mut report = progress.callback();
 //! for done in 1..=10 {

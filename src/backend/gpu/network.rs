@@ -1,7 +1,7 @@
 //! Network Fisher on the GPU: per-micro-batch forward, output rows, backward, and the fused
 //! reductions, with device memory bounded by the model plus one micro-batch.
 //!
-//! Data flow for a micro-batch of m samples (R output rows each, see [`crate::nn`]):
+//! Data flow for a micro-batch of m samples (R output rows each, see [`crate::model`]):
 //!
 //! ```text
 //! x ─upload─▶ ã₀ ─GEMM(ã Wᵀ)+b─▶ z₀ ─φ─▶ ã₁ … ─▶ z_{L−1} ─head─▶ δ_{L−1} (m·R × C)
@@ -21,8 +21,9 @@ use super::kernels::{MlpParams, SyrkParams};
 use super::{does_not_fit, read_f32, storage_f32, GpuAccumulator, GpuBackend};
 use crate::backend::Accumulator;
 use crate::error::{FisherError, Result};
-use crate::form::FisherMatrix;
-use crate::nn::{rows_per_sample, Dataset, KfacFactors, Likelihood, Mlp, NetFisher, NetForm, Targets, Variant};
+use crate::fisher::FisherMatrix;
+use crate::model::{Dataset, Likelihood, Mlp, Targets};
+use crate::fisher::{rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
 
 /// Largest micro-batch: beyond this the dispatch overhead is already amortized.
 const MAX_MICRO_BATCH: usize = 1024;

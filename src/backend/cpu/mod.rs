@@ -16,7 +16,6 @@
 //! thread pool.
 
 mod network;
-pub mod reference;
 mod syrk;
 
 use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut1, Zip};
@@ -24,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::backend::{Accumulator, FisherBackend};
 use crate::error::{FisherError, Result};
-use crate::form::{FisherMatrix, Form};
+use crate::fisher::{FisherMatrix, Form};
 use crate::validate::check_matrix;
 use syrk::SymmetricSum;
 
@@ -96,25 +95,25 @@ impl FisherBackend for CpuBackend {
 
     fn network_fisher(
         &self,
-        mlp: &crate::nn::Mlp,
-        data: &crate::nn::Dataset,
-        variant: crate::nn::Variant,
-        form: crate::nn::NetForm,
-    ) -> Result<crate::nn::NetFisher> {
+        mlp: &crate::model::Mlp,
+        data: &crate::model::Dataset,
+        variant: crate::fisher::Variant,
+        form: crate::fisher::NetForm,
+    ) -> Result<crate::fisher::NetFisher> {
         network::network_fisher(mlp, data, variant, form)
     }
 
     fn network_fvp(
         &self,
-        mlp: &crate::nn::Mlp,
-        data: &crate::nn::Dataset,
-        variant: crate::nn::Variant,
+        mlp: &crate::model::Mlp,
+        data: &crate::model::Dataset,
+        variant: crate::fisher::Variant,
         v: ndarray::ArrayView1<'_, f32>,
         product: bool,
-    ) -> Result<crate::nn::Fvp> {
+    ) -> Result<crate::fisher::Fvp> {
         let v = v.to_vec();
         let (product, quadratic) = network::network_fvp(mlp, data, variant, &v, product)?;
-        Ok(crate::nn::Fvp { product: product.map(ndarray::Array1::from), quadratic })
+        Ok(crate::fisher::Fvp { product: product.map(ndarray::Array1::from), quadratic })
     }
 
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {

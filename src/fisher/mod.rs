@@ -1,0 +1,13 @@
+//! The Fisher forms and results: what a reduction produces (full, diagonal, blocks, Gram,
+//! norms; per-layer blocks and KFAC factors for networks), the variants (which expectation
+//! over y), and the KFAC layout.
+
+pub mod form;
+pub mod kfac;
+pub mod network;
+pub mod variant;
+
+pub use form::{agreement_of, Agreement, FisherMatrix, Form};
+pub use kfac::{augmented_to_pytorch, kfac_expand};
+pub use network::{Fvp, KfacFactors, NetFisher, NetForm};
+pub use variant::{mc_class, mc_normal, mc_uniform, pcg_hash, rows_per_sample, Variant};
