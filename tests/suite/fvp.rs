@@ -1,7 +1,6 @@
 //! The implicit Fisher–vector product (forward-mode J v, Λ at the output, one backward pass)
 //! against the dense f64 reference F·v, on GPU and CPU, for every variant and likelihood.
 
-mod common;
 
 use fisher_engine::model::{Activation, Dataset, Linear, Mlp, Targets};
 use fisher_engine::fisher::{NetFisher, NetForm, Variant};
@@ -12,7 +11,7 @@ use ndarray::{Array1, Array2};
 
 fn engines(test: &str) -> Vec<(&'static str, Engine)> {
     let mut out = vec![("cpu", Engine::new(Backend::Cpu).expect("cpu"))];
-    if let Some(gpu) = common::gpu_engine(test) {
+    if let Some(gpu) = crate::common::gpu_engine(test) {
         out.push(("gpu", gpu));
     }
     out

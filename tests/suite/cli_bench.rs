@@ -2,9 +2,8 @@
 //! GPU and CPU together, its JSON (one result per stage, shape and backend; positive times
 //! and rates; the GPU speedup on GPU rows), the table, and bad flags (exit 2, one clear line).
 
-mod common;
 
-use common::cli::{Run, fisher};
+use crate::common::cli::{Run, fisher};
 
 use std::collections::HashSet;
 
@@ -97,7 +96,7 @@ fn tiny_run_on_the_cpu() {
 
 #[test]
 fn tiny_run_on_gpu_and_cpu() {
-    let Some(ctx) = common::gpu_context("tiny_run_on_gpu_and_cpu") else { return };
+    let Some(ctx) = crate::common::gpu_context("tiny_run_on_gpu_and_cpu") else { return };
     let name = ctx.info.name.clone();
     drop(ctx);
     let v = ok_json(&tiny(&["--backend", "gpu,cpu", "--json"]));

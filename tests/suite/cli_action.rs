@@ -3,9 +3,8 @@
 //! (PNG and SVG), GPU against CPU, and every bad input (message, exit status, and no plot or
 //! run directory left behind).
 
-mod common;
 
-use common::cli::{Run, assert_fails, fisher, json, names_in, s, succeeds};
+use crate::common::cli::{Run, assert_fails, fisher, json, names_in, s, succeeds};
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -258,7 +257,7 @@ fn bad_inputs_fail_cleanly_and_write_no_plot() {
 
 #[test]
 fn gpu_agrees_with_cpu() {
-    if common::gpu_context("gpu_agrees_with_cpu").is_none() {
+    if crate::common::gpu_context("gpu_agrees_with_cpu").is_none() {
         return;
     }
     let run_dir = trained().1.to_str().unwrap();

@@ -3,12 +3,11 @@
 //! within its error bars), stored results (`--fisher`) against computing directly, the plot,
 //! the table, a GPU run, and every bad input (message, exit status, no plot left behind).
 
-mod common;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use common::cli::{assert_dir_holds, assert_fails, fisher, json, names_in, s, succeeds, temp, Run};
+use crate::common::cli::{assert_dir_holds, assert_fails, fisher, json, names_in, s, succeeds, temp, Run};
 use fisher_engine::analysis::{measures_exact, ExplicitFisher, MeasureOptions, ParameterLayout};
 use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Mlp};
 use fisher_engine::fisher::{NetForm, Variant};
@@ -350,7 +349,7 @@ fn synthetic_models_need_no_files() {
 
 #[test]
 fn gpu_agrees_with_cpu() {
-    if common::gpu_context("gpu_agrees_with_cpu").is_none() {
+    if crate::common::gpu_context("gpu_agrees_with_cpu").is_none() {
         return;
     }
     for form in ["full", "implicit"] {

@@ -4,9 +4,8 @@
 //! metadata and JSON keys, the synthetic model and its saved files, and every bad input
 //! (message, exit status, and no output left behind).
 
-mod common;
 
-use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
+use crate::common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
 
 use std::path::Path;
 
@@ -252,7 +251,7 @@ fn every_form_round_trips_on_the_cpu() {
 
 #[test]
 fn every_form_round_trips_on_the_gpu() {
-    if common::gpu_context("every_form_round_trips_on_the_gpu").is_none() {
+    if crate::common::gpu_context("every_form_round_trips_on_the_gpu").is_none() {
         return;
     }
     every_form_round_trips("gpu");

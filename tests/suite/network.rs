@@ -3,7 +3,6 @@
 //! tests/nn_reference.rs), on seeded MLPs with tanh, relu and gelu, with and without bias,
 //! categorical and Gaussian. The same test body runs on each backend.
 
-mod common;
 
 use fisher_engine::model::{Activation, Dataset, Linear, Mlp, Targets};
 use fisher_engine::fisher::{kfac_expand, NetFisher, NetForm, Variant};
@@ -18,7 +17,7 @@ const FROBENIUS_REL: f64 = 1e-5;
 
 fn engines(test: &str) -> Vec<(&'static str, Engine)> {
     let mut out = vec![("cpu", Engine::new(Backend::Cpu).expect("cpu"))];
-    if let Some(gpu) = common::gpu_engine(test) {
+    if let Some(gpu) = crate::common::gpu_engine(test) {
         out.push(("gpu", gpu));
     }
     out

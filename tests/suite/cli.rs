@@ -4,9 +4,8 @@
 //! Inputs are written with the crate's own `.npy` writer (f32/f64) or, for the malformed
 //! cases, with the independent raw writer below, so no Python is needed at test time.
 
-mod common;
 
-use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
+use crate::common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
 
 use std::path::Path;
 
@@ -274,7 +273,7 @@ fn devices_json_lists_adapters() {
 
 #[test]
 fn gpu_round_trip_matches_the_reference() {
-    if common::gpu_context("gpu_round_trip_matches_the_reference").is_none() {
+    if crate::common::gpu_context("gpu_round_trip_matches_the_reference").is_none() {
         return;
     }
     let dir = temp();

@@ -1,7 +1,6 @@
 //! The trainer's gradient (finite differences of the f64 reference log-likelihood), that SGD
 //! learns, and the action / length / chord / efficiency of paths against dense f64 Fishers.
 
-mod common;
 
 use fisher_engine::analysis::action::{self, check_same_architecture};
 use fisher_engine::model::Activation;
@@ -13,7 +12,7 @@ use ndarray::Array1;
 
 fn engines(test: &str) -> Vec<(&'static str, Engine)> {
     let mut out = vec![("cpu", Engine::new(Backend::Cpu).expect("cpu"))];
-    if let Some(gpu) = common::gpu_engine(test) {
+    if let Some(gpu) = crate::common::gpu_engine(test) {
         out.push(("gpu", gpu));
     }
     out

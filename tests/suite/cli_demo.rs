@@ -4,9 +4,8 @@
 //! directory, and the directories it must refuse. On the CPU always, on the GPU when an
 //! adapter exists (tests/common: SKIPPED otherwise, a failure under FISHER_REQUIRE_GPU=1).
 
-mod common;
 
-use common::cli::{fisher, names_in, s, succeeds};
+use crate::common::cli::{fisher, names_in, s, succeeds};
 
 use std::path::Path;
 
@@ -133,7 +132,7 @@ fn quick_demo_on_the_cpu() {
 
 #[test]
 fn quick_demo_on_the_gpu() {
-    if common::gpu_context("quick_demo_on_the_gpu").is_none() {
+    if crate::common::gpu_context("quick_demo_on_the_gpu").is_none() {
         return;
     }
     let temp = tempfile::tempdir().unwrap();
