@@ -271,11 +271,12 @@ fn full_spectrum_and_measures_against_jacobi_and_brute_force() {
         let cond_ref = (lam[0] + damping) / (if n < p { 0.0 } else { lam[p - 1] } + damping);
         close(m.condition_number.unwrap(), cond_ref, 1e-8, "condition number");
 
-        // Coupling on the layer structure.
+        // Coupling on the layer structure. Inter-layer coupling is 1 − (in-block mass)/(total),
+        // here ≈ 4·10⁻³: rounding of order ε relative to 1 is 250ε relative to the value.
         let layout = ParameterLayout::from_shapes(&shapes).unwrap();
         let c = fisher.coupling(&layout).unwrap();
         let (inter, units) = ref_coupling(&f, &shapes);
-        close(c.inter_layer.unwrap(), inter, 1e-13, "inter-layer");
+        close(c.inter_layer.unwrap(), inter, 1e-11, "inter-layer");
         assert_eq!(c.inter_unit.len(), shapes.len());
         for (got, want) in c.inter_unit.iter().zip(&units) {
             close(got.unwrap(), *want, 1e-13, "inter-unit");
