@@ -8,7 +8,7 @@ mod common;
 use fisher_engine::reference::grads as reference;
 use fisher_engine::backend::gpu::{GpuBackend, GpuOptions};
 use fisher_engine::synthetic::gradient_like;
-use fisher_engine::verify::{assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, Tolerance};
+use common::verify::{assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, Tolerance};
 use fisher_engine::{Backend, Engine, FisherError, FisherMatrix, Form};
 use ndarray::{s, Array2};
 

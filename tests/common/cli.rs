@@ -1,12 +1,19 @@
 //! Running the `fisher` binary in CLI tests, and the assertions every such test makes: the
-//! exit status, the single `fisher: error:` line, and that nothing was left behind.
+//! exit status, the single `fisher: error:` line, and that nothing was left behind; and the
+//! files tests write and read independently of the crate's own writers (raw `.npy`,
+//! safetensors through the safetensors crate).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use ndarray::{Array1, Array2};
+
 /// The binary under test.
 pub const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
+
+/// The first bytes of every PNG file.
+pub const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
 /// The outcome of one run.
 pub struct Run {
@@ -89,6 +96,24 @@ pub fn assert_dir_holds(dir: &Path, names: &[&str]) {
     assert_eq!(names_in(dir), expected, "files in {}", dir.display());
 }
 
+/// A shape as numpy spells it in a `.npy` header: `(5,)`, `(2, 3)`.
+pub fn npy_shape(shape: &[usize]) -> String {
+    match shape {
+        [one] => format!("({one},)"),
+        _ => format!("({})", shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes of f64 values.
+pub fn f64_bytes(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
 /// A `.npy` file written byte by byte from a header dict, independently of the crate's
 /// writer, so that malformed and unusual files (dtypes, ranks, Fortran order) can be made.
 pub fn write_raw_npy(path: &Path, descr: &str, fortran: bool, shape: &str, data: &[u8]) {
@@ -105,6 +130,22 @@ pub fn write_raw_npy(path: &Path, descr: &str, fortran: bool, shape: &str, data:
     bytes.extend(dict.as_bytes());
     bytes.extend(data);
     std::fs::write(path, bytes).unwrap();
+}
+
+/// A tensor to write raw: key, dtype, shape, little-endian bytes.
+pub type RawTensor<'a> = (&'a str, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Writes `tensors` with the safetensors crate directly (what
+/// `safetensors.torch.save_file(model.state_dict(), path)` writes), in the given order and
+/// with any dtype, so that malformed models (NaN, extra and missing keys) can be made.
+pub fn write_raw_safetensors(path: &Path, tensors: &[RawTensor<'_>]) {
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(key, dtype, shape, bytes)| {
+            (*key, safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap())
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
 /// The tensors and metadata of a safetensors file, as f32 values.
@@ -129,4 +170,34 @@ pub fn read_safetensors(path: &Path) -> Saved {
         .collect();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     Saved { tensors, metadata: header.metadata().clone().unwrap_or_default() }
+}
+
+impl Saved {
+    /// The 2-D tensor `name`.
+    #[track_caller]
+    pub fn matrix(&self, name: &str) -> Array2<f32> {
+        let (shape, values) = self.tensor(name);
+        assert_eq!(shape.len(), 2, "{name} has shape {shape:?}");
+        Array2::from_shape_vec((shape[0], shape[1]), values.clone()).unwrap()
+    }
+
+    /// The 1-D tensor `name`.
+    #[track_caller]
+    pub fn vector(&self, name: &str) -> Array1<f32> {
+        let (shape, values) = self.tensor(name);
+        assert_eq!(shape.len(), 1, "{name} has shape {shape:?}");
+        Array1::from(values.clone())
+    }
+
+    #[track_caller]
+    fn tensor(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.tensors.get(name).unwrap_or_else(|| panic!("tensor {name} missing: {:?}", self.names()))
+    }
+
+    /// The tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
 }

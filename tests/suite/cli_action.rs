@@ -3,17 +3,14 @@
 //! (PNG and SVG), GPU against CPU, and every bad input (message, exit status, and no plot or
 //! run directory left behind).
 
-mod common;
-
-use common::cli::{Run, assert_fails, fisher, json, names_in, s, succeeds};
-
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use fisher_engine::model::{Activation, Mlp};
 use fisher_engine::model::train::init_mlp;
 
-const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+use crate::common::cli::{assert_fails, fisher, json, names_in, s, succeeds, Run, PNG_SIGNATURE};
+use crate::common::gpu_available;
 
 /// The small run every test measures.
 const WIDTHS: &str = "6,12,3";
@@ -258,7 +255,7 @@ fn bad_inputs_fail_cleanly_and_write_no_plot() {
 
 #[test]
 fn gpu_agrees_with_cpu() {
-    if common::gpu_context("gpu_agrees_with_cpu").is_none() {
+    if !gpu_available("cli_action::gpu_agrees_with_cpu") {
         return;
     }
     let run_dir = trained().1.to_str().unwrap();

@@ -3,18 +3,16 @@
 //! within its error bars), stored results (`--fisher`) against computing directly, the plot,
 //! the table, a GPU run, and every bad input (message, exit status, no plot left behind).
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use common::cli::{assert_dir_holds, assert_fails, fisher, json, names_in, s, succeeds, temp, Run};
 use fisher_engine::analysis::{measures_exact, ExplicitFisher, MeasureOptions, ParameterLayout};
 use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Mlp};
 use fisher_engine::fisher::{NetForm, Variant};
 use serde_json::Value;
 
-const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+use crate::common::cli::{assert_dir_holds, assert_fails, fisher, json, names_in, s, succeeds, temp, Run, PNG_SIGNATURE};
+use crate::common::{close, gpu_available, MEASURE_KEYS};
 
 /// The model every test analyses: P = 12·9 + 4·13 = 160 parameters, N = 30 samples, true
 /// Fisher with R = 4 rows per sample, so rank F ≤ N·R = 120 < P (a null space, as in large
@@ -27,22 +25,10 @@ const P: usize = 160;
 const ALPHA: f64 = 1e-2;
 const DAMPING: f64 = 1e-2;
 
-/// The keys the issue asks `--json` for.
-const KEYS: [&str; 13] = [
-    "parameters",
-    "samples",
-    "trace",
-    "frobenius",
-    "top_eigenvalues",
-    "logdet",
-    "damping",
-    "effective_dimension",
-    "abbas_effective_dimension",
-    "fisher_rao_norm",
-    "condition_number",
-    "stable_rank",
-    "inter_layer_coupling",
-];
+/// The keys the issue asks `--json` for: the measures, and N.
+fn keys() -> impl Iterator<Item = &'static str> {
+    MEASURE_KEYS.into_iter().chain(["samples"])
+}
 
 /// The model and data files, and stored results of `fisher compute`, shared by the tests.
 struct Files {
@@ -102,15 +88,6 @@ fn nums(v: &Value, key: &str) -> Vec<f64> {
     v[key].as_array().unwrap_or_else(|| panic!("{key} is not an array")).iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
-#[track_caller]
-fn close(got: f64, want: f64, rel: f64, what: &str) {
-    assert!(
-        (got - want).abs() <= rel * want.abs().max(1e-300),
-        "{what}: {got:e} vs {want:e} (relative {:.2e} > {rel:.0e})",
-        (got - want).abs() / want.abs()
-    );
-}
-
 #[test]
 fn full_form_matches_the_exact_measures_of_the_f64_reference() {
     let f = files();
@@ -119,7 +96,7 @@ fn full_form_matches_the_exact_measures_of_the_f64_reference() {
         "--form", "full", "--backend", "cpu", "--top", "6", "--alpha", &format!("{alpha},0.1"), "--damping", &damping,
         "--json",
     ]));
-    for key in KEYS {
+    for key in keys() {
         assert!(v.get(key).is_some_and(|x| !x.is_null()), "--json lacks {key}: {v}");
     }
     assert_eq!(v["parameters"], P);
@@ -185,7 +162,7 @@ fn implicit_form_agrees_with_the_exact_spectrum() {
     assert_eq!(implicit["form"], "implicit");
     assert_eq!(implicit["method"], "stochastic");
     assert_eq!(implicit["lanczos_converged"], true);
-    for key in KEYS {
+    for key in keys() {
         assert!(implicit.get(key).is_some_and(|x| !x.is_null()), "--json lacks {key}: {implicit}");
     }
     // Lanczos on the implicit F·v against the dense eigensolver on the computed F.
@@ -350,7 +327,7 @@ fn synthetic_models_need_no_files() {
 
 #[test]
 fn gpu_agrees_with_cpu() {
-    if common::gpu_context("gpu_agrees_with_cpu").is_none() {
+    if !gpu_available("cli_report::gpu_agrees_with_cpu") {
         return;
     }
     for form in ["full", "implicit"] {

@@ -7,9 +7,12 @@
 
 use fisher_engine::backend::cpu::CpuBackend;
 use fisher_engine::reference::grads as reference;
-use fisher_engine::verify::{assert_agrees, Tolerance};
-use fisher_engine::{Backend, Engine, FisherBackend, FisherError, FisherMatrix, Form};
+use fisher_engine::{FisherBackend, FisherError, FisherMatrix, Form};
 use ndarray::{s, Array2, ArrayView2};
+
+use crate::common::cpu_engine;
+use crate::common::problems::cpu_reduce;
+use crate::common::verify::{assert_agrees, tolerance_for, Tolerance};
 
 /// Every form for P parameters, with blocks of awkward sizes (1, a prime, the rest).
 fn forms(p: usize) -> Vec<Form> {
@@ -21,44 +24,11 @@ fn forms(p: usize) -> Vec<Form> {
     vec![Form::Full, Form::Diagonal, Form::BlockDiagonal(blocks), Form::Gram, Form::SampleNorms]
 }
 
-/// Length of the sums behind each entry of `form`: samples, or parameters for Gram/norms.
-fn sum_length(form: &Form, grads: ArrayView2<'_, f32>) -> usize {
-    match form {
-        Form::Gram | Form::SampleNorms => grads.ncols(),
-        _ => grads.nrows(),
-    }
-}
-
-/// The CPU backend's result for `form`, pushing `grads` in pieces of `pieces` rows
-/// (cycled) when given, in one push otherwise.
-fn cpu_reduce(grads: ArrayView2<'_, f32>, form: &Form, pieces: &[usize]) -> FisherMatrix {
-    let backend = CpuBackend::new();
-    if *form == Form::Gram {
-        return FisherMatrix::Gram(backend.gram(grads).expect("gram"));
-    }
-    let mut acc = backend.accumulator(form, grads.ncols()).expect("accumulator");
-    if pieces.is_empty() {
-        acc.push(grads).expect("push");
-    } else {
-        let mut start = 0;
-        for &len in pieces.iter().cycle() {
-            if start == grads.nrows() {
-                break;
-            }
-            let end = (start + len).min(grads.nrows());
-            acc.push(grads.slice(s![start..end, ..])).expect("push");
-            start = end;
-            assert_eq!(acc.samples(), start);
-        }
-    }
-    acc.finish().expect("finish")
-}
-
 #[track_caller]
 fn check_against_reference(grads: ArrayView2<'_, f32>, form: &Form, pieces: &[usize]) {
     let result = cpu_reduce(grads, form, pieces);
     let oracle = reference::reduce(grads, form).expect("reference");
-    assert_agrees(&result, &oracle, Tolerance::for_sum(sum_length(form, grads)));
+    assert_agrees(&result, &oracle, tolerance_for(form, grads));
 }
 
 #[test]
@@ -104,7 +74,7 @@ fn non_standard_layouts_are_reduced_like_row_major() {
         for form in forms(view.ncols()) {
             let result = cpu_reduce(view, &form, &[]);
             let oracle = reference::reduce(view, &form).expect("reference");
-            let tol = Tolerance::for_sum(sum_length(&form, view));
+            let tol = tolerance_for(&form, view);
             if std::panic::catch_unwind(|| assert_agrees(&result, &oracle, tol)).is_err() {
                 panic!("{what} layout, form {form:?}: disagrees with the reference (see above)");
             }
@@ -121,7 +91,7 @@ fn streaming_in_pieces_matches_one_push() {
     for form in forms(70).into_iter().filter(|f| *f != Form::Gram) {
         let whole = cpu_reduce(grads.view(), &form, &[]);
         let oracle = reference::reduce(grads.view(), &form).expect("reference");
-        let tol = Tolerance::for_sum(sum_length(&form, grads.view()));
+        let tol = tolerance_for(&form, grads.view());
         assert_agrees(&whole, &oracle, tol);
         for pieces in patterns {
             let streamed = cpu_reduce(grads.view(), &form, pieces);
@@ -180,13 +150,13 @@ fn gram_precision_with_many_parameters() {
 
 #[test]
 fn engine_on_the_cpu_verifies_every_form() {
-    let engine = Engine::new(Backend::Cpu).expect("cpu engine");
+    let engine = cpu_engine();
     assert!(!engine.is_gpu());
     assert!(engine.device_info().starts_with("cpu"));
     let grads = fisher_engine::synthetic::gradient_like(257, 29, 61);
     for form in forms(29) {
         let verified = engine.fisher_from_grads_verified(grads.view(), &form).expect("verified");
-        let tol = Tolerance::for_sum(sum_length(&form, grads.view()));
+        let tol = tolerance_for(&form, grads.view());
         assert!(verified.agreement.max_rel <= tol.rel, "{form:?}: {:?}", verified.agreement);
     }
 }

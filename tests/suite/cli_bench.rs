@@ -2,14 +2,12 @@
 //! GPU and CPU together, its JSON (one result per stage, shape and backend; positive times
 //! and rates; the GPU speedup on GPU rows), the table, and bad flags (exit 2, one clear line).
 
-mod common;
-
-use common::cli::{Run, fisher};
-
 use std::collections::HashSet;
 
 use serde_json::Value;
 
+use crate::common::cli::{assert_fails, fisher, json, Run};
+use crate::common::gpu_context;
 
 /// The tiny run, on the backends given.
 const TINY: &[&str] =
@@ -18,14 +16,6 @@ const TINY: &[&str] =
 fn tiny(extra: &[&str]) -> Run {
     let args: Vec<&str> = TINY.iter().chain(extra).copied().collect();
     fisher(&args)
-}
-
-#[track_caller]
-fn ok_json(run: &Run) -> Value {
-    assert_eq!(run.code, 0, "stderr:\n{}\nstdout:\n{}", run.stderr, run.stdout);
-    let lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "--json prints one line:\n{}", run.stdout);
-    serde_json::from_str(lines[0]).expect("valid JSON")
 }
 
 /// Checks the results of the tiny run on `backends`.
@@ -89,7 +79,7 @@ fn check_results(v: &Value, backends: &[&str]) {
 
 #[test]
 fn tiny_run_on_the_cpu() {
-    let v = ok_json(&tiny(&["--backend", "cpu", "--json"]));
+    let v = json(&tiny(&["--backend", "cpu", "--json"]));
     check_results(&v, &["cpu"]);
     assert!(v["adapter"].is_null());
     assert_eq!(v["setup_s"].as_object().unwrap().keys().collect::<Vec<_>>(), ["cpu"]);
@@ -97,10 +87,10 @@ fn tiny_run_on_the_cpu() {
 
 #[test]
 fn tiny_run_on_gpu_and_cpu() {
-    let Some(ctx) = common::gpu_context("tiny_run_on_gpu_and_cpu") else { return };
+    let Some(ctx) = gpu_context("cli_bench::tiny_run_on_gpu_and_cpu") else { return };
     let name = ctx.info.name.clone();
     drop(ctx);
-    let v = ok_json(&tiny(&["--backend", "gpu,cpu", "--json"]));
+    let v = json(&tiny(&["--backend", "gpu,cpu", "--json"]));
     check_results(&v, &["gpu", "cpu"]);
     assert_eq!(v["adapter"]["name"].as_str(), Some(name.as_str()));
     assert!(v["gpu_note"].is_null());
@@ -153,15 +143,7 @@ fn bad_flags_are_usage_errors() {
     ];
     for (extra, needles) in cases {
         let args: Vec<&str> = ["bench"].iter().chain(extra.iter()).copied().collect();
-        let run = fisher(&args);
-        assert_eq!(run.code, 2, "{args:?}: stderr:\n{}", run.stderr);
-        assert!(run.stdout.is_empty(), "{args:?} printed {}", run.stdout);
-        let lines: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("fisher:")).collect();
-        assert_eq!(lines.len(), 1, "{args:?}: {}", run.stderr);
-        assert!(lines[0].starts_with("fisher: error: "), "{}", lines[0]);
-        for needle in *needles {
-            assert!(lines[0].contains(needle), "{args:?}: {:?} does not mention {needle:?}", lines[0]);
-        }
+        assert_fails(&fisher(&args), 2, needles);
     }
 }
 

@@ -1,23 +1,14 @@
 //! The trainer's gradient (finite differences of the f64 reference log-likelihood), that SGD
 //! learns, and the action / length / chord / efficiency of paths against dense f64 Fishers.
 
-mod common;
-
 use fisher_engine::analysis::action::{self, check_same_architecture};
 use fisher_engine::model::Activation;
 use fisher_engine::fisher::{NetFisher, NetForm, Variant};
 use fisher_engine::reference::network as reference;
 use fisher_engine::model::train::{classification_task, init_mlp, loss_and_gradient, sgd, SgdOptions};
-use fisher_engine::{Backend, Engine};
 use ndarray::Array1;
 
-fn engines(test: &str) -> Vec<(&'static str, Engine)> {
-    let mut out = vec![("cpu", Engine::new(Backend::Cpu).expect("cpu"))];
-    if let Some(gpu) = common::gpu_engine(test) {
-        out.push(("gpu", gpu));
-    }
-    out
-}
+use crate::common::{backend_test, cpu_engine};
 
 #[test]
 fn trainer_gradient_matches_finite_differences() {
@@ -53,9 +44,7 @@ fn sgd_learns_and_keeps_evenly_spaced_checkpoints() {
     assert!(last < 0.6 * first, "loss {first} → {last}");
 }
 
-#[test]
-fn action_terms_match_dense_reference() {
-    let engines = engines("action_terms_match_dense_reference");
+backend_test!(action_terms_match_dense_reference, |engine| {
     let mlp = init_mlp(&[5, 7, 3], Activation::Gelu, true, 6).unwrap();
     let data = classification_task(40, 5, 3, 7).unwrap();
     let run = sgd(&mlp, &data, &SgdOptions { learning_rate: 0.3, momentum: 0.5, batch_size: 10, steps: 6, checkpoints: 4, seed: 8 }).unwrap();
@@ -82,26 +71,24 @@ fn action_terms_match_dense_reference() {
         let d = whole.mapv(|x| (x / segments as f64) as f32 as f64);
         chord += d.dot(&dense(&at).dot(&d)).sqrt();
     }
-    for (name, engine) in &engines {
-        let mut calls = 0;
-        let report = action::measure(engine, &run.checkpoints, &data, Variant::True, segments, &mut |done, total| {
-            calls += 1;
-            assert!(done <= total && total == 3 + segments);
-        })
-        .unwrap();
-        assert_eq!(calls, 5);
-        assert_eq!(report.steps.len(), 3);
-        assert!((report.action - s).abs() <= 1e-5 * s, "{name}: S {} vs {s}", report.action);
-        assert!((report.length - l).abs() <= 1e-5 * l, "{name}: L {} vs {l}", report.length);
-        assert!((report.chord - chord).abs() <= 1e-5 * chord, "{name}: chord {} vs {chord}", report.chord);
-        assert!((report.efficiency - l / chord).abs() <= 1e-4 * (l / chord));
-        assert!((report.steps[2].cumulative_length - report.length).abs() <= 1e-12 * report.length);
-    }
-}
+    let mut calls = 0;
+    let report = action::measure(&engine, &run.checkpoints, &data, Variant::True, segments, &mut |done, total| {
+        calls += 1;
+        assert!(done <= total && total == 3 + segments);
+    })
+    .unwrap();
+    assert_eq!(calls, 5);
+    assert_eq!(report.steps.len(), 3);
+    assert!((report.action - s).abs() <= 1e-5 * s, "S {} vs {s}", report.action);
+    assert!((report.length - l).abs() <= 1e-5 * l, "L {} vs {l}", report.length);
+    assert!((report.chord - chord).abs() <= 1e-5 * chord, "chord {} vs {chord}", report.chord);
+    assert!((report.efficiency - l / chord).abs() <= 1e-4 * (l / chord));
+    assert!((report.steps[2].cumulative_length - report.length).abs() <= 1e-12 * report.length);
+});
 
 #[test]
 fn a_straight_evenly_sampled_path_has_efficiency_near_one() {
-    let engine = Engine::new(Backend::Cpu).unwrap();
+    let engine = cpu_engine();
     let a = init_mlp(&[4, 8, 3], Activation::Tanh, true, 11).unwrap();
     let b = init_mlp(&[4, 8, 3], Activation::Tanh, true, 12).unwrap();
     let data = classification_task(64, 4, 3, 13).unwrap();
@@ -121,7 +108,7 @@ fn a_straight_evenly_sampled_path_has_efficiency_near_one() {
 
 #[test]
 fn mismatched_checkpoints_are_refused() {
-    let engine = Engine::new(Backend::Cpu).unwrap();
+    let engine = cpu_engine();
     let a = init_mlp(&[4, 8, 3], Activation::Tanh, true, 1).unwrap();
     let b = init_mlp(&[4, 9, 3], Activation::Tanh, true, 1).unwrap();
     let data = classification_task(8, 4, 3, 1).unwrap();

@@ -9,23 +9,19 @@
 
 use std::panic::catch_unwind;
 
-use fisher_engine::backend::cpu::CpuBackend;
 use fisher_engine::reference::grads as reference;
-use fisher_engine::verify::{
+use fisher_engine::{FisherMatrix, Form};
+use ndarray::{array, s, Array1, Array2, ArrayView2};
+
+use crate::common::problems::cpu_reduce;
+use crate::common::verify::{
     assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, symmetric_eigenvalues,
     trace_mismatch, Tolerance,
 };
-use fisher_engine::{FisherBackend, FisherMatrix, Form};
-use ndarray::{array, s, Array1, Array2, ArrayView2};
 
+/// The CPU backend's `form` of `grads`, in one push.
 fn cpu(grads: ArrayView2<'_, f32>, form: &Form) -> FisherMatrix {
-    let backend = CpuBackend::new();
-    if *form == Form::Gram {
-        return FisherMatrix::Gram(backend.gram(grads).expect("gram"));
-    }
-    let mut acc = backend.accumulator(form, grads.ncols()).expect("accumulator");
-    acc.push(grads).expect("push");
-    acc.finish().expect("finish")
+    cpu_reduce(grads, form, &[])
 }
 
 fn full(m: FisherMatrix) -> Array2<f32> {

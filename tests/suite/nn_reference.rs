@@ -9,6 +9,8 @@ use fisher_engine::reference::network as reference;
 use fisher_engine::synthetic::SplitMix64;
 use ndarray::{s, Array1, Array2, ArrayView2};
 
+use crate::common::problems;
+
 /// Central-difference step: balances the O(h²) truncation error against the O(u/h) rounding
 /// error of f64 (both ≈ 1e-10 relative here).
 const H: f64 = 1e-5;
@@ -17,32 +19,12 @@ const H: f64 = 1e-5;
 /// activation modules between), weights N(0, 1/in)·1.5 so that activations are neither
 /// saturated nor linear, biases N(0, 0.5²).
 fn seeded_mlp(widths: &[usize], activations: &[Activation], bias: bool, seed: u64) -> Mlp {
-    let mut rng = SplitMix64::new(seed);
-    let layers = widths
-        .windows(2)
-        .enumerate()
-        .map(|(l, pair)| {
-            let (fan_in, out) = (pair[0], pair[1]);
-            let scale = 1.5 / (fan_in as f64).sqrt();
-            Linear {
-                index: 2 * l,
-                weight: Array2::from_shape_simple_fn((out, fan_in), || (rng.normal() * scale) as f32),
-                bias: bias.then(|| Array1::from_shape_simple_fn(out, || (rng.normal() * 0.5) as f32)),
-            }
-        })
-        .collect();
-    Mlp::new(layers, activations.to_vec()).expect("valid seeded MLP")
+    let bias = vec![bias; widths.len() - 1];
+    problems::seeded_mlp(widths, activations, &bias, 1.5, 0.5, &mut SplitMix64::new(seed))
 }
 
 fn seeded_data(mlp: &Mlp, n: usize, likelihood: Likelihood, seed: u64) -> Dataset {
-    let mut rng = SplitMix64::new(seed);
-    let inputs = Array2::from_shape_simple_fn((n, mlp.input_dim()), || rng.normal() as f32);
-    let k = mlp.output_dim();
-    let targets = match likelihood {
-        Likelihood::Categorical => Targets::Classes((0..n).map(|_| rng.below(k as u64) as u32).collect()),
-        Likelihood::Gaussian => Targets::Values(Array2::from_shape_simple_fn((n, k), || rng.normal() as f32)),
-    };
-    Dataset { inputs, targets }
+    problems::seeded_dataset(n, mlp.input_dim(), mlp.output_dim(), likelihood, &mut SplitMix64::new(seed))
 }
 
 fn theta_f64(mlp: &Mlp) -> Array1<f64> {

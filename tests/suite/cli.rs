@@ -2,56 +2,40 @@
 //! and every bad input (message, exit status, and no output file left behind).
 //!
 //! Inputs are written with the crate's own `.npy` writer (f32/f64) or, for the malformed
-//! cases, with the independent raw writer below, so no Python is needed at test time.
-
-mod common;
-
-use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
+//! cases, with the independent raw writer of `common::cli`, so no Python is needed at test
+//! time.
 
 use std::path::Path;
 
 use fisher_engine::reference::grads as reference;
 use fisher_engine::io::{write_npy_matrix, write_npy_matrix_f64};
-use fisher_engine::verify::{assert_agrees, Tolerance};
 use fisher_engine::{FisherMatrix, Form};
-use ndarray::{Array1, Array2};
+use ndarray::Array2;
 
+use crate::common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
+use crate::common::gpu_available;
+use crate::common::verify::{assert_agrees, tolerance_for, Tolerance};
 
 /// Relative slack for comparing scalars the CLI prints (tr F, verification numbers).
 const SCALAR_REL: f64 = 1e-5;
 
+/// The saved tensors of `form` as the library's result type, checking that nothing else is there.
 #[track_caller]
 fn saved_form(saved: &Saved, form: &Form) -> FisherMatrix {
-    let matrix = |name: &str| {
-        let (shape, values) = saved.tensors.get(name).unwrap_or_else(|| panic!("tensor {name} missing"));
-        assert_eq!(shape.len(), 2, "{name} has shape {shape:?}");
-        Array2::from_shape_vec((shape[0], shape[1]), values.clone()).unwrap()
-    };
-    let vector = |name: &str| {
-        let (shape, values) = saved.tensors.get(name).unwrap_or_else(|| panic!("tensor {name} missing"));
-        assert_eq!(shape.len(), 1, "{name} has shape {shape:?}");
-        Array1::from(values.clone())
-    };
     let blocks = match form {
         Form::BlockDiagonal(sizes) => sizes.len(),
         _ => 0,
     };
     let expected_tensors = blocks.max(1);
-    assert_eq!(saved.tensors.len(), expected_tensors, "tensors: {:?}", saved.tensors.keys());
+    assert_eq!(saved.tensors.len(), expected_tensors, "tensors: {:?}", saved.names());
     match form {
-        Form::Full => FisherMatrix::Full(matrix("fisher")),
-        Form::Gram => FisherMatrix::Gram(matrix("gram")),
-        Form::Diagonal => FisherMatrix::Diagonal(vector("diag")),
-        Form::SampleNorms => FisherMatrix::SampleNorms(vector("norms")),
-        Form::BlockDiagonal(_) => FisherMatrix::BlockDiagonal((0..blocks).map(|b| matrix(&format!("block.{b}"))).collect()),
-    }
-}
-
-/// Products summed per entry: what the tolerance depends on.
-fn terms(form: &Form, g: &Array2<f32>) -> usize {
-    match form {
-        Form::Gram | Form::SampleNorms => g.ncols(),
-        _ => g.nrows(),
+        Form::Full => FisherMatrix::Full(saved.matrix("fisher")),
+        Form::Gram => FisherMatrix::Gram(saved.matrix("gram")),
+        Form::Diagonal => FisherMatrix::Diagonal(saved.vector("diag")),
+        Form::SampleNorms => FisherMatrix::SampleNorms(saved.vector("norms")),
+        Form::BlockDiagonal(_) => {
+            FisherMatrix::BlockDiagonal((0..blocks).map(|b| saved.matrix(&format!("block.{b}"))).collect())
+        }
     }
 }
 
@@ -60,7 +44,7 @@ fn terms(form: &Form, g: &Array2<f32>) -> usize {
 #[track_caller]
 fn assert_matches_reference(saved: &Saved, g: &Array2<f32>, form: &Form) {
     let want = reference::reduce(g.view(), form).expect("reference");
-    assert_agrees(&saved_form(saved, form), &want, Tolerance::for_sum(terms(form, g)));
+    assert_agrees(&saved_form(saved, form), &want, tolerance_for(form, g.view()));
 }
 
 /// Seeded gradient-like input with an awkward shape (prime N, P not a multiple of any tile).
@@ -274,7 +258,7 @@ fn devices_json_lists_adapters() {
 
 #[test]
 fn gpu_round_trip_matches_the_reference() {
-    if common::gpu_context("gpu_round_trip_matches_the_reference").is_none() {
+    if !gpu_available("cli::gpu_round_trip_matches_the_reference") {
         return;
     }
     let dir = temp();

@@ -4,10 +4,6 @@
 //! metadata and JSON keys, the synthetic model and its saved files, and every bad input
 //! (message, exit status, and no output left behind).
 
-mod common;
-
-use common::cli::{assert_dir_holds, assert_fails, fisher, read_safetensors, s, temp, write_raw_npy, Saved};
-
 use std::path::Path;
 
 use fisher_engine::io::{write_npy_labels, write_npy_matrix};
@@ -17,6 +13,11 @@ use fisher_engine::reference::network as reference;
 use fisher_engine::synthetic::{normal_matrix, SplitMix64};
 use ndarray::{Array1, Array2};
 
+use crate::common::backend_test;
+use crate::common::cli::{
+    assert_dir_holds, assert_fails, f32_bytes, fisher, names_in, read_safetensors, s, temp, write_raw_npy,
+    write_raw_safetensors, Saved,
+};
 
 /// The contract for every variant × form on every backend.
 const FROBENIUS_REL: f64 = 1e-5;
@@ -74,21 +75,6 @@ fn dataset() -> Dataset {
     Dataset { inputs: inputs(N, 4), targets: Targets::Classes(labels(N)) }
 }
 
-/// A state dict written with the safetensors crate directly, F32, in the given key order,
-/// so that malformed models (NaN, extra and missing keys) can be made.
-fn write_state_dict(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<Vec<u8>> =
-        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), b)| {
-            (*name, safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).unwrap())
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
-}
-
 /// The state dict of `mlp` as (key, shape, values).
 fn state_dict(mlp: &Mlp) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
@@ -101,68 +87,47 @@ fn state_dict(mlp: &Mlp) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     out
 }
 
+/// Writes a state dict (F32, in the given key order) with the safetensors crate directly,
+/// so that malformed models (NaN, extra and missing keys) can be made.
 fn write_dict(path: &Path, dict: &[(String, Vec<usize>, Vec<f32>)]) {
-    let borrowed: Vec<(&str, Vec<usize>, Vec<f32>)> =
-        dict.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
-    write_state_dict(path, &borrowed);
+    let raw: Vec<_> =
+        dict.iter().map(|(k, shape, v)| (k.as_str(), safetensors::Dtype::F32, shape.clone(), f32_bytes(v))).collect();
+    write_raw_safetensors(path, &raw);
 }
 
-
-impl Saved {
-    #[track_caller]
-    fn matrix(&self, name: &str) -> Array2<f32> {
-        let (shape, values) = self.tensors.get(name).unwrap_or_else(|| panic!("tensor {name} missing: {:?}", self.names()));
-        assert_eq!(shape.len(), 2, "{name} has shape {shape:?}");
-        Array2::from_shape_vec((shape[0], shape[1]), values.clone()).unwrap()
-    }
-
-    #[track_caller]
-    fn vector(&self, name: &str) -> Array1<f32> {
-        let (shape, values) = self.tensors.get(name).unwrap_or_else(|| panic!("tensor {name} missing: {:?}", self.names()));
-        assert_eq!(shape.len(), 1, "{name} has shape {shape:?}");
-        Array1::from(values.clone())
-    }
-
-    fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
-        names.sort();
-        names
-    }
-
-    /// The saved tensors as the library's result type, checking that nothing else is there.
-    #[track_caller]
-    fn as_fisher(&self, mlp: &Mlp, form: NetForm) -> NetFisher {
-        let indices: Vec<usize> = mlp.layers.iter().map(|l| l.index).collect();
-        let (result, expected): (NetFisher, Vec<String>) = match form {
-            NetForm::Full => (NetFisher::Full(self.matrix("fisher")), vec!["fisher".into()]),
-            NetForm::Diagonal => (NetFisher::Diagonal(self.vector("diag")), vec!["diag".into()]),
-            NetForm::Grads => (NetFisher::Grads(self.matrix("grads")), vec!["grads".into()]),
-            NetForm::Norms => (NetFisher::Norms(self.vector("norms")), vec!["norms".into()]),
-            NetForm::Layer => {
-                let names: Vec<String> = indices.iter().map(|i| format!("block.{i}")).collect();
-                (NetFisher::Layer(names.iter().map(|n| self.matrix(n)).collect()), names)
-            }
-            NetForm::Kfac => {
-                let factors = indices
-                    .iter()
-                    .map(|i| KfacFactors { a: self.matrix(&format!("kfac.{i}.A")), g: self.matrix(&format!("kfac.{i}.G")) })
-                    .collect();
-                let names = indices.iter().flat_map(|i| [format!("kfac.{i}.A"), format!("kfac.{i}.G")]).collect();
-                (NetFisher::Kfac(factors), names)
-            }
-        };
-        let mut expected = expected;
-        expected.sort();
-        assert_eq!(self.names(), expected, "tensors of {form:?}");
-        result
-    }
+/// The saved tensors of `form` as the library's result type, checking that nothing else is there.
+#[track_caller]
+fn saved_fisher(saved: &Saved, mlp: &Mlp, form: NetForm) -> NetFisher {
+    let indices: Vec<usize> = mlp.layers.iter().map(|l| l.index).collect();
+    let (result, expected): (NetFisher, Vec<String>) = match form {
+        NetForm::Full => (NetFisher::Full(saved.matrix("fisher")), vec!["fisher".into()]),
+        NetForm::Diagonal => (NetFisher::Diagonal(saved.vector("diag")), vec!["diag".into()]),
+        NetForm::Grads => (NetFisher::Grads(saved.matrix("grads")), vec!["grads".into()]),
+        NetForm::Norms => (NetFisher::Norms(saved.vector("norms")), vec!["norms".into()]),
+        NetForm::Layer => {
+            let names: Vec<String> = indices.iter().map(|i| format!("block.{i}")).collect();
+            (NetFisher::Layer(names.iter().map(|n| saved.matrix(n)).collect()), names)
+        }
+        NetForm::Kfac => {
+            let factors = indices
+                .iter()
+                .map(|i| KfacFactors { a: saved.matrix(&format!("kfac.{i}.A")), g: saved.matrix(&format!("kfac.{i}.G")) })
+                .collect();
+            let names = indices.iter().flat_map(|i| [format!("kfac.{i}.A"), format!("kfac.{i}.G")]).collect();
+            (NetFisher::Kfac(factors), names)
+        }
+    };
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(saved.names(), expected, "tensors of {form:?}");
+    result
 }
 
 /// Compares a written result with the f64 reference: ‖Δ‖/‖ref‖ ≤ 1e-5.
 #[track_caller]
 fn assert_matches_reference(saved: &Saved, mlp: &Mlp, data: &Dataset, likelihood: Likelihood, variant: Variant, form: NetForm) {
     let want = reference::fisher(mlp, data, likelihood, variant, form).expect("reference");
-    let got = saved.as_fisher(mlp, form);
+    let got = saved_fisher(saved, mlp, form);
     let agreement = got.agreement(&want).expect("same form");
     assert!(
         agreement.frobenius_rel <= FROBENIUS_REL,
@@ -202,9 +167,12 @@ fn expected_shapes(form: &str, last_bias: bool) -> Vec<(&'static str, Vec<usize>
     }
 }
 
-/// Every form on `backend` for `true`, names, shapes and metadata checked, values against
-/// the reference.
-fn every_form_round_trips(backend: &str) {
+// ---------------------------------------------------------------------------------------
+// Round trips
+
+// Every form on each backend for `true`, names, shapes and metadata checked, values against
+// the reference.
+backend_test!(every_form_round_trips, |backend: &str| {
     let dir = temp();
     for last_bias in [true, false] {
         let mlp = model(last_bias);
@@ -240,23 +208,7 @@ fn every_form_round_trips(backend: &str) {
             std::fs::remove_file(&out).unwrap();
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Round trips
-
-#[test]
-fn every_form_round_trips_on_the_cpu() {
-    every_form_round_trips("cpu");
-}
-
-#[test]
-fn every_form_round_trips_on_the_gpu() {
-    if common::gpu_context("every_form_round_trips_on_the_gpu").is_none() {
-        return;
-    }
-    every_form_round_trips("gpu");
-}
+});
 
 #[test]
 fn variants_and_likelihoods_match_the_reference() {
@@ -436,12 +388,7 @@ fn synthetic_model_saved_files_give_the_same_result() {
 /// `needles` in the message, and `dir` unchanged.
 #[track_caller]
 fn assert_refused(dir: &Path, files: [&Path; 3], activation: &str, extra: &[&str], code: i32, needles: &[&str]) {
-    let before: Vec<String> = {
-        let mut v: Vec<String> =
-            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        v.sort();
-        v
-    };
+    let before = names_in(dir);
     let out = dir.join("F.safetensors");
     let mut args = vec![
         "compute", "--weights", s(files[0]), "--activation", activation, "--inputs", s(files[1]), "--labels",

@@ -6,19 +6,12 @@ use std::path::{Path, PathBuf};
 use fisher_engine::model::{Activation, ActivationSpec, Dataset, Likelihood, Linear, Mlp, Targets};
 use fisher_engine::FisherError;
 use ndarray::{array, Array1, Array2};
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+use crate::common::cli::{f32_bytes, f64_bytes, npy_shape, write_raw_npy, write_raw_safetensors, RawTensor};
+
 /// A tensor to write: key, dtype, shape, raw little-endian bytes.
-type Raw = (&'static str, Dtype, Vec<usize>, Vec<u8>);
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn f64_bytes(values: &[f64]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
+type Raw = RawTensor<'static>;
 
 /// An F32 tensor with values 0.1·(k + 1) + offset, distinct so that misplaced values show.
 fn tensor(key: &'static str, shape: &[usize], offset: f32) -> Raw {
@@ -27,14 +20,10 @@ fn tensor(key: &'static str, shape: &[usize], offset: f32) -> Raw {
     (key, Dtype::F32, shape.to_vec(), f32_bytes(&values))
 }
 
-/// Writes what `safetensors.torch.save_file(model.state_dict(), path)` writes.
+/// Writes what `safetensors.torch.save_file(model.state_dict(), path)` writes, as `dir/name`.
 fn write_tensors(dir: &Path, name: &str, tensors: &[Raw]) -> PathBuf {
     let path = dir.join(name);
-    let views: Vec<(&str, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(key, dtype, shape, bytes)| (*key, TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
+    write_raw_safetensors(&path, tensors);
     path
 }
 
@@ -343,23 +332,10 @@ fn mlp_new_and_with_parameters_validate() {
 // ---------------------------------------------------------------------------------------
 // Data
 
-/// Writes a `.npy` file (format 1.0) with the given descr, shape and raw bytes.
+/// Writes a `.npy` file (format 1.0) with the given descr, shape and raw bytes as `dir/name`.
 fn write_npy(dir: &Path, name: &str, descr: &str, shape: &[usize], bytes: &[u8], fortran: bool) -> PathBuf {
-    let shape_text = match shape {
-        [one] => format!("({one},)"),
-        _ => format!("({})", shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
-    };
-    let order = if fortran { "True" } else { "False" };
-    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape_text}, }}");
-    let total = (10 + dict.len() + 1).next_multiple_of(64);
-    dict.push_str(&" ".repeat(total - 10 - dict.len() - 1));
-    dict.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((dict.len() as u16).to_le_bytes());
-    out.extend(dict.as_bytes());
-    out.extend(bytes);
     let path = dir.join(name);
-    std::fs::write(&path, out).unwrap();
+    write_raw_npy(&path, descr, fortran, &npy_shape(shape), bytes);
     path
 }
 

@@ -4,15 +4,12 @@
 //! directory, and the directories it must refuse. On the CPU always, on the GPU when an
 //! adapter exists (tests/common: SKIPPED otherwise, a failure under FISHER_REQUIRE_GPU=1).
 
-mod common;
-
-use common::cli::{fisher, names_in, s, succeeds};
-
 use std::path::Path;
 
 use serde_json::Value;
 
-const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+use crate::common::cli::{fisher, names_in, s, succeeds, PNG_SIGNATURE};
+use crate::common::gpu_available;
 
 fn summary(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary.json")).expect("valid JSON")
@@ -133,7 +130,7 @@ fn quick_demo_on_the_cpu() {
 
 #[test]
 fn quick_demo_on_the_gpu() {
-    if common::gpu_context("quick_demo_on_the_gpu").is_none() {
+    if !gpu_available("cli_demo::quick_demo_on_the_gpu") {
         return;
     }
     let temp = tempfile::tempdir().unwrap();

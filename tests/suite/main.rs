@@ -1,0 +1,24 @@
+//! The integration tests, in one binary (one link of wgpu instead of one per file).
+//!
+//! Library tests (the f64 references, the CPU and network paths, the analysis) and CLI tests
+//! (which run the `fisher` binary through `common::cli`) are modules of this crate; the
+//! shared harness — GPU policy, the per-backend test macro, the assertions, seeded problems —
+//! lives in `tests/common`, which `tests/gpu.rs` and `tests/shaders.rs` share.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod action;
+mod analysis;
+mod cli;
+mod cli_action;
+mod cli_bench;
+mod cli_compute;
+mod cli_demo;
+mod cli_report;
+mod cpu;
+mod fvp;
+mod invariants;
+mod network;
+mod nn_load;
+mod nn_reference;
