@@ -41,7 +41,7 @@
 //!
 //! ```
 //! use fisher_engine::analysis::{self, ExplicitFisher, FisherOperator, LanczosOptions};
-//! use fisher_engine::{cpu::reference, Form};
+//! use fisher_engine::{reference::grads as reference, Form};
 //! let grads = fisher_engine::synthetic::gradient_like(64, 12, 1);
 //! let full = reference::reduce(grads.view(), &Form::Full)?;
 //! let fisher = ExplicitFisher::from_matrix(&full)?;

@@ -52,7 +52,7 @@ pub fn augmented_to_pytorch(fan_in: usize, fan_out: usize, has_bias: bool) -> Ve
 /// in×in. Errors when a factor is not square.
 ///
 /// ```
-/// use fisher_engine::model::{kfac_expand, KfacFactors};
+/// use fisher_engine::fisher::{kfac_expand, KfacFactors};
 /// use ndarray::array;
 /// // in = 1 with bias (A is 2×2), out = 1: P_l = 2 (weight, bias), the block is g·A.
 /// let factors = KfacFactors { a: array![[4.0, 2.0], [2.0, 1.0]], g: array![[3.0]] };

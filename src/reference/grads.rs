@@ -33,7 +33,7 @@ use crate::validate::check_matrix;
 /// that do not sum to P are errors.
 ///
 /// ```
-/// use fisher_engine::{cpu::reference, FisherMatrix, Form};
+/// use fisher_engine::{reference::grads as reference, FisherMatrix, Form};
 /// use ndarray::array;
 /// // g₁ = (1, 2), g₂ = (3, 4): F = (g₁g₁ᵀ + g₂g₂ᵀ)/2 = [[5, 7], [7, 10]].
 /// let g = array![[1.0f32, 2.0], [3.0, 4.0]];

@@ -474,7 +474,9 @@ fn batch_size(bytes_per_sample: usize) -> usize {
 /// gradient matrix ∇θ log p(yᵢ|xᵢ)).
 ///
 /// ```
-/// use fisher_engine::model::{reference, Activation, Dataset, Likelihood, Linear, Mlp, Targets, Variant};
+/// use fisher_engine::fisher::Variant;
+/// use fisher_engine::model::{Activation, Dataset, Likelihood, Linear, Mlp, Targets};
+/// use fisher_engine::reference::network as reference;
 /// use ndarray::array;
 /// // One layer, z = W x with W = 0 (so p is uniform) and x = (1, 2): g = (e(y) xᵀ) row-major.
 /// let mlp = Mlp::new(vec![Linear { index: 0, weight: ndarray::Array2::zeros((2, 2)), bias: None }], vec![])?;
