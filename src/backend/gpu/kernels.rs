@@ -535,7 +535,8 @@ impl Recorder<'_> {
 /// within one encoder need distinct slots). Bind groups are keyed by the storage buffers they
 /// bind, so the micro-batches of a reduction, which bind the same buffers, create them once.
 /// Dropping the `Bindings` releases the buffers the bind groups hold, which is why it lives
-/// per reduction and not per device.
+/// per reduction and not per device, and why a reduction should reuse its buffers rather
+/// than allocate per submission (each new buffer set adds a cached bind group).
 #[derive(Default)]
 pub struct Bindings {
     uniforms: Option<wgpu::Buffer>,

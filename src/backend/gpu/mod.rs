@@ -238,6 +238,10 @@ impl FisherBackend for GpuBackend {
         let chunks: Vec<(usize, usize)> = (0..n.div_ceil(rows)).map(|i| (i * rows, rows.min(n - i * rows))).collect();
         let buf_a = storage_f32(&self.ctx, "gram rows I", rows * p);
         let buf_b = storage_f32(&self.ctx, "gram rows J", rows * p);
+        // One output block, cleared per pair: the bind groups of `bindings` then stay the same
+        // for every pair (a fresh block per pair would also be kept alive by them).
+        let sum = storage_f32(&self.ctx, "gram sum", rows * rows);
+        let comp = storage_f32(&self.ctx, "gram comp", rows * rows);
         let mut out = Array2::<f32>::zeros((n, n));
         let mut bindings = Bindings::default();
         for (ii, &(i0, ni)) in chunks.iter().enumerate() {
@@ -249,9 +253,9 @@ impl FisherBackend for GpuBackend {
                     self.ctx.queue.write_buffer(&buf_b, 0, bytemuck::cast_slice(&data[j0 * p..(j0 + nj) * p]));
                     &buf_b
                 };
-                let sum = storage_f32(&self.ctx, "gram sum", ni * nj);
-                let comp = storage_f32(&self.ctx, "gram comp", ni * nj);
                 let mut rec = self.kernels.recorder();
+                rec.clear(&sum, 4 * (ni * nj) as u64);
+                rec.clear(&comp, 4 * (ni * nj) as u64);
                 let params = SyrkParams {
                     k: p as u32,
                     m: ni as u32,
