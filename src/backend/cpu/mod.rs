@@ -1,4 +1,4 @@
-//! The CPU path: fast multi-threaded f32 ([`CpuBackend`]) and the f64 oracle ([`mod@reference`]).
+//! The CPU path: fast multi-threaded f32 ([`CpuBackend`]) and the f64 oracle ([`mod@crate::reference`]).
 //!
 //! [`CpuBackend`] is the fallback when no GPU adapter exists and the baseline every GPU
 //! timing is compared against, so it is meant to be as fast as a tuned BLAS on the same

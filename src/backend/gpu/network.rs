@@ -314,8 +314,9 @@ impl<'a> Reduction<'a> {
         })
     }
 
-    /// Records the reduction of layer `s`'s pair (δ: m·R × fan_out, ã: m × ld).
-    fn encode_layer(&mut self, rec: &mut Recorder<'_>, l: usize, s: &LayerShape, m: usize, r: usize, delta: &wgpu::Buffer, act: &wgpu::Buffer) -> Result<()> {
+    /// Records the reduction of layer `l` (shape `s`) from its pair (δ: m·R × fan_out,
+    /// ã: m × ld) for a micro-batch of m samples with R rows each.
+    fn encode_layer(&mut self, rec: &mut Recorder<'_>, (l, s): (usize, &LayerShape), (m, r): (usize, usize), (delta, act): (&wgpu::Buffer, &wgpu::Buffer)) -> Result<()> {
         let rows = m * r;
         match self {
             Reduction::Diag { acc, dsq, asq } => {
@@ -463,7 +464,7 @@ pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant
         let p_head = head_params(data, variant, classes, s0, m, r as u32, scale);
         rec.mlp(Entry::Head, p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, m as u64)?;
         for l in (0..depth).rev() {
-            reduction.encode_layer(&mut rec, l, &shapes[l], m, r, &delta_cur, &net.acts[l])?;
+            reduction.encode_layer(&mut rec, (l, &shapes[l]), (m, r), (&delta_cur, &net.acts[l]))?;
             if l > 0 {
                 net.encode_backprop(&mut rec, l, m, r, &delta_cur, &delta_next)?;
                 std::mem::swap(&mut delta_cur, &mut delta_next);
