@@ -7,7 +7,9 @@
 //   3 storage  read_write  d_comp (f32, cols)  Kahan compensation (true value ≈ S − c)
 //
 // One invocation per column (adjacent invocations read adjacent columns of a row: coalesced).
-// Workgroup size 256; the column index is linear over a 2-D dispatch so > 65,535 groups fit.
+// Workgroup size: the override WG (default 256, set by the host per adapter); the column
+// index is linear over a 2-D dispatch so > 65,535 groups fit. KB mirrors
+// src/backend/gpu/consts.rs (checked by tests/shaders.rs).
 // Precision contract: f32 sums over blocks of 64 rows, Kahan across blocks and across chunks.
 
 struct Params {
@@ -22,15 +24,17 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> d_sum: array<f32>;
 @group(0) @binding(3) var<storage, read_write> d_comp: array<f32>;
 
+// Rows summed in f32 before a Kahan fold (consts::KAHAN_BLOCK on the host).
 const KB: u32 = 64u;
+override WG: u32 = 256u;
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn diag_accumulate(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lidx: u32,
 ) {
-    let j = (wg.y * nwg.x + wg.x) * 256u + lidx;
+    let j = (wg.y * nwg.x + wg.x) * WG + lidx;
     if (j >= params.cols) { return; }
     var ksum = 0.0;
     var kcomp = 0.0;

@@ -30,8 +30,13 @@
 //   outer_grads   in0 δ (rows·R × ld_a=out), in1 ã (rows × ld_b) → out0 grads (rows·R × ld_out) at
 //                 column offset out_off: weight (o, i) → o·fan_in + i, then bias o → out·fan_in + o.
 //
-// Workgroup size 256; the element index is linear over a 2-D dispatch. Precision: f32; the
-// activations match src/nn/activation.rs (erf by Abramowitz & Stegun 7.1.26, |ε| ≤ 1.5e-7).
+// Workgroup size: the override WG (default 256; the host passes the value it chose for the
+// adapter and divides its dispatches by the same value); the element index is linear over a
+// 2-D dispatch. Precision: f32; the activations match src/model/activation.rs (erf by
+// Abramowitz & Stegun 7.1.26, |ε| ≤ 1.5e-7).
+//
+// The FLAG_*, VARIANT_* and ACT_* constants mirror src/backend/gpu/consts.rs (checked by
+// tests/shaders.rs).
 
 struct Params {
     rows: u32,
@@ -66,8 +71,17 @@ const VARIANT_EMPIRICAL: u32 = 0u;
 const VARIANT_TRUE: u32 = 1u;
 const VARIANT_MC: u32 = 2u;
 
+// Activation codes (crate::model::Activation::code).
+const ACT_IDENTITY: u32 = 0u;
+const ACT_RELU: u32 = 1u;
+const ACT_TANH: u32 = 2u;
+const ACT_SIGMOID: u32 = 3u;
+const ACT_GELU: u32 = 4u;
+
+override WG: u32 = 256u;
+
 fn linear_id(wg: vec3<u32>, nwg: vec3<u32>, lidx: u32) -> u32 {
-    return (wg.y * nwg.x + wg.x) * 256u + lidx;
+    return (wg.y * nwg.x + wg.x) * WG + lidx;
 }
 
 fn erf_approx(x: f32) -> f32 {
@@ -85,28 +99,28 @@ fn tanh_safe(x: f32) -> f32 {
 
 fn activate(code: u32, x: f32) -> f32 {
     switch code {
-        case 1u: { return max(x, 0.0); }
-        case 2u: { return tanh_safe(x); }
-        case 3u: { return 1.0 / (1.0 + exp(-x)); }
-        case 4u: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678)); }
-        default: { return x; }
+        case ACT_RELU: { return max(x, 0.0); }
+        case ACT_TANH: { return tanh_safe(x); }
+        case ACT_SIGMOID: { return 1.0 / (1.0 + exp(-x)); }
+        case ACT_GELU: { return 0.5 * x * (1.0 + erf_approx(x * 0.70710678)); }
+        case ACT_IDENTITY, default: { return x; }
     }
 }
 
 fn derivative(code: u32, x: f32) -> f32 {
     switch code {
-        case 1u: { return select(0.0, 1.0, x > 0.0); }
-        case 2u: { let t = tanh_safe(x); return 1.0 - t * t; }
-        case 3u: { let s = 1.0 / (1.0 + exp(-x)); return s * (1.0 - s); }
-        case 4u: {
+        case ACT_RELU: { return select(0.0, 1.0, x > 0.0); }
+        case ACT_TANH: { let t = tanh_safe(x); return 1.0 - t * t; }
+        case ACT_SIGMOID: { let s = 1.0 / (1.0 + exp(-x)); return s * (1.0 - s); }
+        case ACT_GELU: {
             let cdf = 0.5 * (1.0 + erf_approx(x * 0.70710678));
             return cdf + x * exp(-0.5 * x * x) * 0.39894228;
         }
-        default: { return 1.0; }
+        case ACT_IDENTITY, default: { return 1.0; }
     }
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn bias_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lidx: u32) {
     let e = linear_id(wg, nwg, lidx);
@@ -118,7 +132,7 @@ fn bias_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
     out0[e] = z;
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn act_next(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lidx: u32) {
     let e = linear_id(wg, nwg, lidx);
@@ -144,7 +158,41 @@ fn mc_uniform(sample: u32, draw: u32, stream: u32) -> f32 {
     return f32(h >> 8u) * (1.0 / 16777216.0);
 }
 
-@compute @workgroup_size(256, 1, 1)
+// Standard normal draw j of draw q (Box–Muller on two keyed uniforms; same as nn::mc_normal).
+fn mc_normal(sample: u32, q: u32, j: u32) -> f32 {
+    let u1 = mc_uniform(sample, q, 2u * j);
+    let u2 = mc_uniform(sample, q, 2u * j + 1u);
+    return sqrt(-2.0 * log(1.0 - u1)) * cos(6.2831853 * u2);
+}
+
+// Softmax of the logits in0[zb .. zb + c], stabilized by the maximum logit: returns
+// (max, 1 / Σ exp(z − max)), so that p_j = softmax_p(zb, j, sm).
+fn softmax_shift(zb: u32, c: u32) -> vec2<f32> {
+    var zmax = in0[zb];
+    for (var j = 1u; j < c; j++) { zmax = max(zmax, in0[zb + j]); }
+    var denom = 0.0;
+    for (var j = 0u; j < c; j++) { denom = denom + exp(in0[zb + j] - zmax); }
+    return vec2<f32>(zmax, 1.0 / denom);
+}
+
+fn softmax_p(zb: u32, j: u32, sm: vec2<f32>) -> f32 {
+    return exp(in0[zb + j] - sm.x) * sm.y;
+}
+
+// Class of MC draw q by inverse CDF: the first class whose cumulative probability exceeds u
+// (same as nn::mc_class).
+fn mc_class(sample: u32, q: u32, zb: u32, c: u32, sm: vec2<f32>) -> u32 {
+    let u = mc_uniform(sample, q, 0u);
+    var cum = 0.0;
+    var y = c - 1u;
+    for (var j = 0u; j < c; j++) {
+        cum = cum + softmax_p(zb, j, sm);
+        if (u < cum) { y = j; break; }
+    }
+    return y;
+}
+
+@compute @workgroup_size(WG, 1, 1)
 fn head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lidx: u32) {
     let s = linear_id(wg, nwg, lidx);
@@ -164,57 +212,43 @@ fn head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         } else {
             for (var q = 0u; q < rr; q++) {
                 for (var j = 0u; j < c; j++) {
-                    let u1 = mc_uniform(params.sample_off + s, q, 2u * j);
-                    let u2 = mc_uniform(params.sample_off + s, q, 2u * j + 1u);
-                    let eps = sqrt(-2.0 * log(1.0 - u1)) * cos(6.2831853 * u2);
-                    out0[ob + q * c + j] = eps * params.scale;
+                    out0[ob + q * c + j] = mc_normal(params.sample_off + s, q, j) * params.scale;
                 }
             }
         }
         return;
     }
 
-    // Categorical: p = softmax(z), stabilized by the maximum logit.
-    var zmax = in0[zb];
-    for (var j = 1u; j < c; j++) { zmax = max(zmax, in0[zb + j]); }
-    var denom = 0.0;
-    for (var j = 0u; j < c; j++) { denom = denom + exp(in0[zb + j] - zmax); }
-    let inv = 1.0 / denom;
+    // Categorical: p = softmax(z).
+    let sm = softmax_shift(zb, c);
 
     if (params.variant == VARIANT_EMPIRICAL) {
         let y = bitcast<u32>(in1[s]);
         for (var j = 0u; j < c; j++) {
-            let p = exp(in0[zb + j] - zmax) * inv;
+            let p = softmax_p(zb, j, sm);
             out0[ob + j] = select(0.0, 1.0, j == y) - p;
         }
     } else if (params.variant == VARIANT_TRUE) {
         // Row q = √p_q (onehot(q) − p): Σ_q rows rowsᵀ = diag(p) − ppᵀ.
         for (var q = 0u; q < rr; q++) {
-            let sq = sqrt(exp(in0[zb + q] - zmax) * inv);
+            let sq = sqrt(softmax_p(zb, q, sm));
             for (var j = 0u; j < c; j++) {
-                let p = exp(in0[zb + j] - zmax) * inv;
+                let p = softmax_p(zb, j, sm);
                 out0[ob + q * c + j] = sq * (select(0.0, 1.0, j == q) - p);
             }
         }
     } else {
         for (var q = 0u; q < rr; q++) {
-            // Inverse CDF: the first class whose cumulative probability exceeds u.
-            let u = mc_uniform(params.sample_off + s, q, 0u);
-            var cum = 0.0;
-            var y = c - 1u;
+            let y = mc_class(params.sample_off + s, q, zb, c, sm);
             for (var j = 0u; j < c; j++) {
-                cum = cum + exp(in0[zb + j] - zmax) * inv;
-                if (u < cum) { y = j; break; }
-            }
-            for (var j = 0u; j < c; j++) {
-                let p = exp(in0[zb + j] - zmax) * inv;
+                let p = softmax_p(zb, j, sm);
                 out0[ob + q * c + j] = (select(0.0, 1.0, j == y) - p) * params.scale;
             }
         }
     }
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn tangent_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lidx: u32) {
     let e = linear_id(wg, nwg, lidx);
@@ -224,7 +258,7 @@ fn tangent_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 
 // w = Λ ż for one sample per invocation; `scale` = 1/K for MC (the mean over K draws, drawn
 // with the same keys as head(), so F·v matches the materialized MC Fisher exactly).
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lidx: u32) {
     let s = linear_id(wg, nwg, lidx);
@@ -245,14 +279,10 @@ fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
             for (var q = 0u; q < kk; q++) {
                 var dot = 0.0;
                 for (var j = 0u; j < c; j++) {
-                    let u1 = mc_uniform(params.sample_off + s, q, 2u * j);
-                    let u2 = mc_uniform(params.sample_off + s, q, 2u * j + 1u);
-                    dot = dot + sqrt(-2.0 * log(1.0 - u1)) * cos(6.2831853 * u2) * in2[zb + j];
+                    dot = dot + mc_normal(params.sample_off + s, q, j) * in2[zb + j];
                 }
                 for (var j = 0u; j < c; j++) {
-                    let u1 = mc_uniform(params.sample_off + s, q, 2u * j);
-                    let u2 = mc_uniform(params.sample_off + s, q, 2u * j + 1u);
-                    let eps = sqrt(-2.0 * log(1.0 - u1)) * cos(6.2831853 * u2);
+                    let eps = mc_normal(params.sample_off + s, q, j);
                     out0[zb + j] = out0[zb + j] + eps * dot * params.scale;
                 }
             }
@@ -260,18 +290,14 @@ fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
         return;
     }
 
-    var zmax = in0[zb];
-    for (var j = 1u; j < c; j++) { zmax = max(zmax, in0[zb + j]); }
-    var denom = 0.0;
-    for (var j = 0u; j < c; j++) { denom = denom + exp(in0[zb + j] - zmax); }
-    let inv = 1.0 / denom;
+    let sm = softmax_shift(zb, c);
     // pᵀż, shared by every variant.
     var pdot = 0.0;
-    for (var j = 0u; j < c; j++) { pdot = pdot + exp(in0[zb + j] - zmax) * inv * in2[zb + j]; }
+    for (var j = 0u; j < c; j++) { pdot = pdot + softmax_p(zb, j, sm) * in2[zb + j]; }
 
     if (params.variant == VARIANT_TRUE) {
         for (var j = 0u; j < c; j++) {
-            let p = exp(in0[zb + j] - zmax) * inv;
+            let p = softmax_p(zb, j, sm);
             out0[zb + j] = p * (in2[zb + j] - pdot);
         }
     } else if (params.variant == VARIANT_EMPIRICAL) {
@@ -279,29 +305,23 @@ fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
         let y = bitcast<u32>(in1[s]);
         let dot = in2[zb + y] - pdot;
         for (var j = 0u; j < c; j++) {
-            let p = exp(in0[zb + j] - zmax) * inv;
+            let p = softmax_p(zb, j, sm);
             out0[zb + j] = (select(0.0, 1.0, j == y) - p) * dot;
         }
     } else {
         for (var j = 0u; j < c; j++) { out0[zb + j] = 0.0; }
         for (var q = 0u; q < kk; q++) {
-            let u = mc_uniform(params.sample_off + s, q, 0u);
-            var cum = 0.0;
-            var y = c - 1u;
-            for (var j = 0u; j < c; j++) {
-                cum = cum + exp(in0[zb + j] - zmax) * inv;
-                if (u < cum) { y = j; break; }
-            }
+            let y = mc_class(params.sample_off + s, q, zb, c, sm);
             let dot = in2[zb + y] - pdot;
             for (var j = 0u; j < c; j++) {
-                let p = exp(in0[zb + j] - zmax) * inv;
+                let p = softmax_p(zb, j, sm);
                 out0[zb + j] = out0[zb + j] + (select(0.0, 1.0, j == y) - p) * dot * params.scale;
             }
         }
     }
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn backprop_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lidx: u32) {
     let e = linear_id(wg, nwg, lidx);
@@ -312,7 +332,7 @@ fn backprop_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     out0[e] = (in0[e] - in1[e]) * derivative(params.act, z);
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn sample_sq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lidx: u32) {
     let e = linear_id(wg, nwg, lidx);
@@ -327,7 +347,7 @@ fn sample_sq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     out0[e] = acc;
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn square(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lidx: u32) {
     let e = linear_id(wg, nwg, lidx);
@@ -336,7 +356,7 @@ fn square(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     out0[e] = x * x;
 }
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn outer_grads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lidx: u32) {
     // rows = R-rows of the micro-batch, cols = parameters of this layer.

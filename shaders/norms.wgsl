@@ -5,9 +5,10 @@
 //   1 storage  read        g      (f32, rows × ld, row-major chunk of samples)
 //   2 storage  read_write  norms  (f32, ≥ out_off + rows)
 //
-// One workgroup (256 invocations) per row, the row index linear over a 2-D dispatch.
-// Each invocation sums a strided slice of the row in f32; the 256 partials are combined by a
-// pairwise tree in workgroup memory, so the error grows like u·(P/256 + log₂ 256).
+// One workgroup of WG invocations per row (override WG, default 256, set by the host per
+// adapter; a power of two), the row index linear over a 2-D dispatch. Each invocation sums a
+// strided slice of the row in f32; the WG partials are combined by a pairwise tree in
+// workgroup memory, so the error grows like u·(P/WG + log₂ WG).
 
 struct Params {
     rows: u32,
@@ -20,10 +21,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> g: array<f32>;
 @group(0) @binding(2) var<storage, read_write> norms: array<f32>;
 
-const WG: u32 = 256u;
-var<workgroup> partial: array<f32, 256>;
+override WG: u32 = 256u;
+var<workgroup> partial: array<f32, WG>;
 
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn row_norms(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

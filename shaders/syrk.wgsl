@@ -24,6 +24,9 @@
 // Kahan-added to (c_sum, c_comp) in global memory. The error therefore grows like
 // u·(KB + O(1)) per entry instead of u·k, for any number of chunks (u = 2⁻²⁴).
 //
+// TILE, KT and KB mirror src/backend/gpu/consts.rs (checked by tests/shaders.rs); the
+// workgroup sizes below are fixed by the register blocking, not by an override.
+//
 // Two entry points with the same bindings:
 //   syrk_tiled  — 16×16 invocations, 4×4 register block each (vec4 rows), KT×64
 //                 workgroup-memory tiles stored as vec4 (8 KiB), barriers: the default.
@@ -106,8 +109,8 @@ fn merge_global(idx: u32, x: f32) {
 // Each invocation then reads its 4 rows and 4 columns with two 16-byte loads per k (LDS.128 on
 // GPUs; one access instead of four on CPU adapters, where each workgroup-memory access is
 // serialized per invocation).
-var<workgroup> a_tile: array<vec4<f32>, 256>; // KT × TILE/4
-var<workgroup> b_tile: array<vec4<f32>, 256>; // KT × TILE/4
+var<workgroup> a_tile: array<vec4<f32>, KT * TILE / 4u>;
+var<workgroup> b_tile: array<vec4<f32>, KT * TILE / 4u>;
 
 @compute @workgroup_size(16, 16, 1)
 fn syrk_tiled(

@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub(crate) mod plan;
 
 use ndarray::{Array2, ArrayView1, ArrayView2};
 

@@ -1,4 +1,4 @@
-//! The CPU path: fast multi-threaded f32 ([`CpuBackend`]) and the f64 oracle ([`mod@reference`]).
+//! The CPU path: fast multi-threaded f32 ([`CpuBackend`]) and the f64 oracle ([`mod@crate::reference`]).
 //!
 //! [`CpuBackend`] is the fallback when no GPU adapter exists and the baseline every GPU
 //! timing is compared against, so it is meant to be as fast as a tuned BLAS on the same
@@ -18,12 +18,13 @@
 mod network;
 mod syrk;
 
-use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut1, Zip};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, Zip};
 use rayon::prelude::*;
 
 use crate::backend::{Accumulator, FisherBackend};
 use crate::error::{FisherError, Result};
-use crate::fisher::{FisherMatrix, Form};
+use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
+use crate::model::{Dataset, Mlp};
 use crate::validate::check_matrix;
 use syrk::SymmetricSum;
 
@@ -93,27 +94,12 @@ impl FisherBackend for CpuBackend {
         }))
     }
 
-    fn network_fisher(
-        &self,
-        mlp: &crate::model::Mlp,
-        data: &crate::model::Dataset,
-        variant: crate::fisher::Variant,
-        form: crate::fisher::NetForm,
-    ) -> Result<crate::fisher::NetFisher> {
+    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
         network::network_fisher(mlp, data, variant, form)
     }
 
-    fn network_fvp(
-        &self,
-        mlp: &crate::model::Mlp,
-        data: &crate::model::Dataset,
-        variant: crate::fisher::Variant,
-        v: ndarray::ArrayView1<'_, f32>,
-        product: bool,
-    ) -> Result<crate::fisher::Fvp> {
-        let v = v.to_vec();
-        let (product, quadratic) = network::network_fvp(mlp, data, variant, &v, product)?;
-        Ok(crate::fisher::Fvp { product: product.map(ndarray::Array1::from), quadratic })
+    fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
+        network::network_fvp(mlp, data, variant, v, product)
     }
 
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {

@@ -6,17 +6,26 @@
 //! backward δ_{l−1} = (δ_l W_l) ∘ φ'(Z_{l−1}); at each layer the reduction of (δ_l, Ã_l):
 //! diag (Σ_R δ²)ᵀ(Ã∘Ã), KFAC ÃᵀÃ and δᵀδ, full/layer via the rows δ ⊗ ã, norms ‖δ‖²‖ã‖².
 
-use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::syrk::SymmetricSum;
+use crate::backend::plan::{MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
+use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Mlp, Targets};
-use crate::fisher::{mc_class, mc_normal, rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
 
 /// Samples per micro-batch: large enough for efficient GEMMs, small enough to keep the
 /// per-batch buffers (m·R rows of the widest layer, or of P for full/layer) modest.
 const MICRO_BATCH_FLOATS: usize = 8 << 20;
+/// Largest micro-batch, samples.
+const MAX_MICRO_BATCH: usize = 4096;
+
+/// Samples per micro-batch of `n` when one sample needs `floats` f32 of scratch.
+fn micro_batch(n: usize, floats: usize) -> Result<usize> {
+    MicroBatchLimits::host(4 * MICRO_BATCH_FLOATS as u64, MAX_MICRO_BATCH)
+        .micro_batch(n.max(1), 4 * floats as u64, 1, 0, || format!("one sample of {floats} floats"))
+}
 
 /// C = A·B (overwriting C) for views with any positive strides.
 fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>) {
@@ -153,28 +162,16 @@ fn outer_rows(delta: ArrayView2<'_, f32>, act: ArrayView2<'_, f32>, r: usize, fa
 
 pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
     let n = data.len();
-    let depth = mlp.layers.len();
-    let classes = mlp.layers.last().map(|l| l.fan_out()).unwrap_or(0);
-    let r = rows_per_sample(variant, classes);
-    let ranges: Vec<(usize, usize)> = {
-        let mut off = 0;
-        mlp.layers
-            .iter()
-            .map(|l| {
-                let range = (off, l.num_params());
-                off += l.num_params();
-                range
-            })
-            .collect()
-    };
-    let p: usize = ranges.iter().map(|x| x.1).sum();
-    let max_w = mlp.layers.iter().map(|l| l.fan_in().max(l.fan_out())).max().unwrap_or(1);
+    let plan = NetPlan::new(mlp, variant);
+    let (depth, r, p) = (plan.depth(), plan.r, plan.params);
+    let ranges: Vec<(usize, usize)> = plan.shapes.iter().map(|s| (s.offset, s.params)).collect();
+    let max_w = plan.max_width();
     let row_floats = r * match form {
         NetForm::Full | NetForm::Grads => p.max(max_w),
         NetForm::Layer => ranges.iter().map(|x| x.1).max().unwrap_or(1).max(max_w),
         _ => max_w,
     };
-    let mb = (MICRO_BATCH_FLOATS / row_floats.max(1)).clamp(1, 4096).min(n.max(1));
+    let mb = micro_batch(n, row_floats)?;
 
     let mut reduction = match form {
         NetForm::Full => Reduction::Syrk { sums: vec![SymmetricSum::new(p)], full: true },
@@ -185,13 +182,7 @@ pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: 
         NetForm::Kfac => Reduction::Kfac(
             mlp.layers.iter().map(|l| (SymmetricSum::new(l.augmented_in()), SymmetricSum::new(l.fan_out()))).collect(),
         ),
-        NetForm::Grads => {
-            let total = n.checked_mul(r).and_then(|x| x.checked_mul(p)).filter(|&x| x <= isize::MAX as usize / 4);
-            let Some(total) = total else {
-                return Err(FisherError::InvalidInput(format!("{n}·{r} gradient rows of {p} parameters do not fit in memory")));
-            };
-            Reduction::Grads(Vec::with_capacity(total))
-        }
+        NetForm::Grads => Reduction::Grads(Vec::with_capacity(plan.grads_len(n)?)),
         NetForm::Norms => Reduction::Norms(vec![0.0; n]),
     };
 
@@ -292,15 +283,9 @@ pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: 
         Reduction::Syrk { sums, full: true } => NetFisher::Full(sums[0].finish(nf)),
         Reduction::Syrk { sums, .. } => NetFisher::Layer(sums.iter().map(|s| s.finish(nf)).collect()),
         Reduction::Diag(acc) => {
-            let mut diag = Vec::with_capacity(p);
-            for (layer, d) in mlp.layers.iter().zip(&acc) {
-                let fan_in = layer.fan_in();
-                for o in 0..layer.fan_out() {
-                    diag.extend((0..fan_in).map(|i| (d[[o, i]] / nf) as f32));
-                }
-                if layer.bias.is_some() {
-                    diag.extend((0..layer.fan_out()).map(|o| (d[[o, fan_in]] / nf) as f32));
-                }
+            let mut diag = vec![0f32; p];
+            for (s, d) in plan.shapes.iter().zip(&acc) {
+                s.scatter(&mut diag, |o, i| (d[[o, i]] / nf) as f32);
             }
             NetFisher::Diagonal(Array1::from(diag))
         }
@@ -372,36 +357,22 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
     w
 }
 
-/// Implicit F·v and vᵀFv (see `src/gpu/network.rs::network_fvp` for the method).
-pub(crate) fn network_fvp(mlp: &Mlp, data: &Dataset, variant: Variant, v: &[f32], product: bool) -> Result<(Option<Vec<f32>>, f64)> {
+/// Implicit F·v and vᵀFv (see `src/backend/gpu/network.rs::network_fvp` for the method).
+pub(crate) fn network_fvp(mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
     let n = data.len();
-    let depth = mlp.layers.len();
-    let p: usize = mlp.layers.iter().map(|l| l.num_params()).sum();
-    if v.len() != p {
-        return Err(FisherError::InvalidInput(format!("direction has {} entries but the model has {p} parameters", v.len())));
-    }
+    let plan = NetPlan::new(mlp, variant);
+    let v = v.to_vec();
+    plan.check_direction(&v)?;
+    let depth = plan.depth();
     // Per layer: the direction as an augmented out × (in+1) matrix [V | v_b].
-    let mut off = 0;
-    let dirs: Vec<Array2<f32>> = mlp
-        .layers
+    let dirs = plan
+        .shapes
         .iter()
-        .map(|l| {
-            let (fi, fo) = (l.fan_in(), l.fan_out());
-            let mut d = Array2::<f32>::zeros((fo, l.augmented_in()));
-            for o in 0..fo {
-                for i in 0..fi {
-                    d[[o, i]] = v[off + o * fi + i];
-                }
-                if l.bias.is_some() {
-                    d[[o, fi]] = v[off + fo * fi + o];
-                }
-            }
-            off += l.num_params();
-            d
-        })
-        .collect();
+        .map(|s| Array2::from_shape_vec((s.fan_out, s.ld), s.augment(&v)))
+        .collect::<Result<Vec<Array2<f32>>, _>>()
+        .map_err(|e| FisherError::InvalidInput(e.to_string()))?;
     let max_w = mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
-    let mb = (MICRO_BATCH_FLOATS / (4 * max_w)).clamp(1, 4096).min(n.max(1));
+    let mb = micro_batch(n, 4 * max_w)?;
     let mut acc: Vec<Array2<f64>> = if product {
         mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect()
     } else {
@@ -465,17 +436,11 @@ pub(crate) fn network_fvp(mlp: &Mlp, data: &Dataset, variant: Variant, v: &[f32]
     }
     let nf = n as f64;
     if !product {
-        return Ok((None, quadratic / nf));
+        return Ok(Fvp { product: None, quadratic: quadratic / nf });
     }
-    let mut out = Vec::with_capacity(p);
-    for (layer, a) in mlp.layers.iter().zip(&acc) {
-        let fi = layer.fan_in();
-        for o in 0..layer.fan_out() {
-            out.extend((0..fi).map(|i| (a[[o, i]] / nf) as f32));
-        }
-        if layer.bias.is_some() {
-            out.extend((0..layer.fan_out()).map(|o| (a[[o, fi]] / nf) as f32));
-        }
+    let mut out = vec![0f32; plan.params];
+    for (s, a) in plan.shapes.iter().zip(&acc) {
+        s.scatter(&mut out, |o, i| (a[[o, i]] / nf) as f32);
     }
-    Ok((Some(out), quadratic / nf))
+    Ok(Fvp { product: Some(Array1::from(out)), quadratic: quadratic / nf })
 }

@@ -14,6 +14,7 @@
 //! * **Finalize.** The host reads (S, c) and forms (S − c)/N in f64.
 
 mod buffers;
+pub mod consts;
 mod context;
 pub mod kernels;
 mod network;
@@ -21,27 +22,33 @@ mod network;
 pub use buffers::{read_f32, storage_f32};
 pub use context::{list_adapters, AdapterSummary, GpuContext, GpuOptions};
 
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 
+use crate::backend::plan::MicroBatchLimits;
 use crate::backend::{Accumulator, FisherBackend};
 use crate::error::{FisherError, Result};
-use crate::fisher::{FisherMatrix, Form};
+use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
+use crate::model::{Dataset, Mlp};
 use crate::validate::check_matrix;
-use kernels::{DiagKernel, MlpKernel, NormsKernel, RowParams, SyrkKernel, SyrkParams, SyrkVariant, SYRK_TILE};
+use consts::SYRK_TILE;
+use kernels::{Bindings, Kernels, Recorder, RowParams, SyrkParams, SyrkVariant};
 
 /// Default device memory budget for one reduction.
 const DEFAULT_BUDGET: u64 = 2 << 30;
 /// Upper bound on samples per chunk: large enough to amortize dispatch overhead, small enough
 /// to keep the staging copy of a chunk modest.
 const MAX_CHUNK_ROWS: usize = 8192;
+/// Largest network micro-batch: beyond this the dispatch overhead is already amortized.
+const MAX_MICRO_BATCH: usize = 1024;
+/// Target size of one network micro-batch's scratch buffers. Larger batches do not run faster
+/// once a dispatch covers thousands of invocations, and on integrated or software adapters
+/// device memory is host memory, so this keeps the process footprint small.
+const MICRO_BATCH_BYTES: u64 = 64 << 20;
 
 /// The GPU implementation of [`FisherBackend`].
 pub struct GpuBackend {
     ctx: GpuContext,
-    syrk: SyrkKernel,
-    diag: DiagKernel,
-    norms: NormsKernel,
-    mlp: MlpKernel,
+    kernels: Kernels,
     binding_limit: u64,
     budget: u64,
 }
@@ -90,16 +97,30 @@ impl GpuBackend {
                 "storage binding limit".into(),
             ));
         }
-        let syrk = SyrkKernel::new(&ctx, variant)?;
-        let diag = DiagKernel::new(&ctx)?;
-        let norms = NormsKernel::new(&ctx)?;
-        let mlp = MlpKernel::new(&ctx)?;
-        Ok(GpuBackend { ctx, syrk, diag, norms, mlp, binding_limit, budget })
+        let kernels = Kernels::new(&ctx, variant)?;
+        Ok(GpuBackend { ctx, kernels, binding_limit, budget })
     }
 
     /// The context (adapter, device, limits).
     pub fn context(&self) -> &GpuContext {
         &self.ctx
+    }
+
+    /// The kernels (pipelines per [`kernels::Entry`], the workgroup size in use).
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// What bounds a network micro-batch on this device.
+    pub(crate) fn micro_batch_limits(&self) -> MicroBatchLimits {
+        MicroBatchLimits {
+            binding_limit: self.binding_limit,
+            budget: self.budget,
+            target: MICRO_BATCH_BYTES,
+            max_samples: MAX_MICRO_BATCH,
+            binding_name: format!("max_storage_buffer_binding_size of {}", self.ctx.info.name),
+            budget_name: "GPU memory budget (FISHER_GPU_MEMORY_MB)".into(),
+        }
     }
 
     /// The storage-binding limit used for planning (adapter limit, possibly lowered).
@@ -145,10 +166,6 @@ impl GpuBackend {
         Ok(rows.clamp(1, MAX_CHUNK_ROWS))
     }
 
-    fn submit(&self, stage: &str, encoder: wgpu::CommandEncoder) -> Result<wgpu::SubmissionIndex> {
-        self.ctx.scoped(stage, || self.ctx.queue.submit([encoder.finish()]))
-    }
-
     fn wait_for(&self, stage: &str, index: wgpu::SubmissionIndex) -> Result<()> {
         self.ctx
             .device
@@ -156,19 +173,11 @@ impl GpuBackend {
             .map(|_| ())
             .map_err(|e| FisherError::Gpu { stage: stage.into(), message: e.to_string() })
     }
-
-    fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
-        self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
-    }
 }
 
 impl FisherBackend for GpuBackend {
     fn label(&self) -> String {
-        let variant = match self.syrk.variant() {
-            SyrkVariant::Tiled => "tiled",
-            SyrkVariant::Direct => "direct",
-        };
-        format!("gpu: {} (syrk {variant})", self.ctx.label())
+        format!("gpu: {} (syrk {})", self.ctx.label(), self.kernels.syrk_variant().name())
     }
 
     fn accumulator<'a>(&'a self, form: &Form, params: usize) -> Result<Box<dyn Accumulator + 'a>> {
@@ -192,27 +201,12 @@ impl FisherBackend for GpuBackend {
         Ok(Box::new(GpuAccumulator::new(self, kind, params)?))
     }
 
-    fn network_fisher(
-        &self,
-        mlp: &crate::model::Mlp,
-        data: &crate::model::Dataset,
-        variant: crate::fisher::Variant,
-        form: crate::fisher::NetForm,
-    ) -> Result<crate::fisher::NetFisher> {
+    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
         network::network_fisher(self, mlp, data, variant, form)
     }
 
-    fn network_fvp(
-        &self,
-        mlp: &crate::model::Mlp,
-        data: &crate::model::Dataset,
-        variant: crate::fisher::Variant,
-        v: ndarray::ArrayView1<'_, f32>,
-        product: bool,
-    ) -> Result<crate::fisher::Fvp> {
-        let v = v.to_vec();
-        let (product, quadratic) = network::network_fvp(self, mlp, data, variant, &v, product)?;
-        Ok(crate::fisher::Fvp { product: product.map(Array1::from), quadratic })
+    fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
+        network::network_fvp(self, mlp, data, variant, v, product)
     }
 
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
@@ -244,7 +238,12 @@ impl FisherBackend for GpuBackend {
         let chunks: Vec<(usize, usize)> = (0..n.div_ceil(rows)).map(|i| (i * rows, rows.min(n - i * rows))).collect();
         let buf_a = storage_f32(&self.ctx, "gram rows I", rows * p);
         let buf_b = storage_f32(&self.ctx, "gram rows J", rows * p);
+        // One output block, cleared per pair: the bind groups of `bindings` then stay the same
+        // for every pair (a fresh block per pair would also be kept alive by them).
+        let sum = storage_f32(&self.ctx, "gram sum", rows * rows);
+        let comp = storage_f32(&self.ctx, "gram comp", rows * rows);
         let mut out = Array2::<f32>::zeros((n, n));
+        let mut bindings = Bindings::default();
         for (ii, &(i0, ni)) in chunks.iter().enumerate() {
             self.ctx.queue.write_buffer(&buf_a, 0, bytemuck::cast_slice(&data[i0 * p..(i0 + ni) * p]));
             for &(j0, nj) in &chunks[ii..] {
@@ -254,9 +253,9 @@ impl FisherBackend for GpuBackend {
                     self.ctx.queue.write_buffer(&buf_b, 0, bytemuck::cast_slice(&data[j0 * p..(j0 + nj) * p]));
                     &buf_b
                 };
-                let sum = storage_f32(&self.ctx, "gram sum", ni * nj);
-                let comp = storage_f32(&self.ctx, "gram comp", ni * nj);
-                let mut enc = self.encoder("gram");
+                let mut rec = self.kernels.recorder();
+                rec.clear(&sum, 4 * (ni * nj) as u64);
+                rec.clear(&comp, 4 * (ni * nj) as u64);
                 let params = SyrkParams {
                     k: p as u32,
                     m: ni as u32,
@@ -268,8 +267,8 @@ impl FisherBackend for GpuBackend {
                     upper_only: (j0 == i0) as u32,
                     ..Default::default()
                 };
-                self.ctx.scoped("gram", || self.syrk.encode(&self.ctx, &mut enc, params, &buf_a, b, &sum, &comp))??;
-                self.submit("gram", enc)?;
+                rec.syrk(params, &buf_a, b, &sum, &comp)?;
+                bindings.submit(&self.ctx, "gram", rec)?;
                 let s = read_f32(&self.ctx, &sum, ni * nj)?;
                 let c = read_f32(&self.ctx, &comp, ni * nj)?;
                 for r in 0..ni {
@@ -318,6 +317,8 @@ pub(crate) struct GpuAccumulator<'a> {
     state: State,
     samples: usize,
     in_flight: Option<wgpu::SubmissionIndex>,
+    /// Uniforms and bind groups of this reduction's own pushes.
+    bindings: Bindings,
 }
 
 impl<'a> GpuAccumulator<'a> {
@@ -365,7 +366,16 @@ impl<'a> GpuAccumulator<'a> {
             Kind::Norms => (State::Norms { out: None, norms: Vec::new() }, 0),
         };
         let rows_per_chunk = be.chunk_rows(p, reserved)?;
-        Ok(GpuAccumulator { be, p, rows_per_chunk, chunk: None, state, samples: 0, in_flight: None })
+        Ok(GpuAccumulator {
+            be,
+            p,
+            rows_per_chunk,
+            chunk: None,
+            state,
+            samples: 0,
+            in_flight: None,
+            bindings: Bindings::default(),
+        })
     }
 
     /// A SYRK accumulator over column `blocks` ((start, len) pairs) of `p`-column rows, for
@@ -375,7 +385,7 @@ impl<'a> GpuAccumulator<'a> {
     }
 
     /// Records the reduction of `rows` rows (of `p` columns) held in `src`.
-    fn encode_reduce(&mut self, enc: &mut wgpu::CommandEncoder, src: &wgpu::Buffer, rows: usize) -> Result<()> {
+    fn encode_reduce(&mut self, rec: &mut Recorder<'_>, src: &wgpu::Buffer, rows: usize) -> Result<()> {
         let be = self.be;
         let p = self.p;
         match &mut self.state {
@@ -394,17 +404,17 @@ impl<'a> GpuAccumulator<'a> {
                         upper_only: (pair.rows == pair.cols) as u32,
                         ..Default::default()
                     };
-                    be.ctx.scoped("syrk", || be.syrk.encode(&be.ctx, enc, params, src, src, &pair.sum, &pair.comp))??;
+                    rec.syrk(params, src, src, &pair.sum, &pair.comp)?;
                 }
             }
             State::Diag { sum, comp } => {
                 let params = RowParams { rows: rows as u32, cols: p as u32, ld: p as u32, offset: 0 };
-                be.ctx.scoped("diag", || be.diag.encode(&be.ctx, enc, params, src, sum, comp))??;
+                rec.diag(params, src, sum, comp)?;
             }
             State::Norms { out, .. } => {
                 let out = out.get_or_insert_with(|| storage_f32(&be.ctx, "norms", self.rows_per_chunk));
                 let params = RowParams { rows: rows as u32, cols: p as u32, ld: p as u32, offset: 0 };
-                be.ctx.scoped("norms", || be.norms.encode(&be.ctx, enc, params, src, out))??;
+                rec.norms(params, src, out)?;
             }
         }
         Ok(())
@@ -414,12 +424,12 @@ impl<'a> GpuAccumulator<'a> {
     /// stand for `samples` samples (rows = samples · R for square-root-factor rows).
     pub(crate) fn encode_device(
         &mut self,
-        enc: &mut wgpu::CommandEncoder,
+        rec: &mut Recorder<'_>,
         src: &wgpu::Buffer,
         rows: usize,
         samples: usize,
     ) -> Result<()> {
-        self.encode_reduce(enc, src, rows)?;
+        self.encode_reduce(rec, src, rows)?;
         self.samples += samples;
         Ok(())
     }
@@ -434,11 +444,11 @@ impl<'a> GpuAccumulator<'a> {
             })?,
         };
         be.ctx.queue.write_buffer(&chunk, 0, bytemuck::cast_slice(data));
-        let mut enc = be.encoder("accumulate");
-        let encoded = self.encode_reduce(&mut enc, &chunk, rows);
+        let mut rec = be.kernels.recorder();
+        let encoded = self.encode_reduce(&mut rec, &chunk, rows);
         self.chunk = Some(chunk);
         encoded?;
-        let index = be.submit("accumulate", enc)?;
+        let index = self.bindings.submit(&be.ctx, "accumulate", rec)?;
         // Bound in-flight work (and wgpu's staging copies) to two chunks.
         if let Some(previous) = self.in_flight.replace(index) {
             be.wait_for("accumulate", previous)?;

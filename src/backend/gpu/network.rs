@@ -14,48 +14,23 @@
 //! ```
 //! Every GEMM is the compensated kernel of `syrk.wgsl`, so accumulations over samples carry
 //! Kahan compensation exactly like the gradient-matrix reductions.
+//!
+//! The stages are split so that a new layer kind touches one place: [`Net`] owns the
+//! per-layer forward and backward (the only code that knows a layer is dense), and
+//! [`Reduction`] consumes each layer's (δ_l, ã_l) pair through [`LayerShape`] alone.
+//! `network_fisher` is plan ([`NetPlan`], shared with the CPU path) → allocate
+//! ([`Reduction::new`], [`Net::new`]) → encode per layer → finish ([`Reduction::finish`]).
 
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, Array2, ArrayView1};
 
-use super::kernels::{MlpParams, SyrkParams};
-use super::{does_not_fit, read_f32, storage_f32, GpuAccumulator, GpuBackend};
+use super::consts::{FLAG_BIAS, FLAG_GAUSSIAN, FLAG_ONE, VARIANT_EMPIRICAL, VARIANT_MC, VARIANT_TRUE};
+use super::kernels::{Bindings, Entry, MlpParams, Recorder, RowParams, SyrkParams};
+use super::{read_f32, storage_f32, GpuAccumulator, GpuBackend};
+use crate::backend::plan::{LayerShape, NetPlan};
 use crate::backend::Accumulator;
 use crate::error::{FisherError, Result};
-use crate::fisher::FisherMatrix;
+use crate::fisher::{FisherMatrix, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Likelihood, Mlp, Targets};
-use crate::fisher::{rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
-
-/// Largest micro-batch: beyond this the dispatch overhead is already amortized.
-const MAX_MICRO_BATCH: usize = 1024;
-/// Target size of one micro-batch's scratch buffers. Larger batches do not run faster once a
-/// dispatch covers thousands of invocations, and on integrated or software adapters device
-/// memory is host memory, so this keeps the process footprint small.
-const MICRO_BATCH_BYTES: u64 = 64 << 20;
-
-const FLAG_BIAS: u32 = 1;
-const FLAG_ONE: u32 = 2;
-const FLAG_GAUSSIAN: u32 = 4;
-
-/// Per-layer geometry.
-struct LayerShape {
-    fan_in: usize,
-    fan_out: usize,
-    /// Row length of ã (fan_in + 1 with a bias).
-    ld: usize,
-    has_bias: bool,
-    /// Offset of the layer's parameters in θ.
-    offset: usize,
-    /// Number of parameters (weight then bias).
-    params: usize,
-}
-
-enum Reduction<'a> {
-    Syrk(Box<GpuAccumulator<'a>>),
-    Diag(Vec<(wgpu::Buffer, wgpu::Buffer)>),
-    Kfac(Vec<[wgpu::Buffer; 4]>),
-    Grads(Vec<f32>),
-    Norms(Vec<f64>),
-}
 
 fn gemm(k: usize, m: usize, n: usize, a: (usize, usize), b: (usize, usize), upper: bool) -> SyrkParams {
     SyrkParams {
@@ -71,11 +46,29 @@ fn gemm(k: usize, m: usize, n: usize, a: (usize, usize), b: (usize, usize), uppe
     }
 }
 
-/// Reads a (sum, comp) pair and forms (S − c)/n in f64.
-fn finalize(be: &GpuBackend, pair: (&wgpu::Buffer, &wgpu::Buffer), len: usize, n: usize) -> Result<Vec<f32>> {
-    let s = read_f32(&be.ctx, pair.0, len)?;
-    let c = read_f32(&be.ctx, pair.1, len)?;
-    Ok(s.iter().zip(&c).map(|(&s, &c)| ((s as f64 - c as f64) / n as f64) as f32).collect())
+/// A running sum and its Kahan compensation (true value ≈ sum − comp), `len` f32 each.
+struct KahanPair {
+    sum: wgpu::Buffer,
+    comp: wgpu::Buffer,
+    len: usize,
+}
+
+impl KahanPair {
+    fn new(be: &GpuBackend, label: &str, len: usize) -> Self {
+        KahanPair { sum: storage_f32(&be.ctx, label, len), comp: storage_f32(&be.ctx, label, len), len }
+    }
+
+    /// Reads the pair and forms (S − c)/n in f64.
+    fn mean(&self, be: &GpuBackend, n: usize) -> Result<Vec<f32>> {
+        let s = read_f32(&be.ctx, &self.sum, self.len)?;
+        let c = read_f32(&be.ctx, &self.comp, self.len)?;
+        Ok(s.iter().zip(&c).map(|(&s, &c)| ((s as f64 - c as f64) / n as f64) as f32).collect())
+    }
+
+    /// Records `self += AᵀB`.
+    fn add_product(&self, rec: &mut Recorder<'_>, p: SyrkParams, a: &wgpu::Buffer, b: &wgpu::Buffer) -> Result<()> {
+        rec.syrk(p, a, b, &self.sum, &self.comp)
+    }
 }
 
 /// A symmetric matrix from the upper triangle of a row-major `n × n` vector.
@@ -83,52 +76,31 @@ fn mirror_upper(v: &[f32], n: usize) -> Array2<f32> {
     Array2::from_shape_fn((n, n), |(r, c)| if c >= r { v[r * n + c] } else { v[c * n + r] })
 }
 
-fn layer_shapes(mlp: &Mlp) -> (Vec<LayerShape>, usize) {
-    let mut offset = 0;
-    let shapes = mlp
-        .layers
-        .iter()
-        .map(|l| {
-            let s = LayerShape {
-                fan_in: l.fan_in(),
-                fan_out: l.fan_out(),
-                ld: l.augmented_in(),
-                has_bias: l.bias.is_some(),
-                offset,
-                params: l.num_params(),
-            };
-            offset += s.params;
-            s
-        })
-        .collect();
-    (shapes, offset)
+/// The MLP uniform fields of a variant: (code, seed, draws K).
+fn variant_params(variant: Variant) -> (u32, u64, u32) {
+    match variant {
+        Variant::Empirical => (VARIANT_EMPIRICAL, 0, 1),
+        Variant::True => (VARIANT_TRUE, 0, 1),
+        Variant::MonteCarlo { samples, seed } => (VARIANT_MC, seed, samples as u32),
+    }
 }
 
-/// Samples per micro-batch: every binding within the adapter limit, the whole within the
-/// budget, the scratch near [`MICRO_BATCH_BYTES`].
-fn plan_micro_batch(
-    be: &GpuBackend,
-    n: usize,
-    per_sample: u64,
-    widest_binding: u64,
-    fixed: u64,
-    what: impl FnOnce() -> String,
-) -> Result<usize> {
-    let by_binding = be.binding_limit / widest_binding.max(1);
-    let left = be.budget.saturating_sub(fixed);
-    let by_budget = left.min(MICRO_BATCH_BYTES) / per_sample.max(1);
-    // At least one sample whenever one fits the budget at all, even if it exceeds the target.
-    let by_budget = if by_budget == 0 && left >= per_sample { 1 } else { by_budget };
-    let mb = (by_binding.min(by_budget) as usize).min(MAX_MICRO_BATCH).min(n);
-    if mb == 0 {
-        let (needed, limit, which) = if by_binding == 0 {
-            (widest_binding, be.binding_limit, format!("max_storage_buffer_binding_size of {}", be.ctx.info.name))
-        } else {
-            (fixed + per_sample, be.budget, "GPU memory budget (FISHER_GPU_MEMORY_MB)".into())
-        };
-        return Err(does_not_fit(what(), needed, limit, which));
+/// The uniform block of `head`/`head_fvp` for samples s0..s0+m: `r` rows per sample and
+/// weight `scale` of the MC draws.
+fn head_params(data: &Dataset, variant: Variant, classes: usize, s0: usize, m: usize, r: u32, scale: f32) -> MlpParams {
+    let (code, seed, _) = variant_params(variant);
+    MlpParams {
+        rows: m as u32,
+        cols: classes as u32,
+        r,
+        flags: if data.likelihood() == Likelihood::Gaussian { FLAG_GAUSSIAN } else { 0 },
+        variant: code,
+        sample_off: s0 as u32,
+        seed_lo: seed as u32,
+        seed_hi: (seed >> 32) as u32,
+        scale,
+        ..Default::default()
     }
-    Ok(mb)
 }
 
 /// The model on the device and the buffers of one micro-batch's forward pass.
@@ -144,19 +116,17 @@ struct Net<'a> {
     /// z_l, m × out_l (pre-activations).
     zs: Vec<wgpu::Buffer>,
     /// The Kahan pair every GEMM of the pass writes into (m·R × max width).
-    gemm_sum: wgpu::Buffer,
-    gemm_comp: wgpu::Buffer,
+    gemm: KahanPair,
     targets: wgpu::Buffer,
     host_input: Vec<f32>,
     host_targets: Vec<f32>,
 }
 
 impl<'a> Net<'a> {
-    fn new(be: &'a GpuBackend, mlp: &'a Mlp, mb: usize, gemm_rows: usize) -> Result<Self> {
+    fn new(be: &'a GpuBackend, mlp: &'a Mlp, plan: &NetPlan, mb: usize, gemm_rows: usize) -> Result<Self> {
         let ctx = &be.ctx;
-        let (shapes, _) = layer_shapes(mlp);
-        let classes = shapes.last().map(|s| s.fan_out).unwrap_or(0);
-        let max_w = shapes.iter().map(|s| s.fan_in.max(s.fan_out)).max().unwrap_or(1);
+        let shapes = plan.shapes.clone();
+        let classes = plan.classes;
         let upload = |label: &str, data: &[f32]| {
             let b = storage_f32(ctx, label, data.len());
             ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(data));
@@ -168,7 +138,10 @@ impl<'a> Net<'a> {
                 .iter()
                 .map(|l| {
                     let w = l.weight.as_standard_layout();
-                    let w = upload("weight", w.as_slice().expect("standard layout"));
+                    let w = match w.as_slice() {
+                        Some(w) => upload("weight", w),
+                        None => upload("weight", &w.iter().copied().collect::<Vec<_>>()),
+                    };
                     let b = l.bias.as_ref().map(|b| upload("bias", &b.to_vec()));
                     (w, b)
                 })
@@ -178,8 +151,7 @@ impl<'a> Net<'a> {
                 mlp,
                 acts: shapes.iter().map(|s| storage_f32(ctx, "ã", mb * s.ld)).collect(),
                 zs: shapes.iter().map(|s| storage_f32(ctx, "z", mb * s.fan_out)).collect(),
-                gemm_sum: storage_f32(ctx, "gemm sum", gemm_rows * max_w),
-                gemm_comp: storage_f32(ctx, "gemm comp", gemm_rows * max_w),
+                gemm: KahanPair::new(be, "gemm", gemm_rows * plan.max_width()),
                 targets: storage_f32(ctx, "targets", mb * classes.max(1)),
                 host_input: vec![0.0; mb * shapes[0].ld],
                 host_targets: vec![0.0; mb * classes.max(1)],
@@ -226,26 +198,25 @@ impl<'a> Net<'a> {
     }
 
     /// Clears the GEMM pair for `elems` outputs.
-    fn clear_gemm(&self, enc: &mut wgpu::CommandEncoder, elems: usize) {
-        enc.clear_buffer(&self.gemm_sum, 0, Some(4 * elems as u64));
-        enc.clear_buffer(&self.gemm_comp, 0, Some(4 * elems as u64));
+    fn clear_gemm(&self, rec: &mut Recorder<'_>, elems: usize) {
+        rec.clear(&self.gemm.sum, 4 * elems as u64);
+        rec.clear(&self.gemm.comp, 4 * elems as u64);
     }
 
     /// Records `out = (S − C) [+ bias]` for an m × cols GEMM result.
-    fn encode_collect(&self, enc: &mut wgpu::CommandEncoder, m: usize, cols: usize, bias: Option<&wgpu::Buffer>, out: &wgpu::Buffer) -> Result<()> {
+    fn encode_collect(&self, rec: &mut Recorder<'_>, m: usize, cols: usize, bias: Option<&wgpu::Buffer>, out: &wgpu::Buffer) -> Result<()> {
         let p = MlpParams { rows: m as u32, cols: cols as u32, flags: if bias.is_some() { FLAG_BIAS } else { 0 }, ..Default::default() };
-        self.be.mlp.encode(&self.be.ctx, enc, "bias_act", p, [Some(&self.gemm_sum), Some(&self.gemm_comp), bias], out, (m * cols) as u64)
+        rec.mlp(Entry::BiasAct, p, [Some(&self.gemm.sum), Some(&self.gemm.comp), bias], out, (m * cols) as u64)
     }
 
     /// Records the forward pass of m samples: z_l and ã_{l+1} for every layer.
-    fn encode_forward(&self, enc: &mut wgpu::CommandEncoder, m: usize) -> Result<()> {
-        let (be, ctx) = (self.be, &self.be.ctx);
+    fn encode_forward(&self, rec: &mut Recorder<'_>, m: usize) -> Result<()> {
         let depth = self.shapes.len();
         for (l, s) in self.shapes.iter().enumerate() {
-            self.clear_gemm(enc, m * s.fan_out);
+            self.clear_gemm(rec, m * s.fan_out);
             let params = gemm(s.fan_in, m, s.fan_out, (1, s.ld), (1, s.fan_in), false);
-            be.syrk.encode(ctx, enc, params, &self.acts[l], &self.weights[l], &self.gemm_sum, &self.gemm_comp)?;
-            self.encode_collect(enc, m, s.fan_out, self.biases[l].as_ref(), &self.zs[l])?;
+            self.gemm.add_product(rec, params, &self.acts[l], &self.weights[l])?;
+            self.encode_collect(rec, m, s.fan_out, self.biases[l].as_ref(), &self.zs[l])?;
             if l + 1 < depth {
                 let next = &self.shapes[l + 1];
                 let p_act = MlpParams {
@@ -256,21 +227,19 @@ impl<'a> Net<'a> {
                     flags: if next.has_bias { FLAG_ONE } else { 0 },
                     ..Default::default()
                 };
-                let elems = (m * s.fan_out) as u64;
-                be.mlp.encode(ctx, enc, "act_next", p_act, [Some(&self.zs[l]), None, None], &self.acts[l + 1], elems)?;
+                rec.mlp(Entry::ActNext, p_act, [Some(&self.zs[l]), None, None], &self.acts[l + 1], (m * s.fan_out) as u64)?;
             }
         }
         Ok(())
     }
 
     /// Records δ_{l−1} = (δ_l W_l) ∘ φ'(z_{l−1}) for `rows` = m·R output rows.
-    fn encode_backprop(&self, enc: &mut wgpu::CommandEncoder, l: usize, m: usize, r: usize, delta: &wgpu::Buffer, out: &wgpu::Buffer) -> Result<()> {
-        let (be, ctx) = (self.be, &self.be.ctx);
+    fn encode_backprop(&self, rec: &mut Recorder<'_>, l: usize, m: usize, r: usize, delta: &wgpu::Buffer, out: &wgpu::Buffer) -> Result<()> {
         let s = &self.shapes[l];
         let rows = m * r;
-        self.clear_gemm(enc, rows * s.fan_in);
+        self.clear_gemm(rec, rows * s.fan_in);
         let params = gemm(s.fan_out, rows, s.fan_in, (1, s.fan_out), (s.fan_in, 1), false);
-        be.syrk.encode(ctx, enc, params, delta, &self.weights[l], &self.gemm_sum, &self.gemm_comp)?;
+        self.gemm.add_product(rec, params, delta, &self.weights[l])?;
         let prev = &self.shapes[l - 1];
         let p_back = MlpParams {
             rows: m as u32,
@@ -279,46 +248,187 @@ impl<'a> Net<'a> {
             act: self.mlp.activations[l - 1].code(),
             ..Default::default()
         };
-        be.mlp.encode(
-            ctx,
-            enc,
-            "backprop_act",
-            p_back,
-            [Some(&self.gemm_sum), Some(&self.gemm_comp), Some(&self.zs[l - 1])],
-            out,
-            (rows * prev.fan_out) as u64,
-        )
+        let inputs = [Some(&self.gemm.sum), Some(&self.gemm.comp), Some(&self.zs[l - 1])];
+        rec.mlp(Entry::BackpropAct, p_back, inputs, out, (rows * prev.fan_out) as u64)
     }
 }
 
-fn variant_params(variant: Variant) -> (u32, u64, u32) {
-    match variant {
-        Variant::Empirical => (0, 0, 1),
-        Variant::True => (1, 0, 1),
-        Variant::MonteCarlo { samples, seed } => (2, seed, samples as u32),
+/// Gradient rows δ ⊗ ã of a micro-batch on the device: m·R rows of `width` (= P) f32.
+struct GradRows {
+    buffer: wgpu::Buffer,
+    width: usize,
+}
+
+/// The reduction of one network form: its accumulators and the micro-batch scratch it
+/// needs, which exist by construction (no optional buffers to unwrap).
+enum Reduction<'a> {
+    /// Full / Layer: gradient rows δ ⊗ ã (m·R × P) reduced by the SYRK planner.
+    Syrk { acc: Box<GpuAccumulator<'a>>, rows: GradRows },
+    /// Grads: the same rows, read back every micro-batch.
+    Grads { rows: GradRows, out: Vec<f32> },
+    /// Diagonal: D_l per layer, with Σ_R δ² (m × max out) and ã² (m × max ld) scratch.
+    Diag { acc: Vec<KahanPair>, dsq: wgpu::Buffer, asq: wgpu::Buffer },
+    /// KFAC: (A_l, G_l) per layer.
+    Kfac { acc: Vec<(KahanPair, KahanPair)> },
+    /// Norms: ‖δ_r‖² (m·R) and ‖ã‖² (m) per layer, combined on the host in f64.
+    Norms { rows: Vec<(wgpu::Buffer, wgpu::Buffer)>, out: Vec<f64> },
+}
+
+impl<'a> Reduction<'a> {
+    /// Accumulators and scratch of `form` for micro-batches of `mb` samples.
+    fn new(be: &'a GpuBackend, plan: &NetPlan, form: NetForm, n: usize, mb: usize) -> Result<Self> {
+        let ctx = &be.ctx;
+        let (shapes, p, mr) = (&plan.shapes, plan.params, mb * plan.r);
+        let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1);
+        let max_ld = shapes.iter().map(|s| s.ld).max().unwrap_or(1);
+        let grad_rows = || {
+            ctx.scoped("allocating gradient rows", || GradRows { buffer: storage_f32(ctx, "gradient rows", mr * p), width: p })
+        };
+        Ok(match form {
+            NetForm::Full => {
+                Reduction::Syrk { acc: Box::new(GpuAccumulator::syrk(be, vec![(0, p)], true, p)?), rows: grad_rows()? }
+            }
+            NetForm::Layer => Reduction::Syrk {
+                acc: Box::new(GpuAccumulator::syrk(be, shapes.iter().map(|s| (s.offset, s.params)).collect(), false, p)?),
+                rows: grad_rows()?,
+            },
+            NetForm::Grads => {
+                let len = plan.grads_len(n)?;
+                Reduction::Grads { rows: grad_rows()?, out: Vec::with_capacity(len) }
+            }
+            NetForm::Diagonal => ctx.scoped("allocating accumulators", || Reduction::Diag {
+                acc: shapes.iter().map(|s| KahanPair::new(be, "diag", s.fan_out * s.ld)).collect(),
+                dsq: storage_f32(ctx, "Σδ²", mb * max_out),
+                asq: storage_f32(ctx, "ã²", mb * max_ld),
+            })?,
+            NetForm::Kfac => ctx.scoped("allocating accumulators", || Reduction::Kfac {
+                acc: shapes
+                    .iter()
+                    .map(|s| (KahanPair::new(be, "kfac A", s.ld * s.ld), KahanPair::new(be, "kfac G", s.fan_out * s.fan_out)))
+                    .collect(),
+            })?,
+            NetForm::Norms => ctx.scoped("allocating norms", || Reduction::Norms {
+                rows: shapes.iter().map(|_| (storage_f32(ctx, "‖δ‖²", mr), storage_f32(ctx, "‖ã‖²", mb))).collect(),
+                out: vec![0.0; n],
+            })?,
+        })
+    }
+
+    /// Records the reduction of layer `l` (shape `s`) from its pair (δ: m·R × fan_out,
+    /// ã: m × ld) for a micro-batch of m samples with R rows each.
+    fn encode_layer(&mut self, rec: &mut Recorder<'_>, (l, s): (usize, &LayerShape), (m, r): (usize, usize), (delta, act): (&wgpu::Buffer, &wgpu::Buffer)) -> Result<()> {
+        let rows = m * r;
+        match self {
+            Reduction::Diag { acc, dsq, asq } => {
+                let p_sq = MlpParams { rows: m as u32, cols: s.fan_out as u32, r: r as u32, ..Default::default() };
+                rec.mlp(Entry::SampleSq, p_sq, [Some(delta), None, None], dsq, (m * s.fan_out) as u64)?;
+                let p_a2 = MlpParams { rows: m as u32, cols: s.ld as u32, ..Default::default() };
+                rec.mlp(Entry::Square, p_a2, [Some(act), None, None], asq, (m * s.ld) as u64)?;
+                acc[l].add_product(rec, gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false), dsq, asq)
+            }
+            Reduction::Kfac { acc } => {
+                acc[l].0.add_product(rec, gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true), act, act)?;
+                acc[l].1.add_product(rec, gemm(rows, s.fan_out, s.fan_out, (s.fan_out, 1), (s.fan_out, 1), true), delta, delta)
+            }
+            Reduction::Syrk { rows: grads, .. } | Reduction::Grads { rows: grads, .. } => {
+                let p_outer = MlpParams {
+                    rows: rows as u32,
+                    cols: s.params as u32,
+                    ld_a: s.fan_out as u32,
+                    ld_b: s.ld as u32,
+                    fan_in: s.fan_in as u32,
+                    r: r as u32,
+                    ld_out: grads.width as u32,
+                    out_off: s.offset as u32,
+                    ..Default::default()
+                };
+                rec.mlp(Entry::OuterGrads, p_outer, [Some(delta), Some(act), None], &grads.buffer, (rows * s.params) as u64)
+            }
+            Reduction::Norms { rows: bufs, .. } => {
+                let (dn, an) = &bufs[l];
+                rec.norms(RowParams { rows: rows as u32, cols: s.fan_out as u32, ld: s.fan_out as u32, offset: 0 }, delta, dn)?;
+                rec.norms(RowParams { rows: m as u32, cols: s.ld as u32, ld: s.ld as u32, offset: 0 }, act, an)
+            }
+        }
+    }
+
+    /// Records what follows the last layer of a micro-batch (the SYRK of the rows).
+    fn encode_end(&mut self, rec: &mut Recorder<'_>, m: usize, r: usize) -> Result<()> {
+        if let Reduction::Syrk { acc, rows } = self {
+            acc.encode_device(rec, &rows.buffer, m * r, m)?;
+        }
+        Ok(())
+    }
+
+    /// Host side of a submitted micro-batch of samples s0..s0+m (read-backs).
+    fn collect(&mut self, be: &GpuBackend, s0: usize, m: usize, r: usize) -> Result<()> {
+        match self {
+            Reduction::Grads { rows, out } => out.extend(read_f32(&be.ctx, &rows.buffer, m * r * rows.width)?),
+            Reduction::Norms { rows, out } => {
+                for (dn, an) in rows.iter() {
+                    let dn = read_f32(&be.ctx, dn, m * r)?;
+                    let an = read_f32(&be.ctx, an, m)?;
+                    for s in 0..m {
+                        let d: f64 = dn[s * r..(s + 1) * r].iter().map(|&v| v as f64).sum();
+                        out[s0 + s] += d * an[s] as f64;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Divides by `n` and assembles the result in θ order.
+    fn finish(self, be: &GpuBackend, plan: &NetPlan, n: usize) -> Result<NetFisher> {
+        let p = plan.params;
+        Ok(match self {
+            Reduction::Syrk { acc, .. } => match acc.finish()? {
+                FisherMatrix::Full(f) => NetFisher::Full(f),
+                FisherMatrix::BlockDiagonal(blocks) => NetFisher::Layer(blocks),
+                other => {
+                    return Err(FisherError::Gpu {
+                        stage: "network finish".into(),
+                        message: format!("SYRK accumulator returned {other:?} instead of a full or block result"),
+                    })
+                }
+            },
+            Reduction::Diag { acc, .. } => {
+                let mut diag = vec![0f32; p];
+                for (s, pair) in plan.shapes.iter().zip(&acc) {
+                    let d = pair.mean(be, n)?;
+                    s.scatter(&mut diag, |o, i| d[o * s.ld + i]);
+                }
+                NetFisher::Diagonal(Array1::from(diag))
+            }
+            Reduction::Kfac { acc } => {
+                let mut factors = Vec::with_capacity(acc.len());
+                for (s, (a, g)) in plan.shapes.iter().zip(&acc) {
+                    let (a, g) = (a.mean(be, n)?, g.mean(be, n)?);
+                    factors.push(KfacFactors { a: mirror_upper(&a, s.ld), g: mirror_upper(&g, s.fan_out) });
+                }
+                NetFisher::Kfac(factors)
+            }
+            Reduction::Grads { out, .. } => {
+                let total_rows = out.len() / p.max(1);
+                NetFisher::Grads(Array2::from_shape_vec((total_rows, p), out).map_err(|e| FisherError::InvalidInput(e.to_string()))?)
+            }
+            Reduction::Norms { out, .. } => NetFisher::Norms(out.into_iter().map(|v| v as f32).collect()),
+        })
     }
 }
 
-pub(crate) fn network_fisher(
-    be: &GpuBackend,
-    mlp: &Mlp,
-    data: &Dataset,
-    variant: Variant,
-    form: NetForm,
-) -> Result<NetFisher> {
-    let ctx = &be.ctx;
+/// The network Fisher of `form`, streamed in micro-batches.
+pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
     let n = data.len();
-    let gaussian = data.likelihood() == Likelihood::Gaussian;
-    let (shapes, p) = layer_shapes(mlp);
-    let classes = shapes.last().map(|s| s.fan_out).unwrap_or(0);
-    let r = rows_per_sample(variant, classes);
-    let depth = shapes.len();
-    let max_w = shapes.iter().map(|s| s.fan_in.max(s.fan_out)).max().unwrap_or(1);
+    let plan = NetPlan::new(mlp, variant);
+    let (shapes, p, r, classes, depth) = (&plan.shapes, plan.params, plan.r, plan.classes, plan.depth());
+    let max_w = plan.max_width();
     let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1);
     let max_ld = shapes.iter().map(|s| s.ld).max().unwrap_or(1);
     let materialize = matches!(form, NetForm::Full | NetForm::Layer | NetForm::Grads);
 
-    // ---- memory plan -------------------------------------------------------------------
+    // ---- plan --------------------------------------------------------------------------
     let weights_bytes: u64 = shapes.iter().map(|s| 4 * (s.fan_in * s.fan_out + s.fan_out) as u64).sum();
     let accum_bytes: u64 = match form {
         NetForm::Diagonal => shapes.iter().map(|s| 8 * (s.fan_out * s.ld) as u64).sum(),
@@ -332,210 +442,45 @@ pub(crate) fn network_fisher(
         + if materialize { r * p } else { 0 }
         + if form == NetForm::Norms { depth * (r + 1) } else { 0 };
     let widest_binding = 4 * (r * max_w.max(if materialize { p } else { 0 })).max(max_ld).max(classes) as u64;
-    let mb = plan_micro_batch(be, n, 4 * per_sample_floats as u64, widest_binding, weights_bytes + accum_bytes, || {
+    let mb = be.micro_batch_limits().micro_batch(n, 4 * per_sample_floats as u64, widest_binding, weights_bytes + accum_bytes, || {
         format!("one sample of the {form:?} reduction ({p} parameters, R = {r})")
     })?;
-    let mr = mb * r;
 
-    // ---- buffers -----------------------------------------------------------------------
-    let mut net = Net::new(be, mlp, mb, mr)?;
-    let mut delta_cur = storage_f32(ctx, "δ", mr * max_w);
-    let mut delta_next = storage_f32(ctx, "δ next", mr * max_w);
-    let (dsq, asq) = if form == NetForm::Diagonal {
-        (Some(storage_f32(ctx, "Σδ²", mb * max_out)), Some(storage_f32(ctx, "ã²", mb * max_ld)))
-    } else {
-        (None, None)
-    };
-    let grads_buf = materialize.then(|| storage_f32(ctx, "gradient rows", mr * p));
-    let norm_bufs: Vec<(wgpu::Buffer, wgpu::Buffer)> = if form == NetForm::Norms {
-        shapes.iter().map(|_| (storage_f32(ctx, "‖δ‖²", mr), storage_f32(ctx, "‖ã‖²", mb))).collect()
-    } else {
-        Vec::new()
-    };
-    let pair = |label: &str, len: usize| (storage_f32(ctx, label, len), storage_f32(ctx, label, len));
-    let mut reduction = match form {
-        NetForm::Full => Reduction::Syrk(Box::new(GpuAccumulator::syrk(be, vec![(0, p)], true, p)?)),
-        NetForm::Layer => Reduction::Syrk(Box::new(GpuAccumulator::syrk(
-            be,
-            shapes.iter().map(|s| (s.offset, s.params)).collect(),
-            false,
-            p,
-        )?)),
-        NetForm::Diagonal => Reduction::Diag(shapes.iter().map(|s| pair("diag", s.fan_out * s.ld)).collect()),
-        NetForm::Kfac => Reduction::Kfac(
-            shapes
-                .iter()
-                .map(|s| {
-                    let (a0, a1) = pair("kfac A", s.ld * s.ld);
-                    let (g0, g1) = pair("kfac G", s.fan_out * s.fan_out);
-                    [a0, a1, g0, g1]
-                })
-                .collect(),
-        ),
-        NetForm::Grads => {
-            let total = n.checked_mul(r).and_then(|x| x.checked_mul(p)).filter(|&x| x <= isize::MAX as usize / 4);
-            let Some(total) = total else {
-                return Err(FisherError::InvalidInput(format!("{n}·{r} gradient rows of {p} parameters do not fit in memory")));
-            };
-            Reduction::Grads(Vec::with_capacity(total))
-        }
-        NetForm::Norms => Reduction::Norms(vec![0.0; n]),
-    };
-
-    let (variant_code, seed, draws) = variant_params(variant);
-    let scale = 1.0 / (draws as f32).sqrt();
+    // ---- allocate ----------------------------------------------------------------------
+    let mut net = Net::new(be, mlp, &plan, mb, mb * r)?;
+    let mut delta_cur = storage_f32(&be.ctx, "δ", mb * r * max_w);
+    let mut delta_next = storage_f32(&be.ctx, "δ next", mb * r * max_w);
+    let mut reduction = Reduction::new(be, &plan, form, n, mb)?;
+    let mut bindings = Bindings::default();
+    let scale = 1.0 / (variant_params(variant).2 as f32).sqrt();
     let mut in_flight: Option<wgpu::SubmissionIndex> = None;
 
-    // ---- micro-batches -----------------------------------------------------------------
+    // ---- encode per layer, per micro-batch ---------------------------------------------
     for s0 in (0..n).step_by(mb) {
         let m = mb.min(n - s0);
-        let rows = m * r;
         net.upload(data, s0, m);
-        let mut enc = be.encoder("network micro-batch");
-        let encoded: Result<()> = ctx.scoped("network micro-batch", || -> Result<()> {
-            net.encode_forward(&mut enc, m)?;
-            // Output rows δ_{L−1}.
-            let p_head = MlpParams {
-                rows: m as u32,
-                cols: classes as u32,
-                r: r as u32,
-                flags: if gaussian { FLAG_GAUSSIAN } else { 0 },
-                variant: variant_code,
-                sample_off: s0 as u32,
-                seed_lo: seed as u32,
-                seed_hi: (seed >> 32) as u32,
-                scale,
-                ..Default::default()
-            };
-            be.mlp.encode(ctx, &mut enc, "head", p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, m as u64)?;
-
-            // Backward with the reductions of each layer.
-            for l in (0..depth).rev() {
-                let s = &shapes[l];
-                let act = &net.acts[l];
-                match &mut reduction {
-                    Reduction::Diag(acc) => {
-                        let (dsq, asq) = (dsq.as_ref().expect("diag scratch"), asq.as_ref().expect("diag scratch"));
-                        let p_sq = MlpParams { rows: m as u32, cols: s.fan_out as u32, r: r as u32, ..Default::default() };
-                        be.mlp.encode(ctx, &mut enc, "sample_sq", p_sq, [Some(&delta_cur), None, None], dsq, (m * s.fan_out) as u64)?;
-                        let p_a2 = MlpParams { rows: m as u32, cols: s.ld as u32, ..Default::default() };
-                        be.mlp.encode(ctx, &mut enc, "square", p_a2, [Some(act), None, None], asq, (m * s.ld) as u64)?;
-                        let params = gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false);
-                        be.syrk.encode(ctx, &mut enc, params, dsq, asq, &acc[l].0, &acc[l].1)?;
-                    }
-                    Reduction::Kfac(acc) => {
-                        let [a0, a1, g0, g1] = &acc[l];
-                        let pa = gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true);
-                        be.syrk.encode(ctx, &mut enc, pa, act, act, a0, a1)?;
-                        let pg = gemm(rows, s.fan_out, s.fan_out, (s.fan_out, 1), (s.fan_out, 1), true);
-                        be.syrk.encode(ctx, &mut enc, pg, &delta_cur, &delta_cur, g0, g1)?;
-                    }
-                    Reduction::Syrk(_) | Reduction::Grads(_) => {
-                        let p_outer = MlpParams {
-                            rows: rows as u32,
-                            cols: s.params as u32,
-                            ld_a: s.fan_out as u32,
-                            ld_b: s.ld as u32,
-                            fan_in: s.fan_in as u32,
-                            r: r as u32,
-                            ld_out: p as u32,
-                            out_off: s.offset as u32,
-                            ..Default::default()
-                        };
-                        let g = grads_buf.as_ref().expect("gradient rows");
-                        be.mlp.encode(ctx, &mut enc, "outer_grads", p_outer, [Some(&delta_cur), Some(act), None], g, (rows * s.params) as u64)?;
-                    }
-                    Reduction::Norms(_) => {
-                        use super::kernels::RowParams;
-                        let (dn, an) = &norm_bufs[l];
-                        let pd = RowParams { rows: rows as u32, cols: s.fan_out as u32, ld: s.fan_out as u32, offset: 0 };
-                        be.norms.encode(ctx, &mut enc, pd, &delta_cur, dn)?;
-                        let pa = RowParams { rows: m as u32, cols: s.ld as u32, ld: s.ld as u32, offset: 0 };
-                        be.norms.encode(ctx, &mut enc, pa, act, an)?;
-                    }
-                }
-                if l > 0 {
-                    net.encode_backprop(&mut enc, l, m, r, &delta_cur, &delta_next)?;
-                    std::mem::swap(&mut delta_cur, &mut delta_next);
-                }
+        let mut rec = be.kernels.recorder();
+        net.encode_forward(&mut rec, m)?;
+        let p_head = head_params(data, variant, classes, s0, m, r as u32, scale);
+        rec.mlp(Entry::Head, p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, m as u64)?;
+        for l in (0..depth).rev() {
+            reduction.encode_layer(&mut rec, (l, &shapes[l]), (m, r), (&delta_cur, &net.acts[l]))?;
+            if l > 0 {
+                net.encode_backprop(&mut rec, l, m, r, &delta_cur, &delta_next)?;
+                std::mem::swap(&mut delta_cur, &mut delta_next);
             }
-            if let Reduction::Syrk(acc) = &mut reduction {
-                acc.encode_device(&mut enc, grads_buf.as_ref().expect("gradient rows"), rows, m)?;
-            }
-            Ok(())
-        })?;
-        encoded?;
-        let index = be.submit("network micro-batch", enc)?;
+        }
+        reduction.encode_end(&mut rec, m, r)?;
+        let index = bindings.submit(&be.ctx, "network micro-batch", rec)?;
         if let Some(previous) = in_flight.replace(index) {
             be.wait_for("network micro-batch", previous)?;
         }
-        match &mut reduction {
-            Reduction::Grads(out) => out.extend(read_f32(ctx, grads_buf.as_ref().expect("gradient rows"), rows * p)?),
-            Reduction::Norms(out) => {
-                for (dn, an) in &norm_bufs {
-                    let dn = read_f32(ctx, dn, rows)?;
-                    let an = read_f32(ctx, an, m)?;
-                    for s in 0..m {
-                        let d: f64 = dn[s * r..(s + 1) * r].iter().map(|&v| v as f64).sum();
-                        out[s0 + s] += d * an[s] as f64;
-                    }
-                }
-            }
-            _ => {}
-        }
+        reduction.collect(be, s0, m, r)?;
     }
-    ctx.wait("network finish")?;
+    be.ctx.wait("network finish")?;
 
-    // ---- finalize ----------------------------------------------------------------------
-    Ok(match reduction {
-        Reduction::Syrk(acc) => match acc.finish()? {
-            FisherMatrix::Full(f) => NetFisher::Full(f),
-            FisherMatrix::BlockDiagonal(blocks) => NetFisher::Layer(blocks),
-            _ => unreachable!("SYRK accumulators return full or block results"),
-        },
-        Reduction::Diag(acc) => {
-            let mut diag = vec![0f32; p];
-            for (s, pair) in shapes.iter().zip(&acc) {
-                let d = finalize(be, (&pair.0, &pair.1), s.fan_out * s.ld, n)?;
-                for o in 0..s.fan_out {
-                    for i in 0..s.fan_in {
-                        diag[s.offset + o * s.fan_in + i] = d[o * s.ld + i];
-                    }
-                    if s.has_bias {
-                        diag[s.offset + s.fan_out * s.fan_in + o] = d[o * s.ld + s.fan_in];
-                    }
-                }
-            }
-            NetFisher::Diagonal(Array1::from(diag))
-        }
-        Reduction::Kfac(acc) => {
-            let mut factors = Vec::with_capacity(depth);
-            for (s, [a0, a1, g0, g1]) in shapes.iter().zip(&acc) {
-                let a = finalize(be, (a0, a1), s.ld * s.ld, n)?;
-                let g = finalize(be, (g0, g1), s.fan_out * s.fan_out, n)?;
-                factors.push(KfacFactors { a: mirror_upper(&a, s.ld), g: mirror_upper(&g, s.fan_out) });
-            }
-            NetFisher::Kfac(factors)
-        }
-        Reduction::Grads(rows) => {
-            let total_rows = rows.len() / p.max(1);
-            NetFisher::Grads(Array2::from_shape_vec((total_rows, p), rows).map_err(|e| FisherError::InvalidInput(e.to_string()))?)
-        }
-        Reduction::Norms(norms) => NetFisher::Norms(norms.into_iter().map(|v| v as f32).collect()),
-    })
-}
-
-/// Rearranges the layer's slice of θ-ordered `v` (weight row-major, then bias) into the
-/// augmented [V | v_b] layout (out × ld) that multiplies ã.
-fn augmented_direction(v: &[f32], s: &LayerShape) -> Vec<f32> {
-    let mut out = vec![0f32; s.fan_out * s.ld];
-    for o in 0..s.fan_out {
-        out[o * s.ld..o * s.ld + s.fan_in].copy_from_slice(&v[s.offset + o * s.fan_in..s.offset + (o + 1) * s.fan_in]);
-        if s.has_bias {
-            out[o * s.ld + s.fan_in] = v[s.offset + s.fan_out * s.fan_in + o];
-        }
-    }
-    out
+    // ---- finish ------------------------------------------------------------------------
+    reduction.finish(be, &plan, n)
 }
 
 /// Implicit Fisher–vector product F·v = (1/N) Σᵢ Jᵢᵀ Λᵢ Jᵢ v and the quadratic form vᵀFv,
@@ -544,39 +489,29 @@ fn augmented_direction(v: &[f32], s: &LayerShape) -> Vec<f32> {
 /// Jᵀ w, accumulated as (1/N) Σ δ_l ã_lᵀ per layer. vᵀFv = (1/N) Σᵢ żᵢᵀ wᵢ needs only the
 /// forward part (`product = false`). Memory: the model, two direction-sized accumulators and
 /// one micro-batch.
-pub(crate) fn network_fvp(
-    be: &GpuBackend,
-    mlp: &Mlp,
-    data: &Dataset,
-    variant: Variant,
-    v: &[f32],
-    product: bool,
-) -> Result<(Option<Vec<f32>>, f64)> {
+pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
     let ctx = &be.ctx;
     let n = data.len();
-    let gaussian = data.likelihood() == Likelihood::Gaussian;
-    let (shapes, p) = layer_shapes(mlp);
-    if v.len() != p {
-        return Err(FisherError::InvalidInput(format!("direction has {} entries but the model has {p} parameters", v.len())));
-    }
-    let classes = shapes.last().map(|s| s.fan_out).unwrap_or(0);
-    let depth = shapes.len();
-    let max_w = shapes.iter().map(|s| s.fan_in.max(s.fan_out)).max().unwrap_or(1);
+    let plan = NetPlan::new(mlp, variant);
+    let v = v.to_vec();
+    plan.check_direction(&v)?;
+    let (shapes, p, classes, depth) = (&plan.shapes, plan.params, plan.classes, plan.depth());
+    let max_w = plan.max_width();
     let weights_bytes: u64 = shapes.iter().map(|s| 4 * (s.fan_in * s.fan_out + s.fan_out) as u64).sum();
     // Direction in augmented layout, and the (sum, comp) pair of the product.
     let fixed = weights_bytes * if product { 3 } else { 2 };
     let per_sample_floats = shapes.iter().map(|s| s.ld + 2 * s.fan_out + s.fan_in).sum::<usize>() + 5 * max_w + 3 * classes;
     let widest_binding = 4 * max_w.max(classes).max(shapes.iter().map(|s| s.ld).max().unwrap_or(1)) as u64;
-    let mb = plan_micro_batch(be, n, 4 * per_sample_floats as u64, widest_binding, fixed, || {
+    let mb = be.micro_batch_limits().micro_batch(n, 4 * per_sample_floats as u64, widest_binding, fixed, || {
         format!("one sample of the implicit F·v ({p} parameters)")
     })?;
 
-    let mut net = Net::new(be, mlp, mb, mb)?;
+    let mut net = Net::new(be, mlp, &plan, mb, mb)?;
     let directions: Vec<wgpu::Buffer> = ctx.scoped("uploading direction", || {
         shapes
             .iter()
             .map(|s| {
-                let d = augmented_direction(v, s);
+                let d = s.augment(&v);
                 let b = storage_f32(ctx, "direction", d.len());
                 ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(&d));
                 b
@@ -589,67 +524,47 @@ pub(crate) fn network_fvp(
     let w_out = storage_f32(ctx, "Λ ż", mb * classes.max(1));
     let mut delta_cur = storage_f32(ctx, "δ", mb * max_w);
     let mut delta_next = storage_f32(ctx, "δ next", mb * max_w);
-    let accum: Vec<(wgpu::Buffer, wgpu::Buffer)> = if product {
-        shapes.iter().map(|s| (storage_f32(ctx, "F·v sum", s.fan_out * s.ld), storage_f32(ctx, "F·v comp", s.fan_out * s.ld))).collect()
-    } else {
-        Vec::new()
-    };
-    let (variant_code, seed, draws) = variant_params(variant);
+    let accum: Vec<KahanPair> =
+        if product { shapes.iter().map(|s| KahanPair::new(be, "F·v", s.fan_out * s.ld)).collect() } else { Vec::new() };
+    let draws = variant_params(variant).2;
+    let mut bindings = Bindings::default();
     let mut quadratic = 0f64;
 
     for s0 in (0..n).step_by(mb) {
         let m = mb.min(n - s0);
         net.upload(data, s0, m);
-        let mut enc = be.encoder("F·v micro-batch");
-        let encoded: Result<()> = ctx.scoped("F·v micro-batch", || -> Result<()> {
-            net.encode_forward(&mut enc, m)?;
-            // Tangents: ż_l = ã_l [V_l | v_b]ᵀ + ȧ_l W_lᵀ, ȧ_{l+1} = φ'(z_l) ∘ ż_l.
-            for (l, s) in shapes.iter().enumerate() {
-                net.clear_gemm(&mut enc, m * s.fan_out);
-                let pv = gemm(s.ld, m, s.fan_out, (1, s.ld), (1, s.ld), false);
-                be.syrk.encode(ctx, &mut enc, pv, &net.acts[l], &directions[l], &net.gemm_sum, &net.gemm_comp)?;
+        let mut rec = be.kernels.recorder();
+        net.encode_forward(&mut rec, m)?;
+        // Tangents: ż_l = ã_l [V_l | v_b]ᵀ + ȧ_l W_lᵀ, ȧ_{l+1} = φ'(z_l) ∘ ż_l.
+        for (l, s) in shapes.iter().enumerate() {
+            net.clear_gemm(&mut rec, m * s.fan_out);
+            net.gemm.add_product(&mut rec, gemm(s.ld, m, s.fan_out, (1, s.ld), (1, s.ld), false), &net.acts[l], &directions[l])?;
+            if l > 0 {
+                let pw = gemm(s.fan_in, m, s.fan_out, (1, s.fan_in), (1, s.fan_in), false);
+                net.gemm.add_product(&mut rec, pw, &tangents[l], &net.weights[l])?;
+            }
+            net.encode_collect(&mut rec, m, s.fan_out, None, &zdot)?;
+            if l + 1 < depth {
+                let pt = MlpParams { rows: m as u32, cols: s.fan_out as u32, act: mlp.activations[l].code(), ..Default::default() };
+                rec.mlp(Entry::TangentAct, pt, [Some(&zdot), Some(&net.zs[l]), None], &tangents[l + 1], (m * s.fan_out) as u64)?;
+            }
+        }
+        let p_head = head_params(data, variant, classes, s0, m, draws, 1.0 / draws as f32);
+        let inputs = [Some(&net.zs[depth - 1]), Some(&net.targets), Some(&zdot)];
+        rec.mlp(Entry::HeadFvp, p_head, inputs, &w_out, m as u64)?;
+        if product {
+            // Backward of w (one row per sample), accumulating (1/N) Σ δ_l ã_lᵀ.
+            for l in (0..depth).rev() {
+                let s = &shapes[l];
+                let delta = if l + 1 == depth { &w_out } else { &delta_cur };
+                accum[l].add_product(&mut rec, gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false), delta, &net.acts[l])?;
                 if l > 0 {
-                    let pw = gemm(s.fan_in, m, s.fan_out, (1, s.fan_in), (1, s.fan_in), false);
-                    be.syrk.encode(ctx, &mut enc, pw, &tangents[l], &net.weights[l], &net.gemm_sum, &net.gemm_comp)?;
-                }
-                net.encode_collect(&mut enc, m, s.fan_out, None, &zdot)?;
-                if l + 1 < depth {
-                    let pt = MlpParams { rows: m as u32, cols: s.fan_out as u32, act: mlp.activations[l].code(), ..Default::default() };
-                    let elems = (m * s.fan_out) as u64;
-                    be.mlp.encode(ctx, &mut enc, "tangent_act", pt, [Some(&zdot), Some(&net.zs[l]), None], &tangents[l + 1], elems)?;
+                    net.encode_backprop(&mut rec, l, m, 1, delta, &delta_next)?;
+                    std::mem::swap(&mut delta_cur, &mut delta_next);
                 }
             }
-            let p_head = MlpParams {
-                rows: m as u32,
-                cols: classes as u32,
-                r: draws,
-                flags: if gaussian { FLAG_GAUSSIAN } else { 0 },
-                variant: variant_code,
-                sample_off: s0 as u32,
-                seed_lo: seed as u32,
-                seed_hi: (seed >> 32) as u32,
-                scale: 1.0 / draws as f32,
-                ..Default::default()
-            };
-            let inputs = [Some(&net.zs[depth - 1]), Some(&net.targets), Some(&zdot)];
-            be.mlp.encode(ctx, &mut enc, "head_fvp", p_head, inputs, &w_out, m as u64)?;
-            if product {
-                // Backward of w (one row per sample), accumulating (1/N) Σ δ_l ã_lᵀ.
-                for l in (0..depth).rev() {
-                    let s = &shapes[l];
-                    let delta = if l + 1 == depth { &w_out } else { &delta_cur };
-                    let pg = gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false);
-                    be.syrk.encode(ctx, &mut enc, pg, delta, &net.acts[l], &accum[l].0, &accum[l].1)?;
-                    if l > 0 {
-                        net.encode_backprop(&mut enc, l, m, 1, delta, &delta_next)?;
-                        std::mem::swap(&mut delta_cur, &mut delta_next);
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        encoded?;
-        be.submit("F·v micro-batch", enc)?;
+        }
+        bindings.submit(ctx, "F·v micro-batch", rec)?;
         // ż_L and w are read back every micro-batch (m × C each) for vᵀFv = (1/N) Σ żᵀ w.
         let zd = read_f32(ctx, &zdot, m * classes)?;
         let w = read_f32(ctx, &w_out, m * classes)?;
@@ -658,17 +573,12 @@ pub(crate) fn network_fvp(
     ctx.wait("F·v finish")?;
     let quadratic = quadratic / n as f64;
     if !product {
-        return Ok((None, quadratic));
+        return Ok(Fvp { product: None, quadratic });
     }
     let mut out = vec![0f32; p];
     for (s, pair) in shapes.iter().zip(&accum) {
-        let d = finalize(be, (&pair.0, &pair.1), s.fan_out * s.ld, n)?;
-        for o in 0..s.fan_out {
-            out[s.offset + o * s.fan_in..s.offset + (o + 1) * s.fan_in].copy_from_slice(&d[o * s.ld..o * s.ld + s.fan_in]);
-            if s.has_bias {
-                out[s.offset + s.fan_out * s.fan_in + o] = d[o * s.ld + s.fan_in];
-            }
-        }
+        let d = pair.mean(be, n)?;
+        s.scatter(&mut out, |o, i| d[o * s.ld + i]);
     }
-    Ok((Some(out), quadratic))
+    Ok(Fvp { product: Some(Array1::from(out)), quadratic })
 }
