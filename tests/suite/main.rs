@@ -3,7 +3,7 @@
 //! Library tests (the f64 references, the CPU and network paths, the analysis) and CLI tests
 //! (which run the `fisher` binary through `common::cli`) are modules of this crate; the
 //! shared harness — GPU policy, the per-backend test macro, the assertions, seeded problems —
-//! lives in `tests/common`, which `tests/gpu.rs` and `tests/shaders.rs` share.
+//! lives in `tests/common`.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -18,7 +18,9 @@ mod cli_demo;
 mod cli_report;
 mod cpu;
 mod fvp;
+mod gpu;
 mod invariants;
 mod network;
 mod nn_load;
 mod nn_reference;
+mod shaders;

@@ -31,7 +31,7 @@ use syrk::SymmetricSum;
 /// Multi-threaded f32 CPU backend (see the [module docs](self) for the algorithms).
 ///
 /// ```
-/// use fisher_engine::{cpu::CpuBackend, FisherBackend, FisherMatrix, Form};
+/// use fisher_engine::{backend::cpu::CpuBackend, FisherBackend, FisherMatrix, Form};
 /// let grads = fisher_engine::synthetic::normal_matrix(1000, 32, 3);
 /// let backend = CpuBackend::new();
 /// // Stream the samples in two chunks; memory stays O(P²) however many are pushed.

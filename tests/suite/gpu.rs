@@ -3,12 +3,12 @@
 //! panel-tiled paths run even on small problems. Under `FISHER_REQUIRE_GPU=1` a missing
 //! adapter fails every test here; otherwise each prints `SKIPPED <name>: no GPU adapter`.
 
-mod common;
 
 use fisher_engine::reference::grads as reference;
 use fisher_engine::backend::gpu::{GpuBackend, GpuOptions};
 use fisher_engine::synthetic::gradient_like;
-use common::verify::{assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, Tolerance};
+use crate::common;
+use crate::common::verify::{assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, Tolerance};
 use fisher_engine::{Backend, Engine, FisherError, FisherMatrix, Form};
 use ndarray::{s, Array2};
 
