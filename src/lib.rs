@@ -32,7 +32,7 @@
 //! ```
 //! use fisher_engine::{Backend, Engine, FisherMatrix, Form};
 //! let grads = fisher_engine::synthetic::gradient_like(256, 16, 7);
-//! let engine = Engine::new(Backend::Auto)?; // GPU if any adapter exists, else CPU
+//! let engine = Engine::new(Backend::Auto)?; // a hardware GPU if one exists, else the CPU
 //! let verified = engine.fisher_from_grads_verified(grads.view(), &Form::Diagonal)?;
 //! assert!(verified.agreement.max_rel < 1e-5);
 //! # Ok::<(), fisher_engine::FisherError>(())
@@ -41,6 +41,7 @@
 
 pub mod analysis;
 pub mod backend;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fisher;

@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use fisher_engine::analysis::action::{self, ActionReport};
 use fisher_engine::backend::gpu::GpuOptions;
+use fisher_engine::device::{self, DeviceRequest};
 use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp};
 use fisher_engine::fisher::Variant;
 use fisher_engine::output::plot;
@@ -26,7 +27,6 @@ use serde_json::json;
 use super::args::{BackendArgs, Report};
 use super::compute::{likelihood_name, variant_name, VariantArgs};
 use super::exit::usage;
-use super::reduce::open_device;
 
 /// Steps shown in the human table before the middle is elided (`--json` lists all).
 const TABLE_ROWS: usize = 60;
@@ -319,7 +319,7 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
     seconds.load = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    let device = open_device(cfg.backend, &cfg.gpu)?;
+    let device = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
 
@@ -361,7 +361,7 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
         likelihood: cfg.likelihood,
         variant: cfg.variant,
         backend,
-        adapter: device.adapter,
+        adapter: device.adapter.map(|a| a.name),
         fallback: device.fallback,
         plot: cfg.plot.clone(),
         seconds,
@@ -413,7 +413,7 @@ pub fn human(o: &Outcome) -> String {
         format!("  backend   {}", o.backend),
     ];
     if let Some(why) = &o.fallback {
-        lines.push(format!("            (no GPU adapter: {why})"));
+        lines.push(format!("            ({why})"));
     }
     lines.push(String::new());
     lines.push(format!("{:>6}  {:>12}  {:>12}  {:>12}  {:>14}", "t", "‖Δθ‖", "ΔθᵀFΔθ", "√ΔθᵀFΔθ", "cumulative L"));

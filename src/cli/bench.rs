@@ -13,11 +13,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use fisher_engine::backend::gpu::{GpuContext, GpuOptions};
+use fisher_engine::backend::gpu::GpuOptions;
+use fisher_engine::device::{self, AdapterInfo, DeviceRequest};
 use fisher_engine::model::{Activation, Mlp};
 use fisher_engine::fisher::{rows_per_sample, NetForm, Variant};
 use fisher_engine::model::train;
-use fisher_engine::{synthetic, Engine, FisherError, Form};
+use fisher_engine::{synthetic, Backend, Engine, Form};
 use serde_json::{json, Value};
 
 use super::compute::{form_name, variant_name, FormArg, VariantArg};
@@ -485,19 +486,6 @@ fn machine() -> Machine {
     }
 }
 
-/// The GPU adapter a run used.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Adapter {
-    /// Name.
-    pub name: String,
-    /// Graphics API (Vulkan, Metal, Dx12, Gl).
-    pub api: String,
-    /// Discrete, integrated, virtual, cpu (software), other.
-    pub device_type: String,
-    /// Driver and its version, when reported.
-    pub driver: String,
-}
-
 /// Peak resident set size of this process in bytes (Linux: VmHWM), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -588,7 +576,7 @@ pub struct Outcome {
     /// The machine.
     pub machine: Machine,
     /// The GPU adapter, when one ran.
-    pub adapter: Option<Adapter>,
+    pub adapter: Option<AdapterInfo>,
     /// Why the GPU did not run although it was not excluded.
     pub gpu_note: Option<String>,
     /// Seconds to set up each backend (adapter, device, kernels), untimed in the results.
@@ -615,45 +603,33 @@ struct Runner {
 /// The engines to measure, with what the report says about them.
 struct Opened {
     runners: Vec<Runner>,
-    adapter: Option<Adapter>,
+    adapter: Option<AdapterInfo>,
     gpu_note: Option<String>,
     setup: Vec<(&'static str, f64)>,
 }
 
 fn open_backends(cfg: &BenchConfig) -> anyhow::Result<Opened> {
-    let (want_gpu, want_cpu, required) = match cfg.backends {
-        Backends::Available => (true, true, false),
-        Backends::Listed { gpu, cpu } => (gpu, cpu, true),
+    // Both listed: the GPU is required (Backend::Gpu, software accepted); by default it runs
+    // where Auto would run it (a hardware GPU), and the CPU path always runs.
+    let (gpu_request, want_cpu) = match cfg.backends {
+        Backends::Available => (Some(Backend::Auto), true),
+        Backends::Listed { gpu, cpu } => (gpu.then_some(Backend::Gpu), cpu),
     };
     let mut runners = Vec::new();
     let mut setup = Vec::new();
     let mut adapter = None;
     let mut note = None;
-    if want_gpu {
+    if let Some(backend) = gpu_request {
         let start = Instant::now();
-        match GpuContext::new(&cfg.gpu) {
-            Ok(ctx) => {
-                let info = &ctx.info;
-                adapter = Some(Adapter {
-                    name: info.name.clone(),
-                    api: format!("{:?}", info.backend),
-                    device_type: format!("{:?}", info.device_type),
-                    driver: [info.driver.as_str(), info.driver_info.as_str()]
-                        .iter()
-                        .filter(|s| !s.is_empty())
-                        .copied()
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                });
-                let engine = Engine::from_context(ctx, &cfg.gpu).context("setting up the GPU backend")?;
-                setup.push(("gpu", start.elapsed().as_secs_f64()));
-                runners.push(Runner { name: "gpu", engine });
-            }
-            Err(FisherError::NoAdapter(why)) if !required => {
-                log::warn!("no GPU adapter ({why}); benchmarking the CPU path only");
-                note = Some(format!("no GPU adapter ({why}): only the CPU path ran"));
-            }
-            Err(e) => return Err(e.into()),
+        let opened = device::open(&DeviceRequest::from_env(backend, cfg.gpu.clone())?)?;
+        if opened.engine.is_gpu() {
+            adapter = opened.adapter;
+            setup.push(("gpu", start.elapsed().as_secs_f64()));
+            runners.push(Runner { name: "gpu", engine: opened.engine });
+        } else {
+            let why = opened.fallback.unwrap_or(opened.reason);
+            log::warn!("{why}; benchmarking the CPU path only");
+            note = Some(format!("{why}: only the CPU path ran"));
         }
     }
     if want_cpu {

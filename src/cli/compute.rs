@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use fisher_engine::backend::gpu::GpuOptions;
+use fisher_engine::device::{self, DeviceRequest};
 use fisher_engine::io::{self, NamedTensor};
 use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp, Targets};
 use fisher_engine::fisher::{rows_per_sample, NetFisher, NetForm, Variant};
@@ -26,7 +27,6 @@ use serde_json::json;
 
 use super::args::{BackendArgs, Report};
 use super::exit::usage;
-use super::reduce::open_device;
 
 /// `--verify` passes when ‖result − ref‖_F / ‖ref‖_F is at most this (the contract
 /// for every variant × form on every backend).
@@ -884,7 +884,7 @@ pub fn run(cfg: &ComputeConfig) -> anyhow::Result<Outcome> {
     };
 
     let start = Instant::now();
-    let device = open_device(cfg.backend, &cfg.gpu)?;
+    let device = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     outcome.seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
     let backend = engine.device_info();
@@ -922,7 +922,7 @@ pub fn run(cfg: &ComputeConfig) -> anyhow::Result<Outcome> {
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     outcome.out = Some((out.clone(), size));
     outcome.backend = Some(backend);
-    outcome.adapter = device.adapter;
+    outcome.adapter = device.adapter.map(|a| a.name);
     outcome.fallback = device.fallback;
     Ok(outcome)
 }
@@ -1028,7 +1028,7 @@ pub fn human(o: &Outcome) -> String {
     lines.push(format!("  form      {}", form_text(form)));
     lines.push(format!("  backend   {}", o.backend.as_deref().unwrap_or("?")));
     if let Some(why) = &o.fallback {
-        lines.push(format!("            (no GPU adapter: {why})"));
+        lines.push(format!("            ({why})"));
     }
     let trace_label = if form == NetForm::Kfac { "tr(G⊗A)" } else { "tr F" };
     lines.push(format!(

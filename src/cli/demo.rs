@@ -35,6 +35,7 @@ use fisher_engine::analysis::{
     SpectralDensity, Spectrum,
 };
 use fisher_engine::backend::gpu::GpuOptions;
+use fisher_engine::device::{self, AdapterInfo, DeviceRequest};
 use fisher_engine::io;
 use fisher_engine::model::{Dataset, Linear, Mlp};
 use fisher_engine::fisher::{rows_per_sample, NetFisher, NetForm, Variant};
@@ -48,7 +49,7 @@ use serde_json::{json, Value};
 use super::args::{backend_choice, BackendArg, Report};
 use super::compute::{self as compute_cmd, form_name, likelihood_name, VERIFY_FROBENIUS_REL};
 use super::exit::usage;
-use super::reduce::{compare_paths, open_device, Demo as ReduceDemo};
+use super::reduce::{compare_paths, Demo as ReduceDemo};
 use super::train::{self as train_cmd, shell_word, TrainConfig};
 
 /// What `summary.json` says it is; an output directory is an earlier demo's only when its
@@ -320,18 +321,17 @@ fn path_name(engine: &Engine) -> &'static str {
 /// The devices: the requested engine first, then the CPU beside a GPU.
 struct Devices {
     engines: Vec<(f64, Engine)>,
-    adapter: Option<String>,
-    software: bool,
+    adapter: Option<AdapterInfo>,
     /// Why a path is missing.
     note: Option<String>,
 }
 
 fn open_devices(cfg: &DemoConfig) -> anyhow::Result<Devices> {
     let start = Instant::now();
-    let device = open_device(cfg.backend, &cfg.gpu)?;
+    let device = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     let setup = start.elapsed().as_secs_f64();
     let note = match (&device.fallback, cfg.backend) {
-        (Some(why), _) => Some(format!("no GPU adapter ({why}): the CPU path only")),
+        (Some(why), _) => Some(format!("{why}: the CPU path only")),
         (None, Backend::Cpu) => Some("--backend cpu: the GPU path was not run".into()),
         (None, _) => None,
     };
@@ -339,7 +339,7 @@ fn open_devices(cfg: &DemoConfig) -> anyhow::Result<Devices> {
     if engines[0].1.is_gpu() {
         engines.push((0.0, Engine::cpu()));
     }
-    Ok(Devices { engines, adapter: device.adapter, software: device.software, note })
+    Ok(Devices { engines, adapter: device.adapter, note })
 }
 
 /// One network form on one path.
@@ -830,8 +830,8 @@ fn summary_json(
         "device": {
             "backend": primary.device_info(),
             "gpu": primary.is_gpu(),
-            "adapter": devices.adapter,
-            "software_adapter": devices.software,
+            "adapter": devices.adapter.as_ref().map(|a| &a.name),
+            "software_adapter": devices.adapter.as_ref().is_some_and(AdapterInfo::is_software),
             "paths": devices.engines.iter().map(|(_, e)| e.device_info()).collect::<Vec<_>>(),
             "note": devices.note,
         },
@@ -994,10 +994,11 @@ fn human(
     let primary = &devices.engines[0].1;
     let mut out: Vec<String> = Vec::new();
     let device = if primary.is_gpu() {
-        let kind = if devices.software { "a software GPU: the CPU standing in for one" } else { "a GPU" };
+        let software = devices.adapter.as_ref().is_some_and(AdapterInfo::is_software);
+        let kind = if software { "a software GPU: the CPU standing in for one" } else { "a GPU" };
         format!(
             "GPU: {} ({kind}); the CPU path runs beside it for comparison",
-            devices.adapter.as_deref().unwrap_or("?"),
+            devices.adapter.as_ref().map_or("?", |a| a.name.as_str()),
         )
     } else {
         let label = primary.device_info();

@@ -36,6 +36,7 @@ use fisher_engine::analysis::{
     ParameterLayout, SlqOptions, SpectralDensity, Spectrum,
 };
 use fisher_engine::backend::gpu::GpuOptions;
+use fisher_engine::device::{self, DeviceRequest};
 use fisher_engine::io;
 use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp};
 use fisher_engine::fisher::{rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
@@ -48,7 +49,6 @@ use serde_json::json;
 use super::args::Report;
 use super::compute::{likelihood_name, load_model_and_data, variant_name, widths_of, ModelArgs, Source};
 use super::exit::usage;
-use super::reduce::open_device;
 
 /// `--form auto` computes the full F and analyses it exactly up to this many parameters
 /// (a dense f64 eigendecomposition: ~1.4 s at P = 2,410 on two cores, growing as P³), and
@@ -666,7 +666,7 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
     }
 
     let start = Instant::now();
-    let device = open_device(*backend, gpu)?;
+    let device = device::open(&DeviceRequest::from_env(*backend, gpu.clone())?)?;
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
 
@@ -693,7 +693,7 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
             Source::Synthetic { seed, .. } => format!("synthetic model and data (seed {seed})"),
         },
         backend: Some(engine.device_info()),
-        adapter: device.adapter.clone(),
+        adapter: device.adapter.as_ref().map(|a| a.name.clone()),
         fallback: device.fallback.clone(),
         stored: false,
         form_reason,
@@ -1264,7 +1264,7 @@ pub fn human(o: &Outcome) -> String {
         }
     }
     if let Some(why) = &o.fallback {
-        lines.push(format!("            (no GPU adapter: {why})"));
+        lines.push(format!("            ({why})"));
     }
     lines.push(String::new());
 

@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use fisher_engine::reference::grads as reference;
-use fisher_engine::backend::gpu::{GpuContext, GpuOptions};
+use fisher_engine::device::{self, DeviceRequest};
 use fisher_engine::io::{self, NpyRows};
 use fisher_engine::verify::Tolerance;
 use fisher_engine::validate::check_matrix;
-use fisher_engine::{Agreement, Backend, Engine, FisherError, FisherMatrix, Form};
+use fisher_engine::{Agreement, Backend, Engine, FisherMatrix, Form};
 use ndarray::Array2;
 
 use super::args::{Input, ReduceConfig};
@@ -94,45 +94,6 @@ pub struct VerificationFailed {
     pub tolerance_rel: f64,
     /// The reduction length.
     pub terms: usize,
-}
-
-/// The chosen engine, with what the report says about it.
-pub struct Device {
-    /// The engine.
-    pub engine: Engine,
-    /// The GPU adapter's name, when on a GPU.
-    pub adapter: Option<String>,
-    /// Why the CPU path is used although Auto looked for a GPU.
-    pub fallback: Option<String>,
-    /// Whether the GPU adapter is a software one (lavapipe, llvmpipe, WARP, SwiftShader).
-    pub software: bool,
-}
-
-/// Creates the engine for the requested backend.
-///
-/// The context is made here rather than by `Engine::with_options` so that the adapter's
-/// name is known for the report. Auto falls back to the CPU when no adapter exists, but
-/// not when `--adapter` named one: a named adapter that is missing is an error (exit 3).
-pub fn open_device(backend: Backend, gpu: &GpuOptions) -> anyhow::Result<Device> {
-    let on_gpu = |ctx: GpuContext| -> anyhow::Result<Device> {
-        let adapter = Some(ctx.info.name.clone());
-        let software = ctx.is_software();
-        let engine = Engine::from_context(ctx, gpu).context("setting up the GPU backend")?;
-        Ok(Device { engine, adapter, fallback: None, software })
-    };
-    match backend {
-        Backend::Cpu => Ok(Device { engine: Engine::cpu(), adapter: None, fallback: None, software: false }),
-        Backend::Gpu => on_gpu(GpuContext::new(gpu)?),
-        Backend::Auto if gpu.adapter.is_some() => on_gpu(GpuContext::new(gpu)?),
-        Backend::Auto => match GpuContext::new(gpu) {
-            Ok(ctx) => on_gpu(ctx),
-            Err(FisherError::NoAdapter(why)) => {
-                log::warn!("no GPU adapter ({why}); using the CPU path");
-                Ok(Device { engine: Engine::cpu(), adapter: None, fallback: Some(why), software: false })
-            }
-            Err(e) => Err(e.into()),
-        },
-    }
 }
 
 /// What a `reduce` run did, for the report.
@@ -275,7 +236,7 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
     let (source, what, input) = open_source(&cfg.input, &cfg.form, &mut seconds)?;
 
     let start = Instant::now();
-    let device = open_device(cfg.backend, &cfg.gpu)?;
+    let device = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
 
@@ -348,7 +309,7 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
         params,
         form: cfg.form.clone(),
         backend: engine.device_info(),
-        adapter: device.adapter,
+        adapter: device.adapter.map(|a| a.name),
         fallback: device.fallback,
         tensors,
         trace,
@@ -423,11 +384,11 @@ pub fn run_demo(
         .with_context(|| format!("--form {} does not fit synthetic gradients", io::form_spelling(&cfg.form)))?;
 
     let start = Instant::now();
-    let primary = open_device(cfg.backend, &cfg.gpu)?;
+    let primary = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     let primary_setup = start.elapsed().as_secs_f64();
     let mut devices = vec![(primary_setup, primary.engine)];
     let note = match (&primary.fallback, cfg.backend) {
-        (Some(why), _) => Some(format!("no GPU adapter ({why}), so only the CPU path ran")),
+        (Some(why), _) => Some(format!("{why}, so only the CPU path ran")),
         (None, Backend::Cpu) => Some("--backend cpu: the GPU path was not run".to_string()),
         (None, _) => {
             devices.push((0.0, Engine::cpu()));

@@ -66,7 +66,7 @@ pub fn human(o: &Outcome) -> String {
     });
     lines.push(format!("  backend   {}", o.backend));
     if let Some(why) = &o.fallback {
-        lines.push(format!("            (no GPU adapter: {why})"));
+        lines.push(format!("            ({why})"));
     }
     lines.push(format!("  result    {}   tr F = {:.6e}", tensor_list(&o.tensors), o.trace));
     if let Some(v) = &o.verification {
