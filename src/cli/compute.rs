@@ -21,16 +21,13 @@ use fisher_engine::io::{self, NamedTensor};
 use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp, Targets};
 use fisher_engine::fisher::{rows_per_sample, NetFisher, NetForm, Variant};
 use fisher_engine::synthetic::{normal_matrix, SplitMix64};
-use fisher_engine::{Agreement, Backend};
+use fisher_engine::verify::{Contract, Verdict};
+use fisher_engine::Backend;
 use ndarray::{Array, Array1, Dimension};
 use serde_json::json;
 
 use super::args::{BackendArgs, Report};
 use super::exit::usage;
-
-/// `--verify` passes when ‖result − ref‖_F / ‖ref‖_F is at most this (the issue's contract
-/// for every variant × form on every backend).
-pub const VERIFY_FROBENIUS_REL: f64 = 1e-5;
 
 /// Synthetic models and data are generated in memory; past this many values (8 GiB of f32)
 /// a typo would rather exhaust memory than demonstrate anything.
@@ -528,27 +525,6 @@ pub struct Seconds {
     pub write: f64,
 }
 
-/// A comparison with the f64 reference.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct Verification {
-    /// max|Δ|, max|Δ|/max|ref|, ‖Δ‖/‖ref‖.
-    #[serde(flatten)]
-    pub agreement: Agreement,
-    /// The bound on ‖Δ‖/‖ref‖.
-    pub tolerance_frobenius_rel: f64,
-    /// Whether ‖Δ‖/‖ref‖ ≤ the bound.
-    pub passed: bool,
-}
-
-/// Judges an agreement with the f64 reference (a NaN fails).
-pub fn judge(agreement: Agreement) -> Verification {
-    Verification {
-        agreement,
-        tolerance_frobenius_rel: VERIFY_FROBENIUS_REL,
-        passed: agreement.frobenius_rel <= VERIFY_FROBENIUS_REL && !agreement.max_abs.is_nan(),
-    }
-}
-
 /// What a `compute` run did, for the report.
 #[derive(Debug)]
 pub struct Outcome {
@@ -583,7 +559,7 @@ pub struct Outcome {
     /// tr F (kfac: tr(G ⊗ A) summed over layers).
     pub trace: Option<f64>,
     /// Agreement with the f64 reference (`--verify`); always a pass here.
-    pub verification: Option<Verification>,
+    pub verification: Option<Verdict>,
     /// The file written and its size.
     pub out: Option<(PathBuf, u64)>,
     /// Synthetic files written.
@@ -824,21 +800,6 @@ pub fn widths_of(mlp: &Mlp) -> Vec<usize> {
     std::iter::once(mlp.input_dim()).chain(mlp.layers.iter().map(Linear::fan_out)).collect()
 }
 
-/// `--verify` found a result beyond the tolerance: a wrong result is not written.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "verification failed on {backend}: ‖Δ‖/‖ref‖ = {frobenius_rel:.2e} exceeds {VERIFY_FROBENIUS_REL:.0e} \
-     (max|Δ|/max|ref| = {max_rel:.2e}) against the f64 reference; nothing was written"
-)]
-pub struct VerificationFailed {
-    /// The backend's label.
-    pub backend: String,
-    /// ‖Δ‖/‖ref‖.
-    pub frobenius_rel: f64,
-    /// max|Δ|/max|ref|.
-    pub max_rel: f64,
-}
-
 /// Runs `fisher compute`.
 pub fn run(cfg: &ComputeConfig) -> anyhow::Result<Outcome> {
     let mut seconds = Seconds::default();
@@ -897,18 +858,10 @@ pub fn run(cfg: &ComputeConfig) -> anyhow::Result<Outcome> {
         let start = Instant::now();
         let reference = fisher_engine::reference::network::fisher(&mlp, &data, cfg.likelihood, cfg.variant, form)
             .context("computing the f64 reference")?;
-        let verification = judge(result.agreement(&reference)?);
+        let verdict = Verdict::judge(result.agreement(&reference)?, Contract::Network);
         drop(reference);
         outcome.seconds.verify = start.elapsed().as_secs_f64();
-        if !verification.passed {
-            return Err(VerificationFailed {
-                backend,
-                frobenius_rel: verification.agreement.frobenius_rel,
-                max_rel: verification.agreement.max_rel,
-            }
-            .into());
-        }
-        outcome.verification = Some(verification);
+        outcome.verification = Some(verdict.require(&backend)?);
     }
 
     outcome.trace = Some(trace_of(&result, samples));
@@ -1044,7 +997,7 @@ pub fn human(o: &Outcome) -> String {
             a.max_rel,
             a.max_abs,
             if v.passed { "PASS" } else { "FAIL" },
-            v.tolerance_frobenius_rel
+            v.bound
         ));
     }
     if let Some((path, size)) = &o.out {
@@ -1132,20 +1085,6 @@ mod tests {
         assert_ne!(mlp, other.0);
         let (_, gauss) = synthetic_problem(&[5, 4, 3], 20, 7, &spec, Likelihood::Gaussian).unwrap();
         assert_eq!(gauss.likelihood(), Likelihood::Gaussian);
-    }
-
-    #[test]
-    fn judge_passes_the_backend_and_fails_a_perturbed_result() {
-        let spec = ActivationSpec::parse("tanh").unwrap();
-        let (mlp, data) = synthetic_problem(&[4, 5, 3], 30, 1, &spec, Likelihood::Categorical).unwrap();
-        let reference = fisher_engine::reference::network::fisher(&mlp, &data, Likelihood::Categorical, Variant::True, NetForm::Diagonal).unwrap();
-        let result = Engine::cpu().fisher(&mlp, &data, Variant::True, NetForm::Diagonal).unwrap();
-        assert!(judge(result.agreement(&reference).unwrap()).passed);
-        let NetFisher::Diagonal(mut d) = result else { unreachable!() };
-        d.mapv_inplace(|v| v * (1.0 + 1e-4));
-        assert!(!judge(NetFisher::Diagonal(d.clone()).agreement(&reference).unwrap()).passed);
-        d[0] = f32::NAN;
-        assert!(!judge(NetFisher::Diagonal(d).agreement(&reference).unwrap()).passed);
     }
 
     #[test]

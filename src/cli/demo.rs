@@ -47,7 +47,8 @@ use ndarray::Array1;
 use serde_json::{json, Value};
 
 use super::args::{backend_choice, BackendArg, Report};
-use super::compute::{self as compute_cmd, form_name, likelihood_name, VERIFY_FROBENIUS_REL};
+use super::compute::{self as compute_cmd, form_name, likelihood_name};
+use fisher_engine::verify::{Contract, Verdict, NETWORK_FROBENIUS_REL};
 use super::exit::usage;
 use super::reduce::{compare_paths, Demo as ReduceDemo};
 use super::train::{self as train_cmd, shell_word, TrainConfig};
@@ -293,6 +294,17 @@ pub struct Check {
 }
 
 impl Check {
+    /// The check of a verdict: its measure against its bound, passed as judged.
+    fn of(name: impl Into<String>, verdict: &Verdict) -> Self {
+        Check {
+            name: name.into(),
+            value: verdict.measure(),
+            tolerance: verdict.bound,
+            metric: verdict.contract.metric(),
+            passed: verdict.passed,
+        }
+    }
+
     fn new(name: impl Into<String>, metric: &'static str, value: f64, tolerance: f64) -> Self {
         Check { name: name.into(), value, tolerance, metric, passed: value <= tolerance }
     }
@@ -366,10 +378,6 @@ struct FormReport {
     gpu_vs_cpu: Option<Agreement>,
 }
 
-/// ‖GPU − CPU‖/‖CPU‖ is at most this: each is within [`VERIFY_FROBENIUS_REL`] of the
-/// reference, so they are within twice that of each other.
-const GPU_VS_CPU_FROBENIUS_REL: f64 = 2.0 * VERIFY_FROBENIUS_REL;
-
 /// The network Fisher section: every form on every path, checked; returns the primary
 /// path's full F.
 fn network_fisher(
@@ -404,32 +412,23 @@ fn network_fisher(
 
         let mut runs = Vec::new();
         for (engine, seconds, result) in &results {
-            let verification = compute_cmd::judge(result.agreement(&reference)?);
-            checks.push(Check::new(
-                format!("{} Fisher on {} vs f64", form_name(form), path_name(engine)),
-                "‖Δ‖/‖ref‖",
-                verification.agreement.frobenius_rel,
-                VERIFY_FROBENIUS_REL,
-            ));
+            let verification = Verdict::judge(result.agreement(&reference)?, Contract::Network);
+            checks.push(Check::of(format!("{} Fisher on {} vs f64", form_name(form), path_name(engine)), &verification));
             runs.push(FormRun {
                 path: path_name(engine),
                 backend: engine.device_info(),
                 seconds: *seconds,
                 trace: result.trace(),
                 agreement: verification.agreement,
-                tolerance_frobenius_rel: verification.tolerance_frobenius_rel,
+                tolerance_frobenius_rel: verification.bound,
                 passed: verification.passed,
             });
         }
         let gpu_vs_cpu = match (results.iter().find(|r| r.0.is_gpu()), results.iter().find(|r| !r.0.is_gpu())) {
             (Some(gpu), Some(cpu)) if results.len() > 1 => {
                 let a = gpu.2.agreement(&cpu.2)?;
-                checks.push(Check::new(
-                    format!("{} Fisher gpu vs cpu", form_name(form)),
-                    "‖Δ‖/‖cpu‖",
-                    a.frobenius_rel,
-                    GPU_VS_CPU_FROBENIUS_REL,
-                ));
+                let verdict = Verdict::judge_pair(a, Contract::Network);
+                checks.push(Check { metric: "‖Δ‖/‖cpu‖", ..Check::of(format!("{} Fisher gpu vs cpu", form_name(form)), &verdict) });
                 Some(a)
             }
             _ => None,
@@ -541,7 +540,7 @@ fn geometry(
     // the exact ones (so λᵢ within 10⁻⁵·λ₁), the stored F within 10⁻⁵·‖F‖_F; Lanczos adds
     // at most its tolerance times λᵢ.
     let frobenius_over_max = if lambda_max > 0.0 { measures.frobenius / lambda_max } else { 1.0 };
-    let tolerance = VERIFY_FROBENIUS_REL * (1.0 + frobenius_over_max) + LANCZOS_TOL;
+    let tolerance = NETWORK_FROBENIUS_REL * (1.0 + frobenius_over_max) + LANCZOS_TOL;
     let mut check = Check::new(
         format!("top-{} eigenvalues, implicit F·v ({}) vs exact", lanczos.values.len(), path_name(engine)),
         "max|Δλ|/λ₁",
@@ -661,16 +660,12 @@ pub fn run(cfg: &DemoConfig) -> anyhow::Result<Outcome> {
     progress.finish();
     drop(g);
     for r in &reduction.runs {
-        checks.push(Check::new(
-            format!("reduction on {} vs f64", if r.gpu { "gpu" } else { "cpu" }),
-            "max|Δ|/max|F|",
-            r.verification.agreement.max_rel,
-            r.verification.tolerance_rel,
-        ));
+        let name = format!("reduction on {} vs f64", if r.gpu { "gpu" } else { "cpu" });
+        checks.push(Check { metric: "max|Δ|/max|F|", ..Check::of(name, &r.verification) });
     }
     if let Some(a) = &reduction.gpu_vs_cpu {
-        let tolerance = 2.0 * reduction.runs[0].verification.tolerance_rel;
-        checks.push(Check::new("reduction gpu vs cpu", "max|Δ|/max|F|", a.max_rel, tolerance));
+        let verdict = Verdict::judge_pair(*a, reduction.runs[0].verification.contract);
+        checks.push(Check { metric: "max|Δ|/max|F|", ..Check::of("reduction gpu vs cpu", &verdict) });
     }
 
     // 2. Training.
@@ -851,7 +846,7 @@ fn summary_json(
                 "max_abs": r.verification.agreement.max_abs,
                 "max_rel": r.verification.agreement.max_rel,
                 "frobenius_rel": r.verification.agreement.frobenius_rel,
-                "tolerance_max_rel": r.verification.tolerance_rel,
+                "tolerance_max_rel": r.verification.bound,
                 "passed": r.verification.passed,
             })).collect::<Vec<_>>(),
             "reference_seconds": reduction.reference_seconds,
@@ -885,8 +880,8 @@ fn summary_json(
             "samples": data.len(),
             "parameters": mlp.num_params(),
             "rows_per_sample": rows_per_sample(VARIANT, mlp.output_dim()),
-            "tolerance_frobenius_rel": VERIFY_FROBENIUS_REL,
-            "tolerance_gpu_vs_cpu_frobenius_rel": GPU_VS_CPU_FROBENIUS_REL,
+            "tolerance_frobenius_rel": NETWORK_FROBENIUS_REL,
+            "tolerance_gpu_vs_cpu_frobenius_rel": Contract::Network.pair_bound(),
             "forms": forms,
         },
         "geometry": geometry,
@@ -1019,15 +1014,15 @@ fn human(
             reduction.samples, reduction.params
         ),
     ));
-    let tolerance = reduction.runs.first().map_or(0.0, |r| r.verification.tolerance_rel);
+    let tolerance = reduction.runs.first().map_or(0.0, |r| r.verification.bound);
     let mut rows = vec![vec!["path".to_string(), "seconds".into(), "tr F".into(), "max|Δ|/max|F|".into(), "tolerance".into()]];
     for r in &reduction.runs {
         rows.push(vec![
             if r.gpu { "gpu".into() } else { "cpu".into() },
             seconds_text(r.compute),
             format!("{:.6e}", r.trace),
-            verdict(r.verification.agreement.max_rel, r.verification.tolerance_rel),
-            sci(r.verification.tolerance_rel),
+            verdict(r.verification.agreement.max_rel, r.verification.bound),
+            sci(r.verification.bound),
         ]);
     }
     if let Some(a) = &reduction.gpu_vs_cpu {
@@ -1075,7 +1070,7 @@ fn human(
             "true Fisher of the trained model ({} outputs, {} rows per sample); ‖Δ‖/‖ref‖ against the f64 reference, tolerance {}",
             mlp.output_dim(),
             rows_per_sample(VARIANT, mlp.output_dim()),
-            sci(VERIFY_FROBENIUS_REL)
+            sci(NETWORK_FROBENIUS_REL)
         ),
     ));
     let mut head = vec!["form".to_string()];
@@ -1096,7 +1091,7 @@ fn human(
             row.push(verdict(r.agreement.frobenius_rel, r.tolerance_frobenius_rel));
         }
         if both {
-            row.push(f.gpu_vs_cpu.map(|a| verdict(a.frobenius_rel, GPU_VS_CPU_FROBENIUS_REL)).unwrap_or_default());
+            row.push(f.gpu_vs_cpu.map(|a| verdict(a.frobenius_rel, Contract::Network.pair_bound())).unwrap_or_default());
         }
         row.push(seconds_text(f.reference_seconds));
         rows.push(row);

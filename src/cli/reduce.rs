@@ -13,7 +13,7 @@ use anyhow::Context;
 use fisher_engine::reference::grads as reference;
 use fisher_engine::device::{self, DeviceRequest};
 use fisher_engine::io::{self, NpyRows};
-use fisher_engine::verify::Tolerance;
+use fisher_engine::verify::{reduction_length, Contract, Verdict};
 use fisher_engine::validate::check_matrix;
 use fisher_engine::{Agreement, Backend, Engine, FisherMatrix, Form};
 use ndarray::Array2;
@@ -41,61 +41,6 @@ pub struct Seconds {
     pub write: f64,
 }
 
-/// A comparison with the f64 reference, judged by the crate's one tolerance model.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct Verification {
-    /// max|Δ|, max|Δ|/max|ref|, ‖Δ‖/‖ref‖.
-    #[serde(flatten)]
-    pub agreement: Agreement,
-    /// The allowed max|Δ|/max|ref|: `Tolerance::for_sum` for the form's reduction length.
-    pub tolerance_rel: f64,
-    /// Whether max|Δ| ≤ abs + rel·max|ref|.
-    pub passed: bool,
-}
-
-/// Products summed per entry of `form`: N for the forms of F, P for K and the norms.
-fn sum_length(form: &Form, samples: usize, params: usize) -> usize {
-    match form {
-        Form::Gram | Form::SampleNorms => params,
-        Form::Full | Form::Diagonal | Form::BlockDiagonal(_) => samples,
-    }
-}
-
-/// Compares `result` with `reference` under `Tolerance::for_sum` for this reduction.
-fn judge(
-    result: &FisherMatrix,
-    reference: &FisherMatrix<f64>,
-    form: &Form,
-    samples: usize,
-    params: usize,
-) -> anyhow::Result<Verification> {
-    let agreement = result.agreement(reference)?;
-    let tol = Tolerance::for_sum(sum_length(form, samples, params));
-    let max_ref = reference.values().iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    // Written so that a NaN difference fails.
-    let passed = agreement.max_abs <= tol.abs + tol.rel * max_ref;
-    Ok(Verification { agreement, tolerance_rel: tol.rel, passed })
-}
-
-/// `--verify` found a result outside the tolerance: a wrong result is not written.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "verification failed on {backend}: max|Δ| = {max_abs:e} is {max_rel:.2e}·max|ref|, beyond the f32 tolerance \
-     {tolerance_rel:.2e}·max|ref| for sums of {terms} terms; nothing was written"
-)]
-pub struct VerificationFailed {
-    /// The backend's label.
-    pub backend: String,
-    /// max|Δ|.
-    pub max_abs: f64,
-    /// max|Δ|/max|ref|.
-    pub max_rel: f64,
-    /// The allowed max|Δ|/max|ref|.
-    pub tolerance_rel: f64,
-    /// The reduction length.
-    pub terms: usize,
-}
-
 /// What a `reduce` run did, for the report.
 #[derive(Debug)]
 pub struct Outcome {
@@ -119,7 +64,7 @@ pub struct Outcome {
     pub trace: f64,
     /// Disagreement with the f64 reference (`--verify`); always a pass here, since a failed
     /// verification is an error.
-    pub verification: Option<Verification>,
+    pub verification: Option<Verdict>,
     /// The file written and its size in bytes.
     pub out: Option<(PathBuf, u64)>,
     /// Seconds per stage.
@@ -266,19 +211,10 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
                 let start = Instant::now();
                 let reference =
                     reference::reduce(g.view(), &cfg.form).context("computing the f64 reference")?;
-                let verification = judge(&result, &reference, &cfg.form, g.nrows(), g.ncols())?;
+                let contract = Contract::reduction(&cfg.form, g.nrows(), g.ncols());
+                let verdict = Verdict::judge(result.agreement(&reference)?, contract);
                 seconds.verify = start.elapsed().as_secs_f64();
-                if !verification.passed {
-                    return Err(VerificationFailed {
-                        backend: engine.device_info(),
-                        max_abs: verification.agreement.max_abs,
-                        max_rel: verification.agreement.max_rel,
-                        tolerance_rel: verification.tolerance_rel,
-                        terms: sum_length(&cfg.form, g.nrows(), g.ncols()),
-                    }
-                    .into());
-                }
-                Some(verification)
+                Some(verdict.require(&engine.device_info())?)
             } else {
                 None
             };
@@ -331,7 +267,7 @@ pub struct DemoRun {
     /// tr F from this path.
     pub trace: f64,
     /// Disagreement with the f64 reference, judged.
-    pub verification: Verification,
+    pub verification: Verdict,
     /// Whether this is a GPU path.
     pub gpu: bool,
     /// The result's values (for the GPU-vs-CPU comparison).
@@ -431,7 +367,7 @@ pub fn compare_paths(
     let reference = reference::reduce(g.view(), form).context("computing the f64 reference")?;
     let reference_seconds = start.elapsed().as_secs_f64();
     for (setup, compute, label, gpu, result) in results {
-        let verification = judge(&result, &reference, form, samples, params)?;
+        let verification = Verdict::judge(result.agreement(&reference)?, Contract::reduction(form, samples, params));
         runs.push(DemoRun { label, setup, compute, trace: result.trace(), verification, gpu, values: result.values() });
     }
 
@@ -451,26 +387,6 @@ pub fn compare_paths(
         reference_trace: reference.trace(),
         gpu_vs_cpu,
         note,
-        terms: sum_length(form, samples, params),
+        terms: reduction_length(form, samples, params),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn judge_passes_the_backend_and_fails_a_perturbed_result() {
-        let g = fisher_engine::synthetic::gradient_like(200, 9, 4);
-        let reference = reference::reduce(g.view(), &Form::Full).unwrap();
-        let result = Engine::cpu().fisher_from_grads(g.view(), &Form::Full).unwrap();
-        assert!(judge(&result, &reference, &Form::Full, 200, 9).unwrap().passed);
-
-        let FisherMatrix::Full(mut f) = result else { unreachable!() };
-        f[[0, 0]] *= 1.0 + 1e-4; // the largest entry (column scales decrease), 100× the tolerance
-        let perturbed = FisherMatrix::Full(f.clone());
-        assert!(!judge(&perturbed, &reference, &Form::Full, 200, 9).unwrap().passed);
-        f[[3, 5]] = f32::NAN;
-        assert!(!judge(&FisherMatrix::Full(f), &reference, &Form::Full, 200, 9).unwrap().passed);
-    }
 }

@@ -4,7 +4,9 @@ use fisher_engine::io::form_spelling;
 use fisher_engine::Form;
 use serde_json::json;
 
-use super::reduce::{Demo, InputInfo, Outcome, Verification};
+use fisher_engine::verify::Verdict;
+
+use super::reduce::{Demo, InputInfo, Outcome};
 
 /// What a form is, in words.
 fn describe(form: &Form) -> String {
@@ -49,11 +51,11 @@ fn bytes(n: u64) -> String {
     format!("{value:.1} {unit}")
 }
 
-fn verification_text(v: &Verification) -> String {
+fn verification_text(v: &Verdict) -> String {
     let a = &v.agreement;
     format!(
         "max|Δ| {:.2e} · max|Δ|/max|ref| {:.2e} (tolerance {:.2e}) · ‖Δ‖/‖ref‖ {:.2e}",
-        a.max_abs, a.max_rel, v.tolerance_rel, a.frobenius_rel
+        a.max_abs, a.max_rel, v.bound, a.frobenius_rel
     )
 }
 
@@ -161,7 +163,7 @@ pub fn demo(d: &Demo) -> String {
     if let Some(note) = &d.note {
         lines.push(format!("Note: {note}."));
     }
-    let tolerance = d.runs.first().map_or(0.0, |r| r.verification.tolerance_rel);
+    let tolerance = d.runs.first().map_or(0.0, |r| r.verification.bound);
     let failed: Vec<&str> = d.runs.iter().filter(|r| !r.verification.passed).map(|r| r.label.as_str()).collect();
     if failed.is_empty() {
         lines.push(format!(

@@ -115,6 +115,9 @@ pub struct Agreement {
     pub max_rel: f64,
     /// ‖x − ref‖_F / ‖ref‖_F.
     pub frobenius_rel: f64,
+    /// max |ref|, the scale of the absolute tolerance (not reported: max_abs/max_rel).
+    #[serde(skip)]
+    pub max_ref: f64,
 }
 
 impl<T: Copy + Into<f64>> FisherMatrix<T> {
@@ -190,5 +193,6 @@ pub fn agreement_of(a: &[f64], b: &[f64]) -> Agreement {
         max_abs,
         max_rel: safe(max_abs, max_ref),
         frobenius_rel: safe(diff2.sqrt(), ref2.sqrt()),
+        max_ref,
     }
 }
