@@ -53,6 +53,11 @@ pub mod synthetic;
 pub mod validate;
 pub mod verify;
 
+/// The most values (8 GiB of f32) that a command generates in memory from a size it was
+/// given (`--synthetic`, `--synthetic-model`, bench inputs, training data): past it, a typo
+/// would rather exhaust memory than demonstrate anything.
+pub const MAX_GENERATED_VALUES: u128 = 1 << 31;
+
 pub use backend::{Accumulator, FisherBackend};
 pub use engine::{Backend, Engine, EngineOptions, Verified};
 pub use error::{FisherError, Result};

@@ -32,7 +32,7 @@ pub mod mlp;
 pub mod train;
 
 pub use activation::Activation;
-pub use mlp::ActivationSpec;
+pub use mlp::{architecture_text, ActivationSpec};
 
 use ndarray::{Array1, Array2};
 
@@ -83,6 +83,31 @@ pub enum Likelihood {
     Categorical,
     /// Unit-variance Gaussian with the outputs as mean; targets are N×k floats.
     Gaussian,
+}
+
+impl Likelihood {
+    /// The command-line spelling: `categorical`, `gaussian`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Likelihood::Categorical => "categorical",
+            Likelihood::Gaussian => "gaussian",
+        }
+    }
+}
+
+impl std::fmt::Display for Likelihood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Likelihood {
+    type Err = crate::FisherError;
+    fn from_str(text: &str) -> crate::Result<Likelihood> {
+        [Likelihood::Categorical, Likelihood::Gaussian].into_iter().find(|l| l.name() == text).ok_or_else(|| {
+            crate::FisherError::InvalidInput(format!("unknown likelihood '{text}' (expected categorical or gaussian)"))
+        })
+    }
 }
 
 /// Targets of a dataset.
