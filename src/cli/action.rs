@@ -17,7 +17,7 @@ use clap::Args;
 use fisher_engine::analysis::action::{self, ActionReport};
 use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::device::{self, DeviceRequest};
-use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp};
+use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Mlp};
 use fisher_engine::fisher::Variant;
 use fisher_engine::output::plot;
 use fisher_engine::output::progress::Progress;
@@ -25,7 +25,7 @@ use fisher_engine::{Backend, FisherError};
 use serde_json::json;
 
 use super::args::{BackendArgs, Report};
-use super::compute::{likelihood_name, variant_name, VariantArgs};
+use super::args::VariantArgs;
 use super::exit::usage;
 
 /// Steps shown in the human table before the middle is elided (`--json` lists all).
@@ -226,18 +226,6 @@ pub fn checkpoint_files(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// `6-12-3`, with "(no bias in layer k)" where a layer has none.
-fn architecture(mlp: &Mlp) -> String {
-    let widths: Vec<String> =
-        std::iter::once(mlp.input_dim()).chain(mlp.layers.iter().map(Linear::fan_out)).map(|w| w.to_string()).collect();
-    let unbiased: Vec<String> =
-        mlp.layers.iter().filter(|l| l.bias.is_none()).map(|l| l.index.to_string()).collect();
-    if unbiased.is_empty() {
-        widths.join("-")
-    } else {
-        format!("{} (no bias at layer {})", widths.join("-"), unbiased.join(", "))
-    }
-}
-
 /// Whether two models have the same layer shapes, Sequential indices and biases.
 fn same_architecture(a: &Mlp, b: &Mlp) -> bool {
     a.layers.len() == b.layers.len()
@@ -304,8 +292,8 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
                 return Err(usage(format!(
                     "{}: architecture {} differs from {} ({}); every checkpoint must have the same layers",
                     file.display(),
-                    architecture(&model),
-                    architecture(first),
+                    model.shape_text(),
+                    first.shape_text(),
                     files[0].display()
                 )));
             }
@@ -335,7 +323,7 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
     names.dedup();
     let architecture = format!(
         "{} {}",
-        architecture(&models[0]),
+        models[0].shape_text(),
         match names.as_slice() {
             [] => "linear".to_string(),
             [one] => one.to_string(),
@@ -347,7 +335,7 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
         let start = Instant::now();
         let title = format!(
             "Action along training: {architecture} MLP, {} Fisher, N = {}",
-            variant_name(cfg.variant),
+            cfg.variant.name(),
             data.len()
         );
         plot::action_plot(path, &report, &title).context("writing the plot")?;
@@ -409,7 +397,7 @@ pub fn human(o: &Outcome) -> String {
         ),
         format!("  first     {}", o.files[0].display()),
         format!("  last      {}", o.files[o.files.len() - 1].display()),
-        format!("  metric    {}, {} likelihood", variant_text(o.variant), likelihood_name(o.likelihood)),
+        format!("  metric    {}, {} likelihood", variant_text(o.variant), o.likelihood.name()),
         format!("  backend   {}", o.backend),
     ];
     if let Some(why) = &o.fallback {
@@ -467,8 +455,8 @@ pub fn json_line(o: &Outcome) -> String {
         "architecture": o.architecture,
         "parameters": r.parameters,
         "samples": o.samples,
-        "likelihood": likelihood_name(o.likelihood),
-        "variant": variant_name(o.variant),
+        "likelihood": o.likelihood.name(),
+        "variant": o.variant.name(),
         "backend": o.backend,
         "adapter": o.adapter,
         "action": r.action,

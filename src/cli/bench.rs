@@ -18,10 +18,10 @@ use fisher_engine::device::{self, AdapterInfo, DeviceRequest};
 use fisher_engine::model::{Activation, Mlp};
 use fisher_engine::fisher::{rows_per_sample, NetForm, Variant};
 use fisher_engine::model::train;
-use fisher_engine::{synthetic, Backend, Engine, Form};
+use fisher_engine::{synthetic, Backend, Engine, Form, MAX_GENERATED_VALUES};
 use serde_json::{json, Value};
 
-use super::compute::{form_name, variant_name, FormArg, VariantArg};
+use super::args::{FormArg, VariantArg};
 use super::exit::usage;
 
 /// Default reductions: one shape that shows per-call overheads, one that shows throughput.
@@ -30,9 +30,6 @@ pub const DEFAULT_SHAPES: &str = "2048x512,4096x1024";
 pub const DEFAULT_NETWORK: &str = "784,256,10";
 /// Default samples of the network stage.
 pub const DEFAULT_SAMPLES: usize = 1024;
-
-/// Generated inputs beyond this many f32 values (8 GiB) are refused: a typo, not a benchmark.
-const MAX_INPUT_VALUES: u128 = 1 << 31;
 
 /// A reduction of per-sample gradients, as spelled in `--forms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -245,9 +242,9 @@ fn parse_shapes(text: &str) -> anyhow::Result<Vec<Shape>> {
         let (n, p) = entry.trim().split_once(['x', 'X', '×']).ok_or_else(bad)?;
         let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&v| v > 0);
         let (Some(samples), Some(params)) = (parse(n), parse(p)) else { return Err(bad()) };
-        if samples as u128 * params as u128 > MAX_INPUT_VALUES {
+        if samples as u128 * params as u128 > MAX_GENERATED_VALUES {
             return Err(usage(format!(
-                "--shapes {samples}x{params} would generate {} values in memory (limit {MAX_INPUT_VALUES})",
+                "--shapes {samples}x{params} would generate {} values in memory (limit {MAX_GENERATED_VALUES})",
                 samples as u128 * params as u128
             )));
         }
@@ -330,9 +327,9 @@ impl BenchConfig {
                 if args.samples == 0 {
                     return Err(usage("--samples must be at least 1"));
                 }
-                if args.samples as u128 * widths[0] as u128 > MAX_INPUT_VALUES {
+                if args.samples as u128 * widths[0] as u128 > MAX_GENERATED_VALUES {
                     return Err(usage(format!(
-                        "--samples {} × input width {} would generate {} values in memory (limit {MAX_INPUT_VALUES})",
+                        "--samples {} × input width {} would generate {} values in memory (limit {MAX_GENERATED_VALUES})",
                         args.samples,
                         widths[0],
                         args.samples as u128 * widths[0] as u128
@@ -345,9 +342,9 @@ impl BenchConfig {
                 // Sized from the widths alone, before any model is built.
                 let layers: Vec<(u128, u128)> = widths.windows(2).map(|w| (w[0] as u128, w[1] as u128)).collect();
                 let params: u128 = layers.iter().map(|&(i, o)| (i + 1) * o).sum();
-                if params > MAX_INPUT_VALUES {
+                if params > MAX_GENERATED_VALUES {
                     return Err(usage(format!(
-                        "--network {} has {params} parameters (limit {MAX_INPUT_VALUES})",
+                        "--network {} has {params} parameters (limit {MAX_GENERATED_VALUES})",
                         args.network
                     )));
                 }
@@ -363,7 +360,7 @@ impl BenchConfig {
                         return Err(usage(format!(
                             "--net-forms {} holds {what} = {values} values ({}) for --network {}, beyond the \
                              --max-result-gib limit of {}; diag, kfac and norms stay small for any model",
-                            form_name(form),
+                            form.name(),
                             gib(values * 4),
                             args.network,
                             gib(max_result_bytes)
@@ -712,15 +709,15 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::Result<
         for &form in &net.forms {
             for runner in &runners {
                 done += 1;
-                progress(&format!("[{done}/{total}] network {} {shape} on {}", form_name(form), runner.name));
+                progress(&format!("[{done}/{total}] network {} {shape} on {}", form.name(), runner.name));
                 let times = measure(cfg.warmup, cfg.repeat, || {
                     runner.engine.fisher(&mlp, &data, net.variant, form).with_context(|| {
-                        format!("network {} {shape} on {}", form_name(form), runner.engine.device_info())
+                        format!("network {} {shape} on {}", form.name(), runner.engine.device_info())
                     })
                 })?;
                 results.push(Measurement {
                     kind: "network",
-                    form: form_name(form),
+                    form: form.name(),
                     shape: shape.clone(),
                     samples: net.samples,
                     params: mlp.num_params(),
@@ -810,7 +807,7 @@ fn mib(bytes: u64) -> String {
 fn variant_text(variant: Variant) -> String {
     match variant {
         Variant::MonteCarlo { samples, .. } => format!("mc, K={samples}"),
-        v => variant_name(v).to_string(),
+        v => v.name().to_string(),
     }
 }
 
@@ -915,7 +912,7 @@ pub fn human(o: &Outcome) -> String {
 pub fn json_line(o: &Outcome) -> String {
     let network = o.network.map(|(variant, activation)| {
         json!({
-            "variant": variant_name(variant),
+            "variant": variant.name(),
             "mc_samples": match variant { Variant::MonteCarlo { samples, .. } => Some(samples), _ => None },
             "activation": activation.name(),
         })

@@ -36,8 +36,8 @@ use fisher_engine::analysis::{
 };
 use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::device::{self, AdapterInfo, DeviceRequest};
-use fisher_engine::io;
-use fisher_engine::model::{Dataset, Linear, Mlp};
+use fisher_engine::io::{self, fisher_file::{self, FisherFile}};
+use fisher_engine::model::{Dataset, Mlp};
 use fisher_engine::fisher::{rows_per_sample, NetFisher, NetForm, Variant};
 use fisher_engine::output::plot::{self, Histogram};
 use fisher_engine::output::progress::Progress;
@@ -47,7 +47,6 @@ use ndarray::Array1;
 use serde_json::{json, Value};
 
 use super::args::{backend_choice, BackendArg, Report};
-use super::compute::{self as compute_cmd, form_name, likelihood_name};
 use fisher_engine::verify::{Contract, Verdict, NETWORK_FROBENIUS_REL};
 use super::exit::usage;
 use super::reduce::{compare_paths, Demo as ReduceDemo};
@@ -398,14 +397,14 @@ fn network_fisher(
             let start = Instant::now();
             let result = engine
                 .fisher(mlp, data, VARIANT, form)
-                .with_context(|| format!("the {} Fisher on {}", form_name(form), engine.device_info()))?;
+                .with_context(|| format!("the {} Fisher on {}", form.name(), engine.device_info()))?;
             results.push((engine, start.elapsed().as_secs_f64(), result));
             done += 1;
             progress.set(done, forms.len() * (engines.len() + 1));
         }
         let start = Instant::now();
         let reference = fisher_engine::reference::network::fisher(mlp, data, data.likelihood(), VARIANT, form)
-            .with_context(|| format!("the f64 reference of the {} Fisher", form_name(form)))?;
+            .with_context(|| format!("the f64 reference of the {} Fisher", form.name()))?;
         let reference_seconds = start.elapsed().as_secs_f64();
         done += 1;
         progress.set(done, forms.len() * (engines.len() + 1));
@@ -413,7 +412,7 @@ fn network_fisher(
         let mut runs = Vec::new();
         for (engine, seconds, result) in &results {
             let verification = Verdict::judge(result.agreement(&reference)?, Contract::Network);
-            checks.push(Check::of(format!("{} Fisher on {} vs f64", form_name(form), path_name(engine)), &verification));
+            checks.push(Check::of(format!("{} Fisher on {} vs f64", form.name(), path_name(engine)), &verification));
             runs.push(FormRun {
                 path: path_name(engine),
                 backend: engine.device_info(),
@@ -428,13 +427,13 @@ fn network_fisher(
             (Some(gpu), Some(cpu)) if results.len() > 1 => {
                 let a = gpu.2.agreement(&cpu.2)?;
                 let verdict = Verdict::judge_pair(a, Contract::Network);
-                checks.push(Check { metric: "‖Δ‖/‖cpu‖", ..Check::of(format!("{} Fisher gpu vs cpu", form_name(form)), &verdict) });
+                checks.push(Check { metric: "‖Δ‖/‖cpu‖", ..Check::of(format!("{} Fisher gpu vs cpu", form.name()), &verdict) });
                 Some(a)
             }
             _ => None,
         };
         reports.push(FormReport {
-            form: form_name(form),
+            form: form.name(),
             runs,
             reference_seconds,
             reference_trace: reference.trace(),
@@ -746,8 +745,8 @@ fn write_files(
     let run = train_cmd::write(&cfg.train, data, trained, replace, train_seconds).context("writing the training run")?;
 
     let fisher = dir.join("fisher.safetensors");
-    let metadata = compute_cmd::metadata(mlp, data.len(), data.likelihood(), VARIANT, NetForm::Full, &engine.device_info());
-    io::write_safetensors_atomic(&fisher, &compute_cmd::named_tensors(full, mlp), Some(metadata))?;
+    let file = FisherFile::of_network(full, mlp, data.len(), data.likelihood(), VARIANT, &engine.device_info());
+    fisher_file::write(&fisher, &file)?;
 
     let spectrum_plot = dir.join("spectrum.png");
     let spectrum = &geometry.spectrum;
@@ -755,25 +754,17 @@ fn write_files(
     let histogram = Histogram { edges: density.edges, mass: density.mass };
     let mut eigenvalues = spectrum.eigenvalues.clone();
     eigenvalues.resize(spectrum.dim, 0.0);
-    let title = format!("Fisher spectrum of the trained {} MLP (true Fisher, P = {})", architecture(mlp), mlp.num_params());
+    let title = format!("Fisher spectrum of the trained {} (true Fisher, P = {})", mlp.architecture(), mlp.num_params());
     plot::spectrum_plot(&spectrum_plot, &eigenvalues, Some(&histogram), &title)?;
 
     let action_plot = dir.join("action.png");
-    let title = format!("Action along training: {} checkpoints of the {} MLP", action.checkpoints, architecture(mlp));
+    let title = format!("Action along training: {} checkpoints of the {}", action.checkpoints, mlp.architecture());
     plot::action_plot(&action_plot, action, &title)?;
 
     Ok(Files { dir: dir.clone(), run, fisher, spectrum_plot, action_plot, summary: dir.join("summary.json") })
 }
 
 /// `16-32-32-4 tanh`.
-fn architecture(mlp: &Mlp) -> String {
-    let widths: Vec<String> =
-        std::iter::once(mlp.input_dim()).chain(mlp.layers.iter().map(Linear::fan_out)).map(|w| w.to_string()).collect();
-    let mut names: Vec<&str> = mlp.activations.iter().map(|a| a.name()).collect();
-    names.dedup();
-    format!("{} {}", widths.join("-"), names.join("/"))
-}
-
 fn path_text(path: &Path) -> String {
     shell_word(&path.display().to_string())
 }
@@ -854,7 +845,7 @@ fn summary_json(
             "gpu_vs_cpu": reduction.gpu_vs_cpu,
         },
         "training": {
-            "architecture": architecture(mlp),
+            "architecture": mlp.architecture(),
             "widths": run.widths,
             "activations": run.activations,
             "parameters": run.parameters,
@@ -875,8 +866,8 @@ fn summary_json(
             "seconds": run.seconds.0,
         },
         "network_fisher": {
-            "variant": compute_cmd::variant_name(VARIANT),
-            "likelihood": likelihood_name(data.likelihood()),
+            "variant": VARIANT.name(),
+            "likelihood": data.likelihood().name(),
             "samples": data.len(),
             "parameters": mlp.num_params(),
             "rows_per_sample": rows_per_sample(VARIANT, mlp.output_dim()),
@@ -1047,8 +1038,8 @@ fn human(
     out.push(header(
         "Training",
         format!(
-            "{} MLP, P = {}, on {} samples of a seeded classification task: {} SGD steps, {} checkpoints ({:.2} s)",
-            architecture(mlp),
+            "{}, P = {}, on {} samples of a seeded classification task: {} SGD steps, {} checkpoints ({:.2} s)",
+            mlp.architecture(),
             run.parameters,
             run.samples,
             run.steps,

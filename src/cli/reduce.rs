@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use fisher_engine::reference::grads as reference;
 use fisher_engine::device::{self, DeviceRequest};
+use fisher_engine::io::fisher_file::{self, FisherFile};
 use fisher_engine::io::{self, NpyRows};
 use fisher_engine::verify::{reduction_length, Contract, Verdict};
 use fisher_engine::validate::check_matrix;
@@ -114,7 +115,7 @@ fn open_source(input: &Input, form: &Form, seconds: &mut Seconds) -> anyhow::Res
         Source::Memory(g) => g.ncols(),
     };
     form.validate(params)
-        .with_context(|| format!("--form {} does not fit {what}", io::form_spelling(form)))?;
+        .with_context(|| format!("--form {} does not fit {what}", form))?;
     seconds.load += start.elapsed().as_secs_f64();
     Ok((source, what, info))
 }
@@ -223,15 +224,13 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
     };
 
     let trace = result.trace();
-    let named = io::tensors_of(&result);
-    drop(result); // the tensors hold a copy; do not keep both
-    let tensors = named.iter().map(|(name, shape, _)| (name.clone(), shape.clone())).collect();
+    let file = FisherFile::of_reduction(result, &cfg.form, samples, params, &engine.device_info());
+    let tensors = file.tensor_shapes();
 
     let out = match &cfg.out {
         Some(path) => {
             let start = Instant::now();
-            let metadata = io::fisher_metadata(&cfg.form, samples, params, &engine.device_info());
-            io::write_safetensors_atomic(path, &named, Some(metadata))?;
+            fisher_file::write(path, &file)?;
             seconds.write = start.elapsed().as_secs_f64();
             let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             Some((path.clone(), size))
@@ -317,7 +316,7 @@ pub fn run_demo(
     let generate = start.elapsed().as_secs_f64();
     cfg.form
         .validate(params)
-        .with_context(|| format!("--form {} does not fit synthetic gradients", io::form_spelling(&cfg.form)))?;
+        .with_context(|| format!("--form {} does not fit synthetic gradients", cfg.form))?;
 
     let start = Instant::now();
     let primary = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
@@ -357,7 +356,8 @@ pub fn compare_paths(
         let result = engine.fisher_from_grads(g.view(), form)?;
         let compute = start.elapsed().as_secs_f64();
         if tensors.is_empty() {
-            tensors = io::tensors_of(&result).into_iter().map(|(n, s, _)| (n, s)).collect();
+            let file = FisherFile::of_reduction(result.clone(), form, samples, params, "");
+            tensors = file.tensor_shapes();
         }
         results.push((setup, compute, engine.device_info(), engine.is_gpu(), result));
     }

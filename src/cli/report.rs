@@ -1,23 +1,11 @@
 //! What `fisher` prints on success: readable summaries and one-line JSON.
 
-use fisher_engine::io::form_spelling;
 use fisher_engine::Form;
 use serde_json::json;
 
 use fisher_engine::verify::Verdict;
 
 use super::reduce::{Demo, InputInfo, Outcome};
-
-/// What a form is, in words.
-fn describe(form: &Form) -> String {
-    match form {
-        Form::Full => "full Fisher matrix F = GᵀG/N".into(),
-        Form::Diagonal => "diagonal of the Fisher matrix, diag(GᵀG/N)".into(),
-        Form::BlockDiagonal(sizes) => format!("{} diagonal blocks of the Fisher matrix GᵀG/N", sizes.len()),
-        Form::Gram => "Gram matrix K = GGᵀ/N (the dual of F: same non-zero spectrum)".into(),
-        Form::SampleNorms => "per-sample squared gradient norms ‖gᵢ‖²".into(),
-    }
-}
 
 /// `fisher [512, 512]`, or the first few blocks and a count.
 fn tensor_list(tensors: &[(String, Vec<usize>)]) -> String {
@@ -61,7 +49,7 @@ fn verification_text(v: &Verdict) -> String {
 
 /// The readable summary of a `reduce` run.
 pub fn human(o: &Outcome) -> String {
-    let mut lines = vec![format!("{} of {} samples × {} parameters", describe(&o.form), o.samples, o.params)];
+    let mut lines = vec![format!("{} of {} samples × {} parameters", o.form.description(), o.samples, o.params)];
     lines.push(match &o.input {
         InputInfo::File { path, dtype } => format!("  input     {} ({dtype})", path.display()),
         InputInfo::Synthetic { seed } => format!("  input     built-in gradient-like data (seed {seed})"),
@@ -91,7 +79,7 @@ pub fn json_line(o: &Outcome) -> String {
     let mut value = json!({
         "samples": o.samples,
         "parameters": o.params,
-        "form": form_spelling(&o.form),
+        "form": o.form.to_string(),
         "backend": o.backend,
         "adapter": o.adapter,
         "tensors": o.tensors.iter().map(|(name, shape)| json!({"name": name, "shape": shape})).collect::<Vec<_>>(),
@@ -127,7 +115,7 @@ pub fn demo(d: &Demo) -> String {
             "Built-in gradient-like data G: N = {} samples × P = {} parameters (seed {}; generated in {:.3} s)",
             d.samples, d.params, d.seed, d.generate
         ),
-        format!("Form: {} → {}", describe(&d.form), tensor_list(&d.tensors)),
+        format!("Form: {} → {}", d.form.description(), tensor_list(&d.tensors)),
         String::new(),
     ];
     let width = d.runs.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(13);
@@ -181,7 +169,7 @@ pub fn demo(d: &Demo) -> String {
     lines.push("Nothing was written. On your own per-sample gradients (an N×P .npy file):".into());
     lines.push(format!(
         "  fisher reduce --grads G.npy --form {} --out F.safetensors [--verify]",
-        form_spelling(&d.form)
+        d.form
     ));
     lines.join("\n")
 }

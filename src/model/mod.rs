@@ -29,6 +29,7 @@
 pub mod activation;
 pub mod data;
 pub mod mlp;
+pub mod problem;
 pub mod train;
 
 pub use activation::Activation;
