@@ -41,6 +41,7 @@
 
 pub mod analysis;
 pub mod backend;
+pub mod compare;
 pub mod device;
 pub mod engine;
 pub mod error;

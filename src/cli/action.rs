@@ -27,6 +27,7 @@ use serde_json::json;
 use super::args::{BackendArgs, Report};
 use super::args::VariantArgs;
 use super::exit::usage;
+use super::format::{sci, sci_with};
 
 /// Steps shown in the human table before the middle is elided (`--json` lists all).
 const TABLE_ROWS: usize = 60;
@@ -354,24 +355,6 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
         plot: cfg.plot.clone(),
         seconds,
     })
-}
-
-/// `1.2345e-03`: `decimals` decimals and a signed two-digit exponent, so that columns line
-/// up (Rust's `{:e}` writes `1.2345e-3` and `1.2345e0`).
-fn sci_with(v: f64, decimals: usize) -> String {
-    if !v.is_finite() {
-        return v.to_string();
-    }
-    let text = format!("{v:.decimals$e}");
-    match text.split_once('e').map(|(m, e)| (m, e.parse::<i32>())) {
-        Some((mantissa, Ok(exp))) => format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs()),
-        _ => text,
-    }
-}
-
-/// [`sci_with`] four decimals, for the table.
-fn sci(v: f64) -> String {
-    sci_with(v, 4)
 }
 
 fn variant_text(variant: Variant) -> String {

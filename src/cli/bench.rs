@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::args::{FormArg, VariantArg};
 use super::exit::usage;
+use super::format::{duration, gib, mib};
 
 /// Default reductions: one shape that shows per-call overheads, one that shows throughput.
 pub const DEFAULT_SHAPES: &str = "2048x512,4096x1024";
@@ -269,10 +270,6 @@ fn parse_widths(text: &str) -> anyhow::Result<Option<Vec<usize>>> {
     }
 }
 
-fn gib(bytes: u128) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 impl BenchConfig {
     /// Validates raw flags; every size check happens here, before anything runs.
     pub fn from_args(args: BenchArgs) -> anyhow::Result<Self> {
@@ -301,8 +298,8 @@ impl BenchConfig {
                         form.name(),
                         shape.samples,
                         shape.params,
-                        gib(values * 4),
-                        gib(max_result_bytes)
+                        gib(values * 4, 2),
+                        gib(max_result_bytes, 2)
                     )));
                 }
             }
@@ -361,9 +358,9 @@ impl BenchConfig {
                             "--net-forms {} holds {what} = {values} values ({}) for --network {}, beyond the \
                              --max-result-gib limit of {}; diag, kfac and norms stay small for any model",
                             form.name(),
-                            gib(values * 4),
+                            gib(values * 4, 2),
                             args.network,
-                            gib(max_result_bytes)
+                            gib(max_result_bytes, 2)
                         )));
                     }
                 }
@@ -780,16 +777,6 @@ const FLOPS_LINES: [&str; 5] = [
     "           2·N·R·out_l²); diag, norms and kfac never form those rows, so their rate can exceed the GEMM rate",
 ];
 
-fn seconds(t: f64) -> String {
-    if t >= 1.0 {
-        format!("{t:.3} s")
-    } else if t >= 1e-3 {
-        format!("{:.2} ms", t * 1e3)
-    } else {
-        format!("{:.1} µs", t * 1e6)
-    }
-}
-
 fn gflops(g: f64) -> String {
     if g >= 100.0 {
         format!("{g:.0}")
@@ -798,10 +785,6 @@ fn gflops(g: f64) -> String {
     } else {
         format!("{g:.3}")
     }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn variant_text(variant: Variant) -> String {
@@ -848,8 +831,8 @@ pub fn human(o: &Outcome) -> String {
                 m.params.to_string(),
                 m.rows_per_sample.map_or(String::new(), |r| r.to_string()),
                 m.backend.to_string(),
-                seconds(m.best()),
-                seconds(m.median()),
+                duration(m.best()),
+                duration(m.median()),
                 gflops(m.gflops(m.best())),
                 m.gpu_speedup.map_or(String::new(), |r| format!("{r:.2}x")),
             ]
@@ -896,10 +879,10 @@ pub fn human(o: &Outcome) -> String {
     }
     lines.extend(FLOPS_LINES.iter().map(|l| l.to_string()));
     lines.push("GPU speedup = CPU best time / GPU best time, measured back to back in this run (> 1: the GPU is faster)".into());
-    let setup = o.setup.iter().map(|(b, t)| format!("{b} {}", seconds(*t))).collect::<Vec<_>>().join(", ");
+    let setup = o.setup.iter().map(|(b, t)| format!("{b} {}", duration(*t))).collect::<Vec<_>>().join(", ");
     lines.push(format!(
         "untimed: backend set-up {setup}; data generation {}",
-        seconds(o.generate)
+        duration(o.generate)
     ));
     match o.peak_rss {
         Some(b) => lines.push(format!("peak memory: {} resident (VmHWM of this process, all stages)", mib(b))),

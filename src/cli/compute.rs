@@ -27,6 +27,7 @@ use serde_json::json;
 
 use super::args::{load_model_and_data, FormArg, ModelArgs, Report, Source};
 use super::exit::usage;
+use super::format::{bytes, tensor_list};
 
 /// Raw flags of `fisher compute`.
 #[derive(Debug, Args)]
@@ -409,27 +410,6 @@ pub fn run(cfg: &ComputeConfig) -> anyhow::Result<Outcome> {
 
 // ---------------------------------------------------------------------------------------
 // Reports
-
-fn bytes(n: u64) -> String {
-    let mut value = n as f64;
-    for unit in ["B", "KiB", "MiB", "GiB"] {
-        if value < 1024.0 {
-            return if unit == "B" { format!("{n} B") } else { format!("{value:.1} {unit}") };
-        }
-        value /= 1024.0;
-    }
-    format!("{value:.1} TiB")
-}
-
-fn tensor_list(tensors: &[(String, Vec<usize>)]) -> String {
-    const SHOWN: usize = 4;
-    let mut text =
-        tensors.iter().take(SHOWN).map(|(name, shape)| format!("{name} {shape:?}")).collect::<Vec<_>>().join(", ");
-    if tensors.len() > SHOWN {
-        text.push_str(&format!(", … ({} tensors)", tensors.len()));
-    }
-    text
-}
 
 /// The readable summary of a `compute` run.
 pub fn human(o: &Outcome) -> String {

@@ -5,7 +5,7 @@
 //! order, each feeding the next:
 //!
 //! 1. reduction: synthetic per-sample gradients reduced to F = GᵀG/N on every path and
-//!    compared with one f64 reference ([`super::reduce::compare_paths`], the body of
+//!    compared with one f64 reference ([`fisher_engine::compare::compare_paths`], the body of
 //!    `fisher reduce --synthetic`);
 //! 2. training: `fisher train`'s default run, in memory ([`super::train::train`]);
 //! 3. network Fisher: the true Fisher of the trained model as diag, kfac and full on every
@@ -49,8 +49,9 @@ use serde_json::{json, Value};
 use super::args::{backend_choice, BackendArg, Report};
 use fisher_engine::verify::{Contract, Verdict, NETWORK_FROBENIUS_REL};
 use super::exit::usage;
-use super::reduce::{compare_paths, Demo as ReduceDemo};
-use super::train::{self as train_cmd, shell_word, TrainConfig};
+use fisher_engine::compare::{compare_paths, Comparison as ReduceDemo};
+use super::format::{sci_short, seconds, shell_word, table};
+use super::train::{self as train_cmd, TrainConfig};
 
 /// What `summary.json` says it is; an output directory is an earlier demo's only when its
 /// summary.json says this.
@@ -896,52 +897,9 @@ fn summary_json(
 // ---------------------------------------------------------------------------------------
 // The report
 
-fn sci(x: f64) -> String {
-    if x == 0.0 {
-        "0".into()
-    } else if !x.is_finite() {
-        format!("{x}")
-    } else {
-        format!("{x:.2e}")
-    }
-}
-
-fn seconds_text(s: f64) -> String {
-    if s < 10.0 {
-        format!("{s:.3}")
-    } else {
-        format!("{s:.2}")
-    }
-}
-
 /// `value ≤ tolerance ✓`.
 fn verdict(value: f64, tolerance: f64) -> String {
-    format!("{} {}", sci(value), mark(value <= tolerance))
-}
-
-/// Lays out rows of cells: the first column left-aligned, the others right-aligned, each
-/// as wide as its widest cell, two spaces apart, indented by two.
-fn table(rows: &[Vec<String>]) -> Vec<String> {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
-    rows.iter()
-        .map(|row| {
-            let cells: Vec<String> = row
-                .iter()
-                .enumerate()
-                .map(|(c, cell)| {
-                    let pad = widths[c] - cell.chars().count();
-                    if c == 0 {
-                        format!("{cell}{}", " ".repeat(pad))
-                    } else {
-                        format!("{}{cell}", " ".repeat(pad))
-                    }
-                })
-                .collect();
-            format!("  {}", cells.join("  ").trim_end())
-        })
-        .collect()
+    format!("{} {}", sci_short(value), mark(value <= tolerance))
 }
 
 /// Lays out rows of label–value pairs: every column left-aligned, as wide as its widest
@@ -1010,10 +968,10 @@ fn human(
     for r in &reduction.runs {
         rows.push(vec![
             if r.gpu { "gpu".into() } else { "cpu".into() },
-            seconds_text(r.compute),
+            seconds(r.compute),
             format!("{:.6e}", r.trace),
             verdict(r.verification.agreement.max_rel, r.verification.bound),
-            sci(r.verification.bound),
+            sci_short(r.verification.bound),
         ]);
     }
     if let Some(a) = &reduction.gpu_vs_cpu {
@@ -1022,12 +980,12 @@ fn human(
             String::new(),
             String::new(),
             verdict(a.max_rel, 2.0 * tolerance),
-            sci(2.0 * tolerance),
+            sci_short(2.0 * tolerance),
         ]);
     }
     rows.push(vec![
         "f64 reference".into(),
-        seconds_text(reduction.reference_seconds),
+        seconds(reduction.reference_seconds),
         format!("{:.6e}", reduction.reference_trace),
     ]);
     out.extend(table(&rows));
@@ -1061,7 +1019,7 @@ fn human(
             "true Fisher of the trained model ({} outputs, {} rows per sample); ‖Δ‖/‖ref‖ against the f64 reference, tolerance {}",
             mlp.output_dim(),
             rows_per_sample(VARIANT, mlp.output_dim()),
-            sci(NETWORK_FROBENIUS_REL)
+            sci_short(NETWORK_FROBENIUS_REL)
         ),
     ));
     let mut head = vec!["form".to_string()];
@@ -1078,13 +1036,13 @@ fn human(
     for f in forms {
         let mut row = vec![f.form.to_string()];
         for r in &f.runs {
-            row.push(seconds_text(r.seconds));
+            row.push(seconds(r.seconds));
             row.push(verdict(r.agreement.frobenius_rel, r.tolerance_frobenius_rel));
         }
         if both {
             row.push(f.gpu_vs_cpu.map(|a| verdict(a.frobenius_rel, Contract::Network.pair_bound())).unwrap_or_default());
         }
-        row.push(seconds_text(f.reference_seconds));
+        row.push(seconds(f.reference_seconds));
         rows.push(row);
     }
     out.extend(table(&rows));
@@ -1100,10 +1058,10 @@ fn human(
             path_name(primary),
             m.parameters,
             geometry.seconds,
-            sci(m.alpha),
+            sci_short(m.alpha),
         ),
     ));
-    let top: Vec<String> = m.top_eigenvalues.iter().take(LANCZOS_K).map(|&v| sci(v)).collect();
+    let top: Vec<String> = m.top_eigenvalues.iter().take(LANCZOS_K).map(|&v| sci_short(v)).collect();
     let fixed = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "–".into());
     let units: Vec<String> = m.inter_unit_coupling.iter().map(|c| fixed(*c, 4)).collect();
     let singular = match geometry.zero_eigenvalues {
@@ -1111,12 +1069,12 @@ fn human(
         z => format!(" (F alone: {z} zero eigenvalues)"),
     };
     let rows = vec![
-        vec!["tr F".to_string(), sci(m.trace), "top eigenvalues".into(), top.join("  ")],
+        vec!["tr F".to_string(), sci_short(m.trace), "top eigenvalues".into(), top.join("  ")],
         vec![
             "log det(F + λI)".into(),
             format!("{:.2}", m.logdet),
             "condition number of F + λI".into(),
-            format!("{}{singular}", sci(m.condition_number.unwrap_or(f64::NAN))),
+            format!("{}{singular}", sci_short(m.condition_number.unwrap_or(f64::NAN))),
         ],
         vec![
             "effective dimension".into(),
@@ -1132,7 +1090,7 @@ fn human(
             format!(
                 "{} above ‖F − F_ref‖_F = {} (Weyl)",
                 geometry.resolved_eigenvalues,
-                sci(geometry.eigenvalue_error_bound)
+                sci_short(geometry.eigenvalue_error_bound)
             ),
         ],
         vec![
@@ -1150,7 +1108,7 @@ fn human(
         path_name(primary),
         i.seconds,
         verdict(i.max_rel_diff, i.tolerance),
-        sci(i.tolerance),
+        sci_short(i.tolerance),
         if i.lanczos.converged { "" } else { ", NOT converged" }
     ));
 
@@ -1164,13 +1122,13 @@ fn human(
         ),
     ));
     let rows = vec![
-        vec!["action S".to_string(), sci(action.action), "Fisher–Rao length L".into(), sci(action.length)],
-        vec!["chord".into(), sci(action.chord), "efficiency L/chord".into(), format!("{:.3}", action.efficiency)],
+        vec!["action S".to_string(), sci_short(action.action), "Fisher–Rao length L".into(), sci_short(action.length)],
+        vec!["chord".into(), sci_short(action.chord), "efficiency L/chord".into(), format!("{:.3}", action.efficiency)],
         vec![
             "Euclidean path length".into(),
-            sci(action.euclidean_length),
+            sci_short(action.euclidean_length),
             "Euclidean ‖θ_T − θ₀‖".into(),
-            sci(action.euclidean_chord),
+            sci_short(action.euclidean_chord),
         ],
     ];
     out.extend(pairs(&rows));
@@ -1225,7 +1183,6 @@ mod tests {
     #[test]
     fn tables_align_by_characters() {
         let rows = vec![vec!["a".to_string(), "1.0".into()], vec!["‖Δ‖".into(), "10.25".into()]];
-        assert_eq!(table(&rows), ["  a      1.0", "  ‖Δ‖  10.25"]);
         assert_eq!(pairs(&rows), ["  a    1.0", "  ‖Δ‖  10.25"]);
     }
 

@@ -48,6 +48,7 @@ use serde_json::json;
 use super::args::Report;
 use super::args::{load_model_and_data, ModelArgs, Source};
 use super::exit::usage;
+use super::format::{gib, sci, sci_with};
 
 /// `--form auto` computes the full F and analyses it exactly up to this many parameters
 /// (a dense f64 eigendecomposition: ~1.4 s at P = 2,410 on two cores, growing as P³), and
@@ -603,10 +604,6 @@ fn dense_bytes(mlp: &Mlp, form: NetForm) -> Option<(u128, String)> {
     }
 }
 
-fn gib(bytes: u128) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
     let ReportInput::Model { source, activation, likelihood, variant, form, backend, gpu } = &cfg.input else {
         unreachable!("run_model on a model input")
@@ -645,8 +642,8 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
                     "--form {} analyses {what} values in f64 (about {} with the eigensolver's copy), beyond the \
                      {} this command allows; --form implicit works for any model size",
                     net_form.name(),
-                    gib(bytes),
-                    gib(MAX_DENSE_BYTES)
+                    gib(bytes, 1),
+                    gib(MAX_DENSE_BYTES, 1)
                 )));
             }
         }
@@ -1059,26 +1056,6 @@ fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
 
 // ---------------------------------------------------------------------------------------
 // Reports
-
-/// `1.2345e-03`: `decimals` decimals and a signed two-digit exponent, so that columns line up.
-fn sci_with(v: f64, decimals: usize) -> String {
-    if !v.is_finite() {
-        return match v {
-            f64::INFINITY => "∞".into(),
-            f64::NEG_INFINITY => "−∞".into(),
-            _ => "NaN".into(),
-        };
-    }
-    let text = format!("{v:.decimals$e}");
-    match text.split_once('e').map(|(m, e)| (m, e.parse::<i32>())) {
-        Some((mantissa, Ok(exp))) => format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs()),
-        _ => text,
-    }
-}
-
-fn sci(v: f64) -> String {
-    sci_with(v, 4)
-}
 
 /// `value ± error` (the error with two significant digits).
 fn with_error(value: String, error: Option<f64>) -> String {

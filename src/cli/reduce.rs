@@ -14,12 +14,15 @@ use fisher_engine::reference::grads as reference;
 use fisher_engine::device::{self, DeviceRequest};
 use fisher_engine::io::fisher_file::{self, FisherFile};
 use fisher_engine::io::{self, NpyRows};
-use fisher_engine::verify::{reduction_length, Contract, Verdict};
+use fisher_engine::verify::{Contract, Verdict};
 use fisher_engine::validate::check_matrix;
-use fisher_engine::{Agreement, Backend, Engine, FisherMatrix, Form};
+use fisher_engine::compare::{compare_paths, Comparison};
+use fisher_engine::{Backend, Engine, FisherMatrix, Form};
+use serde_json::json;
 use ndarray::Array2;
 
 use super::args::{Input, ReduceConfig};
+use super::format::{bytes, tensor_list};
 
 /// Bytes of G per streamed chunk. Large enough that per-chunk overheads (a GPU submission,
 /// a thread hand-off) vanish; small enough that the at most three chunks alive at once
@@ -254,54 +257,6 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
     })
 }
 
-/// One compute path in the demonstration.
-#[derive(Debug)]
-pub struct DemoRun {
-    /// Backend label.
-    pub label: String,
-    /// Seconds to set the backend up (device, kernels).
-    pub setup: f64,
-    /// Seconds of the reduction.
-    pub compute: f64,
-    /// tr F from this path.
-    pub trace: f64,
-    /// Disagreement with the f64 reference, judged.
-    pub verification: Verdict,
-    /// Whether this is a GPU path.
-    pub gpu: bool,
-    /// The result's values (for the GPU-vs-CPU comparison).
-    values: Vec<f64>,
-}
-
-/// What the demonstration measured.
-#[derive(Debug)]
-pub struct Demo {
-    /// N.
-    pub samples: usize,
-    /// P.
-    pub params: usize,
-    /// Seed of the synthetic data.
-    pub seed: u64,
-    /// The form.
-    pub form: Form,
-    /// Names and shapes of the result's tensors.
-    pub tensors: Vec<(String, Vec<usize>)>,
-    /// Seconds to generate G.
-    pub generate: f64,
-    /// The compute paths, the requested one first.
-    pub runs: Vec<DemoRun>,
-    /// Seconds of the f64 reference.
-    pub reference_seconds: f64,
-    /// tr F from the reference.
-    pub reference_trace: f64,
-    /// GPU result vs CPU result, when both ran.
-    pub gpu_vs_cpu: Option<Agreement>,
-    /// Why a path is missing from the comparison.
-    pub note: Option<String>,
-    /// Products summed per entry (what the tolerance depends on).
-    pub terms: usize,
-}
-
 /// The built-in demonstration: reduce synthetic G on the requested path and on the other
 /// one when available (GPU and CPU), and compare both with the f64 reference.
 pub fn run_demo(
@@ -310,7 +265,7 @@ pub fn run_demo(
     params: usize,
     seed: u64,
     progress: impl FnMut(&str),
-) -> anyhow::Result<Demo> {
+) -> anyhow::Result<Comparison> {
     let start = Instant::now();
     let g = fisher_engine::synthetic::gradient_like(samples, params, seed);
     let generate = start.elapsed().as_secs_f64();
@@ -331,62 +286,143 @@ pub fn run_demo(
         }
     };
     let engines: Vec<(f64, &Engine)> = devices.iter().map(|(setup, engine)| (*setup, engine)).collect();
-    compare_paths(&g, seed, generate, &cfg.form, &engines, note, progress)
+    Ok(compare_paths(&g, seed, generate, &cfg.form, &engines, note, progress)?)
 }
 
-/// Reduces `g` to `form` on each of `engines` (with the seconds each took to set up), and
-/// compares every result with one f64 reference: the body of the built-in demonstration,
-/// shared with `fisher demo`. `seed` and `generate` (seconds) describe how `g` was made.
-pub fn compare_paths(
-    g: &Array2<f32>,
-    seed: u64,
-    generate: f64,
-    form: &Form,
-    engines: &[(f64, &Engine)],
-    note: Option<String>,
-    mut progress: impl FnMut(&str),
-) -> anyhow::Result<Demo> {
-    let (samples, params) = g.dim();
-    let mut runs = Vec::new();
-    let mut tensors = Vec::new();
-    let mut results = Vec::new();
-    for &(setup, engine) in engines {
-        progress(&format!("reducing on {}", engine.device_info()));
-        let start = Instant::now();
-        let result = engine.fisher_from_grads(g.view(), form)?;
-        let compute = start.elapsed().as_secs_f64();
-        if tensors.is_empty() {
-            let file = FisherFile::of_reduction(result.clone(), form, samples, params, "");
-            tensors = file.tensor_shapes();
+// ---------------------------------------------------------------------------------------
+// Reports: readable summaries and one-line JSON
+
+fn verification_text(v: &Verdict) -> String {
+    let a = &v.agreement;
+    format!(
+        "max|Δ| {:.2e} · max|Δ|/max|ref| {:.2e} (tolerance {:.2e}) · ‖Δ‖/‖ref‖ {:.2e}",
+        a.max_abs, a.max_rel, v.bound, a.frobenius_rel
+    )
+}
+
+/// The readable summary of a `reduce` run.
+pub fn human(o: &Outcome) -> String {
+    let mut lines = vec![format!("{} of {} samples × {} parameters", o.form.description(), o.samples, o.params)];
+    lines.push(match &o.input {
+        InputInfo::File { path, dtype } => format!("  input     {} ({dtype})", path.display()),
+        InputInfo::Synthetic { seed } => format!("  input     built-in gradient-like data (seed {seed})"),
+    });
+    lines.push(format!("  backend   {}", o.backend));
+    if let Some(why) = &o.fallback {
+        lines.push(format!("            ({why})"));
+    }
+    lines.push(format!("  result    {}   tr F = {:.6e}", tensor_list(&o.tensors), o.trace));
+    if let Some(v) = &o.verification {
+        lines.push(format!("  verified  {} against the f64 reference", verification_text(v)));
+    }
+    match &o.out {
+        Some((path, size)) => lines.push(format!("  wrote     {} ({})", path.display(), bytes(*size))),
+        None => lines.push("  wrote     nothing (no --out)".into()),
+    }
+    let s = &o.seconds;
+    lines.push(format!(
+        "  seconds   load {:.3} · setup {:.3} · compute {:.3} · verify {:.3} · write {:.3}",
+        s.load, s.setup, s.compute, s.verify, s.write
+    ));
+    lines.join("\n")
+}
+
+/// The one-line JSON summary of a `reduce` run.
+pub fn json_line(o: &Outcome) -> String {
+    let mut value = json!({
+        "samples": o.samples,
+        "parameters": o.params,
+        "form": o.form.to_string(),
+        "backend": o.backend,
+        "adapter": o.adapter,
+        "tensors": o.tensors.iter().map(|(name, shape)| json!({"name": name, "shape": shape})).collect::<Vec<_>>(),
+        "trace": o.trace,
+        "seconds": o.seconds,
+        "out": o.out.as_ref().map(|(path, _)| path.display().to_string()),
+    });
+    match &o.input {
+        InputInfo::File { path, dtype } => {
+            value["input"] = json!(path.display().to_string());
+            value["dtype"] = json!(dtype);
         }
-        results.push((setup, compute, engine.device_info(), engine.is_gpu(), result));
+        InputInfo::Synthetic { seed } => {
+            value["input"] = json!("synthetic");
+            value["seed"] = json!(seed);
+        }
     }
-
-    progress("computing the f64 reference (plain compensated loops: slow by design)");
-    let start = Instant::now();
-    let reference = reference::reduce(g.view(), form).context("computing the f64 reference")?;
-    let reference_seconds = start.elapsed().as_secs_f64();
-    for (setup, compute, label, gpu, result) in results {
-        let verification = Verdict::judge(result.agreement(&reference)?, Contract::reduction(form, samples, params));
-        runs.push(DemoRun { label, setup, compute, trace: result.trace(), verification, gpu, values: result.values() });
+    if let Some(v) = &o.verification {
+        value["verification"] = json!(v);
     }
+    value.to_string()
+}
 
-    let gpu_vs_cpu = match (runs.iter().find(|r| r.gpu), runs.iter().find(|r| !r.gpu)) {
-        (Some(gpu), Some(cpu)) => Some(fisher_engine::fisher::agreement_of(&gpu.values, &cpu.values)),
-        _ => None,
+/// The table of the built-in demonstration.
+pub fn demo_text(d: &Comparison) -> String {
+    let rel = match d.form {
+        Form::Full | Form::BlockDiagonal(_) => "max|F|",
+        Form::Gram => "max|K|",
+        _ => "max|ref|",
     };
-    Ok(Demo {
-        samples,
-        params,
-        seed,
-        form: form.clone(),
-        tensors,
-        generate,
-        runs,
-        reference_seconds,
-        reference_trace: reference.trace(),
-        gpu_vs_cpu,
-        note,
-        terms: reduction_length(form, samples, params),
-    })
+    let mut lines = vec![
+        format!(
+            "Built-in gradient-like data G: N = {} samples × P = {} parameters (seed {}; generated in {:.3} s)",
+            d.samples, d.params, d.seed, d.generate
+        ),
+        format!("Form: {} → {}", d.form.description(), tensor_list(&d.tensors)),
+        String::new(),
+    ];
+    let width = d.runs.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(13);
+    lines.push(format!(
+        "  {:<width$}  {:>8}  {:>9}  {:>12}  {:>14}  {:>10}",
+        "path",
+        "setup s",
+        "compute s",
+        "tr F",
+        format!("max|Δ|/{rel}"),
+        "‖Δ‖/‖ref‖"
+    ));
+    for r in &d.runs {
+        lines.push(format!(
+            "  {:<width$}  {:>8.3}  {:>9.4}  {:>12.6e}  {:>14.2e}  {:>10.2e}",
+            r.label,
+            r.setup,
+            r.compute,
+            r.trace,
+            r.verification.agreement.max_rel,
+            r.verification.agreement.frobenius_rel
+        ));
+    }
+    lines.push(format!(
+        "  {:<width$}  {:>8}  {:>9.4}  {:>12.6e}  {:>14}  {:>10}",
+        "f64 reference", "", d.reference_seconds, d.reference_trace, "(oracle)", ""
+    ));
+    lines.push(String::new());
+
+    if let Some(a) = &d.gpu_vs_cpu {
+        lines.push(format!("GPU vs CPU: max|Δ|/{rel} = {:.2e}, ‖Δ‖/‖CPU‖ = {:.2e}.", a.max_rel, a.frobenius_rel));
+    }
+    if let Some(note) = &d.note {
+        lines.push(format!("Note: {note}."));
+    }
+    let tolerance = d.runs.first().map_or(0.0, |r| r.verification.bound);
+    let failed: Vec<&str> = d.runs.iter().filter(|r| !r.verification.passed).map(|r| r.label.as_str()).collect();
+    if failed.is_empty() {
+        lines.push(format!(
+            "Every path matches the f64 reference within the f32 tolerance for sums of {} terms \
+             (max|Δ| ≤ {tolerance:.2e}·{rel}).",
+            d.terms
+        ));
+    } else {
+        lines.push(format!(
+            "MISMATCH: {} disagree(s) with the f64 reference beyond the f32 tolerance {tolerance:.2e}·{rel}.",
+            failed.join(" and ")
+        ));
+    }
+    lines.push(String::new());
+    lines.push("Nothing was written. On your own per-sample gradients (an N×P .npy file):".into());
+    lines.push(format!(
+        "  fisher reduce --grads G.npy --form {} --out F.safetensors [--verify]",
+        d.form
+    ));
+    lines.join("\n")
 }

@@ -21,13 +21,14 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use fisher_engine::io;
-use fisher_engine::model::{Activation, ActivationSpec, Dataset, Linear, Mlp, Targets};
+use fisher_engine::model::{Activation, ActivationSpec, Dataset, Mlp, Targets};
 use fisher_engine::model::train::{classification_task, init_mlp, sgd, SgdOptions, TrainRun};
 use fisher_engine::{FisherError, MAX_GENERATED_VALUES};
 use serde_json::json;
 
 use super::args::Report;
 use super::exit::usage;
+use super::format::shell_word;
 
 /// The initial weights and the minibatch order get their own streams, derived from `--seed`
 /// (the data use `--seed` itself), so that changing one never shifts another.
@@ -390,15 +391,6 @@ pub fn write(cfg: &TrainConfig, data: &Dataset, run: TrainRun, replace: bool, tr
     })
 }
 
-/// A shell word: as is when it is plain, else in single quotes.
-pub fn shell_word(text: &str) -> String {
-    if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_./,=:+".contains(c)) {
-        text.to_string()
-    } else {
-        format!("'{}'", text.replace('\'', r"'\''"))
-    }
-}
-
 /// The readable summary of a `train` run.
 pub fn human(o: &Outcome) -> String {
     let widths = o.widths.iter().map(usize::to_string).collect::<Vec<_>>().join("-");
@@ -473,12 +465,5 @@ mod tests {
         let mut sorted = names.clone();
         sorted.sort();
         assert_eq!(names, sorted);
-    }
-
-    #[test]
-    fn shell_words() {
-        assert_eq!(shell_word("run/X.npy"), "run/X.npy");
-        assert_eq!(shell_word(r#"["tanh","relu"]"#), r#"'["tanh","relu"]'"#);
-        assert_eq!(shell_word("it's"), r"'it'\''s'");
     }
 }
