@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Given the per-sample gradient matrix `G` (N×P, row i = gᵢ = ∇θ log p(yᵢ|xᵢ)), the forms
-//! computed here are (see [`form`]): F = GᵀG/N, diag(F), diagonal blocks of F, the Gram
+//! computed here are (see [`fisher::form`]): F = GᵀG/N, diag(F), diagonal blocks of F, the Gram
 //! matrix GGᵀ/N (its non-zero eigenvalues equal F's), and the per-sample norms ‖gᵢ‖² with
 //! tr F = (1/N) Σᵢ ‖gᵢ‖².
 //!

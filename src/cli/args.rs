@@ -136,8 +136,8 @@ metadata), summary.json (every number, the checks, the follow-up commands; also 
 --json prints) and run/ (X.npy, y.npy, ckpt_000 … ckpt_024.safetensors, run.json), which the
 printed `fisher report`, `fisher action` and `fisher compute` commands continue from.
 Files are written even when a check fails, so that the failure can be inspected; the run
-then exits 1. Measured on two CPU cores: 9 s with a software GPU (lavapipe), 2.5 s with
---backend cpu. --quick shrinks every size (a 6-12-12-3 MLP on 256 samples, 512×64
+then exits 1. Measured on two CPU cores: 9 s with --backend gpu on a software GPU (lavapipe),
+2.5 s on the CPU path (what auto picks there). --quick shrinks every size (a 6-12-12-3 MLP on 256 samples, 512×64
 gradients) for tests: under a second.
 
 ",
@@ -198,7 +198,8 @@ Flop counts (R = gradient rows per sample: 1 empirical, classes true, K mc):
            diag, norms and kfac never form those rows, so their rate can exceed the GEMM rate
 Peak memory is the process's peak resident set size (VmHWM, Linux only), over all stages.
 
-The default run takes under a minute on two CPU cores with a software GPU (lavapipe); try
+The default run takes under a minute on two CPU cores with --backend gpu,cpu on a software GPU
+(lavapipe; by default only a hardware GPU runs beside the CPU); try
 --shapes 4096x512,4096x2048 --network 784,512,512,10 --samples 4096 on a real GPU.
 
 ",
@@ -272,7 +273,7 @@ pub struct DevicesArgs {
 /// Where the compute runs, as spelled on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendArg {
-    /// A GPU adapter if any exists, else the CPU.
+    /// A hardware GPU adapter if one exists, else the CPU (software adapters only when named).
     Auto,
     /// A GPU adapter, or exit code 3.
     Gpu,

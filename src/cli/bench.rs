@@ -111,7 +111,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "NAME", default_value = "tanh")]
     pub activation: String,
 
-    /// Backends to measure, comma-separated [default: gpu,cpu where a GPU adapter exists, else cpu].
+    /// Backends to measure, comma-separated [default: gpu,cpu where a hardware GPU adapter exists, else cpu].
     #[arg(long, value_enum, value_name = "gpu,cpu", value_delimiter = ',')]
     pub backend: Vec<BenchBackendArg>,
 

@@ -86,7 +86,8 @@ const LANCZOS_TOL: f64 = 1e-8;
 /// Raw flags of `fisher demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Where to compute: auto (a GPU adapter if any, else the CPU), gpu or cpu. Beside a
+    /// Where to compute: auto (a hardware GPU adapter if one exists, else the CPU), gpu (any
+    /// adapter, software ones included) or cpu. Beside a
     /// GPU, the CPU path runs too, for comparison.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub backend: BackendArg,

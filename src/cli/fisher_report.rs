@@ -4,8 +4,8 @@
 //! Three ways in:
 //!
 //! * **implicit** (a model and data, `--form implicit`): F is never formed. The operator is
-//!   the engine's F·v ([`Engine::fisher_vector_product`], f32 on the backend, widened to f64)
-//!   with vᵀFv by a forward pass alone ([`Engine::fisher_quadratic`]), the exact tr F (the
+//!   the engine's F·v ([`fisher_engine::Engine::fisher_vector_product`], f32 on the backend, widened to f64)
+//!   with vᵀFv by a forward pass alone ([`fisher_engine::Engine::fisher_quadratic`]), the exact tr F (the
 //!   mean of the per-sample squared gradient norms, [`NetForm::Norms`], no gradient formed)
 //!   and the rank bound N·R (so λ_min = 0 whenever N·R < P). Then Lanczos top-k, whose
 //!   converged eigenpairs are deflated from SLQ ([`analysis::slq_deflated`]: log det, d_eff,
@@ -14,7 +14,7 @@
 //!   the model, the data, one micro-batch, and one Lanczos basis at a time (4·P bytes per
 //!   vector).
 //! * **explicit** (a model and data, `--form full|diag|layer|kfac`): the form is computed
-//!   with [`Engine::fisher`] and everything is exact ([`analysis::measures_from_spectrum`]).
+//!   with [`fisher_engine::Engine::fisher`] and everything is exact ([`fisher_engine::analysis::measures_from_spectrum`]).
 //! * **stored** (`--fisher F.safetensors`, a result of `fisher compute` or `fisher reduce`):
 //!   the form is rebuilt from its tensors and metadata and analysed exactly; `--weights`
 //!   adds θ (the Fisher–Rao norm) and the layer shapes where the metadata lacks them.

@@ -183,7 +183,7 @@ impl<T: Copy + Into<f64>> FisherMatrix<T> {
         }
     }
 
-    /// Every stored value, in the order of [`FisherMatrix::tensors`].
+    /// Every stored value, in the order of the file's tensors ([`crate::io::fisher_file`]).
     pub fn values(&self) -> Vec<f64> {
         match self {
             FisherMatrix::Full(m) | FisherMatrix::Gram(m) => m.iter().map(|&v| v.into()).collect(),

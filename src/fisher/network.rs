@@ -71,7 +71,7 @@ impl std::str::FromStr for NetForm {
 /// `a` = (1/N) Σᵢ ãᵢ ãᵢᵀ over the augmented inputs ã = [a; 1] ((in+1)², or in² without bias);
 /// `g` = (1/N) Σᵢ Σ_r δ_ir δ_irᵀ over the output rows' pre-activation gradients (out²).
 /// The layer's Fisher block is approximated by `g ⊗ a` in the row-major order of the
-/// augmented matrix [W | b] (index o·(in+1) + i); see [`kfac_expand`] for the permutation to
+/// augmented matrix [W | b] (index o·(in+1) + i); see [`crate::fisher::kfac_expand`] for the permutation to
 /// PyTorch order (weight row-major, then bias).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KfacFactors<T = f32> {

@@ -1,4 +1,4 @@
-//! The Fisher result file: one writer ([`write`]) and one reader ([`read`]) for what
+//! The Fisher result file: one writer ([`write()`]) and one reader ([`read()`]) for what
 //! `fisher compute`, `fisher reduce` and `fisher demo` write and `fisher report --fisher`
 //! reads.
 //!

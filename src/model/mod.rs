@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | `empirical` | 1 | e(yᵢ) at the observed label |
 //! | `true`, categorical | C | √p_c (onehot(c) − p), a square root of diag(p) − ppᵀ |
-//! | `true`, Gaussian | k | the unit vectors (E[eeᵀ] = I, so F = JᵀJ / N) |
+//! | `true`, Gaussian | k | the unit vectors (E\[eeᵀ\] = I, so F = JᵀJ / N) |
 //! | `mc` (K samples) | K | e(ỹ_k)/√K with ỹ_k drawn from the predictive distribution |
 //!
 //! MC draws come from a counter-based generator ([`crate::fisher::mc_uniform`]) keyed by
