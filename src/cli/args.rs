@@ -723,6 +723,14 @@ pub enum Source {
     },
 }
 
+/// Comma-separated layer widths (input, hidden..., output), at least two and all positive,
+/// as `--synthetic-model`, `--widths` and `--network` take them; `None` otherwise.
+pub fn parse_widths(text: &str) -> Option<Vec<usize>> {
+    let widths: Vec<usize> =
+        text.split(',').map(|w| w.trim().parse::<usize>().ok().filter(|&w| w > 0)).collect::<Option<_>>()?;
+    (widths.len() >= 2).then_some(widths)
+}
+
 /// Parses `--synthetic-model` widths and checks the sizes.
 fn parse_synthetic_model(spec: &str, samples: usize, seed: u64) -> anyhow::Result<Source> {
     let bad = || {
@@ -730,14 +738,7 @@ fn parse_synthetic_model(spec: &str, samples: usize, seed: u64) -> anyhow::Resul
             "bad --synthetic-model '{spec}': expected at least two positive layer widths (input,...,output), e.g. 784,512,512,10"
         ))
     };
-    let widths = spec
-        .split(',')
-        .map(|w| w.trim().parse::<usize>().ok().filter(|&w| w > 0))
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(bad)?;
-    if widths.len() < 2 {
-        return Err(bad());
-    }
+    let widths = parse_widths(spec).ok_or_else(bad)?;
     if samples == 0 {
         return Err(usage("--synthetic-samples must be at least 1"));
     }

@@ -259,10 +259,8 @@ fn parse_widths(text: &str) -> anyhow::Result<Option<Vec<usize>>> {
     if text.trim().eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    let widths: Option<Vec<usize>> =
-        text.split(',').map(|w| w.trim().parse::<usize>().ok().filter(|&v| v > 0)).collect();
-    match widths {
-        Some(w) if w.len() >= 2 && *w.last().expect("non-empty") >= 2 => Ok(Some(w)),
+    match super::args::parse_widths(text) {
+        Some(w) if *w.last().expect("non-empty") >= 2 => Ok(Some(w)),
         _ => Err(usage(format!(
             "bad --network '{text}': expected comma-separated positive layer widths (input, hidden..., classes ≥ 2), \
              e.g. 784,256,10, or `none`"

@@ -26,7 +26,7 @@ use fisher_engine::model::train::{classification_task, init_mlp, sgd, SgdOptions
 use fisher_engine::{FisherError, MAX_GENERATED_VALUES};
 use serde_json::json;
 
-use super::args::Report;
+use super::args::{parse_widths, Report};
 use super::exit::usage;
 use super::format::shell_word;
 
@@ -126,15 +126,7 @@ impl TrainConfig {
                 args.widths
             ))
         };
-        let widths = args
-            .widths
-            .split(',')
-            .map(|w| w.trim().parse::<usize>().ok().filter(|&w| w > 0))
-            .collect::<Option<Vec<usize>>>()
-            .ok_or_else(bad)?;
-        if widths.len() < 2 {
-            return Err(bad());
-        }
+        let widths = parse_widths(&args.widths).ok_or_else(bad)?;
         let classes = widths[widths.len() - 1];
         if classes < 2 {
             return Err(usage(format!("--widths {}: the last width is the number of classes and must be at least 2", args.widths)));
