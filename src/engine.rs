@@ -12,35 +12,50 @@ use crate::model::{Dataset, Mlp};
 use crate::fisher::{NetFisher, NetForm, Variant};
 use crate::validate::check_matrix;
 
-/// Which compute path to use.
+/// Which compute path to use (the policy is [`crate::device`]'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// A GPU adapter when one exists (hardware first, software adapters such as
-    /// lavapipe/llvmpipe accepted), otherwise the CPU path with a logged warning.
+    /// A hardware GPU adapter when one exists, otherwise the CPU path; a software adapter
+    /// (lavapipe, llvmpipe) only when named (`--adapter`, `FISHER_ADAPTER`).
     #[default]
     Auto,
-    /// A GPU adapter or an error.
+    /// A GPU adapter (software ones accepted) or [`FisherError::NoAdapter`].
     Gpu,
     /// The multi-threaded f32 CPU path.
     Cpu,
 }
 
-impl std::str::FromStr for Backend {
-    type Err = FisherError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Backend::Auto),
-            "gpu" => Ok(Backend::Gpu),
-            "cpu" => Ok(Backend::Cpu),
-            _ => Err(FisherError::InvalidInput(format!(
-                "unknown backend '{s}' (expected auto, gpu or cpu)"
-            ))),
+impl Backend {
+    /// Every backend, in the order `--help` lists them.
+    pub const ALL: [Backend; 3] = [Backend::Auto, Backend::Gpu, Backend::Cpu];
+
+    /// The command-line spelling: `auto`, `gpu`, `cpu`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Gpu => "gpu",
+            Backend::Cpu => "cpu",
         }
     }
 }
 
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = FisherError;
+    fn from_str(s: &str) -> Result<Self> {
+        Backend::ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| {
+            FisherError::InvalidInput(format!("unknown backend '{s}' (expected auto, gpu or cpu)"))
+        })
+    }
+}
+
 /// Engine construction options. `Default` = `Backend::Auto`, adapter from `FISHER_ADAPTER`,
-/// the adapter's own limits.
+/// the adapter's own limits (see [`crate::device`] for the policy).
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     /// Which compute path.
@@ -76,23 +91,10 @@ impl Engine {
         Self::with_options(EngineOptions { backend, ..Default::default() })
     }
 
-    /// An engine with explicit options.
+    /// An engine with explicit options, opened by [`crate::device::open`] (the one device
+    /// policy; use that function directly to also learn which adapter was chosen and why).
     pub fn with_options(options: EngineOptions) -> Result<Self> {
-        match options.backend {
-            Backend::Cpu => Ok(Self::cpu()),
-            Backend::Gpu => {
-                let ctx = GpuContext::new(&options.gpu)?;
-                Self::from_context(ctx, &options.gpu)
-            }
-            Backend::Auto => match GpuContext::new(&options.gpu) {
-                Ok(ctx) => Self::from_context(ctx, &options.gpu),
-                Err(e @ FisherError::NoAdapter(_)) => {
-                    log::warn!("{e}; falling back to the CPU path");
-                    Ok(Self::cpu())
-                }
-                Err(e) => Err(e),
-            },
-        }
+        Ok(crate::device::open(&crate::device::DeviceRequest::from_options(&options)?)?.engine)
     }
 
     /// An engine on the CPU path.

@@ -79,5 +79,12 @@ pub enum FisherError {
     },
 }
 
+impl FisherError {
+    /// A failure reading or writing `path` ([`FisherError::Io`]), e.g. "cannot write: …".
+    pub fn io(path: &std::path::Path, message: impl Into<String>) -> Self {
+        FisherError::Io { path: path.display().to_string(), message: message.into() }
+    }
+}
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = FisherError> = std::result::Result<T, E>;

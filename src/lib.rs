@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Given the per-sample gradient matrix `G` (N×P, row i = gᵢ = ∇θ log p(yᵢ|xᵢ)), the forms
-//! computed here are (see [`form`]): F = GᵀG/N, diag(F), diagonal blocks of F, the Gram
+//! computed here are (see [`fisher::form`]): F = GᵀG/N, diag(F), diagonal blocks of F, the Gram
 //! matrix GGᵀ/N (its non-zero eigenvalues equal F's), and the per-sample norms ‖gᵢ‖² with
 //! tr F = (1/N) Σᵢ ‖gᵢ‖².
 //!
@@ -32,7 +32,7 @@
 //! ```
 //! use fisher_engine::{Backend, Engine, FisherMatrix, Form};
 //! let grads = fisher_engine::synthetic::gradient_like(256, 16, 7);
-//! let engine = Engine::new(Backend::Auto)?; // GPU if any adapter exists, else CPU
+//! let engine = Engine::new(Backend::Auto)?; // a hardware GPU if one exists, else the CPU
 //! let verified = engine.fisher_from_grads_verified(grads.view(), &Form::Diagonal)?;
 //! assert!(verified.agreement.max_rel < 1e-5);
 //! # Ok::<(), fisher_engine::FisherError>(())
@@ -41,6 +41,8 @@
 
 pub mod analysis;
 pub mod backend;
+pub mod compare;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fisher;
@@ -51,6 +53,11 @@ pub mod reference;
 pub mod synthetic;
 pub mod validate;
 pub mod verify;
+
+/// The most values (8 GiB of f32) that a command generates in memory from a size it was
+/// given (`--synthetic`, `--synthetic-model`, bench inputs, training data): past it, a typo
+/// would rather exhaust memory than demonstrate anything.
+pub const MAX_GENERATED_VALUES: u128 = 1 << 31;
 
 pub use backend::{Accumulator, FisherBackend};
 pub use engine::{Backend, Engine, EngineOptions, Verified};

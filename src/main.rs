@@ -185,7 +185,7 @@ fn reduce(cfg: &ReduceConfig) -> anyhow::Result<()> {
             eprint!("\r\x1b[2K");
         }
         let demo = demo?;
-        println!("{}", cli::report::demo(&demo));
+        println!("{}", cli::reduce::demo_text(&demo));
         // The demonstration is also a smoke test of the installation: a path that disagrees
         // with the reference is a failure (exit code 1), after the table that shows it.
         let failed: Vec<&str> =
@@ -197,8 +197,8 @@ fn reduce(cfg: &ReduceConfig) -> anyhow::Result<()> {
     }
     let outcome = cli::reduce::run(cfg)?;
     match cfg.report {
-        Report::Human => println!("{}", cli::report::human(&outcome)),
-        Report::Json => println!("{}", cli::report::json_line(&outcome)),
+        Report::Human => println!("{}", cli::reduce::human(&outcome)),
+        Report::Json => println!("{}", cli::reduce::json_line(&outcome)),
         Report::Quiet => {}
     }
     Ok(())

@@ -16,7 +16,8 @@ use anyhow::Context;
 use clap::Args;
 use fisher_engine::analysis::action::{self, ActionReport};
 use fisher_engine::backend::gpu::GpuOptions;
-use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp};
+use fisher_engine::device::{self, DeviceRequest};
+use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Mlp};
 use fisher_engine::fisher::Variant;
 use fisher_engine::output::plot;
 use fisher_engine::output::progress::Progress;
@@ -24,9 +25,9 @@ use fisher_engine::{Backend, FisherError};
 use serde_json::json;
 
 use super::args::{BackendArgs, Report};
-use super::compute::{likelihood_name, variant_name, VariantArgs};
+use super::args::VariantArgs;
 use super::exit::usage;
-use super::reduce::open_device;
+use super::format::{sci, sci_with};
 
 /// Steps shown in the human table before the middle is elided (`--json` lists all).
 const TABLE_ROWS: usize = 60;
@@ -226,18 +227,6 @@ pub fn checkpoint_files(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// `6-12-3`, with "(no bias in layer k)" where a layer has none.
-fn architecture(mlp: &Mlp) -> String {
-    let widths: Vec<String> =
-        std::iter::once(mlp.input_dim()).chain(mlp.layers.iter().map(Linear::fan_out)).map(|w| w.to_string()).collect();
-    let unbiased: Vec<String> =
-        mlp.layers.iter().filter(|l| l.bias.is_none()).map(|l| l.index.to_string()).collect();
-    if unbiased.is_empty() {
-        widths.join("-")
-    } else {
-        format!("{} (no bias at layer {})", widths.join("-"), unbiased.join(", "))
-    }
-}
-
 /// Whether two models have the same layer shapes, Sequential indices and biases.
 fn same_architecture(a: &Mlp, b: &Mlp) -> bool {
     a.layers.len() == b.layers.len()
@@ -304,8 +293,8 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
                 return Err(usage(format!(
                     "{}: architecture {} differs from {} ({}); every checkpoint must have the same layers",
                     file.display(),
-                    architecture(&model),
-                    architecture(first),
+                    model.shape_text(),
+                    first.shape_text(),
                     files[0].display()
                 )));
             }
@@ -319,7 +308,7 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
     seconds.load = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
-    let device = open_device(cfg.backend, &cfg.gpu)?;
+    let device = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
 
@@ -335,7 +324,7 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
     names.dedup();
     let architecture = format!(
         "{} {}",
-        architecture(&models[0]),
+        models[0].shape_text(),
         match names.as_slice() {
             [] => "linear".to_string(),
             [one] => one.to_string(),
@@ -347,7 +336,7 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
         let start = Instant::now();
         let title = format!(
             "Action along training: {architecture} MLP, {} Fisher, N = {}",
-            variant_name(cfg.variant),
+            cfg.variant.name(),
             data.len()
         );
         plot::action_plot(path, &report, &title).context("writing the plot")?;
@@ -361,29 +350,11 @@ pub fn run(cfg: &ActionConfig) -> anyhow::Result<Outcome> {
         likelihood: cfg.likelihood,
         variant: cfg.variant,
         backend,
-        adapter: device.adapter,
+        adapter: device.adapter.map(|a| a.name),
         fallback: device.fallback,
         plot: cfg.plot.clone(),
         seconds,
     })
-}
-
-/// `1.2345e-03`: `decimals` decimals and a signed two-digit exponent, so that columns line
-/// up (Rust's `{:e}` writes `1.2345e-3` and `1.2345e0`).
-fn sci_with(v: f64, decimals: usize) -> String {
-    if !v.is_finite() {
-        return v.to_string();
-    }
-    let text = format!("{v:.decimals$e}");
-    match text.split_once('e').map(|(m, e)| (m, e.parse::<i32>())) {
-        Some((mantissa, Ok(exp))) => format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs()),
-        _ => text,
-    }
-}
-
-/// [`sci_with`] four decimals, for the table.
-fn sci(v: f64) -> String {
-    sci_with(v, 4)
 }
 
 fn variant_text(variant: Variant) -> String {
@@ -409,11 +380,11 @@ pub fn human(o: &Outcome) -> String {
         ),
         format!("  first     {}", o.files[0].display()),
         format!("  last      {}", o.files[o.files.len() - 1].display()),
-        format!("  metric    {}, {} likelihood", variant_text(o.variant), likelihood_name(o.likelihood)),
+        format!("  metric    {}, {} likelihood", variant_text(o.variant), o.likelihood.name()),
         format!("  backend   {}", o.backend),
     ];
     if let Some(why) = &o.fallback {
-        lines.push(format!("            (no GPU adapter: {why})"));
+        lines.push(format!("            ({why})"));
     }
     lines.push(String::new());
     lines.push(format!("{:>6}  {:>12}  {:>12}  {:>12}  {:>14}", "t", "‖Δθ‖", "ΔθᵀFΔθ", "√ΔθᵀFΔθ", "cumulative L"));
@@ -467,8 +438,8 @@ pub fn json_line(o: &Outcome) -> String {
         "architecture": o.architecture,
         "parameters": r.parameters,
         "samples": o.samples,
-        "likelihood": likelihood_name(o.likelihood),
-        "variant": variant_name(o.variant),
+        "likelihood": o.likelihood.name(),
+        "variant": o.variant.name(),
         "backend": o.backend,
         "adapter": o.adapter,
         "action": r.action,

@@ -1,20 +1,22 @@
-//! Raw flags (clap) and their validation into a [`ReduceConfig`].
+//! Raw flags (clap) and their validation: the command tree, the flag groups that several
+//! commands share ([`BackendArgs`], [`VariantArgs`], [`ModelArgs`], [`Report`]) with the
+//! configuration they validate into ([`Source`]), and `fisher reduce`'s [`ReduceConfig`].
 //!
 //! clap checks what it can express (which flags exist, which conflict); everything that
-//! needs parsing or cross-checking happens in [`ReduceConfig::from_args`], so that `run`
-//! code only ever sees a consistent configuration.
+//! needs parsing or cross-checking happens in the `from_args`/validation methods, so that
+//! `run` code only ever sees a consistent configuration.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fisher_engine::backend::gpu::GpuOptions;
-use fisher_engine::{Backend, Form};
+use fisher_engine::fisher::{NetForm, Variant};
+use fisher_engine::model::{problem, ActivationSpec, Dataset, Likelihood, Mlp};
+use fisher_engine::{Backend, Form, MAX_GENERATED_VALUES};
 
 use super::exit::usage;
 
-/// Synthetic inputs are generated in memory; past this many values (8 GiB of f32) a typo in
-/// `--synthetic` would rather exhaust memory than demonstrate anything.
-const MAX_SYNTHETIC_VALUES: u128 = 1 << 31;
 
 /// The exit-code table, shared by every `--help` (a macro, so that `concat!` can extend it).
 macro_rules! exit_codes_help {
@@ -134,8 +136,8 @@ metadata), summary.json (every number, the checks, the follow-up commands; also 
 --json prints) and run/ (X.npy, y.npy, ckpt_000 … ckpt_024.safetensors, run.json), which the
 printed `fisher report`, `fisher action` and `fisher compute` commands continue from.
 Files are written even when a check fails, so that the failure can be inspected; the run
-then exits 1. Measured on two CPU cores: 9 s with a software GPU (lavapipe), 2.5 s with
---backend cpu. --quick shrinks every size (a 6-12-12-3 MLP on 256 samples, 512×64
+then exits 1. Measured on two CPU cores: 9 s with --backend gpu on a software GPU (lavapipe),
+2.5 s on the CPU path (what auto picks there). --quick shrinks every size (a 6-12-12-3 MLP on 256 samples, 512×64
 gradients) for tests: under a second.
 
 ",
@@ -196,7 +198,8 @@ Flop counts (R = gradient rows per sample: 1 empirical, classes true, K mc):
            diag, norms and kfac never form those rows, so their rate can exceed the GEMM rate
 Peak memory is the process's peak resident set size (VmHWM, Linux only), over all stages.
 
-The default run takes under a minute on two CPU cores with a software GPU (lavapipe); try
+The default run takes under a minute on two CPU cores with --backend gpu,cpu on a software GPU
+(lavapipe; by default only a hardware GPU runs beside the CPU); try
 --shapes 4096x512,4096x2048 --network 784,512,512,10 --samples 4096 on a real GPU.
 
 ",
@@ -270,7 +273,7 @@ pub struct DevicesArgs {
 /// Where the compute runs, as spelled on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendArg {
-    /// A GPU adapter if any exists, else the CPU.
+    /// A hardware GPU adapter if one exists, else the CPU (software adapters only when named).
     Auto,
     /// A GPU adapter, or exit code 3.
     Gpu,
@@ -467,7 +470,7 @@ impl ReduceConfig {
     }
 }
 
-/// Parses `N,P` (positive integers, N×P within [`MAX_SYNTHETIC_VALUES`]).
+/// Parses `N,P` (positive integers, N×P within [`MAX_GENERATED_VALUES`]).
 fn parse_synthetic(spec: &str, seed: u64) -> anyhow::Result<Input> {
     let bad = || usage(format!("bad --synthetic '{spec}': expected N,P with positive integers, e.g. 4096,512"));
     let (n, p) = spec.split_once(',').ok_or_else(bad)?;
@@ -475,14 +478,308 @@ fn parse_synthetic(spec: &str, seed: u64) -> anyhow::Result<Input> {
     let (Some(samples), Some(params)) = (parse(n), parse(p)) else {
         return Err(bad());
     };
-    if samples as u128 * params as u128 > MAX_SYNTHETIC_VALUES {
+    if samples as u128 * params as u128 > MAX_GENERATED_VALUES {
         return Err(usage(format!(
-            "--synthetic {samples},{params} would generate {} values in memory (limit {MAX_SYNTHETIC_VALUES}); \
+            "--synthetic {samples},{params} would generate {} values in memory (limit {MAX_GENERATED_VALUES}); \
              write larger inputs to a .npy file and stream them with --grads",
             samples as u128 * params as u128
         )));
     }
     Ok(Input::Synthetic { samples, params, seed })
+}
+
+/// The likelihood, as spelled on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LikelihoodArg {
+    /// Softmax over the outputs (logits); labels are class indices of any integer dtype.
+    Categorical,
+    /// Unit-variance Gaussian with the outputs as mean; labels are N×k float targets.
+    Gaussian,
+}
+
+/// The Fisher variant, as spelled on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VariantArg {
+    /// Gradients at the observed labels.
+    Empirical,
+    /// The exact expectation over the model's predictive distribution (closed form).
+    True,
+    /// Labels sampled from the predictive distribution (--mc-samples K, --seed S).
+    Mc,
+}
+
+/// The form, as spelled on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormArg {
+    /// F (P×P).
+    Full,
+    /// diag(F) (P).
+    Diag,
+    /// One block per Linear layer.
+    Layer,
+    /// KFAC factors A and G per Linear layer.
+    Kfac,
+    /// The per-sample gradient rows G (N·R × P) with F = GᵀG/N.
+    Grads,
+    /// Per-sample squared gradient norms (N).
+    Norms,
+}
+
+impl From<FormArg> for NetForm {
+    fn from(form: FormArg) -> NetForm {
+        match form {
+            FormArg::Full => NetForm::Full,
+            FormArg::Diag => NetForm::Diagonal,
+            FormArg::Layer => NetForm::Layer,
+            FormArg::Kfac => NetForm::Kfac,
+            FormArg::Grads => NetForm::Grads,
+            FormArg::Norms => NetForm::Norms,
+        }
+    }
+}
+
+/// `--likelihood`, `--variant`, `--mc-samples` and `--seed`, shared by `fisher compute`,
+/// `fisher report` (through [`ModelArgs`]) and `fisher action` (flattened; validated by
+/// [`VariantArgs::variant`] and [`VariantArgs::likelihood`]).
+#[derive(Debug, Args)]
+pub struct VariantArgs {
+    /// The likelihood the outputs define [default: categorical].
+    #[arg(long, value_enum)]
+    pub likelihood: Option<LikelihoodArg>,
+
+    /// Which expectation over the labels [default: true].
+    #[arg(long, value_enum)]
+    pub variant: Option<VariantArg>,
+
+    /// Labels drawn per input for --variant mc [default: 1].
+    #[arg(long, value_name = "K")]
+    pub mc_samples: Option<usize>,
+
+    /// Seed of the label draws for --variant mc [default: 0].
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+}
+
+impl VariantArgs {
+    /// The variant (true unless given); `--mc-samples` and `--seed` only with `--variant mc`.
+    /// `seed_hint` is appended to the refusal of a `--seed` without it.
+    pub fn variant(&self, seed_hint: &str) -> anyhow::Result<Variant> {
+        if self.mc_samples == Some(0) {
+            return Err(usage("--mc-samples must be at least 1"));
+        }
+        let variant = self.variant.unwrap_or(VariantArg::True);
+        if variant != VariantArg::Mc {
+            if self.mc_samples.is_some() {
+                return Err(usage("--mc-samples only applies to --variant mc"));
+            }
+            if self.seed.is_some() {
+                return Err(usage(format!("--seed only applies to --variant mc (the label draws){seed_hint}")));
+            }
+        }
+        Ok(match variant {
+            VariantArg::Empirical => Variant::Empirical,
+            VariantArg::True => Variant::True,
+            VariantArg::Mc => Variant::MonteCarlo { samples: self.mc_samples.unwrap_or(1), seed: self.seed.unwrap_or(0) },
+        })
+    }
+
+    /// The likelihood (categorical unless `--likelihood gaussian`).
+    pub fn likelihood(&self) -> Likelihood {
+        match self.likelihood.unwrap_or(LikelihoodArg::Categorical) {
+            LikelihoodArg::Categorical => Likelihood::Categorical,
+            LikelihoodArg::Gaussian => Likelihood::Gaussian,
+        }
+    }
+}
+
+/// The model, data, variant and backend flags that `fisher compute` and `fisher report`
+/// share (flattened into each command's flags; validated by [`ModelArgs::source`],
+/// [`ModelArgs::variant`], [`ModelArgs::likelihood`] and [`ModelArgs::backend`]).
+/// `--activation` is not here: `compute` requires it, `report` only with a model.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// The model: an nn.Sequential of Linear layers (and activations) saved with
+    /// safetensors.torch.save_file(model.state_dict(), path).
+    #[arg(long, value_name = "M.safetensors", conflicts_with = "synthetic_model")]
+    pub weights: Option<PathBuf>,
+
+    /// Inputs: an N×d float32/float64 .npy file.
+    #[arg(long, value_name = "X.npy", conflicts_with = "synthetic_model")]
+    pub inputs: Option<PathBuf>,
+
+    /// Labels: class indices of shape (N,) in any integer dtype, e.g. int64, int32, uint8
+    /// (categorical), or N×k float targets (gaussian).
+    #[arg(long, value_name = "y.npy", conflicts_with = "synthetic_model")]
+    pub labels: Option<PathBuf>,
+
+    /// Likelihood and variant.
+    #[command(flatten)]
+    pub variant: VariantArgs,
+
+    /// Backend and adapter.
+    #[command(flatten)]
+    pub backend: BackendArgs,
+
+    /// Instead of --weights: a seeded He-initialized MLP with these layer widths (input,
+    /// hidden..., output), e.g. 784,512,512,10; Linear layers at indices 0, 2, 4, ...
+    #[arg(long, value_name = "WIDTHS")]
+    pub synthetic_model: Option<String>,
+
+    /// Instead of --inputs/--labels: N seeded standard-normal inputs with uniformly drawn
+    /// class labels (categorical) or standard-normal targets (gaussian).
+    #[arg(long, value_name = "N")]
+    pub synthetic_samples: Option<usize>,
+
+    /// Seed of the synthetic model and data [default: 0].
+    #[arg(long, value_name = "S")]
+    pub synthetic_seed: Option<u64>,
+}
+
+impl ModelArgs {
+    /// Whether the model and data are to be built in memory (`--synthetic-model` or
+    /// `--synthetic-samples` given).
+    pub fn is_synthetic(&self) -> bool {
+        self.synthetic_model.is_some() || self.synthetic_samples.is_some()
+    }
+
+    /// Files or a synthetic problem: exactly one of the two, complete. Each refusal names the
+    /// flag at fault.
+    pub fn source(&self) -> anyhow::Result<Source> {
+        if self.is_synthetic() {
+            for (given, flag) in
+                [(self.weights.is_some(), "--weights"), (self.inputs.is_some(), "--inputs"), (self.labels.is_some(), "--labels")]
+            {
+                if given {
+                    return Err(usage(format!(
+                        "{flag} cannot be combined with --synthetic-model/--synthetic-samples (which build the model and the data in memory)"
+                    )));
+                }
+            }
+            let (Some(widths), Some(samples)) = (&self.synthetic_model, self.synthetic_samples) else {
+                return Err(usage("--synthetic-model WIDTHS and --synthetic-samples N go together"));
+            };
+            return parse_synthetic_model(widths, samples, self.synthetic_seed.unwrap_or(0));
+        }
+        if self.synthetic_seed.is_some() {
+            return Err(usage("--synthetic-seed only applies to --synthetic-model runs"));
+        }
+        let missing: Vec<&str> = [
+            (self.weights.is_none(), "--weights M.safetensors"),
+            (self.inputs.is_none(), "--inputs X.npy"),
+            (self.labels.is_none(), "--labels y.npy"),
+        ]
+        .into_iter()
+        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .collect();
+        if !missing.is_empty() {
+            return Err(usage(format!(
+                "missing {} (or build a model and data in memory with --synthetic-model WIDTHS --synthetic-samples N)",
+                missing.join(", ")
+            )));
+        }
+        Ok(Source::Files {
+            weights: self.weights.clone().expect("checked"),
+            inputs: self.inputs.clone().expect("checked"),
+            labels: self.labels.clone().expect("checked"),
+        })
+    }
+
+    /// The variant; `--mc-samples` and `--seed` only with `--variant mc`.
+    pub fn variant(&self) -> anyhow::Result<Variant> {
+        self.variant.variant("; the synthetic model's seed is --synthetic-seed")
+    }
+
+    /// The likelihood (categorical unless `--likelihood gaussian`).
+    pub fn likelihood(&self) -> Likelihood {
+        self.variant.likelihood()
+    }
+
+    /// The backend and the adapter choice; `--adapter` needs a GPU and a non-empty name.
+    pub fn backend(&self) -> anyhow::Result<(Backend, GpuOptions)> {
+        self.backend.resolve()
+    }
+}
+
+/// Where the model and the data come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Files.
+    Files {
+        /// The state-dict safetensors file.
+        weights: PathBuf,
+        /// Inputs (.npy).
+        inputs: PathBuf,
+        /// Labels or targets (.npy).
+        labels: PathBuf,
+    },
+    /// Built in memory.
+    Synthetic {
+        /// Layer widths: input, hidden..., output.
+        widths: Vec<usize>,
+        /// N.
+        samples: usize,
+        /// Seed of the weights and the data.
+        seed: u64,
+    },
+}
+
+/// Comma-separated layer widths (input, hidden..., output), at least two and all positive,
+/// as `--synthetic-model`, `--widths` and `--network` take them; `None` otherwise.
+pub fn parse_widths(text: &str) -> Option<Vec<usize>> {
+    let widths: Vec<usize> =
+        text.split(',').map(|w| w.trim().parse::<usize>().ok().filter(|&w| w > 0)).collect::<Option<_>>()?;
+    (widths.len() >= 2).then_some(widths)
+}
+
+/// Parses `--synthetic-model` widths and checks the sizes.
+fn parse_synthetic_model(spec: &str, samples: usize, seed: u64) -> anyhow::Result<Source> {
+    let bad = || {
+        usage(format!(
+            "bad --synthetic-model '{spec}': expected at least two positive layer widths (input,...,output), e.g. 784,512,512,10"
+        ))
+    };
+    let widths = parse_widths(spec).ok_or_else(bad)?;
+    if samples == 0 {
+        return Err(usage("--synthetic-samples must be at least 1"));
+    }
+    let params: u128 = widths.windows(2).map(|w| w[1] as u128 * (w[0] as u128 + 1)).sum();
+    let inputs = samples as u128 * widths[0] as u128;
+    if params > MAX_GENERATED_VALUES || inputs > MAX_GENERATED_VALUES {
+        return Err(usage(format!(
+            "--synthetic-model {spec} --synthetic-samples {samples} would generate {params} parameters and {inputs} \
+             input values in memory (limit {MAX_GENERATED_VALUES} each)"
+        )));
+    }
+    Ok(Source::Synthetic { widths, samples, seed })
+}
+
+/// Loads the model and the data from files, or builds the synthetic problem, and checks them
+/// against each other (the files at fault are named).
+pub fn load_model_and_data(
+    source: &Source,
+    activation: &ActivationSpec,
+    likelihood: Likelihood,
+) -> anyhow::Result<(Mlp, Dataset)> {
+    match source {
+        Source::Files { weights, inputs, labels } => {
+            let mlp = Mlp::from_safetensors(weights, activation)?;
+            let data = Dataset::from_npy(inputs, labels, likelihood)?;
+            data.validate(&mlp, likelihood).with_context(|| {
+                format!(
+                    "{} and {} do not fit the model {}",
+                    inputs.display(),
+                    labels.display(),
+                    weights.display()
+                )
+            })?;
+            Ok((mlp, data))
+        }
+        Source::Synthetic { widths, samples, seed } => {
+            let (mlp, data) = problem::synthetic_problem(widths, *samples, *seed, activation, likelihood)
+                .context("building the synthetic model")?;
+            Ok((mlp, data))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -501,5 +798,18 @@ mod tests {
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn synthetic_widths() {
+        assert_eq!(
+            parse_synthetic_model("784,512,512,10", 4096, 3).unwrap(),
+            Source::Synthetic { widths: vec![784, 512, 512, 10], samples: 4096, seed: 3 }
+        );
+        for bad in ["784", "0,5", "5,0", "a,b", "5,-1", "", "3,,2"] {
+            assert!(parse_synthetic_model(bad, 10, 0).is_err(), "{bad}");
+        }
+        assert!(parse_synthetic_model("4,2", 0, 0).is_err());
+        assert!(parse_synthetic_model("100000,100000", 1, 0).is_err());
     }
 }

@@ -13,15 +13,17 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use fisher_engine::backend::gpu::{GpuContext, GpuOptions};
+use fisher_engine::backend::gpu::GpuOptions;
+use fisher_engine::device::{self, AdapterInfo, DeviceRequest};
 use fisher_engine::model::{Activation, Mlp};
 use fisher_engine::fisher::{rows_per_sample, NetForm, Variant};
 use fisher_engine::model::train;
-use fisher_engine::{synthetic, Engine, FisherError, Form};
+use fisher_engine::{synthetic, Backend, Engine, Form, MAX_GENERATED_VALUES};
 use serde_json::{json, Value};
 
-use super::compute::{form_name, variant_name, FormArg, VariantArg};
+use super::args::{FormArg, VariantArg};
 use super::exit::usage;
+use super::format::{duration, gib, mib};
 
 /// Default reductions: one shape that shows per-call overheads, one that shows throughput.
 pub const DEFAULT_SHAPES: &str = "2048x512,4096x1024";
@@ -29,9 +31,6 @@ pub const DEFAULT_SHAPES: &str = "2048x512,4096x1024";
 pub const DEFAULT_NETWORK: &str = "784,256,10";
 /// Default samples of the network stage.
 pub const DEFAULT_SAMPLES: usize = 1024;
-
-/// Generated inputs beyond this many f32 values (8 GiB) are refused: a typo, not a benchmark.
-const MAX_INPUT_VALUES: u128 = 1 << 31;
 
 /// A reduction of per-sample gradients, as spelled in `--forms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,7 +111,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "NAME", default_value = "tanh")]
     pub activation: String,
 
-    /// Backends to measure, comma-separated [default: gpu,cpu where a GPU adapter exists, else cpu].
+    /// Backends to measure, comma-separated [default: gpu,cpu where a hardware GPU adapter exists, else cpu].
     #[arg(long, value_enum, value_name = "gpu,cpu", value_delimiter = ',')]
     pub backend: Vec<BenchBackendArg>,
 
@@ -244,9 +243,9 @@ fn parse_shapes(text: &str) -> anyhow::Result<Vec<Shape>> {
         let (n, p) = entry.trim().split_once(['x', 'X', '×']).ok_or_else(bad)?;
         let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&v| v > 0);
         let (Some(samples), Some(params)) = (parse(n), parse(p)) else { return Err(bad()) };
-        if samples as u128 * params as u128 > MAX_INPUT_VALUES {
+        if samples as u128 * params as u128 > MAX_GENERATED_VALUES {
             return Err(usage(format!(
-                "--shapes {samples}x{params} would generate {} values in memory (limit {MAX_INPUT_VALUES})",
+                "--shapes {samples}x{params} would generate {} values in memory (limit {MAX_GENERATED_VALUES})",
                 samples as u128 * params as u128
             )));
         }
@@ -260,19 +259,13 @@ fn parse_widths(text: &str) -> anyhow::Result<Option<Vec<usize>>> {
     if text.trim().eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    let widths: Option<Vec<usize>> =
-        text.split(',').map(|w| w.trim().parse::<usize>().ok().filter(|&v| v > 0)).collect();
-    match widths {
-        Some(w) if w.len() >= 2 && *w.last().expect("non-empty") >= 2 => Ok(Some(w)),
+    match super::args::parse_widths(text) {
+        Some(w) if *w.last().expect("non-empty") >= 2 => Ok(Some(w)),
         _ => Err(usage(format!(
             "bad --network '{text}': expected comma-separated positive layer widths (input, hidden..., classes ≥ 2), \
              e.g. 784,256,10, or `none`"
         ))),
     }
-}
-
-fn gib(bytes: u128) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 impl BenchConfig {
@@ -303,8 +296,8 @@ impl BenchConfig {
                         form.name(),
                         shape.samples,
                         shape.params,
-                        gib(values * 4),
-                        gib(max_result_bytes)
+                        gib(values * 4, 2),
+                        gib(max_result_bytes, 2)
                     )));
                 }
             }
@@ -329,9 +322,9 @@ impl BenchConfig {
                 if args.samples == 0 {
                     return Err(usage("--samples must be at least 1"));
                 }
-                if args.samples as u128 * widths[0] as u128 > MAX_INPUT_VALUES {
+                if args.samples as u128 * widths[0] as u128 > MAX_GENERATED_VALUES {
                     return Err(usage(format!(
-                        "--samples {} × input width {} would generate {} values in memory (limit {MAX_INPUT_VALUES})",
+                        "--samples {} × input width {} would generate {} values in memory (limit {MAX_GENERATED_VALUES})",
                         args.samples,
                         widths[0],
                         args.samples as u128 * widths[0] as u128
@@ -344,9 +337,9 @@ impl BenchConfig {
                 // Sized from the widths alone, before any model is built.
                 let layers: Vec<(u128, u128)> = widths.windows(2).map(|w| (w[0] as u128, w[1] as u128)).collect();
                 let params: u128 = layers.iter().map(|&(i, o)| (i + 1) * o).sum();
-                if params > MAX_INPUT_VALUES {
+                if params > MAX_GENERATED_VALUES {
                     return Err(usage(format!(
-                        "--network {} has {params} parameters (limit {MAX_INPUT_VALUES})",
+                        "--network {} has {params} parameters (limit {MAX_GENERATED_VALUES})",
                         args.network
                     )));
                 }
@@ -362,10 +355,10 @@ impl BenchConfig {
                         return Err(usage(format!(
                             "--net-forms {} holds {what} = {values} values ({}) for --network {}, beyond the \
                              --max-result-gib limit of {}; diag, kfac and norms stay small for any model",
-                            form_name(form),
-                            gib(values * 4),
+                            form.name(),
+                            gib(values * 4, 2),
                             args.network,
-                            gib(max_result_bytes)
+                            gib(max_result_bytes, 2)
                         )));
                     }
                 }
@@ -485,19 +478,6 @@ fn machine() -> Machine {
     }
 }
 
-/// The GPU adapter a run used.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Adapter {
-    /// Name.
-    pub name: String,
-    /// Graphics API (Vulkan, Metal, Dx12, Gl).
-    pub api: String,
-    /// Discrete, integrated, virtual, cpu (software), other.
-    pub device_type: String,
-    /// Driver and its version, when reported.
-    pub driver: String,
-}
-
 /// Peak resident set size of this process in bytes (Linux: VmHWM), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -588,7 +568,7 @@ pub struct Outcome {
     /// The machine.
     pub machine: Machine,
     /// The GPU adapter, when one ran.
-    pub adapter: Option<Adapter>,
+    pub adapter: Option<AdapterInfo>,
     /// Why the GPU did not run although it was not excluded.
     pub gpu_note: Option<String>,
     /// Seconds to set up each backend (adapter, device, kernels), untimed in the results.
@@ -615,45 +595,33 @@ struct Runner {
 /// The engines to measure, with what the report says about them.
 struct Opened {
     runners: Vec<Runner>,
-    adapter: Option<Adapter>,
+    adapter: Option<AdapterInfo>,
     gpu_note: Option<String>,
     setup: Vec<(&'static str, f64)>,
 }
 
 fn open_backends(cfg: &BenchConfig) -> anyhow::Result<Opened> {
-    let (want_gpu, want_cpu, required) = match cfg.backends {
-        Backends::Available => (true, true, false),
-        Backends::Listed { gpu, cpu } => (gpu, cpu, true),
+    // Both listed: the GPU is required (Backend::Gpu, software accepted); by default it runs
+    // where Auto would run it (a hardware GPU), and the CPU path always runs.
+    let (gpu_request, want_cpu) = match cfg.backends {
+        Backends::Available => (Some(Backend::Auto), true),
+        Backends::Listed { gpu, cpu } => (gpu.then_some(Backend::Gpu), cpu),
     };
     let mut runners = Vec::new();
     let mut setup = Vec::new();
     let mut adapter = None;
     let mut note = None;
-    if want_gpu {
+    if let Some(backend) = gpu_request {
         let start = Instant::now();
-        match GpuContext::new(&cfg.gpu) {
-            Ok(ctx) => {
-                let info = &ctx.info;
-                adapter = Some(Adapter {
-                    name: info.name.clone(),
-                    api: format!("{:?}", info.backend),
-                    device_type: format!("{:?}", info.device_type),
-                    driver: [info.driver.as_str(), info.driver_info.as_str()]
-                        .iter()
-                        .filter(|s| !s.is_empty())
-                        .copied()
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                });
-                let engine = Engine::from_context(ctx, &cfg.gpu).context("setting up the GPU backend")?;
-                setup.push(("gpu", start.elapsed().as_secs_f64()));
-                runners.push(Runner { name: "gpu", engine });
-            }
-            Err(FisherError::NoAdapter(why)) if !required => {
-                log::warn!("no GPU adapter ({why}); benchmarking the CPU path only");
-                note = Some(format!("no GPU adapter ({why}): only the CPU path ran"));
-            }
-            Err(e) => return Err(e.into()),
+        let opened = device::open(&DeviceRequest::from_env(backend, cfg.gpu.clone())?)?;
+        if opened.engine.is_gpu() {
+            adapter = opened.adapter;
+            setup.push(("gpu", start.elapsed().as_secs_f64()));
+            runners.push(Runner { name: "gpu", engine: opened.engine });
+        } else {
+            let why = opened.fallback.unwrap_or(opened.reason);
+            log::warn!("{why}; benchmarking the CPU path only");
+            note = Some(format!("{why}: only the CPU path ran"));
         }
     }
     if want_cpu {
@@ -736,15 +704,15 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::Result<
         for &form in &net.forms {
             for runner in &runners {
                 done += 1;
-                progress(&format!("[{done}/{total}] network {} {shape} on {}", form_name(form), runner.name));
+                progress(&format!("[{done}/{total}] network {} {shape} on {}", form.name(), runner.name));
                 let times = measure(cfg.warmup, cfg.repeat, || {
                     runner.engine.fisher(&mlp, &data, net.variant, form).with_context(|| {
-                        format!("network {} {shape} on {}", form_name(form), runner.engine.device_info())
+                        format!("network {} {shape} on {}", form.name(), runner.engine.device_info())
                     })
                 })?;
                 results.push(Measurement {
                     kind: "network",
-                    form: form_name(form),
+                    form: form.name(),
                     shape: shape.clone(),
                     samples: net.samples,
                     params: mlp.num_params(),
@@ -807,16 +775,6 @@ const FLOPS_LINES: [&str; 5] = [
     "           2·N·R·out_l²); diag, norms and kfac never form those rows, so their rate can exceed the GEMM rate",
 ];
 
-fn seconds(t: f64) -> String {
-    if t >= 1.0 {
-        format!("{t:.3} s")
-    } else if t >= 1e-3 {
-        format!("{:.2} ms", t * 1e3)
-    } else {
-        format!("{:.1} µs", t * 1e6)
-    }
-}
-
 fn gflops(g: f64) -> String {
     if g >= 100.0 {
         format!("{g:.0}")
@@ -827,14 +785,10 @@ fn gflops(g: f64) -> String {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
 fn variant_text(variant: Variant) -> String {
     match variant {
         Variant::MonteCarlo { samples, .. } => format!("mc, K={samples}"),
-        v => variant_name(v).to_string(),
+        v => v.name().to_string(),
     }
 }
 
@@ -875,8 +829,8 @@ pub fn human(o: &Outcome) -> String {
                 m.params.to_string(),
                 m.rows_per_sample.map_or(String::new(), |r| r.to_string()),
                 m.backend.to_string(),
-                seconds(m.best()),
-                seconds(m.median()),
+                duration(m.best()),
+                duration(m.median()),
                 gflops(m.gflops(m.best())),
                 m.gpu_speedup.map_or(String::new(), |r| format!("{r:.2}x")),
             ]
@@ -923,10 +877,10 @@ pub fn human(o: &Outcome) -> String {
     }
     lines.extend(FLOPS_LINES.iter().map(|l| l.to_string()));
     lines.push("GPU speedup = CPU best time / GPU best time, measured back to back in this run (> 1: the GPU is faster)".into());
-    let setup = o.setup.iter().map(|(b, t)| format!("{b} {}", seconds(*t))).collect::<Vec<_>>().join(", ");
+    let setup = o.setup.iter().map(|(b, t)| format!("{b} {}", duration(*t))).collect::<Vec<_>>().join(", ");
     lines.push(format!(
         "untimed: backend set-up {setup}; data generation {}",
-        seconds(o.generate)
+        duration(o.generate)
     ));
     match o.peak_rss {
         Some(b) => lines.push(format!("peak memory: {} resident (VmHWM of this process, all stages)", mib(b))),
@@ -939,7 +893,7 @@ pub fn human(o: &Outcome) -> String {
 pub fn json_line(o: &Outcome) -> String {
     let network = o.network.map(|(variant, activation)| {
         json!({
-            "variant": variant_name(variant),
+            "variant": variant.name(),
             "mc_samples": match variant { Variant::MonteCarlo { samples, .. } => Some(samples), _ => None },
             "activation": activation.name(),
         })

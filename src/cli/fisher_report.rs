@@ -4,8 +4,8 @@
 //! Three ways in:
 //!
 //! * **implicit** (a model and data, `--form implicit`): F is never formed. The operator is
-//!   the engine's F·v ([`Engine::fisher_vector_product`], f32 on the backend, widened to f64)
-//!   with vᵀFv by a forward pass alone ([`Engine::fisher_quadratic`]), the exact tr F (the
+//!   the engine's F·v ([`fisher_engine::Engine::fisher_vector_product`], f32 on the backend, widened to f64)
+//!   with vᵀFv by a forward pass alone ([`fisher_engine::Engine::fisher_quadratic`]), the exact tr F (the
 //!   mean of the per-sample squared gradient norms, [`NetForm::Norms`], no gradient formed)
 //!   and the rank bound N·R (so λ_min = 0 whenever N·R < P). Then Lanczos top-k, whose
 //!   converged eigenpairs are deflated from SLQ ([`analysis::slq_deflated`]: log det, d_eff,
@@ -14,7 +14,7 @@
 //!   the model, the data, one micro-batch, and one Lanczos basis at a time (4·P bytes per
 //!   vector).
 //! * **explicit** (a model and data, `--form full|diag|layer|kfac`): the form is computed
-//!   with [`Engine::fisher`] and everything is exact ([`analysis::measures_from_spectrum`]).
+//!   with [`fisher_engine::Engine::fisher`] and everything is exact ([`fisher_engine::analysis::measures_from_spectrum`]).
 //! * **stored** (`--fisher F.safetensors`, a result of `fisher compute` or `fisher reduce`):
 //!   the form is rebuilt from its tensors and metadata and analysed exactly; `--weights`
 //!   adds θ (the Fisher–Rao norm) and the layer shapes where the metadata lacks them.
@@ -25,7 +25,6 @@
 //! success.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -36,7 +35,8 @@ use fisher_engine::analysis::{
     ParameterLayout, SlqOptions, SpectralDensity, Spectrum,
 };
 use fisher_engine::backend::gpu::GpuOptions;
-use fisher_engine::io;
+use fisher_engine::device::{self, DeviceRequest};
+use fisher_engine::io::fisher_file::{self, FisherFile, Tensors};
 use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Linear, Mlp};
 use fisher_engine::fisher::{rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
 use fisher_engine::output::plot::{self, Histogram};
@@ -46,9 +46,9 @@ use ndarray::{Array1, Array2};
 use serde_json::json;
 
 use super::args::Report;
-use super::compute::{likelihood_name, load_model_and_data, variant_name, widths_of, ModelArgs, Source};
+use super::args::{load_model_and_data, ModelArgs, Source};
 use super::exit::usage;
-use super::reduce::open_device;
+use super::format::{gib, sci, sci_with};
 
 /// `--form auto` computes the full F and analyses it exactly up to this many parameters
 /// (a dense f64 eigendecomposition: ~1.4 s at P = 2,410 on two cores, growing as P³), and
@@ -379,7 +379,7 @@ impl ReportConfig {
         if let (Some(flag), ReportInput::Model { form: FormChoice::Explicit(form), .. }) = (implicit.given, &input) {
             return Err(usage(format!(
                 "{flag} only applies to --form implicit (--form {} is analysed exactly)",
-                super::compute::form_name(*form)
+                form.name()
             )));
         }
         if let Some(path) = &args.plot {
@@ -538,18 +538,6 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
 }
 
 /// `64-32-10 tanh MLP`.
-fn architecture(mlp: &Mlp) -> String {
-    let widths = widths_of(mlp).iter().map(usize::to_string).collect::<Vec<_>>().join("-");
-    let mut names: Vec<&str> = mlp.activations.iter().map(|a| a.name()).collect();
-    names.dedup();
-    let act = match names.as_slice() {
-        [] => "linear".to_string(),
-        [one] => one.to_string(),
-        _ => mlp.activations.iter().map(|a| a.name()).collect::<Vec<_>>().join("/"),
-    };
-    format!("{widths} {act} MLP")
-}
-
 /// The options shared by every form.
 fn measure_options<'a>(
     cfg: &ReportConfig,
@@ -616,10 +604,6 @@ fn dense_bytes(mlp: &Mlp, form: NetForm) -> Option<(u128, String)> {
     }
 }
 
-fn gib(bytes: u128) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
     let ReportInput::Model { source, activation, likelihood, variant, form, backend, gpu } = &cfg.input else {
         unreachable!("run_model on a model input")
@@ -657,16 +641,16 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
                 return Err(usage(format!(
                     "--form {} analyses {what} values in f64 (about {} with the eigensolver's copy), beyond the \
                      {} this command allows; --form implicit works for any model size",
-                    super::compute::form_name(net_form),
-                    gib(bytes),
-                    gib(MAX_DENSE_BYTES)
+                    net_form.name(),
+                    gib(bytes, 1),
+                    gib(MAX_DENSE_BYTES, 1)
                 )));
             }
         }
     }
 
     let start = Instant::now();
-    let device = open_device(*backend, gpu)?;
+    let device = device::open(&DeviceRequest::from_env(*backend, gpu.clone())?)?;
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
 
@@ -681,11 +665,11 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
         effective_dimensions: Vec::new(),
         form: String::new(),
         samples: Some(n),
-        architecture: Some(architecture(&mlp)),
-        layers: Some(widths_of(&mlp)),
+        architecture: Some(mlp.architecture()),
+        layers: Some(mlp.widths()),
         layer_indices: Some(mlp.layers.iter().map(|l| l.index).collect()),
-        variant: Some(variant_name(*variant).to_string()),
-        likelihood: Some(likelihood_name(*likelihood).to_string()),
+        variant: Some(variant.name().to_string()),
+        likelihood: Some(likelihood.name().to_string()),
         input: match source {
             Source::Files { weights, inputs, labels } => {
                 format!("{} · {} · {}", weights.display(), inputs.display(), labels.display())
@@ -693,7 +677,7 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
             Source::Synthetic { seed, .. } => format!("synthetic model and data (seed {seed})"),
         },
         backend: Some(engine.device_info()),
-        adapter: device.adapter.clone(),
+        adapter: device.adapter.as_ref().map(|a| a.name.clone()),
         fallback: device.fallback.clone(),
         stored: false,
         form_reason,
@@ -710,12 +694,12 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
             let fisher = ExplicitFisher::from_net(&result, Some(&layout))?;
             drop(result);
             outcome.seconds.fisher = start.elapsed().as_secs_f64();
-            outcome.form = super::compute::form_name(net_form).to_string();
+            outcome.form = net_form.name().to_string();
             let title = format!(
                 "Fisher spectrum ({} form): {}, {} Fisher, N = {n}",
                 outcome.form,
-                architecture(&mlp),
-                variant_name(*variant)
+                mlp.architecture(),
+                variant.name()
             );
             let analysis = analyse_exact(cfg, &fisher, &options, &title)?;
             outcome.absorb(analysis);
@@ -730,7 +714,7 @@ fn run_model(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
             outcome.form = "implicit".into();
             let rank_bound = n.saturating_mul(rows_per_sample(*variant, mlp.output_dim()));
             let title =
-                format!("Fisher spectrum (implicit): {}, {} Fisher, N = {n}", architecture(&mlp), variant_name(*variant));
+                format!("Fisher spectrum (implicit): {}, {} Fisher, N = {n}", mlp.architecture(), variant.name());
             let analysis = analyse_implicit(cfg, engine, &mlp, &data, *variant, trace, rank_bound, &options, &title)?;
             outcome.absorb(analysis);
         }
@@ -909,29 +893,13 @@ struct Stored {
     shapes: Option<Vec<LayerShape>>,
 }
 
-/// `block.<i>` / `kfac.<i>.A`: the integer after the prefix.
-fn index_of(name: &str, prefix: &str) -> Option<usize> {
-    name.strip_prefix(prefix)?.split('.').next()?.parse().ok()
-}
-
-/// The tensor `name` as a square matrix.
-fn square(path: &std::path::Path, name: &str, shape: &[usize], values: Vec<f32>) -> anyhow::Result<Array2<f32>> {
-    match shape {
-        [r, c] if r == c => Ok(Array2::from_shape_vec((*r, *c), values).expect("shape matches the values")),
-        _ => Err(usage(format!("{}: tensor '{name}' has shape {shape:?}, expected a square matrix", path.display()))),
-    }
-}
-
-/// Layer shapes from the metadata's `layers` widths (input, then each layer's output), with
-/// the bias of each layer told by `has_bias(l, fan_in, fan_out)`.
+/// Layer shapes from the file's `layers` widths (input, then each layer's output), with the
+/// bias of each layer told by `has_bias(l, fan_in, fan_out)`.
 fn shapes_from_widths(
-    meta: &HashMap<String, String>,
+    widths: Option<&[usize]>,
     mut has_bias: impl FnMut(usize, usize, usize) -> Option<bool>,
 ) -> Option<Vec<LayerShape>> {
-    let widths: Vec<usize> = serde_json::from_str(meta.get("layers")?).ok()?;
-    if widths.len() < 2 {
-        return None;
-    }
+    let widths = widths.filter(|w| w.len() >= 2)?;
     widths
         .windows(2)
         .enumerate()
@@ -939,165 +907,68 @@ fn shapes_from_widths(
         .collect()
 }
 
-/// Rebuilds the form of a stored result from its tensors and metadata.
-fn rebuild(
-    path: &std::path::Path,
-    tensors: Vec<io::NamedTensor>,
-    meta: &HashMap<String, String>,
-    model_shapes: Option<&[LayerShape]>,
-) -> anyhow::Result<Stored> {
-    let bad = |message: String| usage(format!("{}: {message}", path.display()));
-    let names: Vec<&str> = tensors.iter().map(|t| t.0.as_str()).collect();
-    // `fisher reduce`'s blocks:a,b,... are analysed like `fisher compute`'s per-layer blocks.
-    let label = meta.get("form").cloned();
-    let form = match label.as_deref() {
-        Some(f) if f.starts_with("blocks:") => "layer".to_string(),
-        Some(f) => f.to_string(),
-        None if names == ["fisher"] => "full".into(),
-        None if names == ["diag"] => "diag".into(),
-        None if names == ["gram"] => "gram".into(),
-        None if !names.is_empty() && names.iter().all(|n| n.starts_with("block.")) => "layer".into(),
-        None if !names.is_empty() && names.iter().all(|n| n.starts_with("kfac.")) => "kfac".into(),
-        None => {
-            return Err(bad(format!(
-                "no 'form' in the metadata and the tensors ({}) are not a Fisher form",
-                names.join(", ")
-            )))
-        }
-    };
-    let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
-        tensors.into_iter().map(|(name, shape, values)| (name, (shape, values))).collect();
-    let mut take = |name: &str| {
-        by_name.remove(name).ok_or_else(|| bad(format!("the {form} form needs a tensor '{name}', which is missing")))
-    };
-    let stored = match form.as_str() {
-        "full" => {
-            let (shape, values) = take("fisher")?;
-            let f = square(path, "fisher", &shape, values)?;
-            let parameters: Option<usize> = meta.get("parameters").and_then(|v| v.parse().ok());
-            let shapes = model_shapes.map(<[LayerShape]>::to_vec).or_else(|| {
+/// The analysable form of a stored result (read by [`fisher_file::read`]), with the layer
+/// shapes where the model or the file tells them.
+fn rebuild(path: &std::path::Path, file: FisherFile, model_shapes: Option<&[LayerShape]>) -> anyhow::Result<Stored> {
+    let bad = |message: &str| usage(format!("{}: {message}", path.display()));
+    let form = file.form().to_string();
+    let widths = file.widths();
+    let parameters = file.parameters();
+    let model = || model_shapes.map(<[LayerShape]>::to_vec);
+    let (fisher, shapes) = match file.tensors {
+        Tensors::Full(f) => {
+            let shapes = model().or_else(|| {
                 // Every layer biased, or none: the only cases P alone can tell.
                 let p = parameters?;
-                let all = |bias: bool| shapes_from_widths(meta, |_, _, _| Some(bias));
+                let all = |bias: bool| shapes_from_widths(widths.as_deref(), |_, _, _| Some(bias));
                 [all(true), all(false)].into_iter().flatten().find(|s| s.iter().map(LayerShape::num_params).sum::<usize>() == p)
             });
-            Stored { fisher: ExplicitFisher::from_net(&NetFisher::Full(f), None)?, form: form.clone(), shapes }
+            (ExplicitFisher::from_net(&NetFisher::Full(f), None)?, shapes)
         }
-        "diag" => {
-            let (shape, values) = take("diag")?;
-            if shape.len() != 1 {
-                return Err(bad(format!("tensor 'diag' has shape {shape:?}, expected a vector")));
-            }
-            Stored {
-                fisher: ExplicitFisher::from_net(&NetFisher::Diagonal(Array1::from(values)), None)?,
-                form: form.clone(),
-                shapes: model_shapes.map(<[LayerShape]>::to_vec),
-            }
+        Tensors::Diagonal(d) => (ExplicitFisher::from_net(&NetFisher::Diagonal(d), None)?, model()),
+        Tensors::Gram(k) => {
+            let p = parameters
+                .ok_or_else(|| bad("a Gram matrix needs the number of parameters P ('parameters' in the metadata)"))?;
+            (ExplicitFisher::from_matrix(&fisher_engine::FisherMatrix::Gram(k))?.with_parameters(p), None)
         }
-        "gram" => {
-            let (shape, values) = take("gram")?;
-            let k = square(path, "gram", &shape, values)?;
-            let p: usize = meta.get("parameters").and_then(|v| v.parse().ok()).ok_or_else(|| {
-                bad("a Gram matrix needs the number of parameters P ('parameters' in the metadata)".into())
-            })?;
-            let fisher = ExplicitFisher::from_matrix(&fisher_engine::FisherMatrix::Gram(k))?.with_parameters(p);
-            Stored { fisher, form: form.clone(), shapes: None }
-        }
-        "layer" => {
-            let mut blocks: Vec<(usize, Array2<f32>)> = Vec::new();
-            for (name, (shape, values)) in std::mem::take(&mut by_name) {
-                let Some(i) = index_of(&name, "block.") else {
-                    return Err(bad(format!("unexpected tensor '{name}' in a layer form")));
-                };
-                blocks.push((i, square(path, &name, &shape, values)?));
-            }
-            if blocks.is_empty() {
-                return Err(bad("the layer form holds no 'block.<i>' tensors".into()));
-            }
-            blocks.sort_by_key(|b| b.0);
+        Tensors::Blocks(blocks) => {
             let sizes: Vec<usize> = blocks.iter().map(|b| b.1.nrows()).collect();
-            let shapes = model_shapes.map(<[LayerShape]>::to_vec).or_else(|| {
-                shapes_from_widths(meta, |l, i, o| match sizes.get(l) {
+            let shapes = model().or_else(|| {
+                shapes_from_widths(widths.as_deref(), |l, i, o| match sizes.get(l) {
                     Some(&s) if s == o * (i + 1) => Some(true),
                     Some(&s) if s == o * i => Some(false),
                     _ => None,
                 })
             });
             let blocks: Vec<Array2<f32>> = blocks.into_iter().map(|b| b.1).collect();
-            Stored { fisher: ExplicitFisher::from_net(&NetFisher::Layer(blocks), None)?, form: form.clone(), shapes }
+            (ExplicitFisher::from_net(&NetFisher::Layer(blocks), None)?, shapes)
         }
-        "kfac" => {
-            // Per layer index: (A, G) as they are found.
-            type Slots = (Option<Array2<f32>>, Option<Array2<f32>>);
-            let mut pairs: BTreeMap<usize, Slots> = BTreeMap::new();
-            for (name, (shape, values)) in std::mem::take(&mut by_name) {
-                let (Some(i), Some(kind)) = (index_of(&name, "kfac."), name.rsplit('.').next()) else {
-                    return Err(bad(format!("unexpected tensor '{name}' in a kfac form")));
-                };
-                let m = square(path, &name, &shape, values)?;
-                let slot = pairs.entry(i).or_default();
-                match kind {
-                    "A" => slot.0 = Some(m),
-                    "G" => slot.1 = Some(m),
-                    _ => return Err(bad(format!("unexpected tensor '{name}' in a kfac form"))),
-                }
-            }
-            let mut factors = Vec::with_capacity(pairs.len());
-            for (i, (a, g)) in pairs {
-                let (Some(a), Some(g)) = (a, g) else {
-                    return Err(bad(format!("layer {i} needs both kfac.{i}.A and kfac.{i}.G")));
-                };
-                factors.push(KfacFactors { a, g });
-            }
-            if factors.is_empty() {
-                return Err(bad("the kfac form holds no 'kfac.<i>.A/G' tensors".into()));
-            }
-            let a_sizes: Vec<usize> = factors.iter().map(|f| f.a.nrows()).collect();
-            let shapes = match model_shapes {
-                Some(s) => s.to_vec(),
-                None => shapes_from_widths(meta, |l, i, _| match a_sizes.get(l) {
+        Tensors::Kfac(factors) => {
+            let a_sizes: Vec<usize> = factors.iter().map(|f| f.1.a.nrows()).collect();
+            let shapes = match model() {
+                Some(s) => s,
+                None => shapes_from_widths(widths.as_deref(), |l, i, _| match a_sizes.get(l) {
                     Some(&a) if a == i + 1 => Some(true),
                     Some(&a) if a == i => Some(false),
                     _ => None,
                 })
                 .ok_or_else(|| {
                     bad("KFAC analysis needs the layer shapes (which column of A is the bias): the metadata has no \
-                         matching 'layers' widths; give the model with --weights"
-                        .into())
+                         matching 'layers' widths; give the model with --weights")
                 })?,
             };
             let layout = ParameterLayout::from_shapes(&shapes)?;
-            let fisher = ExplicitFisher::from_net(&NetFisher::Kfac(factors), Some(&layout))?;
-            Stored { fisher, form: form.clone(), shapes: Some(shapes) }
+            let factors: Vec<KfacFactors> = factors.into_iter().map(|f| f.1).collect();
+            (ExplicitFisher::from_net(&NetFisher::Kfac(factors), Some(&layout))?, Some(shapes))
         }
-        "grads" => {
+        Tensors::Grads(_) => {
             return Err(bad(
-                "a grads result holds the square-root rows G; analyse the model with --form full or implicit instead"
-                    .into(),
+                "a grads result holds the square-root rows G; analyse the model with --form full or implicit instead",
             ))
         }
-        "norms" => return Err(bad("a norms result gives only tr F (the mean of the norms), not a spectrum".into())),
-        other => return Err(bad(format!("unknown form '{other}' in the metadata"))),
+        Tensors::Norms(_) => return Err(bad("a norms result gives only tr F (the mean of the norms), not a spectrum")),
     };
-    if let Some(name) = by_name.keys().next() {
-        return Err(bad(format!("unexpected tensor '{name}' in a {form} form")));
-    }
-    Ok(Stored { form: label.unwrap_or(stored.form), ..stored })
-}
-
-/// `6-12-3 tanh MLP` from a stored result's widths and the activations in its metadata (those
-/// of `fisher compute`; `--activation` only reads the weights here).
-fn stored_architecture(widths: Option<&[usize]>, meta: &HashMap<String, String>) -> Option<String> {
-    let widths = widths?.iter().map(usize::to_string).collect::<Vec<_>>().join("-");
-    let mut names: Vec<String> =
-        meta.get("activations").and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
-    let all = names.join("/");
-    names.dedup();
-    Some(match names.as_slice() {
-        [] => format!("{widths} MLP"),
-        [one] => format!("{widths} {one} MLP"),
-        _ => format!("{widths} {all} MLP"),
-    })
+    Ok(Stored { fisher, form, shapes })
 }
 
 fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
@@ -1108,8 +979,20 @@ fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
     let start = Instant::now();
     let mlp = weights.as_ref().map(|w| Mlp::from_safetensors(w, activation)).transpose()?;
     let model_shapes: Option<Vec<LayerShape>> = mlp.as_ref().map(|m| m.layers.iter().map(LayerShape::from).collect());
-    let (tensors, meta) = io::read_safetensors(path)?;
-    let stored = rebuild(path, tensors, &meta, model_shapes.as_deref())?;
+    let file = fisher_file::read(path).map_err(|e| match e {
+        // A file that is not the Fisher form it claims is bad input (exit 2), like the rest.
+        FisherError::Io { path, message } => usage(format!("{path}: {message}")),
+        other => other.into(),
+    })?;
+    let samples = file.samples();
+    let widths = file.widths();
+    let layer_indices = file.layer_indices();
+    let variant = file.metadata.get("variant").cloned();
+    let likelihood = file.metadata.get("likelihood").cloned();
+    let backend = file.backend().map(str::to_string);
+    let model_widths: Option<Vec<usize>> = mlp.as_ref().map(Mlp::widths);
+    let architecture = file.architecture(model_widths.as_deref());
+    let stored = rebuild(path, file, model_shapes.as_deref())?;
     seconds.fisher = start.elapsed().as_secs_f64();
     let p = stored.fisher.parameters();
     if let Some(m) = &mlp {
@@ -1134,7 +1017,6 @@ fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
         _ => None,
     };
     let theta: Option<Vec<f64>> = mlp.as_ref().map(|m| m.parameters().iter().map(|&v| f64::from(v)).collect());
-    let samples: Option<usize> = meta.get("samples").and_then(|v| v.parse().ok());
     let mut notes = Vec::new();
     if theta.is_none() && !matches!(stored.fisher, ExplicitFisher::Gram(_)) {
         notes.push("Fisher–Rao norm: needs θ; give the model with --weights".into());
@@ -1144,23 +1026,19 @@ fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
     }
     let abbas_n = abbas_samples(cfg, samples, &mut notes);
     let options = measure_options(cfg, p, theta.as_deref(), layout.as_ref(), abbas_n);
-    let widths: Option<Vec<usize>> = meta.get("layers").and_then(|v| serde_json::from_str(v).ok());
-    let model_widths: Option<Vec<usize>> = mlp.as_ref().map(widths_of);
     let mut outcome = Outcome {
         measures: None,
         effective_dimensions: Vec::new(),
         form: stored.form.clone(),
         samples,
-        architecture: stored_architecture(widths.as_deref().or(model_widths.as_deref()), &meta),
+        architecture,
         layers: widths.or(model_widths),
-        layer_indices: meta
-            .get("layer_indices")
-            .and_then(|v| serde_json::from_str(v).ok())
+        layer_indices: layer_indices
             .or_else(|| mlp.as_ref().map(|m| m.layers.iter().map(|l: &Linear| l.index).collect())),
-        variant: meta.get("variant").cloned(),
-        likelihood: meta.get("likelihood").cloned(),
+        variant,
+        likelihood,
         input: path.display().to_string(),
-        backend: meta.get("backend").cloned(),
+        backend,
         adapter: None,
         fallback: None,
         stored: true,
@@ -1178,26 +1056,6 @@ fn run_stored(cfg: &ReportConfig) -> anyhow::Result<Outcome> {
 
 // ---------------------------------------------------------------------------------------
 // Reports
-
-/// `1.2345e-03`: `decimals` decimals and a signed two-digit exponent, so that columns line up.
-fn sci_with(v: f64, decimals: usize) -> String {
-    if !v.is_finite() {
-        return match v {
-            f64::INFINITY => "∞".into(),
-            f64::NEG_INFINITY => "−∞".into(),
-            _ => "NaN".into(),
-        };
-    }
-    let text = format!("{v:.decimals$e}");
-    match text.split_once('e').map(|(m, e)| (m, e.parse::<i32>())) {
-        Some((mantissa, Ok(exp))) => format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs()),
-        _ => text,
-    }
-}
-
-fn sci(v: f64) -> String {
-    sci_with(v, 4)
-}
 
 /// `value ± error` (the error with two significant digits).
 fn with_error(value: String, error: Option<f64>) -> String {
@@ -1264,7 +1122,7 @@ pub fn human(o: &Outcome) -> String {
         }
     }
     if let Some(why) = &o.fallback {
-        lines.push(format!("            (no GPU adapter: {why})"));
+        lines.push(format!("            ({why})"));
     }
     lines.push(String::new());
 
@@ -1422,12 +1280,5 @@ mod tests {
         assert_eq!(with_error(sci(1.0), Some(0.012)), "1.0000e+00 ± 1.2e-02");
         assert_eq!(grouped(2_913_290), "2,913,290");
         assert_eq!(grouped(12), "12");
-    }
-
-    #[test]
-    fn stored_names_parse() {
-        assert_eq!(index_of("block.4", "block."), Some(4));
-        assert_eq!(index_of("kfac.12.A", "kfac."), Some(12));
-        assert_eq!(index_of("fisher", "block."), None);
     }
 }

@@ -7,7 +7,7 @@ pub mod compute;
 pub mod demo;
 pub mod devices;
 pub mod exit;
+pub mod format;
 pub mod fisher_report;
 pub mod reduce;
-pub mod report;
 pub mod train;

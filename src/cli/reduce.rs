@@ -11,14 +11,18 @@ use std::time::Instant;
 
 use anyhow::Context;
 use fisher_engine::reference::grads as reference;
-use fisher_engine::backend::gpu::{GpuContext, GpuOptions};
+use fisher_engine::device::{self, DeviceRequest};
+use fisher_engine::io::fisher_file::{self, FisherFile};
 use fisher_engine::io::{self, NpyRows};
-use fisher_engine::verify::Tolerance;
+use fisher_engine::verify::{Contract, Verdict};
 use fisher_engine::validate::check_matrix;
-use fisher_engine::{Agreement, Backend, Engine, FisherError, FisherMatrix, Form};
+use fisher_engine::compare::{compare_paths, Comparison};
+use fisher_engine::{Backend, Engine, FisherMatrix, Form};
+use serde_json::json;
 use ndarray::Array2;
 
 use super::args::{Input, ReduceConfig};
+use super::format::{bytes, tensor_list};
 
 /// Bytes of G per streamed chunk. Large enough that per-chunk overheads (a GPU submission,
 /// a thread hand-off) vanish; small enough that the at most three chunks alive at once
@@ -39,100 +43,6 @@ pub struct Seconds {
     pub verify: f64,
     /// Writing the output file (0 without `--out`).
     pub write: f64,
-}
-
-/// A comparison with the f64 reference, judged by the crate's one tolerance model.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct Verification {
-    /// max|Δ|, max|Δ|/max|ref|, ‖Δ‖/‖ref‖.
-    #[serde(flatten)]
-    pub agreement: Agreement,
-    /// The allowed max|Δ|/max|ref|: `Tolerance::for_sum` for the form's reduction length.
-    pub tolerance_rel: f64,
-    /// Whether max|Δ| ≤ abs + rel·max|ref|.
-    pub passed: bool,
-}
-
-/// Products summed per entry of `form`: N for the forms of F, P for K and the norms.
-fn sum_length(form: &Form, samples: usize, params: usize) -> usize {
-    match form {
-        Form::Gram | Form::SampleNorms => params,
-        Form::Full | Form::Diagonal | Form::BlockDiagonal(_) => samples,
-    }
-}
-
-/// Compares `result` with `reference` under `Tolerance::for_sum` for this reduction.
-fn judge(
-    result: &FisherMatrix,
-    reference: &FisherMatrix<f64>,
-    form: &Form,
-    samples: usize,
-    params: usize,
-) -> anyhow::Result<Verification> {
-    let agreement = result.agreement(reference)?;
-    let tol = Tolerance::for_sum(sum_length(form, samples, params));
-    let max_ref = reference.values().iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    // Written so that a NaN difference fails.
-    let passed = agreement.max_abs <= tol.abs + tol.rel * max_ref;
-    Ok(Verification { agreement, tolerance_rel: tol.rel, passed })
-}
-
-/// `--verify` found a result outside the tolerance: a wrong result is not written.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "verification failed on {backend}: max|Δ| = {max_abs:e} is {max_rel:.2e}·max|ref|, beyond the f32 tolerance \
-     {tolerance_rel:.2e}·max|ref| for sums of {terms} terms; nothing was written"
-)]
-pub struct VerificationFailed {
-    /// The backend's label.
-    pub backend: String,
-    /// max|Δ|.
-    pub max_abs: f64,
-    /// max|Δ|/max|ref|.
-    pub max_rel: f64,
-    /// The allowed max|Δ|/max|ref|.
-    pub tolerance_rel: f64,
-    /// The reduction length.
-    pub terms: usize,
-}
-
-/// The chosen engine, with what the report says about it.
-pub struct Device {
-    /// The engine.
-    pub engine: Engine,
-    /// The GPU adapter's name, when on a GPU.
-    pub adapter: Option<String>,
-    /// Why the CPU path is used although Auto looked for a GPU.
-    pub fallback: Option<String>,
-    /// Whether the GPU adapter is a software one (lavapipe, llvmpipe, WARP, SwiftShader).
-    pub software: bool,
-}
-
-/// Creates the engine for the requested backend.
-///
-/// The context is made here rather than by `Engine::with_options` so that the adapter's
-/// name is known for the report. Auto falls back to the CPU when no adapter exists, but
-/// not when `--adapter` named one: a named adapter that is missing is an error (exit 3).
-pub fn open_device(backend: Backend, gpu: &GpuOptions) -> anyhow::Result<Device> {
-    let on_gpu = |ctx: GpuContext| -> anyhow::Result<Device> {
-        let adapter = Some(ctx.info.name.clone());
-        let software = ctx.is_software();
-        let engine = Engine::from_context(ctx, gpu).context("setting up the GPU backend")?;
-        Ok(Device { engine, adapter, fallback: None, software })
-    };
-    match backend {
-        Backend::Cpu => Ok(Device { engine: Engine::cpu(), adapter: None, fallback: None, software: false }),
-        Backend::Gpu => on_gpu(GpuContext::new(gpu)?),
-        Backend::Auto if gpu.adapter.is_some() => on_gpu(GpuContext::new(gpu)?),
-        Backend::Auto => match GpuContext::new(gpu) {
-            Ok(ctx) => on_gpu(ctx),
-            Err(FisherError::NoAdapter(why)) => {
-                log::warn!("no GPU adapter ({why}); using the CPU path");
-                Ok(Device { engine: Engine::cpu(), adapter: None, fallback: Some(why), software: false })
-            }
-            Err(e) => Err(e.into()),
-        },
-    }
 }
 
 /// What a `reduce` run did, for the report.
@@ -158,7 +68,7 @@ pub struct Outcome {
     pub trace: f64,
     /// Disagreement with the f64 reference (`--verify`); always a pass here, since a failed
     /// verification is an error.
-    pub verification: Option<Verification>,
+    pub verification: Option<Verdict>,
     /// The file written and its size in bytes.
     pub out: Option<(PathBuf, u64)>,
     /// Seconds per stage.
@@ -208,7 +118,7 @@ fn open_source(input: &Input, form: &Form, seconds: &mut Seconds) -> anyhow::Res
         Source::Memory(g) => g.ncols(),
     };
     form.validate(params)
-        .with_context(|| format!("--form {} does not fit {what}", io::form_spelling(form)))?;
+        .with_context(|| format!("--form {} does not fit {what}", form))?;
     seconds.load += start.elapsed().as_secs_f64();
     Ok((source, what, info))
 }
@@ -275,7 +185,7 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
     let (source, what, input) = open_source(&cfg.input, &cfg.form, &mut seconds)?;
 
     let start = Instant::now();
-    let device = open_device(cfg.backend, &cfg.gpu)?;
+    let device = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
 
@@ -305,19 +215,10 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
                 let start = Instant::now();
                 let reference =
                     reference::reduce(g.view(), &cfg.form).context("computing the f64 reference")?;
-                let verification = judge(&result, &reference, &cfg.form, g.nrows(), g.ncols())?;
+                let contract = Contract::reduction(&cfg.form, g.nrows(), g.ncols());
+                let verdict = Verdict::judge(result.agreement(&reference)?, contract);
                 seconds.verify = start.elapsed().as_secs_f64();
-                if !verification.passed {
-                    return Err(VerificationFailed {
-                        backend: engine.device_info(),
-                        max_abs: verification.agreement.max_abs,
-                        max_rel: verification.agreement.max_rel,
-                        tolerance_rel: verification.tolerance_rel,
-                        terms: sum_length(&cfg.form, g.nrows(), g.ncols()),
-                    }
-                    .into());
-                }
-                Some(verification)
+                Some(verdict.require(&engine.device_info())?)
             } else {
                 None
             };
@@ -326,15 +227,13 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
     };
 
     let trace = result.trace();
-    let named = io::tensors_of(&result);
-    drop(result); // the tensors hold a copy; do not keep both
-    let tensors = named.iter().map(|(name, shape, _)| (name.clone(), shape.clone())).collect();
+    let file = FisherFile::of_reduction(result, &cfg.form, samples, params, &engine.device_info());
+    let tensors = file.tensor_shapes();
 
     let out = match &cfg.out {
         Some(path) => {
             let start = Instant::now();
-            let metadata = io::fisher_metadata(&cfg.form, samples, params, &engine.device_info());
-            io::write_safetensors_atomic(path, &named, Some(metadata))?;
+            fisher_file::write(path, &file)?;
             seconds.write = start.elapsed().as_secs_f64();
             let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             Some((path.clone(), size))
@@ -348,7 +247,7 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
         params,
         form: cfg.form.clone(),
         backend: engine.device_info(),
-        adapter: device.adapter,
+        adapter: device.adapter.map(|a| a.name),
         fallback: device.fallback,
         tensors,
         trace,
@@ -356,54 +255,6 @@ pub fn run(cfg: &ReduceConfig) -> anyhow::Result<Outcome> {
         out,
         seconds,
     })
-}
-
-/// One compute path in the demonstration.
-#[derive(Debug)]
-pub struct DemoRun {
-    /// Backend label.
-    pub label: String,
-    /// Seconds to set the backend up (device, kernels).
-    pub setup: f64,
-    /// Seconds of the reduction.
-    pub compute: f64,
-    /// tr F from this path.
-    pub trace: f64,
-    /// Disagreement with the f64 reference, judged.
-    pub verification: Verification,
-    /// Whether this is a GPU path.
-    pub gpu: bool,
-    /// The result's values (for the GPU-vs-CPU comparison).
-    values: Vec<f64>,
-}
-
-/// What the demonstration measured.
-#[derive(Debug)]
-pub struct Demo {
-    /// N.
-    pub samples: usize,
-    /// P.
-    pub params: usize,
-    /// Seed of the synthetic data.
-    pub seed: u64,
-    /// The form.
-    pub form: Form,
-    /// Names and shapes of the result's tensors.
-    pub tensors: Vec<(String, Vec<usize>)>,
-    /// Seconds to generate G.
-    pub generate: f64,
-    /// The compute paths, the requested one first.
-    pub runs: Vec<DemoRun>,
-    /// Seconds of the f64 reference.
-    pub reference_seconds: f64,
-    /// tr F from the reference.
-    pub reference_trace: f64,
-    /// GPU result vs CPU result, when both ran.
-    pub gpu_vs_cpu: Option<Agreement>,
-    /// Why a path is missing from the comparison.
-    pub note: Option<String>,
-    /// Products summed per entry (what the tolerance depends on).
-    pub terms: usize,
 }
 
 /// The built-in demonstration: reduce synthetic G on the requested path and on the other
@@ -414,20 +265,20 @@ pub fn run_demo(
     params: usize,
     seed: u64,
     progress: impl FnMut(&str),
-) -> anyhow::Result<Demo> {
+) -> anyhow::Result<Comparison> {
     let start = Instant::now();
     let g = fisher_engine::synthetic::gradient_like(samples, params, seed);
     let generate = start.elapsed().as_secs_f64();
     cfg.form
         .validate(params)
-        .with_context(|| format!("--form {} does not fit synthetic gradients", io::form_spelling(&cfg.form)))?;
+        .with_context(|| format!("--form {} does not fit synthetic gradients", cfg.form))?;
 
     let start = Instant::now();
-    let primary = open_device(cfg.backend, &cfg.gpu)?;
+    let primary = device::open(&DeviceRequest::from_env(cfg.backend, cfg.gpu.clone())?)?;
     let primary_setup = start.elapsed().as_secs_f64();
     let mut devices = vec![(primary_setup, primary.engine)];
     let note = match (&primary.fallback, cfg.backend) {
-        (Some(why), _) => Some(format!("no GPU adapter ({why}), so only the CPU path ran")),
+        (Some(why), _) => Some(format!("{why}, so only the CPU path ran")),
         (None, Backend::Cpu) => Some("--backend cpu: the GPU path was not run".to_string()),
         (None, _) => {
             devices.push((0.0, Engine::cpu()));
@@ -435,81 +286,143 @@ pub fn run_demo(
         }
     };
     let engines: Vec<(f64, &Engine)> = devices.iter().map(|(setup, engine)| (*setup, engine)).collect();
-    compare_paths(&g, seed, generate, &cfg.form, &engines, note, progress)
+    Ok(compare_paths(&g, seed, generate, &cfg.form, &engines, note, progress)?)
 }
 
-/// Reduces `g` to `form` on each of `engines` (with the seconds each took to set up), and
-/// compares every result with one f64 reference: the body of the built-in demonstration,
-/// shared with `fisher demo`. `seed` and `generate` (seconds) describe how `g` was made.
-pub fn compare_paths(
-    g: &Array2<f32>,
-    seed: u64,
-    generate: f64,
-    form: &Form,
-    engines: &[(f64, &Engine)],
-    note: Option<String>,
-    mut progress: impl FnMut(&str),
-) -> anyhow::Result<Demo> {
-    let (samples, params) = g.dim();
-    let mut runs = Vec::new();
-    let mut tensors = Vec::new();
-    let mut results = Vec::new();
-    for &(setup, engine) in engines {
-        progress(&format!("reducing on {}", engine.device_info()));
-        let start = Instant::now();
-        let result = engine.fisher_from_grads(g.view(), form)?;
-        let compute = start.elapsed().as_secs_f64();
-        if tensors.is_empty() {
-            tensors = io::tensors_of(&result).into_iter().map(|(n, s, _)| (n, s)).collect();
+// ---------------------------------------------------------------------------------------
+// Reports: readable summaries and one-line JSON
+
+fn verification_text(v: &Verdict) -> String {
+    let a = &v.agreement;
+    format!(
+        "max|Δ| {:.2e} · max|Δ|/max|ref| {:.2e} (tolerance {:.2e}) · ‖Δ‖/‖ref‖ {:.2e}",
+        a.max_abs, a.max_rel, v.bound, a.frobenius_rel
+    )
+}
+
+/// The readable summary of a `reduce` run.
+pub fn human(o: &Outcome) -> String {
+    let mut lines = vec![format!("{} of {} samples × {} parameters", o.form.description(), o.samples, o.params)];
+    lines.push(match &o.input {
+        InputInfo::File { path, dtype } => format!("  input     {} ({dtype})", path.display()),
+        InputInfo::Synthetic { seed } => format!("  input     built-in gradient-like data (seed {seed})"),
+    });
+    lines.push(format!("  backend   {}", o.backend));
+    if let Some(why) = &o.fallback {
+        lines.push(format!("            ({why})"));
+    }
+    lines.push(format!("  result    {}   tr F = {:.6e}", tensor_list(&o.tensors), o.trace));
+    if let Some(v) = &o.verification {
+        lines.push(format!("  verified  {} against the f64 reference", verification_text(v)));
+    }
+    match &o.out {
+        Some((path, size)) => lines.push(format!("  wrote     {} ({})", path.display(), bytes(*size))),
+        None => lines.push("  wrote     nothing (no --out)".into()),
+    }
+    let s = &o.seconds;
+    lines.push(format!(
+        "  seconds   load {:.3} · setup {:.3} · compute {:.3} · verify {:.3} · write {:.3}",
+        s.load, s.setup, s.compute, s.verify, s.write
+    ));
+    lines.join("\n")
+}
+
+/// The one-line JSON summary of a `reduce` run.
+pub fn json_line(o: &Outcome) -> String {
+    let mut value = json!({
+        "samples": o.samples,
+        "parameters": o.params,
+        "form": o.form.to_string(),
+        "backend": o.backend,
+        "adapter": o.adapter,
+        "tensors": o.tensors.iter().map(|(name, shape)| json!({"name": name, "shape": shape})).collect::<Vec<_>>(),
+        "trace": o.trace,
+        "seconds": o.seconds,
+        "out": o.out.as_ref().map(|(path, _)| path.display().to_string()),
+    });
+    match &o.input {
+        InputInfo::File { path, dtype } => {
+            value["input"] = json!(path.display().to_string());
+            value["dtype"] = json!(dtype);
         }
-        results.push((setup, compute, engine.device_info(), engine.is_gpu(), result));
+        InputInfo::Synthetic { seed } => {
+            value["input"] = json!("synthetic");
+            value["seed"] = json!(seed);
+        }
     }
-
-    progress("computing the f64 reference (plain compensated loops: slow by design)");
-    let start = Instant::now();
-    let reference = reference::reduce(g.view(), form).context("computing the f64 reference")?;
-    let reference_seconds = start.elapsed().as_secs_f64();
-    for (setup, compute, label, gpu, result) in results {
-        let verification = judge(&result, &reference, form, samples, params)?;
-        runs.push(DemoRun { label, setup, compute, trace: result.trace(), verification, gpu, values: result.values() });
+    if let Some(v) = &o.verification {
+        value["verification"] = json!(v);
     }
-
-    let gpu_vs_cpu = match (runs.iter().find(|r| r.gpu), runs.iter().find(|r| !r.gpu)) {
-        (Some(gpu), Some(cpu)) => Some(fisher_engine::fisher::agreement_of(&gpu.values, &cpu.values)),
-        _ => None,
-    };
-    Ok(Demo {
-        samples,
-        params,
-        seed,
-        form: form.clone(),
-        tensors,
-        generate,
-        runs,
-        reference_seconds,
-        reference_trace: reference.trace(),
-        gpu_vs_cpu,
-        note,
-        terms: sum_length(form, samples, params),
-    })
+    value.to_string()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn judge_passes_the_backend_and_fails_a_perturbed_result() {
-        let g = fisher_engine::synthetic::gradient_like(200, 9, 4);
-        let reference = reference::reduce(g.view(), &Form::Full).unwrap();
-        let result = Engine::cpu().fisher_from_grads(g.view(), &Form::Full).unwrap();
-        assert!(judge(&result, &reference, &Form::Full, 200, 9).unwrap().passed);
-
-        let FisherMatrix::Full(mut f) = result else { unreachable!() };
-        f[[0, 0]] *= 1.0 + 1e-4; // the largest entry (column scales decrease), 100× the tolerance
-        let perturbed = FisherMatrix::Full(f.clone());
-        assert!(!judge(&perturbed, &reference, &Form::Full, 200, 9).unwrap().passed);
-        f[[3, 5]] = f32::NAN;
-        assert!(!judge(&FisherMatrix::Full(f), &reference, &Form::Full, 200, 9).unwrap().passed);
+/// The table of the built-in demonstration.
+pub fn demo_text(d: &Comparison) -> String {
+    let rel = match d.form {
+        Form::Full | Form::BlockDiagonal(_) => "max|F|",
+        Form::Gram => "max|K|",
+        _ => "max|ref|",
+    };
+    let mut lines = vec![
+        format!(
+            "Built-in gradient-like data G: N = {} samples × P = {} parameters (seed {}; generated in {:.3} s)",
+            d.samples, d.params, d.seed, d.generate
+        ),
+        format!("Form: {} → {}", d.form.description(), tensor_list(&d.tensors)),
+        String::new(),
+    ];
+    let width = d.runs.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(13);
+    lines.push(format!(
+        "  {:<width$}  {:>8}  {:>9}  {:>12}  {:>14}  {:>10}",
+        "path",
+        "setup s",
+        "compute s",
+        "tr F",
+        format!("max|Δ|/{rel}"),
+        "‖Δ‖/‖ref‖"
+    ));
+    for r in &d.runs {
+        lines.push(format!(
+            "  {:<width$}  {:>8.3}  {:>9.4}  {:>12.6e}  {:>14.2e}  {:>10.2e}",
+            r.label,
+            r.setup,
+            r.compute,
+            r.trace,
+            r.verification.agreement.max_rel,
+            r.verification.agreement.frobenius_rel
+        ));
     }
+    lines.push(format!(
+        "  {:<width$}  {:>8}  {:>9.4}  {:>12.6e}  {:>14}  {:>10}",
+        "f64 reference", "", d.reference_seconds, d.reference_trace, "(oracle)", ""
+    ));
+    lines.push(String::new());
+
+    if let Some(a) = &d.gpu_vs_cpu {
+        lines.push(format!("GPU vs CPU: max|Δ|/{rel} = {:.2e}, ‖Δ‖/‖CPU‖ = {:.2e}.", a.max_rel, a.frobenius_rel));
+    }
+    if let Some(note) = &d.note {
+        lines.push(format!("Note: {note}."));
+    }
+    let tolerance = d.runs.first().map_or(0.0, |r| r.verification.bound);
+    let failed: Vec<&str> = d.runs.iter().filter(|r| !r.verification.passed).map(|r| r.label.as_str()).collect();
+    if failed.is_empty() {
+        lines.push(format!(
+            "Every path matches the f64 reference within the f32 tolerance for sums of {} terms \
+             (max|Δ| ≤ {tolerance:.2e}·{rel}).",
+            d.terms
+        ));
+    } else {
+        lines.push(format!(
+            "MISMATCH: {} disagree(s) with the f64 reference beyond the f32 tolerance {tolerance:.2e}·{rel}.",
+            failed.join(" and ")
+        ));
+    }
+    lines.push(String::new());
+    lines.push("Nothing was written. On your own per-sample gradients (an N×P .npy file):".into());
+    lines.push(format!(
+        "  fisher reduce --grads G.npy --form {} --out F.safetensors [--verify]",
+        d.form
+    ));
+    lines.join("\n")
 }

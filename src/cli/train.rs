@@ -21,17 +21,14 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use fisher_engine::io;
-use fisher_engine::model::{Activation, ActivationSpec, Dataset, Linear, Mlp, Targets};
+use fisher_engine::model::{Activation, ActivationSpec, Dataset, Mlp, Targets};
 use fisher_engine::model::train::{classification_task, init_mlp, sgd, SgdOptions, TrainRun};
-use fisher_engine::FisherError;
+use fisher_engine::{FisherError, MAX_GENERATED_VALUES};
 use serde_json::json;
 
-use super::args::Report;
+use super::args::{parse_widths, Report};
 use super::exit::usage;
-
-/// Models and data are built in memory; past this many values (8 GiB of f32) a typo would
-/// rather exhaust memory than demonstrate anything.
-const MAX_VALUES: u128 = 1 << 31;
+use super::format::shell_word;
 
 /// The initial weights and the minibatch order get their own streams, derived from `--seed`
 /// (the data use `--seed` itself), so that changing one never shifts another.
@@ -129,24 +126,16 @@ impl TrainConfig {
                 args.widths
             ))
         };
-        let widths = args
-            .widths
-            .split(',')
-            .map(|w| w.trim().parse::<usize>().ok().filter(|&w| w > 0))
-            .collect::<Option<Vec<usize>>>()
-            .ok_or_else(bad)?;
-        if widths.len() < 2 {
-            return Err(bad());
-        }
+        let widths = parse_widths(&args.widths).ok_or_else(bad)?;
         let classes = widths[widths.len() - 1];
         if classes < 2 {
             return Err(usage(format!("--widths {}: the last width is the number of classes and must be at least 2", args.widths)));
         }
         let params: u128 = widths.windows(2).map(|w| w[1] as u128 * (w[0] as u128 + 1)).sum();
         let inputs = args.samples as u128 * widths[0] as u128;
-        if params > MAX_VALUES || inputs > MAX_VALUES {
+        if params > MAX_GENERATED_VALUES || inputs > MAX_GENERATED_VALUES {
             return Err(usage(format!(
-                "--widths {} --samples {} would build {params} parameters and {inputs} input values in memory (limit {MAX_VALUES} each)",
+                "--widths {} --samples {} would build {params} parameters and {inputs} input values in memory (limit {MAX_GENERATED_VALUES} each)",
                 args.widths, args.samples
             )));
         }
@@ -269,11 +258,6 @@ fn checkpoint_name(index: usize, count: usize) -> String {
     format!("ckpt_{index:0digits$}.safetensors")
 }
 
-/// Input width, then every layer's output width.
-fn widths_of(mlp: &Mlp) -> Vec<usize> {
-    std::iter::once(mlp.input_dim()).chain(mlp.layers.iter().map(Linear::fan_out)).collect()
-}
-
 /// Writes every file of the run into `dir`.
 fn write_run(dir: &Path, cfg: &TrainConfig, data: &Dataset, run: &TrainRun, files: &[String]) -> anyhow::Result<()> {
     io::write_npy_matrix(&dir.join("X.npy"), data.inputs.view())?;
@@ -288,7 +272,7 @@ fn write_run(dir: &Path, cfg: &TrainConfig, data: &Dataset, run: &TrainRun, file
     let record = json!({
         "format": "fisher-engine training run",
         "version": 1,
-        "widths": widths_of(first),
+        "widths": first.widths(),
         "layer_indices": first.layers.iter().map(|l| l.index).collect::<Vec<_>>(),
         "activation": cfg.activation_text,
         "activations": first.activations.iter().map(|a| a.name()).collect::<Vec<_>>(),
@@ -399,15 +383,6 @@ pub fn write(cfg: &TrainConfig, data: &Dataset, run: TrainRun, replace: bool, tr
     })
 }
 
-/// A shell word: as is when it is plain, else in single quotes.
-pub fn shell_word(text: &str) -> String {
-    if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_./,=:+".contains(c)) {
-        text.to_string()
-    } else {
-        format!("'{}'", text.replace('\'', r"'\''"))
-    }
-}
-
 /// The readable summary of a `train` run.
 pub fn human(o: &Outcome) -> String {
     let widths = o.widths.iter().map(usize::to_string).collect::<Vec<_>>().join("-");
@@ -482,12 +457,5 @@ mod tests {
         let mut sorted = names.clone();
         sorted.sort();
         assert_eq!(names, sorted);
-    }
-
-    #[test]
-    fn shell_words() {
-        assert_eq!(shell_word("run/X.npy"), "run/X.npy");
-        assert_eq!(shell_word(r#"["tanh","relu"]"#), r#"'["tanh","relu"]'"#);
-        assert_eq!(shell_word("it's"), r"'it'\''s'");
     }
 }

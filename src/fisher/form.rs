@@ -91,6 +91,42 @@ impl Form {
     }
 }
 
+impl Form {
+    /// What the form is, in words (for reports).
+    pub fn description(&self) -> String {
+        match self {
+            Form::Full => "full Fisher matrix F = GᵀG/N".into(),
+            Form::Diagonal => "diagonal of the Fisher matrix, diag(GᵀG/N)".into(),
+            Form::BlockDiagonal(sizes) => format!("{} diagonal blocks of the Fisher matrix GᵀG/N", sizes.len()),
+            Form::Gram => "Gram matrix K = GGᵀ/N (the dual of F: same non-zero spectrum)".into(),
+            Form::SampleNorms => "per-sample squared gradient norms ‖gᵢ‖²".into(),
+        }
+    }
+}
+
+/// The command-line spelling, which [`Form::parse`] reads back: `full`, `diag`, `gram`,
+/// `norms`, `blocks:3,5`.
+impl std::fmt::Display for Form {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Form::Full => f.write_str("full"),
+            Form::Diagonal => f.write_str("diag"),
+            Form::Gram => f.write_str("gram"),
+            Form::SampleNorms => f.write_str("norms"),
+            Form::BlockDiagonal(sizes) => {
+                write!(f, "blocks:{}", sizes.iter().map(usize::to_string).collect::<Vec<_>>().join(","))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Form {
+    type Err = FisherError;
+    fn from_str(text: &str) -> Result<Form> {
+        Form::parse(text)
+    }
+}
+
 /// A reduced Fisher form. `T` is `f32` for the compute paths and `f64` for the reference.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FisherMatrix<T = f32> {
@@ -115,6 +151,9 @@ pub struct Agreement {
     pub max_rel: f64,
     /// ‖x − ref‖_F / ‖ref‖_F.
     pub frobenius_rel: f64,
+    /// max |ref|, the scale of the absolute tolerance (not reported: max_abs/max_rel).
+    #[serde(skip)]
+    pub max_ref: f64,
 }
 
 impl<T: Copy + Into<f64>> FisherMatrix<T> {
@@ -144,7 +183,7 @@ impl<T: Copy + Into<f64>> FisherMatrix<T> {
         }
     }
 
-    /// Every stored value, in the order of [`FisherMatrix::tensors`].
+    /// Every stored value, in the order of the file's tensors ([`crate::io::fisher_file`]).
     pub fn values(&self) -> Vec<f64> {
         match self {
             FisherMatrix::Full(m) | FisherMatrix::Gram(m) => m.iter().map(|&v| v.into()).collect(),
@@ -190,5 +229,19 @@ pub fn agreement_of(a: &[f64], b: &[f64]) -> Agreement {
         max_abs,
         max_rel: safe(max_abs, max_ref),
         frobenius_rel: safe(diff2.sqrt(), ref2.sqrt()),
+        max_ref,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spelling_round_trips() {
+        for form in [Form::Full, Form::Diagonal, Form::Gram, Form::SampleNorms, Form::BlockDiagonal(vec![3, 5])] {
+            assert_eq!(form.to_string().parse::<Form>().unwrap(), form);
+        }
+        assert_eq!(Form::BlockDiagonal(vec![3, 5]).to_string(), "blocks:3,5");
     }
 }

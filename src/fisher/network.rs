@@ -19,12 +19,59 @@ pub enum NetForm {
     Norms,
 }
 
+impl NetForm {
+    /// Every form, in the order `--help` lists them.
+    pub const ALL: [NetForm; 6] =
+        [NetForm::Full, NetForm::Diagonal, NetForm::Layer, NetForm::Kfac, NetForm::Grads, NetForm::Norms];
+
+    /// The command-line spelling (also the `form` metadata of a result file).
+    pub fn name(self) -> &'static str {
+        match self {
+            NetForm::Full => "full",
+            NetForm::Diagonal => "diag",
+            NetForm::Layer => "layer",
+            NetForm::Kfac => "kfac",
+            NetForm::Grads => "grads",
+            NetForm::Norms => "norms",
+        }
+    }
+
+    /// `name: what it is`, for reports.
+    pub fn description(self) -> &'static str {
+        match self {
+            NetForm::Full => "full: the Fisher matrix F (P×P)",
+            NetForm::Diagonal => "diag: the diagonal of F",
+            NetForm::Layer => "layer: one diagonal block of F per Linear layer",
+            NetForm::Kfac => "kfac: per-layer KFAC factors A and G (block ≈ G ⊗ A in [W|b] order)",
+            NetForm::Grads => "grads: per-sample gradient rows G with F = GᵀG/N",
+            NetForm::Norms => "norms: per-sample squared gradient norms (their mean is tr F)",
+        }
+    }
+}
+
+impl std::fmt::Display for NetForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for NetForm {
+    type Err = crate::FisherError;
+    fn from_str(text: &str) -> crate::Result<NetForm> {
+        NetForm::ALL.into_iter().find(|f| f.name() == text).ok_or_else(|| {
+            crate::FisherError::InvalidInput(format!(
+                "unknown form '{text}' (expected full, diag, layer, kfac, grads or norms)"
+            ))
+        })
+    }
+}
+
 /// KFAC factors of one layer.
 ///
 /// `a` = (1/N) Σᵢ ãᵢ ãᵢᵀ over the augmented inputs ã = [a; 1] ((in+1)², or in² without bias);
 /// `g` = (1/N) Σᵢ Σ_r δ_ir δ_irᵀ over the output rows' pre-activation gradients (out²).
 /// The layer's Fisher block is approximated by `g ⊗ a` in the row-major order of the
-/// augmented matrix [W | b] (index o·(in+1) + i); see [`kfac_expand`] for the permutation to
+/// augmented matrix [W | b] (index o·(in+1) + i); see [`crate::fisher::kfac_expand`] for the permutation to
 /// PyTorch order (weight row-major, then bias).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KfacFactors<T = f32> {
@@ -52,16 +99,21 @@ pub enum NetFisher<T = f32> {
 }
 
 impl<T: Copy + Into<f64>> NetFisher<T> {
-    /// The form's name as used on the command line.
-    pub fn form_name(&self) -> &'static str {
+    /// The form of this result.
+    pub fn form(&self) -> NetForm {
         match self {
-            NetFisher::Full(_) => "full",
-            NetFisher::Diagonal(_) => "diag",
-            NetFisher::Layer(_) => "layer",
-            NetFisher::Kfac(_) => "kfac",
-            NetFisher::Grads(_) => "grads",
-            NetFisher::Norms(_) => "norms",
+            NetFisher::Full(_) => NetForm::Full,
+            NetFisher::Diagonal(_) => NetForm::Diagonal,
+            NetFisher::Layer(_) => NetForm::Layer,
+            NetFisher::Kfac(_) => NetForm::Kfac,
+            NetFisher::Grads(_) => NetForm::Grads,
+            NetFisher::Norms(_) => NetForm::Norms,
         }
+    }
+
+    /// The form's name as used on the command line ([`NetForm::name`]).
+    pub fn form_name(&self) -> &'static str {
+        self.form().name()
     }
 
     /// Every stored value in a fixed order (for comparisons).

@@ -19,6 +19,45 @@ pub enum Variant {
     },
 }
 
+impl Variant {
+    /// The command-line spelling: `empirical`, `true`, `mc` (also the `variant` metadata).
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Empirical => "empirical",
+            Variant::True => "true",
+            Variant::MonteCarlo { .. } => "mc",
+        }
+    }
+
+    /// What the variant is, in words, with R = `rows_per_sample` gradient rows per sample.
+    pub fn description(self, rows_per_sample: usize) -> String {
+        match self {
+            Variant::Empirical => "empirical (observed labels, 1 row per sample)".to_string(),
+            Variant::True => format!("true (closed-form expectation, {rows_per_sample} rows per sample)"),
+            Variant::MonteCarlo { samples, seed } => format!("mc ({samples} sampled label(s) per input, seed {seed})"),
+        }
+    }
+}
+
+/// The name only: `mc` without its K and seed.
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses the name; `mc` gives one draw per input with seed 0 (`--mc-samples`, `--seed`
+/// set the others).
+impl std::str::FromStr for Variant {
+    type Err = crate::FisherError;
+    fn from_str(text: &str) -> crate::Result<Variant> {
+        [Variant::Empirical, Variant::True, Variant::MonteCarlo { samples: 1, seed: 0 }]
+            .into_iter()
+            .find(|v| v.name() == text)
+            .ok_or_else(|| crate::FisherError::InvalidInput(format!("unknown variant '{text}' (expected empirical, true or mc)")))
+    }
+}
+
 /// PCG-RXS-M-XS 32-bit hash (O'Neill 2014), the building block of [`mc_uniform`]; the same
 /// function is in `shaders/mlp.wgsl` (WGSL has no 64-bit integers, hence 32-bit words).
 pub fn pcg_hash(x: u32) -> u32 {

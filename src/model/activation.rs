@@ -3,6 +3,19 @@
 
 use crate::error::{FisherError, Result};
 
+impl std::fmt::Display for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Activation {
+    type Err = FisherError;
+    fn from_str(text: &str) -> Result<Self> {
+        Activation::parse(text)
+    }
+}
+
 /// An element-wise activation between Linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -43,6 +56,10 @@ impl Activation {
             Activation::Identity => "identity",
         }
     }
+
+    /// Every activation, in the order `--help` lists them.
+    pub const ALL: [Activation; 5] =
+        [Activation::Relu, Activation::Tanh, Activation::Sigmoid, Activation::Gelu, Activation::Identity];
 
     /// Code used by the WGSL kernels (`shaders/mlp.wgsl`).
     pub fn code(self) -> u32 {

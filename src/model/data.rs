@@ -37,9 +37,7 @@ struct NpyArray {
     dtype: String,
 }
 
-fn io_error(path: &Path, message: impl Into<String>) -> FisherError {
-    FisherError::Io { path: path.display().to_string(), message: message.into() }
-}
+use crate::io::io_error;
 
 fn invalid(path: &Path, message: impl std::fmt::Display) -> FisherError {
     FisherError::InvalidInput(format!("{}: {message}", path.display()))

@@ -25,6 +25,23 @@ use safetensors::{Dtype, SafeTensors};
 use super::{Activation, Linear, Mlp};
 use crate::error::{FisherError, Result};
 
+/// `64-32-10 tanh MLP` from the widths (input, then each layer's output) and the activation
+/// names, one per gap: one name when all gaps agree, else all of them joined by `/`
+/// (`tanh/relu`); `linear` for a single layer. `None` (a stored result without the
+/// activations in its metadata) leaves the activations out: `64-32-10 MLP`.
+pub fn architecture_text(widths: &[usize], activations: Option<&[&str]>) -> String {
+    let widths = widths.iter().map(usize::to_string).collect::<Vec<_>>().join("-");
+    let Some(names) = activations else { return format!("{widths} MLP") };
+    let mut distinct = names.to_vec();
+    distinct.dedup();
+    let act = match distinct.as_slice() {
+        [] => "linear".to_string(),
+        [one] => one.to_string(),
+        _ => names.join("/"),
+    };
+    format!("{widths} {act} MLP")
+}
+
 /// Which activation follows each Linear layer but the last.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActivationSpec {
@@ -481,6 +498,30 @@ impl Mlp {
     /// d, the width of the input (in of the first layer; 0 for a model without layers).
     pub fn input_dim(&self) -> usize {
         self.layers.first().map_or(0, Linear::fan_in)
+    }
+
+    /// Layer widths: the input, then every layer's output (`[784, 512, 10]`).
+    pub fn widths(&self) -> Vec<usize> {
+        std::iter::once(self.input_dim()).chain(self.layers.iter().map(Linear::fan_out)).collect()
+    }
+
+    /// `64-32-10 tanh MLP` (see [`architecture_text`]).
+    pub fn architecture(&self) -> String {
+        let names: Vec<&str> = self.activations.iter().map(|a| a.name()).collect();
+        architecture_text(&self.widths(), Some(&names))
+    }
+
+    /// The layer shapes alone, `16-32-4`, with the layers that have no bias named:
+    /// `16-32-4 (no bias at layer 2)` (Sequential indices).
+    pub fn shape_text(&self) -> String {
+        let widths = self.widths().iter().map(usize::to_string).collect::<Vec<_>>().join("-");
+        let unbiased: Vec<String> =
+            self.layers.iter().filter(|l| l.bias.is_none()).map(|l| l.index.to_string()).collect();
+        if unbiased.is_empty() {
+            widths
+        } else {
+            format!("{widths} (no bias at layer {})", unbiased.join(", "))
+        }
     }
 
     /// The width of the output (out of the last layer: classes, or the Gaussian's dimension).

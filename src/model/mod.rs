@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | `empirical` | 1 | e(yᵢ) at the observed label |
 //! | `true`, categorical | C | √p_c (onehot(c) − p), a square root of diag(p) − ppᵀ |
-//! | `true`, Gaussian | k | the unit vectors (E[eeᵀ] = I, so F = JᵀJ / N) |
+//! | `true`, Gaussian | k | the unit vectors (E\[eeᵀ\] = I, so F = JᵀJ / N) |
 //! | `mc` (K samples) | K | e(ỹ_k)/√K with ỹ_k drawn from the predictive distribution |
 //!
 //! MC draws come from a counter-based generator ([`crate::fisher::mc_uniform`]) keyed by
@@ -29,10 +29,11 @@
 pub mod activation;
 pub mod data;
 pub mod mlp;
+pub mod problem;
 pub mod train;
 
 pub use activation::Activation;
-pub use mlp::ActivationSpec;
+pub use mlp::{architecture_text, ActivationSpec};
 
 use ndarray::{Array1, Array2};
 
@@ -83,6 +84,31 @@ pub enum Likelihood {
     Categorical,
     /// Unit-variance Gaussian with the outputs as mean; targets are N×k floats.
     Gaussian,
+}
+
+impl Likelihood {
+    /// The command-line spelling: `categorical`, `gaussian`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Likelihood::Categorical => "categorical",
+            Likelihood::Gaussian => "gaussian",
+        }
+    }
+}
+
+impl std::fmt::Display for Likelihood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Likelihood {
+    type Err = crate::FisherError;
+    fn from_str(text: &str) -> crate::Result<Likelihood> {
+        [Likelihood::Categorical, Likelihood::Gaussian].into_iter().find(|l| l.name() == text).ok_or_else(|| {
+            crate::FisherError::InvalidInput(format!("unknown likelihood '{text}' (expected categorical or gaussian)"))
+        })
+    }
 }
 
 /// Targets of a dataset.

@@ -1,0 +1,523 @@
+//! The Fisher result file: one writer ([`write()`]) and one reader ([`read()`]) for what
+//! `fisher compute`, `fisher reduce` and `fisher demo` write and `fisher report --fisher`
+//! reads.
+//!
+//! A safetensors file (little-endian f32, row-major) whose tensors are named by form:
+//!
+//! | form | tensors |
+//! |---|---|
+//! | full | `fisher` \[P, P\] |
+//! | diag | `diag` \[P\] |
+//! | gram (reduce) | `gram` \[N, N\] |
+//! | blocks:a,b,… (reduce) | `block.0`, `block.1`, … \[P_b, P_b\] in parameter order |
+//! | layer (compute) | `block.<index>` \[P_l, P_l\], index = the layer's index in the nn.Sequential |
+//! | kfac (compute) | `kfac.<index>.A` \[in+1, in+1\] (in without bias), `kfac.<index>.G` \[out, out\] |
+//! | grads (compute) | `grads` \[N·R, P\], F = GᵀG/N |
+//! | norms | `norms` \[N\] (their mean is tr F) |
+//!
+//! and whose string metadata records, for every file: `form` (the command-line spelling),
+//! `samples`, `parameters`, `backend` (the backend's label), `normalization` and
+//! `fisher_engine_version`; for a network's Fisher also `variant`, `likelihood`,
+//! `rows_per_sample`, `activations` (a JSON list), `layers` (the widths, a JSON list),
+//! `layer_indices` (a JSON list), `param_order`, with `mc_samples` and `seed` for
+//! `--variant mc` and `kfac_layout` for kfac.
+//!
+//! The reader accepts any file with these tensors: without a `form` key the form is told by
+//! the tensor names; other metadata keys are optional (see the accessors of [`FisherFile`]).
+//!
+//! ```
+//! use fisher_engine::io::fisher_file::{self, FisherFile};
+//! use fisher_engine::{Engine, Form};
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("F.safetensors");
+//! let g = fisher_engine::synthetic::gradient_like(64, 5, 1);
+//! let result = Engine::cpu().fisher_from_grads(g.view(), &Form::Diagonal)?;
+//! fisher_file::write(&path, &FisherFile::of_reduction(result, &Form::Diagonal, 64, 5, "cpu"))?;
+//! let back = fisher_file::read(&path)?;
+//! assert_eq!((back.form(), back.samples(), back.parameters()), ("diag", Some(64), Some(5)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use ndarray::{Array1, Array2, Dimension};
+use serde_json::json;
+
+use crate::error::{FisherError, Result};
+use crate::fisher::{rows_per_sample, FisherMatrix, Form, KfacFactors, NetFisher, NetForm, Variant};
+use crate::model::{architecture_text, Likelihood, Mlp};
+
+use super::safetensors::{read_safetensors, write_tensor_refs, TensorRef};
+
+/// Metadata note on θ's order (`param_order`).
+pub const PARAM_ORDER_NOTE: &str = "pytorch named_parameters; weight row-major then bias";
+
+/// Metadata note on the KFAC factors' layout (`kfac_layout`).
+pub const KFAC_LAYOUT_NOTE: &str = "block ≈ G ⊗ A in [W|b] row-major order; see kfac_expand";
+
+/// The tensors of a result, typed by form.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tensors {
+    /// `fisher`: F (P×P).
+    Full(Array2<f32>),
+    /// `diag`: diag(F) (P).
+    Diagonal(Array1<f32>),
+    /// `gram`: K = GGᵀ/N (N×N).
+    Gram(Array2<f32>),
+    /// `block.<index>`: diagonal blocks of F by index (0, 1, … for reduce's blocks; the
+    /// layers' Sequential indices for compute's layer form), in index order.
+    Blocks(Vec<(usize, Array2<f32>)>),
+    /// `kfac.<index>.A` and `kfac.<index>.G` by layer index, in index order.
+    Kfac(Vec<(usize, KfacFactors)>),
+    /// `grads`: the per-sample gradient rows (N·R×P) with F = GᵀG/N.
+    Grads(Array2<f32>),
+    /// `norms`: per-sample squared gradient norms (N).
+    Norms(Array1<f32>),
+}
+
+/// A Fisher result file in memory: its tensors and its metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FisherFile {
+    /// The tensors.
+    pub tensors: Tensors,
+    /// The metadata, as stored (keys in the [module docs](self)).
+    pub metadata: HashMap<String, String>,
+    /// The form: `metadata["form"]`, or told by the tensor names when that key is missing.
+    form: String,
+}
+
+impl FisherFile {
+    /// The file of a reduction of per-sample gradients (`fisher reduce`) of `form` over
+    /// N = `samples` rows of P = `parameters`, computed on `backend` (its label).
+    pub fn of_reduction(result: FisherMatrix, form: &Form, samples: usize, parameters: usize, backend: &str) -> Self {
+        let normalization = match form {
+            Form::SampleNorms => "none: squared norms of the per-sample gradients",
+            _ => "1/N (mean over samples)",
+        };
+        let tensors = match result {
+            FisherMatrix::Full(m) => Tensors::Full(m),
+            FisherMatrix::Diagonal(d) => Tensors::Diagonal(d),
+            FisherMatrix::Gram(k) => Tensors::Gram(k),
+            FisherMatrix::SampleNorms(n) => Tensors::Norms(n),
+            FisherMatrix::BlockDiagonal(blocks) => Tensors::Blocks(blocks.into_iter().enumerate().collect()),
+        };
+        let metadata = HashMap::from([
+            ("form".to_string(), form.to_string()),
+            ("samples".to_string(), samples.to_string()),
+            ("parameters".to_string(), parameters.to_string()),
+            ("normalization".to_string(), normalization.to_string()),
+            ("backend".to_string(), backend.to_string()),
+            ("fisher_engine_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ]);
+        FisherFile { tensors, metadata, form: form.to_string() }
+    }
+
+    /// The file of a network's Fisher (`fisher compute`, `fisher demo`): `result` of `mlp` on
+    /// `samples` inputs, for `likelihood` and `variant`, computed on `backend` (its label).
+    pub fn of_network(
+        result: NetFisher,
+        mlp: &Mlp,
+        samples: usize,
+        likelihood: Likelihood,
+        variant: Variant,
+        backend: &str,
+    ) -> Self {
+        let form = result.form();
+        let rows = rows_per_sample(variant, mlp.output_dim());
+        let normalization = match form {
+            NetForm::Grads => format!(
+                "rows scaled so that F = GᵀG/N; row i·{rows} + r is output row r of sample i ({rows} per sample)"
+            ),
+            NetForm::Norms => "none: per-sample Σ_r ‖g_ir‖² (their mean is tr F)".to_string(),
+            _ => "1/N (mean over samples)".to_string(),
+        };
+        let indices: Vec<usize> = mlp.layers.iter().map(|l| l.index).collect();
+        let mut metadata = HashMap::from([
+            ("form".to_string(), form.name().to_string()),
+            ("variant".to_string(), variant.name().to_string()),
+            ("likelihood".to_string(), likelihood.name().to_string()),
+            ("samples".to_string(), samples.to_string()),
+            ("parameters".to_string(), mlp.num_params().to_string()),
+            ("rows_per_sample".to_string(), rows.to_string()),
+            ("backend".to_string(), backend.to_string()),
+            ("activations".to_string(), json!(mlp.activations.iter().map(|a| a.name()).collect::<Vec<_>>()).to_string()),
+            ("layers".to_string(), json!(mlp.widths()).to_string()),
+            ("layer_indices".to_string(), json!(indices).to_string()),
+            ("param_order".to_string(), PARAM_ORDER_NOTE.to_string()),
+            ("normalization".to_string(), normalization),
+            ("fisher_engine_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ]);
+        if let Variant::MonteCarlo { samples: k, seed } = variant {
+            metadata.insert("mc_samples".into(), k.to_string());
+            metadata.insert("seed".into(), seed.to_string());
+        }
+        if form == NetForm::Kfac {
+            metadata.insert("kfac_layout".into(), KFAC_LAYOUT_NOTE.to_string());
+        }
+        let tensors = match result {
+            NetFisher::Full(m) => Tensors::Full(m),
+            NetFisher::Diagonal(d) => Tensors::Diagonal(d),
+            NetFisher::Grads(g) => Tensors::Grads(g),
+            NetFisher::Norms(n) => Tensors::Norms(n),
+            NetFisher::Layer(blocks) => Tensors::Blocks(indices.iter().copied().zip(blocks).collect()),
+            NetFisher::Kfac(factors) => Tensors::Kfac(indices.iter().copied().zip(factors).collect()),
+        };
+        FisherFile { tensors, metadata, form: form.name().to_string() }
+    }
+
+    /// The form as spelled in the metadata (`full`, `kfac`, `blocks:3,5`, …), or told by the
+    /// tensor names when the file has no `form` key.
+    pub fn form(&self) -> &str {
+        &self.form
+    }
+
+    fn parsed<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        serde_json::from_str(self.metadata.get(key)?).ok()
+    }
+
+    /// N (`samples`).
+    pub fn samples(&self) -> Option<usize> {
+        self.metadata.get("samples")?.parse().ok()
+    }
+
+    /// P (`parameters`).
+    pub fn parameters(&self) -> Option<usize> {
+        self.metadata.get("parameters")?.parse().ok()
+    }
+
+    /// The label of the backend that computed it (`backend`).
+    pub fn backend(&self) -> Option<&str> {
+        self.metadata.get("backend").map(String::as_str)
+    }
+
+    /// The variant (`variant`, with `mc_samples` and `seed` for mc).
+    pub fn variant(&self) -> Option<Variant> {
+        match self.metadata.get("variant")?.parse::<Variant>().ok()? {
+            Variant::MonteCarlo { .. } => Some(Variant::MonteCarlo {
+                samples: self.metadata.get("mc_samples")?.parse().ok()?,
+                seed: self.metadata.get("seed")?.parse().ok()?,
+            }),
+            other => Some(other),
+        }
+    }
+
+    /// The likelihood (`likelihood`).
+    pub fn likelihood(&self) -> Option<Likelihood> {
+        self.metadata.get("likelihood")?.parse().ok()
+    }
+
+    /// Layer widths: input, then each layer's output (`layers`).
+    pub fn widths(&self) -> Option<Vec<usize>> {
+        self.parsed("layers")
+    }
+
+    /// The layers' Sequential indices (`layer_indices`).
+    pub fn layer_indices(&self) -> Option<Vec<usize>> {
+        self.parsed("layer_indices")
+    }
+
+    /// Activation names, one per gap (`activations`).
+    pub fn activations(&self) -> Option<Vec<String>> {
+        self.parsed("activations")
+    }
+
+    /// `6-12-3 tanh MLP` from `widths` (the file's own, else these) and the activations in
+    /// the metadata; `None` without widths.
+    pub fn architecture(&self, widths: Option<&[usize]>) -> Option<String> {
+        let own = self.widths();
+        let widths = own.as_deref().or(widths)?;
+        let names = self.activations().filter(|n| !n.is_empty());
+        let names: Option<Vec<&str>> = names.as_ref().map(|n| n.iter().map(String::as_str).collect());
+        Some(architecture_text(widths, names.as_deref()))
+    }
+
+    /// The tensors' names and shapes, in the order of [`Tensors`] (blocks and layers by
+    /// index, A before G).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.tensor_refs().into_iter().map(|(name, shape, _)| (name, shape)).collect()
+    }
+
+    /// tr F: the trace of F, of its blocks, or of K (= tr F); the sum of diag(F); the mean of
+    /// the norms; Σ‖row‖²/N for the gradient rows (whatever R is); Σ_l tr(G_l)·tr(A_l) =
+    /// tr(G ⊗ A) for kfac.
+    pub fn trace(&self) -> f64 {
+        let tr = |m: &Array2<f32>| m.diag().iter().map(|&v| f64::from(v)).sum::<f64>();
+        match &self.tensors {
+            Tensors::Full(m) | Tensors::Gram(m) => tr(m),
+            Tensors::Diagonal(d) => d.iter().map(|&v| f64::from(v)).sum(),
+            Tensors::Blocks(blocks) => blocks.iter().map(|(_, b)| tr(b)).sum(),
+            Tensors::Kfac(factors) => factors.iter().map(|(_, f)| tr(&f.a) * tr(&f.g)).sum(),
+            Tensors::Norms(n) => n.iter().map(|&v| f64::from(v)).sum::<f64>() / n.len().max(1) as f64,
+            Tensors::Grads(g) => {
+                let samples = self.samples().unwrap_or(g.nrows()).max(1);
+                g.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / samples as f64
+            }
+        }
+    }
+
+    /// The tensors as written: names, shapes and borrowed row-major values.
+    fn tensor_refs(&self) -> Vec<TensorRef<'_>> {
+        fn matrix<'a>(name: String, m: &'a Array2<f32>) -> TensorRef<'a> {
+            (name, vec![m.nrows(), m.ncols()], row_major(m))
+        }
+        fn vector<'a>(name: &str, v: &'a Array1<f32>) -> TensorRef<'a> {
+            (name.to_string(), vec![v.len()], row_major(v))
+        }
+        match &self.tensors {
+            Tensors::Full(m) => vec![matrix("fisher".into(), m)],
+            Tensors::Gram(m) => vec![matrix("gram".into(), m)],
+            Tensors::Grads(m) => vec![matrix("grads".into(), m)],
+            Tensors::Diagonal(d) => vec![vector("diag", d)],
+            Tensors::Norms(n) => vec![vector("norms", n)],
+            Tensors::Blocks(blocks) => blocks.iter().map(|(i, b)| matrix(format!("block.{i}"), b)).collect(),
+            Tensors::Kfac(factors) => factors
+                .iter()
+                .flat_map(|(i, f)| [matrix(format!("kfac.{i}.A"), &f.a), matrix(format!("kfac.{i}.G"), &f.g)])
+                .collect(),
+        }
+    }
+}
+
+/// An array's values in logical row-major order: borrowed when the array is one contiguous
+/// row-major buffer (every result this crate computes), copied otherwise.
+fn row_major<D: Dimension>(a: &ndarray::Array<f32, D>) -> Cow<'_, [f32]> {
+    match a.as_slice() {
+        Some(values) => Cow::Borrowed(values),
+        None => Cow::Owned(a.iter().copied().collect()),
+    }
+}
+
+/// Writes `file` to `path` atomically (a temporary file renamed into place; see
+/// [`super::output`]); the values are not copied.
+pub fn write(path: &Path, file: &FisherFile) -> Result<()> {
+    write_tensor_refs(path, &file.tensor_refs(), Some(file.metadata.clone()))
+}
+
+/// `block.<i>` / `kfac.<i>.A`: the integer after the prefix.
+fn index_of(name: &str, prefix: &str) -> Option<usize> {
+    name.strip_prefix(prefix)?.split('.').next()?.parse().ok()
+}
+
+/// Reads a Fisher result file.
+///
+/// Errors ([`FisherError::Io`], naming the file): not a safetensors file; a form the file
+/// does not hold (missing, unexpected or misshapen tensors: every matrix must be square
+/// except `grads`, `diag` and `norms` must be vectors); an unknown form; and, through
+/// [`read_safetensors`], a dtype other than F32/F64 or a non-finite value
+/// ([`FisherError::InvalidInput`]).
+pub fn read(path: &Path) -> Result<FisherFile> {
+    let (named, metadata) = read_safetensors(path)?;
+    let bad = |message: String| FisherError::io(path, message);
+    let names: Vec<&str> = named.iter().map(|t| t.0.as_str()).collect();
+    let form = match metadata.get("form") {
+        Some(f) => f.clone(),
+        None => match names.as_slice() {
+            ["fisher"] => "full".into(),
+            ["diag"] => "diag".into(),
+            ["gram"] => "gram".into(),
+            ["grads"] => "grads".into(),
+            ["norms"] => "norms".into(),
+            _ if !names.is_empty() && names.iter().all(|n| n.starts_with("block.")) => "layer".into(),
+            _ if !names.is_empty() && names.iter().all(|n| n.starts_with("kfac.")) => "kfac".into(),
+            _ => {
+                return Err(bad(format!(
+                    "no 'form' in the metadata and the tensors ({}) are not a Fisher form",
+                    names.join(", ")
+                )))
+            }
+        },
+    };
+    let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
+        named.into_iter().map(|(name, shape, values)| (name, (shape, values))).collect();
+    let mut take = |name: &str| {
+        by_name.remove(name).ok_or_else(|| bad(format!("the {form} form needs a tensor '{name}', which is missing")))
+    };
+    let square = |name: &str, shape: &[usize], values: Vec<f32>| match shape {
+        [r, c] if r == c => Ok(Array2::from_shape_vec((*r, *c), values).expect("shape matches the values")),
+        _ => Err(bad(format!("tensor '{name}' has shape {shape:?}, expected a square matrix"))),
+    };
+    let vector = |name: &str, shape: &[usize], values: Vec<f32>| match shape {
+        [_] => Ok(Array1::from(values)),
+        _ => Err(bad(format!("tensor '{name}' has shape {shape:?}, expected a vector"))),
+    };
+    let kind = if form.starts_with("blocks:") { "layer" } else { form.as_str() };
+    let tensors = match kind {
+        "full" => {
+            let (shape, values) = take("fisher")?;
+            Tensors::Full(square("fisher", &shape, values)?)
+        }
+        "gram" => {
+            let (shape, values) = take("gram")?;
+            Tensors::Gram(square("gram", &shape, values)?)
+        }
+        "diag" => {
+            let (shape, values) = take("diag")?;
+            Tensors::Diagonal(vector("diag", &shape, values)?)
+        }
+        "norms" => {
+            let (shape, values) = take("norms")?;
+            Tensors::Norms(vector("norms", &shape, values)?)
+        }
+        "grads" => {
+            let (shape, values) = take("grads")?;
+            let [n, p] = shape[..] else {
+                return Err(bad(format!("tensor 'grads' has shape {shape:?}, expected a matrix")));
+            };
+            Tensors::Grads(Array2::from_shape_vec((n, p), values).expect("shape matches the values"))
+        }
+        "layer" => {
+            let mut blocks = Vec::new();
+            for (name, (shape, values)) in std::mem::take(&mut by_name) {
+                let Some(i) = index_of(&name, "block.") else {
+                    return Err(bad(format!("unexpected tensor '{name}' in a layer form")));
+                };
+                blocks.push((i, square(&name, &shape, values)?));
+            }
+            if blocks.is_empty() {
+                return Err(bad("the layer form holds no 'block.<i>' tensors".into()));
+            }
+            blocks.sort_by_key(|b| b.0);
+            Tensors::Blocks(blocks)
+        }
+        "kfac" => {
+            // Per layer index: (A, G) as they are found.
+            type Slots = (Option<Array2<f32>>, Option<Array2<f32>>);
+            let mut pairs: BTreeMap<usize, Slots> = BTreeMap::new();
+            for (name, (shape, values)) in std::mem::take(&mut by_name) {
+                let (Some(i), Some(factor)) = (index_of(&name, "kfac."), name.rsplit('.').next()) else {
+                    return Err(bad(format!("unexpected tensor '{name}' in a kfac form")));
+                };
+                let m = square(&name, &shape, values)?;
+                let slot = pairs.entry(i).or_default();
+                match factor {
+                    "A" => slot.0 = Some(m),
+                    "G" => slot.1 = Some(m),
+                    _ => return Err(bad(format!("unexpected tensor '{name}' in a kfac form"))),
+                }
+            }
+            let mut factors = Vec::with_capacity(pairs.len());
+            for (i, (a, g)) in pairs {
+                let (Some(a), Some(g)) = (a, g) else {
+                    return Err(bad(format!("layer {i} needs both kfac.{i}.A and kfac.{i}.G")));
+                };
+                factors.push((i, KfacFactors { a, g }));
+            }
+            if factors.is_empty() {
+                return Err(bad("the kfac form holds no 'kfac.<i>.A/G' tensors".into()));
+            }
+            Tensors::Kfac(factors)
+        }
+        other => return Err(bad(format!("unknown form '{other}' in the metadata"))),
+    };
+    if let Some(name) = by_name.keys().next() {
+        return Err(bad(format!("unexpected tensor '{name}' in a {form} form")));
+    }
+    Ok(FisherFile { tensors, metadata, form })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::train::{classification_task, init_mlp};
+    use crate::model::Activation;
+    use crate::Engine;
+
+    fn round_trip(file: &FisherFile) -> FisherFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("F.safetensors");
+        write(&path, file).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!(&back, file, "form {}", file.form());
+        // The metadata says what the tensors are: reading without it finds the same form.
+        assert_eq!(back.tensor_shapes(), file.tensor_shapes());
+        back
+    }
+
+    #[test]
+    fn every_network_form_round_trips() {
+        let mlp = init_mlp(&[4, 5, 3], Activation::Tanh, true, 1).unwrap();
+        let data = classification_task(7, 4, 3, 2).unwrap();
+        let variant = Variant::MonteCarlo { samples: 2, seed: 9 };
+        let full_trace = Engine::cpu().fisher(&mlp, &data, variant, NetForm::Full).unwrap().trace();
+        for form in NetForm::ALL {
+            let result = Engine::cpu().fisher(&mlp, &data, variant, form).unwrap();
+            // The gradient rows are scaled so that F = GᵀG/N: Σ‖row‖²/N is tr F whatever R is.
+            let trace = if form == NetForm::Grads { full_trace } else { result.trace() };
+            let file = FisherFile::of_network(result, &mlp, 7, Likelihood::Categorical, variant, "cpu");
+            let back = round_trip(&file);
+            assert_eq!(back.form(), form.name());
+            assert_eq!(back.variant(), Some(variant));
+            assert_eq!(back.likelihood(), Some(Likelihood::Categorical));
+            assert_eq!((back.samples(), back.parameters()), (Some(7), Some(mlp.num_params())));
+            assert_eq!(back.widths(), Some(vec![4, 5, 3]));
+            assert_eq!(back.layer_indices(), Some(vec![0, 2]));
+            assert_eq!(back.architecture(None).as_deref(), Some("4-5-3 tanh MLP"));
+            assert!((back.trace() - trace).abs() <= 1e-6 * trace.abs().max(1.0), "{form}: {} vs {trace}", back.trace());
+        }
+    }
+
+    #[test]
+    fn network_tensors_are_named_by_sequential_index() {
+        let mlp = init_mlp(&[3, 4, 2], Activation::Relu, true, 1).unwrap();
+        let data = classification_task(5, 3, 2, 1).unwrap();
+        let kfac = Engine::cpu().fisher(&mlp, &data, Variant::True, NetForm::Kfac).unwrap();
+        let file = FisherFile::of_network(kfac, &mlp, 5, Likelihood::Categorical, Variant::True, "cpu");
+        let expected: Vec<(String, Vec<usize>)> = [("kfac.0.A", [4, 4]), ("kfac.0.G", [4, 4]), ("kfac.2.A", [5, 5]), ("kfac.2.G", [2, 2])]
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), s.to_vec()))
+            .collect();
+        assert_eq!(file.tensor_shapes(), expected);
+        assert_eq!(file.metadata["kfac_layout"], KFAC_LAYOUT_NOTE);
+    }
+
+    #[test]
+    fn every_reduction_form_round_trips() {
+        let g = crate::synthetic::gradient_like(11, 6, 3);
+        for form in [Form::Full, Form::Diagonal, Form::Gram, Form::SampleNorms, Form::BlockDiagonal(vec![2, 4])] {
+            let result = Engine::cpu().fisher_from_grads(g.view(), &form).unwrap();
+            let trace = result.trace();
+            let file = FisherFile::of_reduction(result, &form, 11, 6, "cpu");
+            let back = round_trip(&file);
+            assert_eq!(back.form(), form.to_string());
+            assert_eq!((back.samples(), back.parameters(), back.backend()), (Some(11), Some(6), Some("cpu")));
+            assert!((back.trace() - trace).abs() <= 1e-9 * trace.abs().max(1.0), "{form}");
+        }
+    }
+
+    #[test]
+    fn stored_names_parse() {
+        assert_eq!(index_of("block.4", "block."), Some(4));
+        assert_eq!(index_of("kfac.12.A", "kfac."), Some(12));
+        assert_eq!(index_of("fisher", "block."), None);
+    }
+
+    #[test]
+    fn a_transposed_result_is_written_in_logical_order() {
+        let m = ndarray::array![[1.0f32, 2.0], [3.0, 4.0]];
+        assert_eq!(&*row_major(&m.t().to_owned()), [1.0, 3.0, 2.0, 4.0]);
+        assert_eq!(&*row_major(&m.clone().reversed_axes()), [1.0, 3.0, 2.0, 4.0]);
+    }
+
+    #[test]
+    fn a_file_without_metadata_is_told_by_its_tensor_names_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("F.safetensors");
+        let block = (String::from("block.3"), vec![2, 2], vec![1.0f32, 0.0, 0.0, 1.0]);
+        super::super::write_safetensors_atomic(&path, &[block.clone()], None).unwrap();
+        let file = read(&path).unwrap();
+        assert_eq!(file.form(), "layer");
+        assert!(matches!(&file.tensors, Tensors::Blocks(b) if b[0].0 == 3));
+
+        let oblong = (String::from("fisher"), vec![2, 3], vec![0.0f32; 6]);
+        super::super::write_safetensors_atomic(&path, &[oblong], None).unwrap();
+        let err = read(&path).unwrap_err().to_string();
+        assert!(err.contains("expected a square matrix") && err.contains("F.safetensors"), "{err}");
+
+        let meta = HashMap::from([("form".to_string(), "full".to_string())]);
+        super::super::write_safetensors_atomic(&path, &[block], Some(meta)).unwrap();
+        let err = read(&path).unwrap_err().to_string();
+        assert!(err.contains("needs a tensor 'fisher'"), "{err}");
+    }
+}
