@@ -56,6 +56,7 @@
 pub mod action;
 mod coupling;
 mod dense;
+mod implicit;
 mod lanczos;
 mod measures;
 mod operator;
@@ -64,6 +65,7 @@ mod solve;
 mod spectrum;
 
 pub use coupling::{coupling_implicit, Coupling};
+pub use implicit::ImplicitFisher;
 pub use lanczos::{lanczos_top_k, LanczosOptions, LanczosResult};
 pub use measures::{
     abbas_effective_dimension, measures_exact, measures_from_quadrature, measures_from_spectrum, measures_implicit,

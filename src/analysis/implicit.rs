@@ -1,0 +1,195 @@
+//! The implicit Fisher of a network as an operator: F·v and vᵀFv through the engine's
+//! per-sample passes, F never formed.
+//!
+//! [`ImplicitFisher`] binds an engine, a model, its data and a variant. Each
+//! [`FisherOperator::apply`] is one [`Engine::fisher_vector_product`] (forward-mode J v, Λ at
+//! the output, one backward pass, streamed in micro-batches on the engine's backend, f32
+//! widened to f64); each [`FisherOperator::quadratic`] is one [`Engine::fisher_quadratic`]
+//! (the forward-mode pass alone). Memory is the model plus one micro-batch, so Lanczos, SLQ,
+//! the coupling estimates and the action work at sizes whose F would never fit (P ≥ 10⁶).
+//!
+//! ```
+//! use fisher_engine::analysis::{lanczos_top_k, FisherOperator, ImplicitFisher, LanczosOptions};
+//! use fisher_engine::fisher::Variant;
+//! use fisher_engine::model::{problem::synthetic_problem, ActivationSpec, Likelihood};
+//! use fisher_engine::Engine;
+//! let tanh = ActivationSpec::parse("tanh")?;
+//! let (mlp, data) = synthetic_problem(&[6, 5, 3], 40, 1, &tanh, Likelihood::Categorical)?;
+//! let engine = Engine::cpu();
+//! let op = ImplicitFisher::new(&engine, &mlp, &data, Variant::True)?;
+//! let top = lanczos_top_k(&op, &LanczosOptions::top(2))?;
+//! assert_eq!(top.values.len(), 2);
+//! assert!(op.products() > 0);
+//! # Ok::<(), fisher_engine::FisherError>(())
+//! ```
+
+use std::cell::Cell;
+
+use ndarray::Array1;
+
+use super::operator::FisherOperator;
+use crate::engine::Engine;
+use crate::error::{FisherError, Result};
+use crate::fisher::Variant;
+use crate::model::{Dataset, Mlp};
+
+type ProductHook<'a> = Box<dyn Fn(usize) + 'a>;
+
+/// The Fisher of `mlp` on `data` for `variant`, as an operator on θ (PyTorch
+/// `named_parameters()` order) that only ever computes products.
+pub struct ImplicitFisher<'a> {
+    engine: &'a Engine,
+    mlp: &'a Mlp,
+    data: &'a Dataset,
+    variant: Variant,
+    trace: Option<f64>,
+    rank_bound: Option<usize>,
+    products: Cell<usize>,
+    on_product: Option<ProductHook<'a>>,
+}
+
+impl std::fmt::Debug for ImplicitFisher<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImplicitFisher")
+            .field("engine", self.engine)
+            .field("parameters", &self.mlp.num_params())
+            .field("samples", &self.data.len())
+            .field("variant", &self.variant)
+            .field("trace", &self.trace)
+            .field("rank_bound", &self.rank_bound)
+            .field("products", &self.products.get())
+            .finish()
+    }
+}
+
+impl<'a> ImplicitFisher<'a> {
+    /// The operator of `mlp` on `data` for `variant`, on `engine`'s backend. Model and data
+    /// are checked here (once), not on every product.
+    pub fn new(engine: &'a Engine, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Self> {
+        mlp.validate()?;
+        data.validate(mlp, data.likelihood())?;
+        if let Variant::MonteCarlo { samples: 0, .. } = variant {
+            return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
+        }
+        Ok(ImplicitFisher { engine, mlp, data, variant, trace: None, rank_bound: None, products: Cell::new(0), on_product: None })
+    }
+
+    /// The exact tr F, when the caller has it (e.g. the mean of the per-sample squared norms,
+    /// [`crate::fisher::NetForm::Norms`]): estimators then use it instead of estimating it.
+    pub fn with_trace(mut self, trace: f64) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
+    /// An upper bound on rank F (e.g. N·R output rows, or N·(C − 1) for the true categorical
+    /// Fisher): below P it makes λ_min = 0 exact.
+    pub fn with_rank_bound(mut self, rank: usize) -> Self {
+        self.rank_bound = Some(rank);
+        self
+    }
+
+    /// Calls `hook(n)` after each product, n counting every F·v and vᵀFv so far (for a
+    /// progress bar).
+    pub fn on_product(mut self, hook: impl Fn(usize) + 'a) -> Self {
+        self.on_product = Some(Box::new(hook));
+        self
+    }
+
+    /// Products (F·v and vᵀFv) computed so far.
+    pub fn products(&self) -> usize {
+        self.products.get()
+    }
+
+    /// The variant.
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    fn counted(&self) {
+        let n = self.products.get() + 1;
+        self.products.set(n);
+        if let Some(hook) = &self.on_product {
+            hook(n);
+        }
+    }
+
+    fn direction(v: &[f64]) -> Array1<f32> {
+        v.iter().map(|&x| x as f32).collect()
+    }
+
+    fn check(&self, v: &[f64]) -> Result<()> {
+        if v.len() != self.dim() {
+            return Err(FisherError::InvalidInput(format!(
+                "v has {} entries but the model has {} parameters",
+                v.len(),
+                self.dim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl FisherOperator for ImplicitFisher<'_> {
+    fn dim(&self) -> usize {
+        self.mlp.num_params()
+    }
+
+    fn apply(&self, v: &[f64]) -> Result<Vec<f64>> {
+        self.check(v)?;
+        let fvp = self.engine.fisher_vector_product(self.mlp, self.data, self.variant, Self::direction(v).view())?;
+        self.counted();
+        let product = fvp.product.ok_or_else(|| FisherError::InvalidInput("F·v returned no product".into()))?;
+        Ok(product.iter().map(|&x| f64::from(x)).collect())
+    }
+
+    fn quadratic(&self, v: &[f64]) -> Result<f64> {
+        self.check(v)?;
+        let q = self.engine.fisher_quadratic(self.mlp, self.data, self.variant, Self::direction(v).view())?;
+        self.counted();
+        Ok(q)
+    }
+
+    fn trace(&self) -> Option<f64> {
+        self.trace
+    }
+
+    fn rank_bound(&self) -> Option<usize> {
+        self.rank_bound
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fisher::{NetFisher, NetForm};
+    use crate::model::{problem::synthetic_problem, ActivationSpec, Likelihood};
+
+    /// F·v and vᵀFv of the operator equal the dense f64 reference F applied to v, and the
+    /// hook sees every product.
+    #[test]
+    fn products_match_the_dense_reference() {
+        let (mlp, data) = synthetic_problem(&[5, 4, 3], 30, 3, &ActivationSpec::parse("tanh").unwrap(), Likelihood::Categorical).unwrap();
+        let engine = Engine::cpu();
+        let seen = Cell::new(0);
+        let op = ImplicitFisher::new(&engine, &mlp, &data, Variant::True).unwrap().on_product(|n| seen.set(n));
+        let NetFisher::Full(f) =
+            crate::reference::network::fisher(&mlp, &data, Likelihood::Categorical, Variant::True, NetForm::Full).unwrap()
+        else {
+            unreachable!()
+        };
+        let p = op.dim();
+        let v: Vec<f64> = (0..p).map(|i| ((i * 7 % 11) as f64 - 5.0) / 5.0).collect();
+        let fv = op.apply(&v).unwrap();
+        let exact: Vec<f64> = (0..p).map(|i| (0..p).map(|j| f[[i, j]] * v[j]).sum()).collect();
+        let scale = exact.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for (a, b) in fv.iter().zip(&exact) {
+            assert!((a - b).abs() <= 1e-5 * scale, "F·v {a} vs {b}");
+        }
+        let q = op.quadratic(&v).unwrap();
+        let q_exact: f64 = v.iter().zip(&exact).map(|(a, b)| a * b).sum();
+        assert!((q - q_exact).abs() <= 1e-5 * q_exact.abs(), "vᵀFv {q} vs {q_exact}");
+        assert_eq!(op.products(), 2);
+        assert_eq!(seen.get(), 2);
+        assert!(op.apply(&v[1..]).is_err());
+    }
+}
