@@ -63,3 +63,8 @@ pub use backend::{Accumulator, FisherBackend};
 pub use engine::{Backend, Engine, EngineOptions, Verified};
 pub use error::{FisherError, Result};
 pub use fisher::{Agreement, FisherMatrix, Form};
+
+/// The README's Rust examples, compiled and run as doc-tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -6,7 +6,7 @@
 //! byte-order conversion. Every error names the file it is about.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayView2};
@@ -314,7 +314,7 @@ pub fn read_npy_matrix(path: &Path) -> Result<Array2<f32>> {
 }
 
 /// Writes the `.npy` header (format version 1.0) for a C-order array.
-fn write_npy_header(out: &mut impl Write, descr: &str, shape: &[usize]) -> std::io::Result<()> {
+fn write_npy_header(out: &mut dyn Write, descr: &str, shape: &[usize]) -> std::io::Result<()> {
     let shape_text = match shape {
         [one] => format!("({one},)"),
         _ => format!("({})", shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
@@ -350,13 +350,15 @@ fn write_npy_values<T>(
     values: impl Iterator<Item = T>,
     to_le: impl Fn(T) -> Vec<u8>,
 ) -> Result<()> {
-    let fail = |e: std::io::Error| io_error(path, format!("cannot write: {e}"));
-    let mut out = BufWriter::new(File::create(path).map_err(fail)?);
-    write_npy_header(&mut out, descr, shape).map_err(fail)?;
-    for v in values {
-        out.write_all(&to_le(v)).map_err(fail)?;
-    }
-    out.flush().map_err(fail)
+    // Atomic like every output: a full disk or a signal leaves no truncated file.
+    let target = super::output::Target::check(path, "the output", true, &[])?;
+    target.write(".npy", |out| {
+        write_npy_header(out, descr, shape)?;
+        for v in values {
+            out.write_all(&to_le(v))?;
+        }
+        Ok(())
+    })
 }
 
 /// Writes class labels as a little-endian int64 `.npy` vector of shape (N,), what

@@ -3,13 +3,13 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
+
 use std::path::Path;
 
 use crate::error::{FisherError, Result};
 
 use super::io_error;
-use super::output::{check_output_path, output_dir, output_temp_file};
+use super::output::{check_output_path, Target};
 
 /// One named tensor to write: name, shape (row-major), values.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
@@ -75,28 +75,23 @@ pub fn write_tensor_refs(
     let mut header = header.into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
 
-    let dir = output_dir(path);
-    let fail = |e: std::io::Error| io_error(path, format!("cannot write: {e}"));
-    // In the destination directory, so that the final rename stays on one file system and
-    // is atomic.
-    let temp = output_temp_file(dir, "").map_err(fail)?;
-    {
-        let mut out = BufWriter::with_capacity(1 << 20, temp.as_file());
-        out.write_all(&(header.len() as u64).to_le_bytes()).map_err(fail)?;
-        out.write_all(&header).map_err(fail)?;
+    // The command applied the output policy (force, inputs) before computing; here the
+    // path is resolved again for the write itself: a regular file is written to a temporary
+    // file renamed into place, a device or FIFO written through.
+    let target = Target::check(path, "the output", true, &[])?;
+    target.write("", |out| {
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
         let mut bytes = Vec::with_capacity(1 << 16);
         for (_, _, values) in &order {
             for block in values.chunks(1 << 14) {
                 bytes.clear();
                 bytes.extend(block.iter().flat_map(|v| v.to_le_bytes()));
-                out.write_all(&bytes).map_err(fail)?;
+                out.write_all(&bytes)?;
             }
         }
-        out.flush().map_err(fail)?;
-    }
-    temp.as_file().sync_all().map_err(fail)?;
-    temp.persist(path).map_err(|e| fail(e.error))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Reads a whole safetensors file: its tensors as `(name, shape, f32 values)` (F32 and F64
