@@ -523,7 +523,7 @@ impl From<FormArg> for NetForm {
 /// `--likelihood`, `--variant`, `--mc-samples` and `--seed`, shared by `fisher compute`,
 /// `fisher report` (through [`ModelArgs`]) and `fisher action` (flattened; validated by
 /// [`VariantArgs::variant`] and [`VariantArgs::likelihood`]).
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct VariantArgs {
     /// The likelihood the outputs define [default: categorical].
     #[arg(long, value_enum)]

@@ -13,7 +13,7 @@ use fisher_engine::model::Activation;
 use fisher_engine::{Form, MAX_GENERATED_VALUES};
 use serde_json::{json, Value};
 
-use super::args::{FormArg, OutputArgs, Report, VariantArg};
+use super::args::{FormArg, OutputArgs, Report, VariantArg, VariantArgs};
 use super::exit::{run_error, usage};
 use super::format::{columns, duration, gib, mib};
 
@@ -212,16 +212,10 @@ impl BenchConfig {
             }
         }
 
-        if args.mc_samples == Some(0) {
-            return Err(usage("--mc-samples must be at least 1"));
-        }
-        if args.mc_samples.is_some() && args.variant != VariantArg::Mc {
-            return Err(usage("--mc-samples only applies to --variant mc"));
-        }
-        let variant = match args.variant {
-            VariantArg::Empirical => Variant::Empirical,
-            VariantArg::True => Variant::True,
-            VariantArg::Mc => Variant::MonteCarlo { samples: args.mc_samples.unwrap_or(1), seed: args.seed },
+        // --seed seeds everything here, the MC label draws included.
+        let variant = match (VariantArgs { variant: Some(args.variant), mc_samples: args.mc_samples, ..Default::default() }).variant("")? {
+            Variant::MonteCarlo { samples, .. } => Variant::MonteCarlo { samples, seed: args.seed },
+            v => v,
         };
         let activation =
             Activation::parse(&args.activation).map_err(|e| anyhow::Error::new(e).context("bad --activation"))?;
