@@ -11,7 +11,7 @@
 //! so CI checks that they still run.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fisher_engine::bench::{self, Shape};
+use fisher_engine::bench;
 use fisher_engine::fisher::{rows_per_sample, NetForm, Variant};
 use fisher_engine::model::Activation;
 use fisher_engine::synthetic::gradient_like;
@@ -47,8 +47,7 @@ fn reductions(c: &mut Criterion) {
             for &(n, p) in shapes {
                 let g = gradient_like(n, p, 1);
                 group.throughput(Throughput::Elements(bench::reduce_flops(&form, n, p) as u64));
-                let id = bench::reduce_workload(&form, Shape { samples: n, params: p });
-                group.bench_with_input(BenchmarkId::from_parameter(id), &g, |b, g| {
+                group.bench_with_input(BenchmarkId::from_parameter(format!("{n}x{p}")), &g, |b, g| {
                     // fisher_from_grads returns host arrays: the device is waited for.
                     b.iter(|| engine.fisher_from_grads(g.view(), &form).expect("reduction"))
                 });
@@ -72,7 +71,7 @@ fn networks(c: &mut Criterion) {
             let mut group = c.benchmark_group(format!("{stage}/{name}"));
             group.sample_size(10);
             group.throughput(Throughput::Elements(bench::network_flops_executed(&mlp, n, rows, form) as u64));
-            group.bench_function(BenchmarkId::from_parameter(bench::network_workload(form, variant, widths, n)), |b| {
+            group.bench_function(BenchmarkId::from_parameter(format!("{widths:?}x{n}")), |b| {
                 b.iter(|| engine.fisher(&mlp, &data, variant, form).expect("network fisher"))
             });
             group.finish();
