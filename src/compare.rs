@@ -62,6 +62,13 @@ pub struct Comparison {
     pub terms: usize,
 }
 
+impl Comparison {
+    /// The labels of the paths that disagree with the f64 reference beyond their tolerance.
+    pub fn failed(&self) -> Vec<&str> {
+        self.runs.iter().filter(|r| !r.verification.passed).map(|r| r.label.as_str()).collect()
+    }
+}
+
 /// Reduces `g` to `form` on each of `engines` (with the seconds each took to set up), and
 /// judges every result against one f64 reference by [`Contract::reduction`]
 /// ([`Verdict::judge`]). `seed` and `generate` (seconds) describe how `g` was made; `note`

@@ -41,6 +41,7 @@
 
 pub mod analysis;
 pub mod backend;
+pub mod bench;
 pub mod compare;
 pub mod device;
 pub mod engine;
@@ -49,6 +50,7 @@ pub mod fisher;
 pub mod io;
 pub mod model;
 pub mod output;
+pub mod pipeline;
 pub mod reference;
 pub mod synthetic;
 pub mod validate;

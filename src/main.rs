@@ -55,12 +55,11 @@
 
 mod cli;
 
-use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::args::{Cli, Command, Input, ReduceConfig, Report};
+use cli::args::{Cli, Command, ReduceConfig, Report};
 use cli::exit::{classify, one_line, Exit};
 
 fn main() -> ExitCode {
@@ -119,19 +118,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(args) => cli::devices::run(&args),
         Command::Compute(args) => {
             let cfg = cli::compute::ComputeConfig::from_args(args)?;
-            let report = cfg.report;
             let outcome = cli::compute::run(&cfg)?;
-            match report {
-                Report::Human => println!("{}", cli::compute::human(&outcome)),
-                Report::Json => println!("{}", cli::compute::json_line(&outcome)),
+            match cfg.report {
+                Report::Human => println!("{}", cli::compute::human(&cfg, &outcome)),
+                Report::Json => println!("{}", cli::compute::json_line(&cfg, &outcome)),
                 Report::Quiet => {}
             }
             Ok(())
         }
-        Command::Reduce(args) => {
-            let cfg = ReduceConfig::from_args(args)?;
-            reduce(&cfg)
-        }
+        Command::Reduce(args) => cli::reduce::main(&ReduceConfig::from_args(args)?),
         Command::Bench(args) => {
             let cfg = cli::bench::BenchConfig::from_args(args)?;
             cli::bench::main(&cfg)
@@ -167,41 +162,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn reduce(cfg: &ReduceConfig) -> anyhow::Result<()> {
-    if let (true, Input::Synthetic { samples, params, seed }) = (cfg.is_demo(), &cfg.input) {
-        // A status line while the paths run (the reference can take seconds), on a terminal
-        // only: redirected stderr must stay free of control codes.
-        let terminal = std::io::stderr().is_terminal();
-        let progress = |what: &str| {
-            if terminal {
-                eprint!("\r\x1b[2K{what} …");
-                let _ = std::io::stderr().flush();
-            }
-        };
-        let demo = cli::reduce::run_demo(cfg, *samples, *params, *seed, progress);
-        if terminal {
-            eprint!("\r\x1b[2K");
-        }
-        let demo = demo?;
-        println!("{}", cli::reduce::demo_text(&demo));
-        // The demonstration is also a smoke test of the installation: a path that disagrees
-        // with the reference is a failure (exit code 1), after the table that shows it.
-        let failed: Vec<&str> =
-            demo.runs.iter().filter(|r| !r.verification.passed).map(|r| r.label.as_str()).collect();
-        if !failed.is_empty() {
-            anyhow::bail!("{} disagree(s) with the f64 reference beyond the f32 tolerance", failed.join(" and "));
-        }
-        return Ok(());
-    }
-    let outcome = cli::reduce::run(cfg)?;
-    match cfg.report {
-        Report::Human => println!("{}", cli::reduce::human(&outcome)),
-        Report::Json => println!("{}", cli::reduce::json_line(&outcome)),
-        Report::Quiet => {}
-    }
-    Ok(())
 }
 
 /// Reports a panic as one `fisher: error:` line (the full default report only when

@@ -8,14 +8,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::fisher::{NetForm, Variant};
-use fisher_engine::model::{problem, ActivationSpec, Dataset, Likelihood, Mlp};
+use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Mlp};
+use fisher_engine::pipeline::reduce::ReduceRequest;
 use fisher_engine::{Backend, Form, MAX_GENERATED_VALUES};
 
-use super::exit::usage;
+use super::exit::{run_error, usage};
 
 
 /// The exit-code table, shared by every `--help` (a macro, so that `concat!` can extend it).
@@ -357,30 +357,13 @@ pub struct ReduceArgs {
     #[arg(long, value_name = "ROWS")]
     pub chunk_rows: Option<usize>,
 
-    /// Print one JSON line instead of the human summary.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Print nothing on success (errors are still reported).
-    #[arg(long, conflicts_with = "json")]
-    pub quiet: bool,
+    /// Output style.
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
-/// Where the gradients come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input {
-    /// A `.npy` file.
-    File(PathBuf),
-    /// `synthetic::gradient_like(samples, params, seed)`.
-    Synthetic {
-        /// N.
-        samples: usize,
-        /// P.
-        params: usize,
-        /// Seed.
-        seed: u64,
-    },
-}
+/// Where the gradients come from (the library's type).
+pub use fisher_engine::pipeline::reduce::Input;
 
 /// What to print on success.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,23 +389,31 @@ impl Report {
     }
 }
 
+/// `--json` and `--quiet`, shared by the commands that print a report (flattened; read
+/// with [`OutputArgs::report`]).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct OutputArgs {
+    /// Print one JSON line instead of the human summary.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Print nothing on success (errors are still reported).
+    #[arg(long, conflicts_with = "json")]
+    pub quiet: bool,
+}
+
+impl OutputArgs {
+    /// What to print on success.
+    pub fn report(self) -> Report {
+        Report::from_flags(self.json, self.quiet)
+    }
+}
+
 /// A validated `fisher reduce` invocation.
 #[derive(Debug, Clone)]
 pub struct ReduceConfig {
-    /// The gradients.
-    pub input: Input,
-    /// The form to reduce to (not yet checked against P, which only the input knows).
-    pub form: Form,
-    /// Requested compute path.
-    pub backend: Backend,
-    /// Adapter choice.
-    pub gpu: GpuOptions,
-    /// Output file.
-    pub out: Option<PathBuf>,
-    /// Compare with the f64 reference.
-    pub verify: bool,
-    /// Samples per streamed chunk (`None`: sized by bytes).
-    pub chunk_rows: Option<usize>,
+    /// The reduction (its form not yet checked against P, which only the input knows).
+    pub request: ReduceRequest,
     /// Output style.
     pub report: Report,
 }
@@ -431,7 +422,7 @@ impl ReduceConfig {
     /// Whether this is the built-in demonstration: synthetic data, nothing to write, a human
     /// reading the output. It then compares every available backend with the f64 reference.
     pub fn is_demo(&self) -> bool {
-        matches!(self.input, Input::Synthetic { .. }) && self.out.is_none() && self.report == Report::Human
+        matches!(self.request.input, Input::Synthetic { .. }) && self.request.out.is_none() && self.report == Report::Human
     }
 
     /// Validates raw flags.
@@ -456,17 +447,8 @@ impl ReduceConfig {
         if args.chunk_rows == Some(0) {
             return Err(usage("--chunk-rows must be at least 1"));
         }
-        let report = Report::from_flags(args.json, args.quiet);
-        Ok(ReduceConfig {
-            input,
-            form,
-            backend,
-            gpu,
-            out: args.out,
-            verify: args.verify,
-            chunk_rows: args.chunk_rows,
-            report,
-        })
+        let request = ReduceRequest { input, form, backend, gpu, out: args.out, verify: args.verify, chunk_rows: args.chunk_rows };
+        Ok(ReduceConfig { request, report: args.output.report() })
     }
 }
 
@@ -541,7 +523,7 @@ impl From<FormArg> for NetForm {
 /// `--likelihood`, `--variant`, `--mc-samples` and `--seed`, shared by `fisher compute`,
 /// `fisher report` (through [`ModelArgs`]) and `fisher action` (flattened; validated by
 /// [`VariantArgs::variant`] and [`VariantArgs::likelihood`]).
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct VariantArgs {
     /// The likelihood the outputs define [default: categorical].
     #[arg(long, value_enum)]
@@ -700,28 +682,8 @@ impl ModelArgs {
     }
 }
 
-/// Where the model and the data come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// Files.
-    Files {
-        /// The state-dict safetensors file.
-        weights: PathBuf,
-        /// Inputs (.npy).
-        inputs: PathBuf,
-        /// Labels or targets (.npy).
-        labels: PathBuf,
-    },
-    /// Built in memory.
-    Synthetic {
-        /// Layer widths: input, hidden..., output.
-        widths: Vec<usize>,
-        /// N.
-        samples: usize,
-        /// Seed of the weights and the data.
-        seed: u64,
-    },
-}
+/// Where the model and the data come from (the library's type).
+pub use fisher_engine::pipeline::Source;
 
 /// Comma-separated layer widths (input, hidden..., output), at least two and all positive,
 /// as `--synthetic-model`, `--widths` and `--network` take them; `None` otherwise.
@@ -760,26 +722,7 @@ pub fn load_model_and_data(
     activation: &ActivationSpec,
     likelihood: Likelihood,
 ) -> anyhow::Result<(Mlp, Dataset)> {
-    match source {
-        Source::Files { weights, inputs, labels } => {
-            let mlp = Mlp::from_safetensors(weights, activation)?;
-            let data = Dataset::from_npy(inputs, labels, likelihood)?;
-            data.validate(&mlp, likelihood).with_context(|| {
-                format!(
-                    "{} and {} do not fit the model {}",
-                    inputs.display(),
-                    labels.display(),
-                    weights.display()
-                )
-            })?;
-            Ok((mlp, data))
-        }
-        Source::Synthetic { widths, samples, seed } => {
-            let (mlp, data) = problem::synthetic_problem(widths, *samples, *seed, activation, likelihood)
-                .context("building the synthetic model")?;
-            Ok((mlp, data))
-        }
-    }
+    fisher_engine::pipeline::load_problem(source, activation, likelihood).map_err(run_error)
 }
 
 #[cfg(test)]

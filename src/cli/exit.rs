@@ -1,5 +1,6 @@
 //! Exit codes and the one-line error report.
 
+use fisher_engine::pipeline::RunError;
 use fisher_engine::FisherError;
 
 /// The process exit codes `fisher` documents (also printed by `--help`).
@@ -24,6 +25,22 @@ pub struct UsageError(pub String);
 /// Builds a usage error (exit code 2) from a message.
 pub fn usage(message: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(message.into()))
+}
+
+/// A library pipeline's error as the CLI reports it: the library error with what the
+/// pipeline was doing as context, a form that does not fit as `--form ... does not fit ...`,
+/// a result beyond the host-memory limit as a usage error (exit 2; `compute` words it with
+/// its flags before this).
+pub fn run_error(err: RunError) -> anyhow::Error {
+    match err {
+        RunError::Fisher(e) => e.into(),
+        RunError::Context { context, source } => anyhow::Error::new(source).context(context),
+        RunError::FormDoesNotFit { form, what, source } => {
+            anyhow::Error::new(source).context(format!("--form {form} does not fit {what}"))
+        }
+        RunError::ResultTooLarge(e) => usage(e.to_string()),
+        RunError::Verification(e) => e.into(),
+    }
 }
 
 /// The exit code for an error: decided by the first library error or usage error in its

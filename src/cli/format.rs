@@ -90,24 +90,32 @@ pub fn tensor_list(tensors: &[(String, Vec<usize>)]) -> String {
 /// Lays out rows of cells: the first column left-aligned, the others right-aligned, each
 /// as wide as its widest cell, two spaces apart, indented by two.
 pub fn table(rows: &[Vec<String>]) -> Vec<String> {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let count = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let numeric: Vec<bool> = (0..count).map(|c| c > 0).collect();
+    columns(rows, &numeric).into_iter().map(|line| format!("  {line}")).collect()
+}
+
+/// Lays out rows of cells, each column as wide as its widest cell, two spaces apart:
+/// right-aligned where `numeric[c]` is set, else left-aligned; trailing spaces trimmed.
+pub fn columns(rows: &[Vec<String>], numeric: &[bool]) -> Vec<String> {
+    let count = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> =
-        (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+        (0..count).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
     rows.iter()
         .map(|row| {
             let cells: Vec<String> = row
                 .iter()
                 .enumerate()
                 .map(|(c, cell)| {
-                    let pad = widths[c] - cell.chars().count();
-                    if c == 0 {
-                        format!("{cell}{}", " ".repeat(pad))
+                    let pad = " ".repeat(widths[c] - cell.chars().count());
+                    if numeric.get(c).copied().unwrap_or(false) {
+                        format!("{pad}{cell}")
                     } else {
-                        format!("{}{cell}", " ".repeat(pad))
+                        format!("{cell}{pad}")
                     }
                 })
                 .collect();
-            format!("  {}", cells.join("  ").trim_end())
+            cells.join("  ").trim_end().to_string()
         })
         .collect()
 }

@@ -1,0 +1,322 @@
+//! The Fisher information of an MLP on data, in any variant and form.
+//!
+//! Flow: the model and the data, loaded from files or built in memory, and checked against
+//! each other → the size of the result checked against [`ComputeRequest::max_result_bytes`]
+//! → the synthetic files saved ([`ComputeRequest::save_model`], [`ComputeRequest::save_data`])
+//! → device → compute → the f64 reference ([`ComputeRequest::verify`]) → atomic write.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::{file_size, load_problem, since, ResultTooLarge, RunError, Seconds, Source};
+use crate::backend::gpu::GpuOptions;
+use crate::device::{self, DeviceRequest};
+use crate::error::FisherError;
+use crate::fisher::{rows_per_sample, NetForm, Variant};
+use crate::io::fisher_file::{self, FisherFile};
+use crate::io;
+use crate::model::{ActivationSpec, Dataset, Likelihood, Mlp, Targets};
+use crate::verify::{Contract, Verdict};
+use crate::Backend;
+
+/// What to compute, and where the results go.
+#[derive(Debug, Clone)]
+pub struct ComputeRequest {
+    /// Model and data.
+    pub source: Source,
+    /// Activations between the layers.
+    pub activation: ActivationSpec,
+    /// The likelihood.
+    pub likelihood: Likelihood,
+    /// The variant.
+    pub variant: Variant,
+    /// The form; `None`: only save the synthetic files.
+    pub form: Option<NetForm>,
+    /// Requested compute path.
+    pub backend: Backend,
+    /// Adapter choice.
+    pub gpu: GpuOptions,
+    /// The output file; required with a form.
+    pub out: Option<PathBuf>,
+    /// Compare with the f64 reference; a result outside [`Contract::Network`] fails the run.
+    pub verify: bool,
+    /// Largest result (with `verify`, plus its f64 reference) held in host memory, in bytes.
+    pub max_result_bytes: u128,
+    /// Where to save the synthetic model (safetensors).
+    pub save_model: Option<PathBuf>,
+    /// A directory for the synthetic data (`inputs.npy`, `labels.npy`).
+    pub save_data: Option<PathBuf>,
+}
+
+impl ComputeRequest {
+    /// A request with the defaults of `fisher compute`: categorical likelihood, the true
+    /// Fisher, no form, no output, no verification, a 2 GiB result limit.
+    pub fn new(source: Source, activation: ActivationSpec, backend: Backend) -> Self {
+        ComputeRequest {
+            source,
+            activation,
+            likelihood: Likelihood::Categorical,
+            variant: Variant::True,
+            form: None,
+            backend,
+            gpu: GpuOptions::default(),
+            out: None,
+            verify: false,
+            max_result_bytes: 2 << 30,
+            save_model: None,
+            save_data: None,
+        }
+    }
+}
+
+/// What a compute run did.
+#[derive(Debug)]
+pub struct ComputeOutcome {
+    /// Layer widths: input, then every layer's output.
+    pub widths: Vec<usize>,
+    /// The layers' Sequential indices.
+    pub layer_indices: Vec<usize>,
+    /// Activation names, one per gap.
+    pub activations: Vec<&'static str>,
+    /// P.
+    pub params: usize,
+    /// N.
+    pub samples: usize,
+    /// R, gradient rows per sample.
+    pub rows_per_sample: usize,
+    /// The backend's label (`None` when only the synthetic files were saved).
+    pub backend: Option<String>,
+    /// GPU adapter name, when on a GPU.
+    pub adapter: Option<String>,
+    /// Why Auto fell back to the CPU.
+    pub fallback: Option<String>,
+    /// Names and shapes of the written tensors.
+    pub tensors: Vec<(String, Vec<usize>)>,
+    /// tr F (kfac: tr(G ⊗ A) summed over layers).
+    pub trace: Option<f64>,
+    /// Agreement with the f64 reference (`verify`); always a pass here.
+    pub verification: Option<Verdict>,
+    /// The file written and its size in bytes.
+    pub out: Option<(PathBuf, u64)>,
+    /// Synthetic files written.
+    pub saved: Saved,
+    /// Seconds per stage (`save` always present).
+    pub seconds: Seconds,
+}
+
+/// The synthetic files a run wrote.
+#[derive(Debug, Default, Clone)]
+pub struct Saved {
+    /// The model file.
+    pub model: Option<PathBuf>,
+    /// Inputs and labels.
+    pub data: Option<(PathBuf, PathBuf)>,
+}
+
+/// Values of the host-memory result of `form` (f32) with the count in words, or `None` for
+/// forms that are small by construction (diag, kfac, norms: P, Σ (in+1)² + out², N values).
+pub fn result_values(mlp: &Mlp, samples: usize, rows: usize, form: NetForm) -> Option<(u128, String)> {
+    let p = mlp.num_params() as u128;
+    match form {
+        NetForm::Full => Some((p * p, format!("P×P = {p}×{p}"))),
+        NetForm::Layer => Some((mlp.layers.iter().map(|l| (l.num_params() as u128).pow(2)).sum(), "Σ_l P_l²".into())),
+        NetForm::Grads => Some((samples as u128 * rows as u128 * p, format!("N·R×P = {samples}·{rows}×{p}"))),
+        NetForm::Diagonal | NetForm::Kfac | NetForm::Norms => None,
+    }
+}
+
+/// Refuses, before anything is computed, a result larger than the request's limit.
+pub fn check_result_size(
+    mlp: &Mlp,
+    samples: usize,
+    rows: usize,
+    form: NetForm,
+    verify: bool,
+    limit: u128,
+) -> Result<(), ResultTooLarge> {
+    let Some((values, what)) = result_values(mlp, samples, rows, form) else { return Ok(()) };
+    // f32 result, plus the f64 reference when verifying.
+    let needed = values * if verify { 4 + 8 } else { 4 };
+    if needed <= limit {
+        return Ok(());
+    }
+    Err(ResultTooLarge { form, what, needed, with_reference: verify, limit, rows_per_sample: rows })
+}
+
+/// Checks, before anything is built or written, that every output location can be written.
+fn check_output_locations(request: &ComputeRequest) -> Result<(), FisherError> {
+    for path in [&request.out, &request.save_model].into_iter().flatten() {
+        io::check_output_path(path)?;
+    }
+    match &request.save_data {
+        Some(dir) if dir.exists() && !dir.is_dir() => {
+            Err(FisherError::io(dir, "--save-data needs a directory, but this is a file"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes the synthetic model and data where asked.
+fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &Dataset) -> Result<Saved, FisherError> {
+    let mut saved = Saved::default();
+    if let Some(path) = &request.save_model {
+        mlp.to_safetensors(path)?;
+        saved.model = Some(path.clone());
+    }
+    if let Some(dir) = &request.save_data {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| FisherError::io(dir, format!("cannot create the data directory: {e}")))?;
+        let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
+        io::write_npy_matrix(&inputs, data.inputs.view())?;
+        match &data.targets {
+            Targets::Classes(classes) => io::write_npy_labels(&labels, classes)?,
+            Targets::Values(values) => io::write_npy_matrix(&labels, values.view())?,
+        }
+        saved.data = Some((inputs, labels));
+    }
+    Ok(saved)
+}
+
+/// Runs a compute request. A form without an output file is refused
+/// ([`FisherError::InvalidInput`]).
+pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
+    if request.form.is_some() && request.out.is_none() {
+        return Err(FisherError::InvalidInput("a form needs an output file".into()).into());
+    }
+    let mut seconds = Seconds { save: Some(0.0), ..Seconds::default() };
+    check_output_locations(request)?;
+
+    let start = Instant::now();
+    let (mlp, data) = load_problem(&request.source, &request.activation, request.likelihood)?;
+    seconds.load = since(start);
+    let samples = data.len();
+    let rows = rows_per_sample(request.variant, mlp.output_dim());
+    if let Some(form) = request.form {
+        check_result_size(&mlp, samples, rows, form, request.verify, request.max_result_bytes)?;
+    }
+
+    let start = Instant::now();
+    let saved = save_synthetic(request, &mlp, &data)?;
+    seconds.save = Some(since(start));
+
+    let mut outcome = ComputeOutcome {
+        widths: mlp.widths(),
+        layer_indices: mlp.layers.iter().map(|l| l.index).collect(),
+        activations: mlp.activations.iter().map(|a| a.name()).collect(),
+        params: mlp.num_params(),
+        samples,
+        rows_per_sample: rows,
+        backend: None,
+        adapter: None,
+        fallback: None,
+        tensors: Vec::new(),
+        trace: None,
+        verification: None,
+        out: None,
+        saved,
+        seconds,
+    };
+    let (Some(form), Some(out)) = (request.form, &request.out) else {
+        return Ok(outcome); // only saving the synthetic files
+    };
+
+    let start = Instant::now();
+    let device = device::open(&DeviceRequest::from_env(request.backend, request.gpu.clone())?)?;
+    outcome.seconds.setup = since(start);
+    let engine = &device.engine;
+    let backend = engine.device_info();
+
+    let start = Instant::now();
+    let result = engine.fisher(&mlp, &data, request.variant, form)?;
+    outcome.seconds.compute = since(start);
+
+    if request.verify {
+        let start = Instant::now();
+        let reference =
+            crate::reference::network::fisher(&mlp, &data, request.likelihood, request.variant, form)
+                .map_err(RunError::context("computing the f64 reference"))?;
+        let verdict = Verdict::judge(result.agreement(&reference)?, Contract::Network);
+        drop(reference);
+        outcome.seconds.verify = since(start);
+        outcome.verification = Some(verdict.require(&backend)?);
+    }
+
+    let file = FisherFile::of_network(result, &mlp, samples, request.likelihood, request.variant, &backend);
+    outcome.trace = Some(file.trace());
+    outcome.tensors = file.tensor_shapes();
+
+    let start = Instant::now();
+    fisher_file::write(out, &file)?;
+    outcome.seconds.write = since(start);
+    outcome.out = Some((out.clone(), file_size(out)));
+    outcome.backend = Some(backend);
+    outcome.adapter = device.adapter.map(|a| a.name);
+    outcome.fallback = device.fallback;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::fisher_file;
+
+    fn request(dir: &std::path::Path, form: Option<NetForm>) -> ComputeRequest {
+        let source = Source::Synthetic { widths: vec![5, 4, 3], samples: 20, seed: 1 };
+        let mut request = ComputeRequest::new(source, ActivationSpec::parse("tanh").unwrap(), Backend::Cpu);
+        request.form = form;
+        request.out = form.map(|_| dir.join("F.safetensors"));
+        request
+    }
+
+    #[test]
+    fn round_trip_on_cpu_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut req = request(dir.path(), Some(NetForm::Full));
+        req.verify = true;
+        let outcome = run(&req).unwrap();
+        let p = 4 * 6 + 3 * 5;
+        assert_eq!((outcome.params, outcome.samples, outcome.rows_per_sample), (p, 20, 3));
+        assert_eq!(outcome.tensors, [("fisher".to_string(), vec![p, p])]);
+        assert!(outcome.verification.as_ref().unwrap().passed);
+        let (path, size) = outcome.out.clone().unwrap();
+        assert!(size > 0);
+        let file = fisher_file::read(&path).unwrap();
+        assert_eq!(file.tensor_shapes(), outcome.tensors);
+        let trace = outcome.trace.unwrap();
+        assert!((file.trace() - trace).abs() <= 1e-6 * trace.abs());
+    }
+
+    #[test]
+    fn result_size_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut req = request(dir.path(), Some(NetForm::Full));
+        req.max_result_bytes = 100;
+        req.verify = true;
+        match run(&req) {
+            Err(RunError::ResultTooLarge(e)) => {
+                assert_eq!((e.needed, e.limit, e.with_reference), (39 * 39 * 12, 100, true));
+                assert_eq!(e.what, "P×P = 39×39");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!dir.path().join("F.safetensors").exists());
+        // Small forms pass any limit.
+        req.form = Some(NetForm::Diagonal);
+        run(&req).unwrap();
+    }
+
+    #[test]
+    fn saves_synthetic_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut req = request(dir.path(), None);
+        req.save_model = Some(dir.path().join("M.safetensors"));
+        req.save_data = Some(dir.path().join("data"));
+        let outcome = run(&req).unwrap();
+        assert!(outcome.backend.is_none() && outcome.out.is_none());
+        let (inputs, labels) = outcome.saved.data.unwrap();
+        let files = Source::Files { weights: outcome.saved.model.unwrap(), inputs, labels };
+        let (mlp, data) = load_problem(&files, &req.activation, req.likelihood).unwrap();
+        assert_eq!(mlp.widths(), [5, 4, 3]);
+        assert_eq!(data.len(), 20);
+    }
+}
