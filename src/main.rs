@@ -66,6 +66,10 @@ fn main() -> ExitCode {
     quiet_headless_environment();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     install_panic_report();
+    // Temporary outputs are removed on SIGINT/SIGTERM/SIGHUP (the output policy, io::output).
+    if let Err(e) = fisher_engine::io::output::install_signal_cleanup() {
+        log::warn!("{e}");
+    }
 
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

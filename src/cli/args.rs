@@ -357,6 +357,15 @@ pub struct ReduceArgs {
     #[arg(long, value_name = "ROWS")]
     pub chunk_rows: Option<usize>,
 
+    /// Replace an existing --out file (its permissions are kept).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Refuse, before reading G, a result (with --verify also G and the f64 reference)
+    /// larger than this many GiB of host memory.
+    #[arg(long, value_name = "GIB", default_value_t = 2.0)]
+    pub max_result_gib: f64,
+
     /// Output style.
     #[command(flatten)]
     pub output: OutputArgs,
@@ -447,7 +456,20 @@ impl ReduceConfig {
         if args.chunk_rows == Some(0) {
             return Err(usage("--chunk-rows must be at least 1"));
         }
-        let request = ReduceRequest { input, form, backend, gpu, out: args.out, verify: args.verify, chunk_rows: args.chunk_rows };
+        if !(args.max_result_gib.is_finite() && args.max_result_gib > 0.0) {
+            return Err(usage(format!("--max-result-gib must be a positive number, not {}", args.max_result_gib)));
+        }
+        let request = ReduceRequest {
+            input,
+            form,
+            backend,
+            gpu,
+            out: args.out,
+            verify: args.verify,
+            chunk_rows: args.chunk_rows,
+            force: args.force,
+            max_result_bytes: gib_to_bytes(args.max_result_gib),
+        };
         Ok(ReduceConfig { request, report: args.output.report() })
     }
 }
@@ -723,6 +745,12 @@ pub fn load_model_and_data(
     likelihood: Likelihood,
 ) -> anyhow::Result<(Mlp, Dataset)> {
     fisher_engine::pipeline::load_problem(source, activation, likelihood).map_err(run_error)
+}
+
+
+/// `--max-result-gib` in bytes (validated positive and finite by the caller; saturates).
+pub fn gib_to_bytes(gib: f64) -> u128 {
+    (gib * (1u64 << 30) as f64) as u128
 }
 
 #[cfg(test)]

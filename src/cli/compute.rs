@@ -40,8 +40,8 @@ pub struct ComputeArgs {
     #[arg(long)]
     pub verify: bool,
 
-    /// Refuse, before computing, a result (full, layer, grads; with --verify also its f64
-    /// reference) larger than this many GiB of host memory.
+    /// Refuse, before computing, a result (full, layer, kfac, grads; with --verify also its
+    /// f64 reference) larger than this many GiB of host memory.
     #[arg(long, value_name = "GIB", default_value_t = 2.0)]
     pub max_result_gib: f64,
 
@@ -56,6 +56,11 @@ pub struct ComputeArgs {
     /// Write the synthetic data to DIR/inputs.npy and DIR/labels.npy (DIR is created).
     #[arg(long, value_name = "DIR")]
     pub save_data: Option<PathBuf>,
+
+    /// Replace existing output files (--out, --save-model, the files of --save-data); their
+    /// permissions are kept.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A validated `fisher compute` invocation.
@@ -114,9 +119,10 @@ impl ComputeConfig {
             gpu,
             out: args.out,
             verify: args.verify,
-            max_result_bytes: (args.max_result_gib * (1u64 << 30) as f64) as u128,
+            max_result_bytes: super::args::gib_to_bytes(args.max_result_gib),
             save_model: args.save_model,
             save_data: args.save_data,
+            force: args.force,
         };
         Ok(ComputeConfig { request, activation_text: args.activation, report: args.output.report() })
     }
@@ -130,6 +136,7 @@ fn too_large(e: &ResultTooLarge) -> anyhow::Error {
              --variant empirical has R = 1 row per sample"
         }
         NetForm::Grads => "; --form norms gives the per-sample squared norms without materializing gradients",
+        NetForm::Kfac => "; --form diag stays small for any model",
         _ => "; --form diag and --form kfac stay small for any model",
     };
     let size = |b: u128| bytes(u64::try_from(b).unwrap_or(u64::MAX));

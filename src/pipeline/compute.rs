@@ -5,10 +5,11 @@
 //! → the synthetic files saved ([`ComputeRequest::save_model`], [`ComputeRequest::save_data`])
 //! → device → compute → the f64 reference ([`ComputeRequest::verify`]) → atomic write.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{file_size, load_problem, since, ResultTooLarge, RunError, Seconds, Source};
+use crate::io::output::{output_dir, Target};
 use crate::backend::gpu::GpuOptions;
 use crate::device::{self, DeviceRequest};
 use crate::error::FisherError;
@@ -46,6 +47,8 @@ pub struct ComputeRequest {
     pub save_model: Option<PathBuf>,
     /// A directory for the synthetic data (`inputs.npy`, `labels.npy`).
     pub save_data: Option<PathBuf>,
+    /// Replace existing output files (the output policy of [`crate::io::output`]).
+    pub force: bool,
 }
 
 impl ComputeRequest {
@@ -65,6 +68,7 @@ impl ComputeRequest {
             max_result_bytes: 2 << 30,
             save_model: None,
             save_data: None,
+            force: false,
         }
     }
 }
@@ -114,14 +118,29 @@ pub struct Saved {
 }
 
 /// Values of the host-memory result of `form` (f32) with the count in words, or `None` for
-/// forms that are small by construction (diag, kfac, norms: P, Σ (in+1)² + out², N values).
+/// forms no larger than the model or the data themselves (diag: P, norms: N values).
+/// Sizes beyond u128 saturate (they are beyond any limit).
 pub fn result_values(mlp: &Mlp, samples: usize, rows: usize, form: NetForm) -> Option<(u128, String)> {
     let p = mlp.num_params() as u128;
+    let square = |x: u128| x.saturating_mul(x);
     match form {
-        NetForm::Full => Some((p * p, format!("P×P = {p}×{p}"))),
-        NetForm::Layer => Some((mlp.layers.iter().map(|l| (l.num_params() as u128).pow(2)).sum(), "Σ_l P_l²".into())),
-        NetForm::Grads => Some((samples as u128 * rows as u128 * p, format!("N·R×P = {samples}·{rows}×{p}"))),
-        NetForm::Diagonal | NetForm::Kfac | NetForm::Norms => None,
+        NetForm::Full => Some((square(p), format!("P×P = {p}×{p}"))),
+        NetForm::Layer => Some((
+            mlp.layers.iter().fold(0u128, |sum, l| sum.saturating_add(square(l.num_params() as u128))),
+            "Σ_l P_l²".into(),
+        )),
+        NetForm::Kfac => Some((
+            mlp.layers.iter().fold(0u128, |sum, l| {
+                let a = l.fan_in() as u128 + u128::from(l.bias.is_some());
+                sum.saturating_add(square(a)).saturating_add(square(l.fan_out() as u128))
+            }),
+            "Σ_l (in+1)² + out²".into(),
+        )),
+        NetForm::Grads => Some((
+            (samples as u128).saturating_mul(rows as u128).saturating_mul(p),
+            format!("N·R×P = {samples}·{rows}×{p}"),
+        )),
+        NetForm::Diagonal | NetForm::Norms => None,
     }
 }
 
@@ -136,24 +155,52 @@ pub fn check_result_size(
 ) -> Result<(), ResultTooLarge> {
     let Some((values, what)) = result_values(mlp, samples, rows, form) else { return Ok(()) };
     // f32 result, plus the f64 reference when verifying.
-    let needed = values * if verify { 4 + 8 } else { 4 };
+    let needed = values.saturating_mul(if verify { 4 + 8 } else { 4 });
     if needed <= limit {
         return Ok(());
     }
     Err(ResultTooLarge { form, what, needed, with_reference: verify, limit, rows_per_sample: rows })
 }
 
-/// Checks, before anything is built or written, that every output location can be written.
+/// Applies the output policy ([`crate::io::output`]) to every file the run will write,
+/// before anything is built or written: none may be an input or another output, and an
+/// existing one is replaced only with `force`.
 fn check_output_locations(request: &ComputeRequest) -> Result<(), FisherError> {
-    for path in [&request.out, &request.save_model].into_iter().flatten() {
-        io::check_output_path(path)?;
-    }
-    match &request.save_data {
-        Some(dir) if dir.exists() && !dir.is_dir() => {
-            Err(FisherError::io(dir, "--save-data needs a directory, but this is a file"))
+    let inputs: Vec<(&str, &Path)> = match &request.source {
+        Source::Files { weights, inputs, labels } => {
+            vec![("--weights", weights.as_path()), ("--inputs", inputs.as_path()), ("--labels", labels.as_path())]
         }
-        _ => Ok(()),
+        Source::Synthetic { .. } => Vec::new(),
+    };
+    let mut outputs: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(out) = &request.out {
+        outputs.push(("--out", out.clone()));
     }
+    if let Some(model) = &request.save_model {
+        outputs.push(("--save-model", model.clone()));
+    }
+    if let Some(dir) = &request.save_data {
+        if dir.exists() && !dir.is_dir() {
+            return Err(FisherError::io(dir, "--save-data needs a directory, but this is a file"));
+        }
+        outputs.push(("--save-data", dir.join("inputs.npy")));
+        outputs.push(("--save-data", dir.join("labels.npy")));
+    }
+    let mut resolved: Vec<(&str, PathBuf)> = Vec::new();
+    for (flag, path) in &outputs {
+        // The data directory is created later; its files are checked once it exists.
+        let target = if flag == &"--save-data" && !output_dir(path).is_dir() {
+            path.clone()
+        } else {
+            Target::check(path, flag, request.force, &inputs)?.path().to_path_buf()
+        };
+        let absolute = std::path::absolute(&target).unwrap_or(target);
+        if let Some((other, _)) = resolved.iter().find(|(_, p)| *p == absolute) {
+            return Err(FisherError::io(path, format!("{flag} and {other} name the same file")));
+        }
+        resolved.push((flag, absolute));
+    }
+    Ok(())
 }
 
 /// Writes the synthetic model and data where asked.

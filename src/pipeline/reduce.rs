@@ -13,6 +13,7 @@ use std::time::Instant;
 use ndarray::Array2;
 
 use super::{file_size, since, RunError, Seconds};
+use crate::io::output::Target;
 use crate::backend::gpu::GpuOptions;
 use crate::compare::{compare_paths, Comparison};
 use crate::device::{self, DeviceRequest};
@@ -62,6 +63,10 @@ pub struct ReduceRequest {
     pub verify: bool,
     /// Samples per streamed chunk (`None`: as many as fill [`CHUNK_BYTES`]).
     pub chunk_rows: Option<usize>,
+    /// Replace an existing output file (the output policy of [`crate::io::output`]).
+    pub force: bool,
+    /// Largest result (with `verify`, plus its f64 reference) held in host memory, in bytes.
+    pub max_result_bytes: u128,
 }
 
 /// What a reduction did.
@@ -197,15 +202,64 @@ fn reduce_streaming(
     Ok(result)
 }
 
+/// Values of the result of `form` over N = `samples` rows of P = `params` (Gram N², full
+/// P², blocks Σ b², diag P, norms N), with the count in words; `None` when it does not fit
+/// in u128 (it is then beyond any limit).
+pub fn result_values(form: &Form, samples: usize, params: usize) -> Option<(u128, String)> {
+    let (n, p) = (samples as u128, params as u128);
+    Some(match form {
+        Form::Full => (p.checked_mul(p)?, format!("P×P = {p}×{p}")),
+        Form::Gram => (n.checked_mul(n)?, format!("N×N = {n}×{n}")),
+        Form::Diagonal => (p, format!("P = {p}")),
+        Form::SampleNorms => (n, format!("N = {n}")),
+        Form::BlockDiagonal(sizes) => {
+            let mut total = 0u128;
+            for &b in sizes {
+                total = total.checked_add((b as u128).checked_mul(b as u128)?)?;
+            }
+            (total, "Σ b² over the blocks".to_string())
+        }
+    })
+}
+
+/// Refuses, before any work, a result (with `verify`, plus the f64 reference and the whole
+/// G it loads) beyond `limit` bytes of host memory.
+fn check_result_size(form: &Form, samples: usize, params: usize, verify: bool, limit: u128) -> Result<(), FisherError> {
+    let (values, what) = result_values(form, samples, params).unwrap_or((u128::MAX, "more than 2¹²⁸".into()));
+    let mut needed = values.saturating_mul(if verify { 4 + 8 } else { 4 });
+    if verify {
+        needed = needed.saturating_add((samples as u128).saturating_mul(params as u128).saturating_mul(4));
+    }
+    if needed <= limit {
+        return Ok(());
+    }
+    let gib = |b: u128| format!("{:.3} GiB", b as f64 / (1u64 << 30) as f64);
+    Err(FisherError::InvalidInput(format!(
+        "--form {form} holds {what} values ({}{}) in host memory, beyond the --max-result-gib limit of {}",
+        gib(needed),
+        if verify { " with G and the f64 reference for --verify" } else { "" },
+        gib(limit)
+    )))
+}
+
 /// Runs a reduction: open the input, the device, reduce (streaming from a file unless the
 /// form is `gram` or `verify` needs all of G), verify, write.
 pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
     let mut seconds = Seconds::default();
     if let Some(out) = &request.out {
-        io::check_output_path(out)?;
+        let inputs: Vec<(&str, &std::path::Path)> = match &request.input {
+            Input::File(path) => vec![("--grads", path.as_path())],
+            Input::Synthetic { .. } => Vec::new(),
+        };
+        Target::check(out, "--out", request.force, &inputs)?;
     }
     let form = &request.form;
     let (grads, what, input) = open_input(&request.input, form, &mut seconds)?;
+    let (samples, params) = match &grads {
+        Grads::File { rows, .. } => (rows.rows(), rows.cols()),
+        Grads::Memory(g) => (g.nrows(), g.ncols()),
+    };
+    check_result_size(form, samples, params, request.verify, request.max_result_bytes)?;
 
     let start = Instant::now();
     let device = device::open(&DeviceRequest::from_env(request.backend, request.gpu.clone())?)?;
@@ -313,7 +367,17 @@ mod tests {
     use super::*;
 
     fn request(input: Input, form: Form, out: Option<PathBuf>) -> ReduceRequest {
-        ReduceRequest { input, form, backend: Backend::Cpu, gpu: GpuOptions::default(), out, verify: false, chunk_rows: None }
+        ReduceRequest {
+            input,
+            form,
+            backend: Backend::Cpu,
+            gpu: GpuOptions::default(),
+            out,
+            verify: false,
+            chunk_rows: None,
+            force: false,
+            max_result_bytes: 2 << 30,
+        }
     }
 
     #[test]
