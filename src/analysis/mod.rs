@@ -60,6 +60,7 @@ mod implicit;
 mod lanczos;
 mod measures;
 mod operator;
+pub mod report;
 mod slq;
 mod solve;
 mod spectrum;
