@@ -31,7 +31,9 @@
 //! atomically. The plot is the only file written, and only on success.
 //!
 //! ```
-//! use fisher_engine::analysis::report::{self, FormChoice, ModelInput, ReportInput, ReportOptions, ReportRequest};
+//! use fisher_engine::analysis::report::{
+//!     self, ComputeOptions, FormChoice, ModelInput, ReportInput, ReportOptions, ReportRequest,
+//! };
 //! use fisher_engine::backend::gpu::GpuOptions;
 //! use fisher_engine::fisher::{NetForm, Variant};
 //! use fisher_engine::model::{problem::synthetic_problem, ActivationSpec, Likelihood};
@@ -42,10 +44,12 @@
 //!     mlp: &mlp,
 //!     data: &data,
 //!     description: "a small synthetic problem".into(),
-//!     variant: Variant::True,
-//!     form: FormChoice::Explicit(NetForm::Full),
-//!     backend: Backend::Cpu,
-//!     gpu: GpuOptions::default(),
+//!     compute: ComputeOptions {
+//!         variant: Variant::True,
+//!         form: FormChoice::Explicit(NetForm::Full),
+//!         backend: Backend::Cpu,
+//!         gpu: GpuOptions::default(),
+//!     },
 //! };
 //! let request = ReportRequest { input: ReportInput::Model(input), options: ReportOptions::default() };
 //! let report = report::run(&request, &|_done, _total| {})?;
@@ -164,6 +168,19 @@ impl Default for ImplicitSettings {
     }
 }
 
+/// How a model's Fisher is computed: the variant, the form and the device.
+#[derive(Debug, Clone)]
+pub struct ComputeOptions {
+    /// The variant.
+    pub variant: Variant,
+    /// The form.
+    pub form: FormChoice,
+    /// Requested compute path.
+    pub backend: Backend,
+    /// Adapter choice (completed from the environment by [`DeviceRequest::from_env`]).
+    pub gpu: GpuOptions,
+}
+
 /// A model and its data, to compute the Fisher of.
 #[derive(Debug, Clone)]
 pub struct ModelInput<'a> {
@@ -173,14 +190,8 @@ pub struct ModelInput<'a> {
     pub data: &'a Dataset,
     /// How the report names the input (files, or a synthetic problem).
     pub description: String,
-    /// The variant.
-    pub variant: Variant,
-    /// The form.
-    pub form: FormChoice,
-    /// Requested compute path.
-    pub backend: Backend,
-    /// Adapter choice (completed from the environment by [`DeviceRequest::from_env`]).
-    pub gpu: GpuOptions,
+    /// How the Fisher is computed.
+    pub compute: ComputeOptions,
 }
 
 /// A stored result of `fisher compute` or `fisher reduce`.
@@ -230,6 +241,37 @@ impl Default for ReportOptions {
             samples_n: None,
             implicit: ImplicitSettings::default(),
             plot: None,
+        }
+    }
+}
+
+impl ReportOptions {
+    /// Checks the options on their own (what needs the input, such as the damping of the
+    /// implicit form, is checked by [`run`]). [`run`] calls it first.
+    ///
+    /// Errors: [`FisherError::InvalidInput`], naming the setting by its `fisher report` flag.
+    pub fn validate(&self) -> Result<()> {
+        let s = &self.implicit;
+        let refusal = [
+            (self.top == 0).then(|| "--top must be at least 1".to_string()),
+            self.alphas.is_empty().then(|| "--alpha needs at least one scale".to_string()),
+            self.alphas.iter().find(|a| !(a.is_finite() && **a > 0.0)).map(|a| format!("--alpha must be positive and finite, not {a}")),
+            (!(self.damping.is_finite() && self.damping >= 0.0))
+                .then(|| format!("--damping must be finite and ≥ 0, not {}", self.damping)),
+            self.samples_n.filter(|&n| n < 19).map(|n| {
+                format!("--samples-n must be at least 19 (the Abbas effective dimension needs κ_n = n/(2π log n) > 1), not {n}")
+            }),
+            (s.probes < 2).then(|| format!("--probes must be at least 2 (for an error bar), not {}", s.probes)),
+            (s.steps == 0).then(|| "--lanczos-steps must be at least 1".to_string()),
+            (s.coupling_probes < 2)
+                .then(|| format!("--coupling-probes must be at least 2 (for an error bar), not {}", s.coupling_probes)),
+            (!(s.top_tol.is_finite() && s.top_tol > 0.0 && s.top_tol < 1.0))
+                .then(|| format!("--top-tol must be in (0, 1), not {}", s.top_tol)),
+            (s.top_iterations == 0).then(|| "--top-iterations must be at least 1".to_string()),
+        ];
+        match refusal.into_iter().flatten().next() {
+            Some(message) => Err(FisherError::InvalidInput(message)),
+            None => Ok(()),
         }
     }
 }
@@ -302,7 +344,7 @@ pub struct ImplicitWork {
 }
 
 /// What was analysed, and where.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Subject {
     /// `implicit`, `full`, `diag`, `layer`, `kfac`, `blocks` or `gram`.
     pub form: String,
@@ -332,12 +374,15 @@ pub struct Subject {
     pub form_reason: Option<String>,
 }
 
-/// What a report found.
-#[derive(Debug, Clone)]
+/// What a report found. It serializes as one flat object: the [`Subject`]'s fields, the
+/// [`Measures`]' fields, then the rest.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     /// What was analysed, and where.
+    #[serde(flatten)]
     pub subject: Subject,
     /// The measures.
+    #[serde(flatten)]
     pub measures: Measures,
     /// d_eff at every requested α (the first is `measures.effective_dimension`).
     pub effective_dimensions: Vec<EffectiveDimension>,
@@ -346,9 +391,15 @@ pub struct Report {
     /// Notes on measures left out or uncertain (without a final period).
     pub notes: Vec<String>,
     /// The plot written.
+    #[serde(serialize_with = "path_text")]
     pub plot: Option<PathBuf>,
     /// Seconds per stage.
     pub seconds: Seconds,
+}
+
+/// A path as text (lossy where it is not UTF-8, as it is displayed).
+fn path_text<S: serde::Serializer>(path: &Option<PathBuf>, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&path.as_ref().map(|p| p.display().to_string()), serializer)
 }
 
 /// What an analysis found, before it is put in a [`Report`].
@@ -384,12 +435,14 @@ impl Report {
 /// are computed (implicit form only; `total` is the most the run can take, and grows if it
 /// is passed).
 ///
-/// Errors: [`FisherError::InvalidInput`] for a request that does not fit its input (the
+/// Errors: [`FisherError::InvalidInput`] for options that [`ReportOptions::validate`]
+/// refuses, a request that does not fit its input (the
 /// implicit form without damping, a dense form too large to analyse, a model of another
 /// size than the stored Fisher) or a bad plot extension; [`FisherError::Io`] for a stored
 /// file that cannot be read or analysed, or a plot that cannot be written; the engine's and
 /// the device's errors as they come.
 pub fn run(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> Result<Report> {
+    request.options.validate()?;
     if let Some(path) = &request.options.plot {
         plot::check_plot_path(path)?;
     }
@@ -471,12 +524,13 @@ fn gib(bytes: u128) -> String {
 }
 
 fn run_model(input: &ModelInput<'_>, options: &ReportOptions, progress: &dyn Fn(usize, usize)) -> Result<Report> {
-    let ModelInput { mlp, data, variant, .. } = *input;
+    let ModelInput { mlp, data, .. } = *input;
+    let ComputeOptions { variant, form, backend, ref gpu } = input.compute;
     let mut seconds = Seconds::default();
     let p = mlp.num_params();
     let n = data.len();
 
-    let (form, form_reason) = input.form.resolve(p, options.implicit.given);
+    let (form, form_reason) = form.resolve(p, options.implicit.given);
     if form == FormChoice::Implicit && options.damping == 0.0 {
         return Err(FisherError::InvalidInput(
             "--damping must be positive for the implicit form (SLQ cannot tell a singular F, whose log det is −∞, \
@@ -499,7 +553,7 @@ fn run_model(input: &ModelInput<'_>, options: &ReportOptions, progress: &dyn Fn(
     }
 
     let start = Instant::now();
-    let device = device::open(&DeviceRequest::from_env(input.backend, input.gpu.clone())?)?;
+    let device = device::open(&DeviceRequest::from_env(backend, gpu.clone())?)?;
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
 

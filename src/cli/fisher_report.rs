@@ -15,14 +15,14 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use fisher_engine::analysis::report::{
-    self, FormChoice, ImplicitSettings, ModelInput, ReportOptions, ReportRequest, StoredInput, DEFAULT_TOP,
+    self, ComputeOptions, FormChoice, ImplicitSettings, ModelInput, ReportOptions, ReportRequest, StoredInput,
+    DEFAULT_TOP,
 };
-use fisher_engine::backend::gpu::GpuOptions;
-use fisher_engine::fisher::{NetForm, Variant};
+use fisher_engine::fisher::NetForm;
 use fisher_engine::model::{ActivationSpec, Likelihood};
 use fisher_engine::output::plot;
 use fisher_engine::output::progress::Progress;
-use fisher_engine::Backend;
+use fisher_engine::FisherError;
 use serde_json::json;
 
 use super::args::Report;
@@ -139,14 +139,8 @@ pub enum ReportInput {
         activation: ActivationSpec,
         /// The likelihood.
         likelihood: Likelihood,
-        /// The variant.
-        variant: Variant,
-        /// The form.
-        form: FormChoice,
-        /// Requested compute path.
-        backend: Backend,
-        /// Adapter choice.
-        gpu: GpuOptions,
+        /// Variant, form and device.
+        compute: ComputeOptions,
     },
     /// A stored result.
     Stored(StoredInput),
@@ -213,25 +207,9 @@ impl ReportConfig {
                 ReportFormArg::Layer => FormChoice::Explicit(NetForm::Layer),
                 ReportFormArg::Kfac => FormChoice::Explicit(NetForm::Kfac),
             };
-            ReportInput::Model { source, activation, likelihood, variant, form, backend, gpu }
+            ReportInput::Model { source, activation, likelihood, compute: ComputeOptions { variant, form, backend, gpu } }
         };
 
-        if args.top == 0 {
-            return Err(usage("--top must be at least 1"));
-        }
-        if let Some(a) = args.alpha.iter().find(|a| !(a.is_finite() && **a > 0.0)) {
-            return Err(usage(format!("--alpha must be positive and finite, not {a}")));
-        }
-        if !(args.damping.is_finite() && args.damping >= 0.0) {
-            return Err(usage(format!("--damping must be finite and ≥ 0, not {}", args.damping)));
-        }
-        if let Some(n) = args.samples_n {
-            if n < 19 {
-                return Err(usage(format!(
-                    "--samples-n must be at least 19 (the Abbas effective dimension needs κ_n = n/(2π log n) > 1), not {n}"
-                )));
-            }
-        }
         let given = [
             (args.probes.is_some(), "--probes"),
             (args.lanczos_steps.is_some(), "--lanczos-steps"),
@@ -252,36 +230,6 @@ impl ReportConfig {
             seed: args.probe_seed.unwrap_or(defaults.seed),
             given,
         };
-        if implicit.probes < 2 {
-            return Err(usage(format!("--probes must be at least 2 (for an error bar), not {}", implicit.probes)));
-        }
-        if implicit.steps == 0 {
-            return Err(usage("--lanczos-steps must be at least 1"));
-        }
-        if implicit.coupling_probes < 2 {
-            return Err(usage(format!(
-                "--coupling-probes must be at least 2 (for an error bar), not {}",
-                implicit.coupling_probes
-            )));
-        }
-        if !(implicit.top_tol.is_finite() && implicit.top_tol > 0.0 && implicit.top_tol < 1.0) {
-            return Err(usage(format!("--top-tol must be in (0, 1), not {}", implicit.top_tol)));
-        }
-        if implicit.top_iterations == 0 {
-            return Err(usage("--top-iterations must be at least 1"));
-        }
-        if let (Some(flag), ReportInput::Stored { .. }) = (implicit.given, &input) {
-            return Err(usage(format!("{flag} only applies to the implicit form, not to a stored --fisher result")));
-        }
-        if let (Some(flag), ReportInput::Model { form: FormChoice::Explicit(form), .. }) = (implicit.given, &input) {
-            return Err(usage(format!(
-                "{flag} only applies to --form implicit (--form {} is analysed exactly)",
-                form.name()
-            )));
-        }
-        if let Some(path) = &args.plot {
-            plot::plot_format(path).map_err(|e| anyhow::Error::new(e).context("bad --plot"))?;
-        }
         let options = ReportOptions {
             top: args.top,
             alphas: args.alpha,
@@ -290,6 +238,25 @@ impl ReportConfig {
             implicit,
             plot: args.plot,
         };
+        // Every refusal of the options is a mistake in the flags (exit 2), worded as such.
+        options.validate().map_err(|e| match e {
+            FisherError::InvalidInput(message) => usage(message),
+            other => other.into(),
+        })?;
+        if let (Some(flag), ReportInput::Stored { .. }) = (given, &input) {
+            return Err(usage(format!("{flag} only applies to the implicit form, not to a stored --fisher result")));
+        }
+        if let (Some(flag), ReportInput::Model { compute: ComputeOptions { form: FormChoice::Explicit(form), .. }, .. }) =
+            (given, &input)
+        {
+            return Err(usage(format!(
+                "{flag} only applies to --form implicit (--form {} is analysed exactly)",
+                form.name()
+            )));
+        }
+        if let Some(path) = &options.plot {
+            plot::plot_format(path).map_err(|e| anyhow::Error::new(e).context("bad --plot"))?;
+        }
         Ok(ReportConfig { input, options, report: Report::from_flags(args.json, args.quiet) })
     }
 }
@@ -309,7 +276,7 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
         bar.get_or_init(|| Progress::new("report: F·v products", total, show)).set(done, total);
     };
     let outcome = match &cfg.input {
-        ReportInput::Model { source, activation, likelihood, variant, form, backend, gpu } => {
+        ReportInput::Model { source, activation, likelihood, compute } => {
             let start = Instant::now();
             let (mlp, data) = load_model_and_data(source, activation, *likelihood)?;
             let load = start.elapsed().as_secs_f64();
@@ -319,8 +286,7 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
                 }
                 Source::Synthetic { seed, .. } => format!("synthetic model and data (seed {seed})"),
             };
-            let input =
-                ModelInput { mlp: &mlp, data: &data, description, variant: *variant, form: *form, backend: *backend, gpu: gpu.clone() };
+            let input = ModelInput { mlp: &mlp, data: &data, description, compute: compute.clone() };
             let request = ReportRequest { input: report::ReportInput::Model(input), options: cfg.options.clone() };
             let mut outcome = report::run(&request, &progress)?;
             outcome.seconds.load = load;
@@ -409,50 +375,9 @@ pub fn human(o: &report::Report) -> String {
     }
     lines.push(String::new());
 
-    let mut rows: Vec<(String, String)> = Vec::new();
-    rows.push(("trace  tr F".into(), sci_with(m.trace, 6)));
-    rows.push(("Frobenius  ‖F‖_F".into(), with_error(sci(m.frobenius), bars.frobenius)));
+    let q = &bars.quadrature;
     let shown = m.top_eigenvalues.iter().take(5).map(|&v| sci(v)).collect::<Vec<_>>().join(", ");
     let more = m.top_eigenvalues.len().saturating_sub(5);
-    rows.push((
-        format!("top eigenvalues ({})", m.top_eigenvalues.len()),
-        if more > 0 { format!("{shown}, … ({more} more; --json lists all)") } else { shown },
-    ));
-    let q = &bars.quadrature;
-    rows.push((
-        format!("log det(F + λI), λ = {}", sci_with(m.damping, 1)),
-        with_bounds(sci_with(m.logdet, 6), bars.logdet, q.logdet),
-    ));
-    rows.push((
-        "log-volume  ½ log det".into(),
-        with_bounds(sci_with(m.log_volume, 6), bars.logdet.map(|e| e / 2.0), q.logdet.map(|b| b / 2.0)),
-    ));
-    for d in &o.effective_dimensions {
-        rows.push((
-            format!("d_eff(α = {})", sci_with(d.alpha, 1)),
-            with_bounds(format!("{:.4}", d.value), d.std_error, d.quadrature_bound),
-        ));
-    }
-    rows.push((
-        format!("Abbas d_n{}", m.abbas_samples.map_or(String::new(), |n| format!(" (n = {})", grouped(n)))),
-        m.abbas_effective_dimension.map_or("—".into(), |v| {
-            with_bounds(format!("{v:.4}"), bars.abbas_effective_dimension, q.abbas_effective_dimension)
-        }),
-    ));
-    rows.push((
-        "Fisher–Rao norm  √(θᵀFθ)".into(),
-        m.fisher_rao_norm.map_or("—".into(), |v| format!("{} (θᵀFθ = {})", sci(v), sci(m.fisher_rao_norm_squared.unwrap_or(f64::NAN)))),
-    ));
-    rows.push(("condition number of F + λI".into(), m.condition_number.map_or("—".into(), sci)));
-    rows.push(("stable rank  ‖F‖²_F/‖F‖²₂".into(), with_error(format!("{:.4}", m.stable_rank), bars.stable_rank)));
-    rows.push((
-        "spectral entropy".into(),
-        with_bounds(format!("{:.4}", m.spectral_entropy), bars.spectral_entropy, q.spectral_entropy),
-    ));
-    rows.push((
-        "inter-layer coupling".into(),
-        m.inter_layer_coupling.map_or("— (not visible in this form)".into(), |v| with_error(share(v), bars.inter_layer_coupling)),
-    ));
     let units: Vec<String> = m
         .inter_unit_coupling
         .iter()
@@ -462,14 +387,55 @@ pub fn human(o: &report::Report) -> String {
             format!("{index}: {}", v.map_or("—".into(), share))
         })
         .collect();
-    rows.push((
-        "inter-unit coupling per layer".into(),
-        if units.is_empty() {
-            if implicit { "— (not estimated for the implicit form)".into() } else { "— (not visible in this form)".into() }
-        } else {
-            units.join(" · ")
-        },
-    ));
+    let mut rows: Vec<(String, String)> = vec![
+        ("trace  tr F".into(), sci_with(m.trace, 6)),
+        ("Frobenius  ‖F‖_F".into(), with_error(sci(m.frobenius), bars.frobenius)),
+        (
+            format!("top eigenvalues ({})", m.top_eigenvalues.len()),
+            if more > 0 { format!("{shown}, … ({more} more; --json lists all)") } else { shown },
+        ),
+        (
+            format!("log det(F + λI), λ = {}", sci_with(m.damping, 1)),
+            with_bounds(sci_with(m.logdet, 6), bars.logdet, q.logdet),
+        ),
+        (
+            "log-volume  ½ log det".into(),
+            with_bounds(sci_with(m.log_volume, 6), bars.logdet.map(|e| e / 2.0), q.logdet.map(|b| b / 2.0)),
+        ),
+    ];
+    rows.extend(o.effective_dimensions.iter().map(|d| {
+        (format!("d_eff(α = {})", sci_with(d.alpha, 1)), with_bounds(format!("{:.4}", d.value), d.std_error, d.quadrature_bound))
+    }));
+    rows.extend([
+        (
+            format!("Abbas d_n{}", m.abbas_samples.map_or(String::new(), |n| format!(" (n = {})", grouped(n)))),
+            m.abbas_effective_dimension.map_or("—".into(), |v| {
+                with_bounds(format!("{v:.4}"), bars.abbas_effective_dimension, q.abbas_effective_dimension)
+            }),
+        ),
+        (
+            "Fisher–Rao norm  √(θᵀFθ)".into(),
+            m.fisher_rao_norm.map_or("—".into(), |v| {
+                format!("{} (θᵀFθ = {})", sci(v), sci(m.fisher_rao_norm_squared.unwrap_or(f64::NAN)))
+            }),
+        ),
+        ("condition number of F + λI".into(), m.condition_number.map_or("—".into(), sci)),
+        ("stable rank  ‖F‖²_F/‖F‖²₂".into(), with_error(format!("{:.4}", m.stable_rank), bars.stable_rank)),
+        ("spectral entropy".into(), with_bounds(format!("{:.4}", m.spectral_entropy), bars.spectral_entropy, q.spectral_entropy)),
+        (
+            "inter-layer coupling".into(),
+            m.inter_layer_coupling
+                .map_or("— (not visible in this form)".into(), |v| with_error(share(v), bars.inter_layer_coupling)),
+        ),
+        (
+            "inter-unit coupling per layer".into(),
+            match (units.is_empty(), implicit) {
+                (false, _) => units.join(" · "),
+                (true, true) => "— (not estimated for the implicit form)".into(),
+                (true, false) => "— (not visible in this form)".into(),
+            },
+        ),
+    ]);
     let width = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
     for (label, value) in rows {
         let pad = width - label.chars().count();
@@ -526,28 +492,14 @@ pub fn human(o: &report::Report) -> String {
     lines.join("\n")
 }
 
-/// The one-line JSON report.
+/// The one-line JSON report: the measures and the subject's fields, keys in order (README).
 pub fn json_line(o: &report::Report) -> String {
-    let mut value = serde_json::to_value(&o.measures).unwrap_or_else(|_| json!({}));
-    let extra = json!({
-        "samples": o.subject.samples,
-        "form": o.subject.form,
-        "backend": o.subject.backend,
-        "stored": o.subject.stored,
-        "adapter": o.subject.adapter,
-        "variant": o.subject.variant,
-        "likelihood": o.subject.likelihood,
-        "layers": o.subject.layers,
-        "layer_indices": o.subject.layer_indices,
-        "input": o.subject.input,
-        "effective_dimensions": o.effective_dimensions,
-        "implicit": o.implicit,
-        "notes": o.notes,
-        "plot": o.plot.as_ref().map(|p| p.display().to_string()),
-        "seconds": o.seconds,
-    });
-    if let (Some(map), serde_json::Value::Object(more)) = (value.as_object_mut(), extra) {
-        map.extend(more);
+    let mut value = serde_json::to_value(o).unwrap_or_else(|_| json!({}));
+    if let Some(map) = value.as_object_mut() {
+        // What only the table shows.
+        for key in ["architecture", "fallback", "form_reason"] {
+            map.remove(key);
+        }
     }
     value.to_string()
 }
