@@ -906,3 +906,171 @@ fn run_stored(input: &StoredInput, options: &ReportOptions) -> Result<Report> {
     };
     Ok(Report::new(subject, notes, seconds, analysis))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Engine;
+    use crate::model::{problem::synthetic_problem, Likelihood};
+
+    /// P = 6·5 + 5 + 5·3 + 3 = 53 parameters, N = 40, true Fisher: rank F ≤ N·R = 120 ≥ P.
+    fn problem() -> (Mlp, Dataset) {
+        let tanh = ActivationSpec::parse("tanh").unwrap();
+        synthetic_problem(&[6, 5, 3], 40, 3, &tanh, Likelihood::Categorical).unwrap()
+    }
+
+    fn model<'a>(mlp: &'a Mlp, data: &'a Dataset, form: FormChoice) -> ReportInput<'a> {
+        let compute = ComputeOptions { variant: Variant::True, form, backend: Backend::Cpu, gpu: GpuOptions::default() };
+        ReportInput::Model(ModelInput { mlp, data, description: "test problem".into(), compute })
+    }
+
+    fn options() -> ReportOptions {
+        ReportOptions { top: 5, alphas: vec![1e-2, 1e-1], damping: 1e-2, ..ReportOptions::default() }
+    }
+
+    fn report(input: ReportInput<'_>, options: ReportOptions) -> Result<Report> {
+        run(&ReportRequest { input, options }, &|_, _| {})
+    }
+
+    #[track_caller]
+    fn close(a: f64, b: f64, rel: f64, what: &str) {
+        assert!((a - b).abs() <= rel * b.abs().max(1e-12), "{what}: {a} vs {b}");
+    }
+
+    #[test]
+    fn auto_is_full_up_to_the_limit_and_implicit_above_or_when_asked() {
+        let (form, why) = FormChoice::Auto.resolve(AUTO_FULL_MAX_PARAMS, None);
+        assert_eq!(form, FormChoice::Explicit(NetForm::Full));
+        assert_eq!(why.unwrap(), "--form auto: full, since P = 4096 ≤ 4096");
+        let (form, why) = FormChoice::Auto.resolve(AUTO_FULL_MAX_PARAMS + 1, None);
+        assert_eq!(form, FormChoice::Implicit);
+        assert!(why.unwrap().contains("P = 4097 > 4096"));
+        let (form, why) = FormChoice::Auto.resolve(10, Some("--probes"));
+        assert_eq!(form, FormChoice::Implicit);
+        assert!(why.unwrap().contains("--probes was given"));
+        let diag = FormChoice::Explicit(NetForm::Diagonal);
+        assert_eq!(diag.resolve(10, Some("--probes")), (diag, None));
+        assert_eq!(FormChoice::Implicit.resolve(1 << 20, None), (FormChoice::Implicit, None));
+    }
+
+    #[test]
+    fn options_are_validated_with_the_flag_named() {
+        assert!(ReportOptions::default().validate().is_ok());
+        let refused = |options: ReportOptions, needle: &str| match options.validate() {
+            Err(FisherError::InvalidInput(m)) => assert!(m.contains(needle), "{m}"),
+            other => panic!("{needle}: {other:?}"),
+        };
+        refused(ReportOptions { top: 0, ..options() }, "--top");
+        refused(ReportOptions { alphas: vec![1.0, -1.0], ..options() }, "--alpha");
+        refused(ReportOptions { damping: f64::NAN, ..options() }, "--damping");
+        refused(ReportOptions { samples_n: Some(18), ..options() }, "--samples-n");
+        let implicit = |s: ImplicitSettings| ReportOptions { implicit: s, ..options() };
+        refused(implicit(ImplicitSettings { probes: 1, ..Default::default() }), "--probes must be at least 2");
+        refused(implicit(ImplicitSettings { top_tol: 1.0, ..Default::default() }), "--top-tol");
+    }
+
+    /// The exact full form and the implicit form of the same model agree: tr F and θᵀFθ to
+    /// f32 rounding, the top eigenvalues to Lanczos' tolerance, the SLQ estimates within four
+    /// standard errors plus their quadrature bound.
+    #[test]
+    fn implicit_agrees_with_the_exact_full_form() {
+        let (mlp, data) = problem();
+        let exact = report(model(&mlp, &data, FormChoice::Auto), options()).unwrap();
+        assert_eq!(exact.subject.form, "full");
+        assert!(exact.subject.form_reason.as_deref().unwrap().contains("full, since P = 53"));
+        assert!(exact.implicit.is_none() && exact.measures.fv_products == 0);
+        assert_eq!(exact.effective_dimensions.len(), 2);
+        assert_eq!(exact.subject.samples, Some(40));
+        assert_eq!(exact.subject.likelihood.as_deref(), Some("categorical"));
+
+        let seen = std::cell::Cell::new((0, 0));
+        // Steps past P exhaust the Krylov space (exact quadrature), and 32 probes make the
+        // standard error itself reliable: what is left is the probes' sampling error.
+        let settings = ImplicitSettings { probes: 32, steps: 60, ..ImplicitSettings::default() };
+        let options = ReportOptions { implicit: settings, ..options() };
+        let request = ReportRequest { input: model(&mlp, &data, FormChoice::Implicit), options };
+        let implicit = run(&request, &|done, total| seen.set((done, total))).unwrap();
+        assert_eq!(implicit.subject.form, "implicit");
+        let work = implicit.implicit.as_ref().unwrap();
+        assert_eq!(work.rank_bound, 120);
+        assert_eq!(seen.get().0, implicit.measures.fv_products, "progress saw every product");
+        assert!(seen.get().1 >= seen.get().0);
+        assert!(implicit.notes.iter().any(|n| n.contains("condition number")), "{:?}", implicit.notes);
+        assert_eq!(work.lanczos_steps, 53, "at most P steps");
+
+        let (e, i) = (&exact.measures, &implicit.measures);
+        close(i.trace, e.trace, 1e-5, "trace");
+        close(i.fisher_rao_norm.unwrap(), e.fisher_rao_norm.unwrap(), 1e-5, "Fisher–Rao norm");
+        for (a, b) in i.top_eigenvalues.iter().zip(&e.top_eigenvalues) {
+            close(*a, *b, 1e-4, "top eigenvalue");
+        }
+        for (d_i, d_e) in implicit.effective_dimensions.iter().zip(&exact.effective_dimensions) {
+            let slack = 4.0 * d_i.std_error.unwrap() + d_i.quadrature_bound.unwrap() + 1e-6;
+            assert!((d_i.value - d_e.value).abs() <= slack, "d_eff({}) {} vs {}", d_e.alpha, d_i.value, d_e.value);
+        }
+        let slack = 4.0 * i.error_bars.logdet.unwrap() + i.error_bars.quadrature.logdet.unwrap() + 1e-6;
+        assert!((i.logdet - e.logdet).abs() <= slack, "log det {} vs {}", i.logdet, e.logdet);
+    }
+
+    #[test]
+    fn requests_that_do_not_fit_the_input_are_refused() {
+        let (mlp, data) = problem();
+        let no_damping = ReportOptions { damping: 0.0, ..options() };
+        let err = report(model(&mlp, &data, FormChoice::Implicit), no_damping.clone()).unwrap_err();
+        assert!(matches!(&err, FisherError::InvalidInput(m) if m.contains("--damping must be positive")), "{err}");
+        // The exact forms take λ = 0.
+        assert!(report(model(&mlp, &data, FormChoice::Explicit(NetForm::Diagonal)), no_damping).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let jpg = ReportOptions { plot: Some(dir.path().join("s.jpg")), ..options() };
+        assert!(matches!(report(model(&mlp, &data, FormChoice::Auto), jpg), Err(FisherError::InvalidInput(_))));
+    }
+
+    /// Stored full and diagonal files give the measures of computing directly; a full file
+    /// with the model adds θ, and a plot is written.
+    #[test]
+    fn stored_results_match_computing_directly() {
+        let (mlp, data) = problem();
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::cpu();
+        let weights = dir.path().join("M.safetensors");
+        mlp.to_safetensors(&weights).unwrap();
+        let identity = ActivationSpec::parse("identity").unwrap();
+        for form in [NetForm::Full, NetForm::Diagonal] {
+            let path = dir.path().join(format!("F_{}.safetensors", form.name()));
+            let result = engine.fisher(&mlp, &data, Variant::True, form).unwrap();
+            let file = FisherFile::of_network(result, &mlp, data.len(), Likelihood::Categorical, Variant::True, "cpu");
+            fisher_file::write(&path, &file).unwrap();
+            let direct = report(model(&mlp, &data, FormChoice::Explicit(form)), options()).unwrap();
+            let stored = StoredInput { path: path.clone(), weights: Some(weights.clone()), activation: identity.clone() };
+            let svg = dir.path().join("s.svg");
+            let stored = report(ReportInput::Stored(stored), ReportOptions { plot: Some(svg.clone()), ..options() }).unwrap();
+            assert!(stored.subject.stored && stored.subject.form == form.name());
+            assert_eq!(stored.subject.layers, Some(vec![6, 5, 3]));
+            assert_eq!(stored.plot.as_deref(), Some(svg.as_path()));
+            assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+            let (s, d) = (&stored.measures, &direct.measures);
+            for (what, a, b) in [
+                ("trace", s.trace, d.trace),
+                ("log det", s.logdet, d.logdet),
+                ("d_eff", s.effective_dimension, d.effective_dimension),
+                ("Fisher–Rao", s.fisher_rao_norm.unwrap(), d.fisher_rao_norm.unwrap()),
+            ] {
+                close(a, b, 1e-12, what);
+            }
+            assert_eq!(s.inter_layer_coupling.is_some(), form == NetForm::Full);
+            // Without the model: no θ, and a note says so.
+            let bare = StoredInput { path, weights: None, activation: identity.clone() };
+            let bare = report(ReportInput::Stored(bare), options()).unwrap();
+            assert!(bare.measures.fisher_rao_norm.is_none());
+            assert!(bare.notes.iter().any(|n| n.contains("needs θ")), "{:?}", bare.notes);
+        }
+        // A result that has no spectrum is refused as bad input, naming the file.
+        let norms = dir.path().join("F_norms.safetensors");
+        let result = engine.fisher(&mlp, &data, Variant::True, NetForm::Norms).unwrap();
+        let file = FisherFile::of_network(result, &mlp, data.len(), Likelihood::Categorical, Variant::True, "cpu");
+        fisher_file::write(&norms, &file).unwrap();
+        let input = ReportInput::Stored(StoredInput { path: norms, weights: None, activation: identity });
+        let err = report(input, options()).unwrap_err();
+        assert!(matches!(&err, FisherError::Io { message, .. } if message.contains("only tr F")), "{err}");
+    }
+}
