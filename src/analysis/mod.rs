@@ -1,8 +1,8 @@
 //! Analysis: spectra, complexity measures and solves on Fisher matrices, in f64 on the CPU.
 //!
-//! Data flows one way: forms (dense, diagonal, layer blocks, KFAC factors, Gram) or an
-//! implicit F·v closure come in as a [`FisherOperator`]; this module reads them and returns
-//! numbers. Everything here is f64 (inputs stored as f32 are widened once), because spectra
+//! Data flows one way: forms (dense, diagonal, layer blocks, KFAC factors, Gram) or the
+//! implicit F·v of a network ([`ImplicitFisher`]) come in as a [`FisherOperator`]; this
+//! module reads them and returns numbers. Everything here is f64 (inputs stored as f32 are widened once), because spectra
 //! of Fisher matrices span many decades and their small end is what log-determinants and
 //! effective dimensions are made of.
 //!
@@ -14,6 +14,10 @@
 //! | log det(F + λI) | Σᵢ log(λᵢ + λ) | [`slq`] with f(x) = log(x + λ) |
 //! | (F + λI)x = b | Cholesky / per-block Cholesky / KFAC eigenbasis ([`ExplicitFisher::solve_damped`]) | [`conjugate_gradient`] |
 //! | measures ([`Measures`]) | [`measures_exact`] | [`measures_implicit`] |
+//!
+//! [`report`] puts these together for a network (a model and data, or a stored form): it
+//! chooses the form, opens the device, computes and measures, and plots; `fisher report` is
+//! that module behind flags.
 //!
 //! ## Conventions
 //!
@@ -60,6 +64,7 @@ mod implicit;
 mod lanczos;
 mod measures;
 mod operator;
+pub mod report;
 mod slq;
 mod solve;
 mod spectrum;

@@ -37,6 +37,7 @@
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -252,6 +253,68 @@ fn number(v: f64) -> String {
     }
 }
 
+/// What a panel's axes say: descriptions, tick labels, and how many x labels (plotters'
+/// default is 11).
+struct Axes<'a> {
+    x: &'a str,
+    y: &'a str,
+    x_ticks: &'a dyn Fn(&f64) -> String,
+    y_ticks: &'a dyn Fn(&f64) -> String,
+    x_labels: usize,
+}
+
+/// Whole-number tick labels on a rank, step or checkpoint axis (none between them or below
+/// zero).
+fn index_tick(v: &f64) -> String {
+    if v.fract() == 0.0 && *v >= 0.0 {
+        format!("{v:.0}")
+    } else {
+        String::new()
+    }
+}
+
+/// A panel's chart in the house style, so that every panel of every figure looks alike:
+/// `caption` above, margins and label areas, a light grid, and `axes`' descriptions and tick
+/// labels.
+fn styled_chart<'a, DB, X, Y>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: String,
+    x: X,
+    y: Y,
+    axes: &Axes<'_>,
+) -> std::result::Result<ChartContext<'a, DB, Cartesian2d<X::CoordDescType, Y::CoordDescType>>, String>
+where
+    DB: DrawingBackend,
+    X: AsRangedCoord<Value = f64>,
+    Y: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let mut chart = drawing(
+        ChartBuilder::on(area)
+            .caption(caption, font(CAPTION_PX))
+            .margin(16)
+            .x_label_area_size(56)
+            .y_label_area_size(84)
+            .build_cartesian_2d(x, y),
+    )?;
+    drawing(
+        chart
+            .configure_mesh()
+            .x_desc(axes.x)
+            .y_desc(axes.y)
+            .axis_desc_style(font(AXIS_PX))
+            .label_style(font(TICK_PX))
+            .x_labels(axes.x_labels)
+            .x_label_formatter(axes.x_ticks)
+            .y_label_formatter(axes.y_ticks)
+            .light_line_style(RGBColor(235, 235, 235))
+            .bold_line_style(RGBColor(205, 205, 205))
+            .draw(),
+    )?;
+    Ok(chart)
+}
+
 /// A panel with nothing to show on a log axis: its caption and a centred note.
 fn empty_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -336,28 +399,15 @@ impl SpectrumFigure<'_> {
         let hi = points.iter().map(|p| p.1).fold(0.0, f64::max);
         let (y0, y1) = decades(lo, hi);
         let last = points.last().map_or(1.0, |p| p.0);
-        let mut chart = drawing(
-            ChartBuilder::on(area)
-                .caption(caption, font(CAPTION_PX))
-                .margin(16)
-                .x_label_area_size(56)
-                .y_label_area_size(84)
-                .build_cartesian_2d(0.5..(last + 0.5).max(1.5), widened((y0, y1)).log_scale()),
-        )?;
-        drawing(
-            chart
-                .configure_mesh()
-                .x_desc("rank i (eigenvalues sorted in descending order)")
-                .y_desc("eigenvalue λᵢ")
-                .axis_desc_style(font(AXIS_PX))
-                .label_style(font(TICK_PX))
-                .x_labels(12)
-                .x_label_formatter(&|v| if v.fract() == 0.0 { format!("{v:.0}") } else { String::new() })
-                .y_label_formatter(&log_tick)
-                .light_line_style(RGBColor(235, 235, 235))
-                .bold_line_style(RGBColor(205, 205, 205))
-                .draw(),
-        )?;
+        let axes = Axes {
+            x: "rank i (eigenvalues sorted in descending order)",
+            y: "eigenvalue λᵢ",
+            x_ticks: &index_tick,
+            y_ticks: &log_tick,
+            x_labels: 12,
+        };
+        let x = 0.5..(last + 0.5).max(1.5);
+        let mut chart = styled_chart(area, caption, x, widened((y0, y1)).log_scale(), &axes)?;
         drawing(chart.draw_series(LineSeries::new(points.iter().copied(), BLUE.stroke_width(2))))?;
         if points.len() <= 200 {
             drawing(chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))))?;
@@ -391,27 +441,9 @@ fn draw_density<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, density: &His
     // Half the smallest bar, so that a bar of exactly 10ᵏ (a single eigenvalue: 1) still
     // rises above the axis.
     let (y0, y1) = decades(0.5 * m_lo, top);
-    let mut chart = drawing(
-        ChartBuilder::on(area)
-            .caption(caption, font(CAPTION_PX))
-            .margin(16)
-            .x_label_area_size(56)
-            .y_label_area_size(84)
-            .build_cartesian_2d(widened((x0, x1)).log_scale(), widened((y0, y1)).log_scale()),
-    )?;
-    drawing(
-        chart
-            .configure_mesh()
-            .x_desc("eigenvalue λ")
-            .y_desc("eigenvalues per bin")
-            .axis_desc_style(font(AXIS_PX))
-            .label_style(font(TICK_PX))
-            .x_label_formatter(&log_tick)
-            .y_label_formatter(&log_tick)
-            .light_line_style(RGBColor(235, 235, 235))
-            .bold_line_style(RGBColor(205, 205, 205))
-            .draw(),
-    )?;
+    let axes = Axes { x: "eigenvalue λ", y: "eigenvalues per bin", x_ticks: &log_tick, y_ticks: &log_tick, x_labels: 11 };
+    let x = widened((x0, x1)).log_scale();
+    let mut chart = styled_chart(area, caption, x, widened((y0, y1)).log_scale(), &axes)?;
     drawing(chart.draw_series(bars.iter().map(|&(a, b, m)| {
         Rectangle::new([(a, y0), (b, m)], ORANGE.mix(0.75).filled())
     })))?;
@@ -487,27 +519,14 @@ impl ActionFigure<'_> {
         let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let hi = points.iter().map(|p| p.1).fold(0.0, f64::max);
         let (y0, y1) = decades(lo, hi);
-        let mut chart = drawing(
-            ChartBuilder::on(area)
-                .caption(caption, font(CAPTION_PX))
-                .margin(16)
-                .x_label_area_size(56)
-                .y_label_area_size(84)
-                .build_cartesian_2d(self.x_range(), widened((y0, y1)).log_scale()),
-        )?;
-        drawing(
-            chart
-                .configure_mesh()
-                .x_desc("step t  (θₜ → θₜ₊₁)")
-                .y_desc("Δθₜᵀ F(θₜ) Δθₜ")
-                .axis_desc_style(font(AXIS_PX))
-                .label_style(font(TICK_PX))
-                .x_label_formatter(&|v| if v.fract() == 0.0 && *v >= 0.0 { format!("{v:.0}") } else { String::new() })
-                .y_label_formatter(&log_tick)
-                .light_line_style(RGBColor(235, 235, 235))
-                .bold_line_style(RGBColor(205, 205, 205))
-                .draw(),
-        )?;
+        let axes = Axes {
+            x: "step t  (θₜ → θₜ₊₁)",
+            y: "Δθₜᵀ F(θₜ) Δθₜ",
+            x_ticks: &index_tick,
+            y_ticks: &log_tick,
+            x_labels: 11,
+        };
+        let mut chart = styled_chart(area, caption, self.x_range(), widened((y0, y1)).log_scale(), &axes)?;
         drawing(chart.draw_series(LineSeries::new(points.iter().copied(), BLUE.stroke_width(2))))?;
         if points.len() <= 200 {
             drawing(chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))))?;
@@ -533,27 +552,14 @@ impl ActionFigure<'_> {
             hi = hi.max(r.chord);
         }
         let (y0, y1) = padded(0.0, hi);
-        let mut chart = drawing(
-            ChartBuilder::on(area)
-                .caption(caption, font(CAPTION_PX))
-                .margin(16)
-                .x_label_area_size(56)
-                .y_label_area_size(84)
-                .build_cartesian_2d(self.x_range(), 0f64.max(y0)..y1),
-        )?;
-        drawing(
-            chart
-                .configure_mesh()
-                .x_desc("checkpoint t")
-                .y_desc("cumulative Fisher–Rao length L(t)")
-                .axis_desc_style(font(AXIS_PX))
-                .label_style(font(TICK_PX))
-                .x_label_formatter(&|v| if v.fract() == 0.0 && *v >= 0.0 { format!("{v:.0}") } else { String::new() })
-                .y_label_formatter(&linear_tick)
-                .light_line_style(RGBColor(235, 235, 235))
-                .bold_line_style(RGBColor(205, 205, 205))
-                .draw(),
-        )?;
+        let axes = Axes {
+            x: "checkpoint t",
+            y: "cumulative Fisher–Rao length L(t)",
+            x_ticks: &index_tick,
+            y_ticks: &linear_tick,
+            x_labels: 11,
+        };
+        let mut chart = styled_chart(area, caption, self.x_range(), 0f64.max(y0)..y1, &axes)?;
         drawing(chart.draw_series(LineSeries::new(points.iter().copied(), GREEN.stroke_width(3))))?
             .label("L(t): sum of √(Δθₛᵀ F Δθₛ) over the steps s < t")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], GREEN.stroke_width(3)));
