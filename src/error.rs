@@ -10,6 +10,11 @@ pub enum FisherError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A request that names its own setting (a `fisher` flag, e.g. "--damping must be
+    /// positive for the implicit form"): shown as is, without a prefix; a usage error.
+    #[error("{0}")]
+    Request(String),
+
     /// A gradient/input matrix contained NaN or ±Inf.
     #[error("non-finite value {value} in {what} at row {row}, column {col}")]
     NonFinite {

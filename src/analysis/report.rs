@@ -532,7 +532,7 @@ fn run_model(input: &ModelInput<'_>, options: &ReportOptions, progress: &dyn Fn(
 
     let (form, form_reason) = form.resolve(p, options.implicit.given);
     if form == FormChoice::Implicit && options.damping == 0.0 {
-        return Err(FisherError::InvalidInput(
+        return Err(FisherError::Request(
             "--damping must be positive for the implicit form (SLQ cannot tell a singular F, whose log det is −∞, \
              from a nearly singular one)"
                 .into(),
@@ -541,7 +541,7 @@ fn run_model(input: &ModelInput<'_>, options: &ReportOptions, progress: &dyn Fn(
     if let FormChoice::Explicit(net_form) = form {
         if let Some((bytes, what)) = dense_bytes(mlp, net_form) {
             if bytes > MAX_DENSE_BYTES {
-                return Err(FisherError::InvalidInput(format!(
+                return Err(FisherError::Request(format!(
                     "--form {} analyses {what} values in f64 (about {} with the eigensolver's copy), beyond the \
                      {} this command allows; --form implicit works for any model size",
                     net_form.name(),
@@ -856,7 +856,7 @@ fn run_stored(input: &StoredInput, options: &ReportOptions) -> Result<Report> {
     let gram = matches!(stored.fisher, ExplicitFisher::Gram(_));
     if let (Some(m), Some(weights)) = (&mlp, weights) {
         if m.num_params() != p {
-            return Err(FisherError::InvalidInput(format!(
+            return Err(FisherError::Request(format!(
                 "{} has {} parameters but {} is the Fisher of {p}",
                 weights.display(),
                 m.num_params(),
@@ -864,7 +864,7 @@ fn run_stored(input: &StoredInput, options: &ReportOptions) -> Result<Report> {
             )));
         }
         if gram {
-            return Err(FisherError::InvalidInput(
+            return Err(FisherError::Request(
                 "--weights gives θ for the Fisher–Rao norm, which a Gram matrix (sample space) cannot measure".into(),
             ));
         }
@@ -1017,7 +1017,7 @@ mod tests {
         let (mlp, data) = problem();
         let no_damping = ReportOptions { damping: 0.0, ..options() };
         let err = report(model(&mlp, &data, FormChoice::Implicit), no_damping.clone()).unwrap_err();
-        assert!(matches!(&err, FisherError::InvalidInput(m) if m.contains("--damping must be positive")), "{err}");
+        assert!(matches!(&err, FisherError::Request(m) if m.contains("--damping must be positive")), "{err}");
         // The exact forms take λ = 0.
         assert!(report(model(&mlp, &data, FormChoice::Explicit(NetForm::Diagonal)), no_damping).is_ok());
         let dir = tempfile::tempdir().unwrap();

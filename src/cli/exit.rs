@@ -53,6 +53,7 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if let Some(e) = cause.downcast_ref::<FisherError>() {
             return match e {
                 FisherError::InvalidInput(_)
+                | FisherError::Request(_)
                 | FisherError::NonFinite { .. }
                 | FisherError::Empty { .. }
                 | FisherError::Io { .. } => Exit::Usage,
