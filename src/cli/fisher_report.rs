@@ -119,6 +119,10 @@ pub struct ReportArgs {
     #[arg(long, value_name = "spectrum.png")]
     pub plot: Option<PathBuf>,
 
+    /// Replace an existing --plot file (its permissions are kept).
+    #[arg(long)]
+    pub force: bool,
+
     /// Print one JSON object on one line instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -155,6 +159,8 @@ pub struct ReportConfig {
     pub options: ReportOptions,
     /// Output style.
     pub report: Report,
+    /// Replace an existing plot.
+    pub force: bool,
 }
 
 impl ReportConfig {
@@ -257,7 +263,7 @@ impl ReportConfig {
         if let Some(path) = &options.plot {
             plot::plot_format(path).map_err(|e| anyhow::Error::new(e).context("bad --plot"))?;
         }
-        Ok(ReportConfig { input, options, report: Report::from_flags(args.json, args.quiet) })
+        Ok(ReportConfig { input, options, report: Report::from_flags(args.json, args.quiet), force: args.force })
     }
 }
 
@@ -266,7 +272,18 @@ impl ReportConfig {
 /// products on a terminal.
 pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
     if let Some(path) = &cfg.options.plot {
-        plot::check_plot_path(path).context("bad --plot")?;
+        let inputs: Vec<(&str, &std::path::Path)> = match &cfg.input {
+            ReportInput::Model { source: Source::Files { weights, inputs, labels }, .. } => {
+                vec![("--weights", weights.as_path()), ("--inputs", inputs.as_path()), ("--labels", labels.as_path())]
+            }
+            ReportInput::Model { .. } => Vec::new(),
+            ReportInput::Stored(stored) => {
+                let mut inputs = vec![("--fisher", stored.path.as_path())];
+                inputs.extend(stored.weights.as_deref().map(|w| ("--weights", w)));
+                inputs
+            }
+        };
+        plot::check_plot_output(path, cfg.force, &inputs).context("bad --plot")?;
     }
     let show = Progress::wanted(cfg.report == Report::Quiet, cfg.report == Report::Json);
     // The bar appears with the first F·v product (the explicit forms have none); dropped on

@@ -187,11 +187,13 @@ impl Target {
 /// Fails early when `dir` is not writable (read-only mount, permissions): creating and
 /// removing a temporary file is the only test that holds for every user, root included.
 fn check_writable(dir: &Path, path: &Path) -> Result<()> {
-    tempfile::Builder::new()
-        .prefix(".fisher-probe-")
-        .tempfile_in(dir)
-        .map(drop)
-        .map_err(|e| io_error(dir, format!("cannot write {} there: {e}", path.display())))
+    // Registered like every temporary file, so that a signal right now leaves no probe.
+    let probe = register(|| tempfile::Builder::new().prefix(".fisher-probe-").tempfile_in(dir), |t| t.path().to_path_buf())
+        .map_err(|e| io_error(dir, format!("cannot write {} there: {e}", path.display())))?;
+    let probe_path = probe.path().to_path_buf();
+    drop(probe);
+    forget(&probe_path);
+    Ok(())
 }
 
 /// Temporary files and directories alive now: what a signal must remove.

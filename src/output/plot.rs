@@ -35,6 +35,8 @@
 //! ```
 
 use std::path::Path;
+
+use crate::io::output::Target;
 use std::sync::Once;
 
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
@@ -82,6 +84,15 @@ pub fn plot_format(path: &Path) -> Result<PlotFormat> {
 pub fn check_plot_path(path: &Path) -> Result<PlotFormat> {
     let format = plot_format(path)?;
     crate::io::check_output_path(path)?;
+    Ok(format)
+}
+
+/// [`check_plot_path`] with the whole output policy ([`crate::io::output::Target::check`]):
+/// not one of the command's `inputs` (by file identity), and an existing file replaced only
+/// with `force`.
+pub fn check_plot_output(path: &Path, force: bool, inputs: &[crate::io::output::Input<'_>]) -> Result<PlotFormat> {
+    let format = plot_format(path)?;
+    Target::check(path, "--plot", force, inputs)?;
     Ok(format)
 }
 
@@ -139,23 +150,25 @@ fn drawing<T, E: std::fmt::Display>(result: std::result::Result<T, E>) -> std::r
     result.map_err(|e| e.to_string())
 }
 
-/// Renders `figure` to `path` atomically (temporary file in the same directory, then rename).
+/// Renders `figure` to `path` under the output policy ([`crate::io::output`]): drawn into a
+/// temporary file (the bitmap backend writes files), which is renamed onto a regular file's
+/// resolved path (its permissions kept) or copied through to a device or FIFO.
 fn render(path: &Path, figure: &impl Figure) -> Result<()> {
     let format = check_plot_path(path)?;
     register_font();
     let fail = |message: String| FisherError::Io { path: path.display().to_string(), message };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let target = Target::check(path, "--plot", true, &[])?;
     // The bitmap backend picks the encoder from the file name, so the temporary file keeps
     // the extension.
     let suffix = match format {
         PlotFormat::Png => ".png",
         PlotFormat::Svg => ".svg",
     };
-    let temp = crate::io::output_temp_file(dir, suffix)
-        .map_err(|e| fail(format!("cannot write: {e}")))?;
+    let dir = match &target {
+        Target::File { path, .. } => crate::io::output_dir(path).to_path_buf(),
+        Target::Stream { .. } => std::env::temp_dir(),
+    };
+    let temp = crate::io::output_temp_file(&dir, suffix).map_err(|e| fail(format!("cannot write: {e}")))?;
     match format {
         PlotFormat::Png => {
             let root = BitMapBackend::new(temp.path(), figure.size()).into_drawing_area();
@@ -174,9 +187,22 @@ fn render(path: &Path, figure: &impl Figure) -> Result<()> {
             std::fs::write(temp.path(), svg).map_err(|e| fail(format!("cannot write: {e}")))?;
         }
     }
-    temp.as_file().sync_all().map_err(|e| fail(format!("cannot write: {e}")))?;
-    temp.persist(path).map_err(|e| fail(format!("cannot write: {}", e.error)))?;
-    Ok(())
+    match &target {
+        Target::File { path: resolved, .. } => {
+            temp.as_file().sync_all().map_err(|e| fail(format!("cannot write: {e}")))?;
+            #[cfg(unix)]
+            if let Target::File { mode: Some(mode), .. } = &target {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(*mode))
+                    .map_err(|e| fail(format!("cannot write: {e}")))?;
+            }
+            crate::io::output::persist(temp, resolved).map_err(|e| fail(format!("cannot write: {e}")))
+        }
+        Target::Stream { .. } => {
+            let bytes = std::fs::read(temp.path()).map_err(|e| fail(format!("cannot write: {e}")))?;
+            target.write(suffix, |w| w.write_all(&bytes))
+        }
+    }
 }
 
 /// The decade-aligned range [10^⌊log₁₀ lo⌋, 10^⌈log₁₀ hi⌉] that holds `lo..hi` (positive),
