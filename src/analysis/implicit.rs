@@ -74,17 +74,13 @@ impl<'a> ImplicitFisher<'a> {
         Ok(ImplicitFisher { engine, mlp, data, variant, trace: None, rank_bound: None, products: Cell::new(0), on_product: None })
     }
 
-    /// The exact tr F, when the caller has it (e.g. the mean of the per-sample squared norms,
-    /// [`crate::fisher::NetForm::Norms`]): estimators then use it instead of estimating it.
-    pub fn with_trace(mut self, trace: f64) -> Self {
-        self.trace = Some(trace);
-        self
-    }
-
-    /// An upper bound on rank F (e.g. N·R output rows, or N·(C − 1) for the true categorical
-    /// Fisher): below P it makes λ_min = 0 exact.
-    pub fn with_rank_bound(mut self, rank: usize) -> Self {
-        self.rank_bound = Some(rank);
+    /// What the caller knows exactly about F: tr F (e.g. the mean of the per-sample squared
+    /// norms, [`crate::fisher::NetForm::Norms`]), used by the estimators instead of estimating
+    /// it, and an upper bound on rank F (e.g. N·R output rows, or N·(C − 1) for the true
+    /// categorical Fisher), which below P makes λ_min = 0 exact.
+    pub fn with_known(mut self, trace: Option<f64>, rank_bound: Option<usize>) -> Self {
+        self.trace = trace;
+        self.rank_bound = rank_bound;
         self
     }
 

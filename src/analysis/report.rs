@@ -581,7 +581,7 @@ fn run_model(input: &ModelInput<'_>, options: &ReportOptions, progress: &dyn Fn(
             let trace = norms.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
             seconds.fisher = start.elapsed().as_secs_f64();
             let rank_bound = n.saturating_mul(rows_per_sample(variant, mlp.output_dim()));
-            let op = ImplicitFisher::new(engine, mlp, data, variant)?.with_trace(trace).with_rank_bound(rank_bound);
+            let op = ImplicitFisher::new(engine, mlp, data, variant)?.with_known(Some(trace), Some(rank_bound));
             let title = format!("Fisher spectrum (implicit): {described}");
             ("implicit", analyse_implicit(options, op, &measure, &title, progress)?)
         }

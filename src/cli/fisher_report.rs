@@ -26,7 +26,7 @@ use fisher_engine::FisherError;
 use serde_json::json;
 
 use super::args::Report;
-use super::args::{load_model_and_data, ModelArgs, Source};
+use super::args::{load_model_and_data, ModelArgs, OutputArgs, Source};
 use super::exit::usage;
 use super::format::{sci, sci_with};
 
@@ -123,13 +123,9 @@ pub struct ReportArgs {
     #[arg(long)]
     pub force: bool,
 
-    /// Print one JSON object on one line instead of the table.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Print nothing on success (errors are still reported).
-    #[arg(long, conflicts_with = "json")]
-    pub quiet: bool,
+    /// Output style.
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// What to analyse, as the flags name it.
@@ -263,7 +259,7 @@ impl ReportConfig {
         if let Some(path) = &options.plot {
             plot::plot_format(path).map_err(|e| anyhow::Error::new(e).context("bad --plot"))?;
         }
-        Ok(ReportConfig { input, options, report: Report::from_flags(args.json, args.quiet), force: args.force })
+        Ok(ReportConfig { input, options, report: args.output.report(), force: args.force })
     }
 }
 
