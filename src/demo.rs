@@ -1,7 +1,7 @@
 //! The demo: the whole pipeline on an embedded default, computed now and verified (the body
 //! of `fisher demo`).
 //!
-//! [`run`] opens the device (the requested one, and the CPU beside a GPU), then runs the
+//! [`run()`] opens the device (the requested one, and the CPU beside a GPU), then runs the
 //! sections in order, each feeding the next:
 //!
 //! 1. reduction: synthetic per-sample gradients reduced to F = GᵀG/N on every path and
@@ -746,7 +746,7 @@ fn reduction(
 }
 
 /// Writes the run directory, fisher.safetensors and the two plots (summary.json comes last,
-/// from [`run`]).
+/// from [`run()`]).
 #[allow(clippy::too_many_arguments)]
 fn write_files(
     files: &DemoFiles,

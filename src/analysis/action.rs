@@ -32,7 +32,7 @@ use crate::device::{self, DeviceRequest};
 use crate::engine::{Backend, Engine};
 use crate::error::{FisherError, Result};
 use crate::fisher::Variant;
-use crate::model::{run as run_dir, ActivationSpec, Dataset, Likelihood, Mlp};
+use crate::model::{architecture_text, run as run_dir, ActivationSpec, Dataset, Likelihood, Mlp};
 use crate::output::plot;
 use crate::output::progress::Progress;
 
@@ -227,17 +227,11 @@ pub struct ActionRun {
     pub seconds: Seconds,
 }
 
-/// `6-12-3 tanh`: the layer shapes and the activations (one name when all gaps agree).
+/// `6-12-3 tanh`: the layer shapes ([`Mlp::shape_text`], layers without a bias named) and
+/// the activations as [`architecture_text`] names them (its text for no widths is ` tanh MLP`).
 fn architecture(mlp: &Mlp) -> String {
     let names: Vec<&str> = mlp.activations.iter().map(|a| a.name()).collect();
-    let mut distinct = names.clone();
-    distinct.dedup();
-    let act = match distinct.as_slice() {
-        [] => "linear".to_string(),
-        [one] => one.to_string(),
-        _ => names.join("/"),
-    };
-    format!("{} {act}", mlp.shape_text())
+    format!("{}{}", mlp.shape_text(), architecture_text(&[], Some(&names)).trim_end_matches(" MLP"))
 }
 
 /// Measures the training run `request` names (the whole of `fisher action`). The plot path

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! A [`RunSpec`] (its [`Default`] is `fisher train`'s default run) is trained in memory by
-//! [`RunSpec::train`] and written by [`write`]: every file goes into a temporary directory
+//! [`RunSpec::train`] and written by [`write()`]: every file goes into a temporary directory
 //! beside RUN, which is then renamed to RUN. A failed write leaves no directory behind, and
 //! a replaced one is only removed once the new one is complete. [`check_out_dir`] decides,
 //! before any work, whether RUN may be written.
@@ -173,7 +173,7 @@ pub struct Trained {
     pub seconds: f64,
 }
 
-/// A run directory [`write`] made: what `fisher train` reports.
+/// A run directory [`write()`] made: what `fisher train` reports.
 #[derive(Debug, Clone)]
 pub struct Written {
     /// The run directory.
@@ -333,7 +333,7 @@ pub fn write(dir: &Path, trained: &Trained, replace: bool) -> Result<Written> {
 }
 
 /// Trains `spec` and writes it as `dir`: [`check_out_dir`] (before any work), then
-/// [`RunSpec::train`] and [`write`]. The whole of `fisher train`.
+/// [`RunSpec::train`] and [`write()`]. The whole of `fisher train`.
 pub fn train_into(spec: &RunSpec, dir: &Path, force: bool) -> Result<Written> {
     spec.validate()?;
     let replace = check_out_dir(dir, force)?;
