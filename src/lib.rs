@@ -43,6 +43,7 @@ pub mod analysis;
 pub mod backend;
 pub mod bench;
 pub mod compare;
+pub mod demo;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -15,13 +15,26 @@
 //! length in the Fisher–Rao metric; C is the length of the straight line between its ends
 //! (an upper bound on the geodesic distance); L / C ≥ 1 measures how much longer training's
 //! path was than that straight chord (1 = as short as the chord).
+//!
+//! [`measure`] works on models in memory; [`run`] is the whole of `fisher action`: an
+//! [`ActionRequest`] (checkpoint files, data, variant, device, plot) → the checkpoints
+//! loaded and checked ([`crate::model::run::load_checkpoints`]) → the data checked against
+//! them → the device opened ([`crate::device::open`]) → [`measure`] → the plot, written
+//! atomically (the only file written, and only on success) → an [`ActionRun`].
+
+use std::path::PathBuf;
+use std::time::Instant;
 
 use ndarray::Array1;
 
-use crate::engine::Engine;
+use crate::backend::gpu::GpuOptions;
+use crate::device::{self, DeviceRequest};
+use crate::engine::{Backend, Engine};
 use crate::error::{FisherError, Result};
-use crate::model::{Dataset, Mlp};
 use crate::fisher::Variant;
+use crate::model::{architecture_text, run as run_dir, ActivationSpec, Dataset, Likelihood, Mlp};
+use crate::output::plot;
+use crate::output::progress::Progress;
 
 /// One step of the path.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -143,5 +156,137 @@ pub fn measure(
         efficiency: if chord > 0.0 { length / chord } else { f64::INFINITY },
         euclidean_length,
         euclidean_chord: whole.dot(&whole).sqrt(),
+    })
+}
+
+/// What [`run`] measures: a training run given as checkpoint files, on data from files.
+#[derive(Debug, Clone)]
+pub struct ActionRequest {
+    /// Two or more checkpoint files, or one directory of them
+    /// ([`crate::model::run::checkpoint_files`]).
+    pub checkpoints: Vec<PathBuf>,
+    /// Activations between the layers.
+    pub activation: ActivationSpec,
+    /// Inputs (.npy).
+    pub inputs: PathBuf,
+    /// Labels or targets (.npy).
+    pub labels: PathBuf,
+    /// The likelihood.
+    pub likelihood: Likelihood,
+    /// The variant of F(θ) that measures each step.
+    pub variant: Variant,
+    /// Segments of the chord's midpoint rule.
+    pub segments: usize,
+    /// Requested compute path.
+    pub backend: Backend,
+    /// Adapter choice.
+    pub gpu: GpuOptions,
+    /// Also plot the per-step action and the cumulative length here (.png or .svg).
+    pub plot: Option<PathBuf>,
+    /// Draw a progress bar on stderr (only ever on a terminal).
+    pub show_progress: bool,
+}
+
+/// Wall-clock seconds per stage of [`run`].
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Seconds {
+    /// Reading and checking the checkpoints and the data.
+    pub load: f64,
+    /// Choosing an adapter, creating the device and building the kernels.
+    pub setup: f64,
+    /// The T + segments quadratic forms.
+    pub compute: f64,
+    /// Rendering and writing the plot (0 without one).
+    pub plot: f64,
+}
+
+/// What [`run`] measured.
+#[derive(Debug)]
+pub struct ActionRun {
+    /// The measures.
+    pub report: ActionReport,
+    /// The checkpoint files, in order.
+    pub files: Vec<PathBuf>,
+    /// e.g. `6-12-3 tanh`.
+    pub architecture: String,
+    /// N.
+    pub samples: usize,
+    /// The likelihood.
+    pub likelihood: Likelihood,
+    /// The variant.
+    pub variant: Variant,
+    /// The backend's label.
+    pub backend: String,
+    /// GPU adapter name, when on a GPU.
+    pub adapter: Option<String>,
+    /// Why Auto fell back to the CPU.
+    pub fallback: Option<String>,
+    /// The plot written.
+    pub plot: Option<PathBuf>,
+    /// Seconds per stage.
+    pub seconds: Seconds,
+}
+
+/// `6-12-3 tanh`: the layer shapes ([`Mlp::shape_text`], layers without a bias named) and
+/// the activations as [`architecture_text`] names them (its text for no widths is ` tanh MLP`).
+fn architecture(mlp: &Mlp) -> String {
+    let names: Vec<&str> = mlp.activations.iter().map(|a| a.name()).collect();
+    format!("{}{}", mlp.shape_text(), architecture_text(&[], Some(&names)).trim_end_matches(" MLP"))
+}
+
+/// Measures the training run `request` names (the whole of `fisher action`). The plot path
+/// is checked before any work.
+pub fn run(request: &ActionRequest) -> Result<ActionRun> {
+    let mut seconds = Seconds::default();
+    if let Some(path) = &request.plot {
+        plot::check_plot_path(path)?;
+    }
+    let start = Instant::now();
+    let files = run_dir::checkpoint_files(&request.checkpoints)?;
+    let models = run_dir::load_checkpoints(&files, &request.activation)?;
+    let data = Dataset::from_npy(&request.inputs, &request.labels, request.likelihood)?;
+    data.validate(&models[0], request.likelihood).map_err(|e| match e {
+        FisherError::InvalidInput(why) => FisherError::InvalidInput(format!(
+            "{} and {} do not fit the model {}: {why}",
+            request.inputs.display(),
+            request.labels.display(),
+            files[0].display()
+        )),
+        other => other,
+    })?;
+    seconds.load = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let device = device::open(&DeviceRequest::from_env(request.backend, request.gpu.clone())?)?;
+    seconds.setup = start.elapsed().as_secs_f64();
+    let engine = &device.engine;
+
+    let start = Instant::now();
+    let total = files.len() - 1 + request.segments;
+    let progress = Progress::new("action: quadratic forms", total, request.show_progress);
+    let report = measure(engine, &models, &data, request.variant, request.segments, &mut progress.callback())?;
+    progress.finish();
+    seconds.compute = start.elapsed().as_secs_f64();
+
+    let architecture = architecture(&models[0]);
+    if let Some(path) = &request.plot {
+        let start = Instant::now();
+        let title =
+            format!("Action along training: {architecture} MLP, {} Fisher, N = {}", request.variant.name(), data.len());
+        plot::action_plot(path, &report, &title)?;
+        seconds.plot = start.elapsed().as_secs_f64();
+    }
+    Ok(ActionRun {
+        report,
+        files,
+        architecture,
+        samples: data.len(),
+        likelihood: request.likelihood,
+        variant: request.variant,
+        backend: engine.device_info(),
+        adapter: device.adapter.map(|a| a.name),
+        fallback: device.fallback,
+        plot: request.plot.clone(),
+        seconds,
     })
 }

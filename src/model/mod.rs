@@ -30,6 +30,7 @@ pub mod activation;
 pub mod data;
 pub mod mlp;
 pub mod problem;
+pub mod run;
 pub mod train;
 
 pub use activation::Activation;
