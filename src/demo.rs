@@ -536,7 +536,7 @@ fn geometry(
     let first_basis = (2 * LANCZOS_K + 10).max(30);
     let progress = Progress::new("Lanczos on the implicit F·v (products until converged)", first_basis, show);
     let operator = ImplicitFisher::new(engine, mlp, data, VARIANT)?
-        .with_trace(measures.trace)
+        .with_known(Some(measures.trace), None)
         .on_product(|n| progress.set(n, first_basis.max(n + 1)));
     let lanczos = analysis::lanczos_top_k(&operator, &options)?;
     progress.finish();
