@@ -164,9 +164,7 @@ impl Engine {
     pub fn fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
         mlp.validate()?;
         data.validate(mlp, data.likelihood())?;
-        if let Variant::MonteCarlo { samples: 0, .. } = variant {
-            return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
-        }
+        check_variant(variant)?;
         if u32::try_from(data.len()).is_err() {
             return Err(FisherError::InvalidInput(format!("{} samples exceed the 2³²−1 supported", data.len())));
         }
@@ -205,9 +203,7 @@ impl Engine {
     fn check_direction(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<()> {
         mlp.validate()?;
         data.validate(mlp, data.likelihood())?;
-        if let Variant::MonteCarlo { samples: 0, .. } = variant {
-            return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
-        }
+        check_variant(variant)?;
         let p = mlp.num_params();
         if v.len() != p {
             return Err(FisherError::InvalidInput(format!("direction has {} entries but the model has {p} parameters", v.len())));
@@ -218,3 +214,16 @@ impl Engine {
         Ok(())
     }
 }
+
+/// Refuses a Monte Carlo variant with no draws, or with more than the generator can number.
+fn check_variant(variant: Variant) -> Result<()> {
+    match variant {
+        Variant::MonteCarlo { samples: 0, .. } => Err(FisherError::InvalidInput("--mc-samples must be at least 1".into())),
+        Variant::MonteCarlo { samples, .. } if samples > crate::fisher::MAX_MC_SAMPLES => Err(FisherError::InvalidInput(format!(
+            "--mc-samples must be at most {} (the generator numbers draws with 32 bits), not {samples}",
+            crate::fisher::MAX_MC_SAMPLES
+        ))),
+        _ => Ok(()),
+    }
+}
+

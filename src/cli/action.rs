@@ -19,7 +19,7 @@ use fisher_engine::output::progress::Progress;
 use fisher_engine::FisherError;
 use serde_json::json;
 
-use super::args::{BackendArgs, Report, VariantArgs};
+use super::args::{BackendArgs, OutputArgs, Report, VariantArgs};
 use super::exit::usage;
 use super::format::{sci, sci_with};
 
@@ -67,13 +67,13 @@ pub struct ActionArgs {
     #[arg(long, value_name = "action.png")]
     pub plot: Option<PathBuf>,
 
-    /// Print one JSON line instead of the table.
+    /// Replace an existing --plot file (its permissions are kept).
     #[arg(long)]
-    pub json: bool,
+    pub force: bool,
 
-    /// Print nothing on success (errors are still reported).
-    #[arg(long, conflicts_with = "json")]
-    pub quiet: bool,
+    /// Output style.
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// A validated `fisher action` invocation: the library's request and the output style.
@@ -96,15 +96,18 @@ impl ActionConfig {
             return Err(usage("--segments must be at least 1"));
         }
         let (backend, gpu) = args.backend.resolve()?;
-        if let Some(path) = &args.plot {
-            plot::check_plot_path(path).context("bad --plot")?;
-        }
         // Too few checkpoints, or a directory among files, is a usage error.
         let checkpoints = checkpoint_files(&args.checkpoints).map_err(|e| match e {
             FisherError::InvalidInput(message) => usage(message),
             other => other.into(),
         })?;
-        let report = Report::from_flags(args.json, args.quiet);
+        if let Some(path) = &args.plot {
+            let mut inputs: Vec<(&str, &std::path::Path)> =
+                vec![("--inputs", args.inputs.as_path()), ("--labels", args.labels.as_path())];
+            inputs.extend(checkpoints.iter().map(|c| ("--checkpoints", c.as_path())));
+            plot::check_plot_output(path, args.force, &inputs).context("bad --plot")?;
+        }
+        let report = args.output.report();
         let request = ActionRequest {
             checkpoints,
             activation,

@@ -571,6 +571,12 @@ impl VariantArgs {
         if self.mc_samples == Some(0) {
             return Err(usage("--mc-samples must be at least 1"));
         }
+        if let Some(k) = self.mc_samples.filter(|&k| k > fisher_engine::fisher::MAX_MC_SAMPLES) {
+            return Err(usage(format!(
+                "--mc-samples must be at most {} (the generator numbers draws with 32 bits), not {k}",
+                fisher_engine::fisher::MAX_MC_SAMPLES
+            )));
+        }
         let variant = self.variant.unwrap_or(VariantArg::True);
         if variant != VariantArg::Mc {
             if self.mc_samples.is_some() {

@@ -10,4 +10,4 @@ pub mod variant;
 pub use form::{agreement_of, Agreement, FisherMatrix, Form};
 pub use kfac::{augmented_to_pytorch, kfac_expand};
 pub use network::{Fvp, KfacFactors, NetFisher, NetForm};
-pub use variant::{mc_class, mc_normal, mc_uniform, pcg_hash, rows_per_sample, Variant};
+pub use variant::{MAX_MC_SAMPLES, mc_class, mc_normal, mc_uniform, pcg_hash, rows_per_sample, Variant};

@@ -58,6 +58,10 @@ impl std::str::FromStr for Variant {
     }
 }
 
+/// The most Monte Carlo draws per sample: the generator keys draws by a 32-bit index
+/// ([`mc_uniform`]), so more would repeat labels.
+pub const MAX_MC_SAMPLES: usize = u32::MAX as usize;
+
 /// PCG-RXS-M-XS 32-bit hash (O'Neill 2014), the building block of [`mc_uniform`]; the same
 /// function is in `shaders/mlp.wgsl` (WGSL has no 64-bit integers, hence 32-bit words).
 pub fn pcg_hash(x: u32) -> u32 {

@@ -114,12 +114,18 @@ impl RunSpec {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
+        if self.steps > MAX_STEPS {
+            return bad(format!("--steps must be at most {MAX_STEPS}, not {}", self.steps));
+        }
         if self.checkpoints < 2 || self.checkpoints > self.steps + 1 {
             return bad(format!(
                 "--checkpoints must be between 2 (the initial and the final model) and --steps + 1 = {}, not {}",
                 self.steps + 1,
                 self.checkpoints
             ));
+        }
+        if self.checkpoints > MAX_CHECKPOINTS {
+            return bad(format!("--checkpoints must be at most {MAX_CHECKPOINTS}, not {}", self.checkpoints));
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad(format!("--lr must be a positive number, not {}", self.learning_rate));
@@ -279,6 +285,13 @@ fn write_files(dir: &Path, trained: &Trained, files: &[String]) -> Result<()> {
     std::fs::write(&path, text + "\n").map_err(|e| FisherError::io(&path, format!("cannot write: {e}")))
 }
 
+/// The most SGD steps a demo run takes (10⁹: hours on any machine; bounds the step
+/// arithmetic far from overflow).
+pub const MAX_STEPS: usize = 1_000_000_000;
+
+/// The most checkpoints (files) a run writes.
+pub const MAX_CHECKPOINTS: usize = 100_000;
+
 /// Moves the complete staging directory onto RUN (replacing it when `replace`).
 fn publish(staged: tempfile::TempDir, out: &Path, replace: bool) -> Result<()> {
     if !replace {
@@ -311,14 +324,15 @@ pub fn write(dir: &Path, trained: &Trained, replace: bool) -> Result<Written> {
     let run = &trained.run;
     let first = run.checkpoints.first().ok_or_else(|| FisherError::InvalidInput("the run kept no checkpoint".into()))?;
     let files: Vec<String> = (0..run.checkpoints.len()).map(|i| checkpoint_name(i, run.checkpoints.len())).collect();
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-    // Beside RUN, so that the final rename stays on one file system; removed on any error.
-    let staged = tempfile::Builder::new()
-        .prefix(&format!(".{name}.fisher-train-"))
-        .tempdir_in(parent_of(dir))
+    // Beside RUN, so that the final rename stays on one file system; removed on any error
+    // and on SIGINT/SIGTERM (registered). The name does not repeat RUN's, which may already
+    // be as long as a file name can be.
+    let staged = crate::io::output::output_temp_dir(parent_of(dir), ".fisher-train-")
         .map_err(|e| FisherError::io(parent_of(dir), format!("cannot create a directory: {e}")))?;
-    write_files(staged.path(), trained, &files)?;
-    publish(staged, dir, replace)?;
+    let staged_path = staged.path().to_path_buf();
+    let written = write_files(staged.path(), trained, &files).and_then(|()| publish(staged, dir, replace));
+    crate::io::output::forget(&staged_path);
+    written?;
     Ok(Written {
         dir: dir.to_path_buf(),
         spec: trained.spec.clone(),
