@@ -336,7 +336,17 @@ pub struct DeviceSummary {
 /// The engines: the requested one first, then the CPU beside a GPU.
 fn open_devices(request: &DemoRequest) -> Result<(Vec<(f64, Engine)>, DeviceSummary)> {
     let start = Instant::now();
-    let device = device::open(&DeviceRequest::from_env(request.backend, request.gpu.clone())?)?;
+    // The demo is a tour of both paths, each checked against the other and the f64
+    // reference: under Auto it takes any GPU adapter, a software one included (the GPU path
+    // then runs beside the CPU path, not instead of it), and the CPU alone only when there
+    // is no adapter at all.
+    let wanted = if request.backend == Backend::Auto { Backend::Gpu } else { request.backend };
+    let device = match device::open(&DeviceRequest::from_env(wanted, request.gpu.clone())?) {
+        Err(FisherError::NoAdapter(_)) if request.backend == Backend::Auto => {
+            device::open(&DeviceRequest::from_env(Backend::Auto, request.gpu.clone())?)?
+        }
+        opened => opened?,
+    };
     let setup_seconds = start.elapsed().as_secs_f64();
     let note = match (&device.fallback, request.backend) {
         (Some(why), _) => Some(format!("{why}: the CPU path only")),
