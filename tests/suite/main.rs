@@ -17,6 +17,7 @@ mod cli_compute;
 mod cli_demo;
 mod cli_report;
 mod cpu;
+mod fuzz;
 mod fvp;
 mod gpu;
 mod invariants;
