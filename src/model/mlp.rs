@@ -436,7 +436,9 @@ impl Mlp {
         let bytes = std::fs::read(path).map_err(|e| io_error(format!("cannot read the model: {e}")))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| {
             io_error(format!(
-                "not a safetensors file ({e}); save the model with safetensors.torch.save_file(model.state_dict(), path)"
+                "not a safetensors file ({}); save the model with safetensors.torch.save_file(model.state_dict(), path)",
+                // The crate's message can quote a tensor's name, which can be anything.
+                quote(&e.to_string())
             ))
         })?;
 

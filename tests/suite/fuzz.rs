@@ -761,12 +761,13 @@ fn form_specs_and_their_sizes_never_panic_or_wrap() {
                 Err(e) => check_message(&e, None)?,
             }
             // The result's size is exact or refused, never wrapped.
+            // In u128, where a sum of two usize::MAX² overflows too (None).
             let exact: Option<u128> = match &form {
                 Form::Full => Some(p as u128 * p as u128),
                 Form::Diagonal => Some(p as u128),
                 Form::Gram => Some(n as u128 * n as u128),
                 Form::SampleNorms => Some(n as u128),
-                Form::BlockDiagonal(sizes) => Some(sizes.iter().map(|&s| s as u128 * s as u128).sum()),
+                Form::BlockDiagonal(sizes) => sizes.iter().try_fold(0u128, |acc, &s| acc.checked_add(s as u128 * s as u128)),
             };
             match form.result_len(n, p) {
                 Ok(len) => prop_assert_eq!(Some(len as u128), exact),
