@@ -1,7 +1,7 @@
 //! numpy `.npy` files: C-order float32/float64 matrices in (whole, or streamed in chunks
 //! of rows), float32 matrices and int64 labels out.
 //!
-//! The header is parsed here ([`read_npy_header`], with `npyz` for the type string only), so
+//! The header is parsed here (`read_npy_header`, with `npyz` for the type string only), so
 //! that every length it claims is checked against the file before anything is allocated;
 //! the data is read as raw bytes, because `npyz`'s element-at-a-time iterator is an order of
 //! magnitude slower than a bulk read plus a byte-order conversion. Every error is one line
@@ -723,6 +723,30 @@ pub fn write_npy_matrix_f64(path: &Path, m: ArrayView2<'_, f64>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn headers_numpy_writes_parse_and_others_are_named() {
+        let header = parse_npy_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }").unwrap();
+        assert_eq!((header.shape, header.fortran_order), (vec![3, 4], false));
+        assert!(matches!(header.dtype, NpyDtype::Plain(ts) if ts.to_string() == "<f4"));
+        // Python 2 era numpy: long suffixes, u'' strings; any key order; double quotes.
+        let header = parse_npy_header("{u'shape': (3L,), \"fortran_order\": True, 'descr': u'>i8'}").unwrap();
+        assert_eq!((header.shape, header.fortran_order), (vec![3], true));
+        assert_eq!(parse_npy_header("{'descr': '<f8', 'fortran_order': False, 'shape': ()}").unwrap().shape, [0u64; 0]);
+        for (text, why) in [
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (5)}", "'shape' is not a tuple"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3)}", "dimension 0 of the shape is negative (-2)"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 18446744073709551616)}", "dimension 1 of the shape (18446744073709551616) is larger than u64"),
+            ("{'descr': '<f4', 'fortran_order': False}", "the header has no 'shape'"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'x': 1}", "unexpected key 'x' in the header"),
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (1,)} junk", "unexpected text after the header dict at byte 56"),
+            ("{'descr': '<f4'", "expected ',' or '}' at byte 15"),
+        ] {
+            assert_eq!(parse_npy_header(text).unwrap_err(), why, "{text}");
+        }
+        let deep = format!("{}{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert_eq!(parse_npy_header(&deep).unwrap_err(), "the header nests more than 16 levels deep");
+    }
+
     #[test]
     fn npy_round_trip_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
