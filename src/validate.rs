@@ -1,4 +1,5 @@
-//! Host-side input checks shared by every backend: shapes, emptiness, finiteness.
+//! Host-side input checks shared by every backend: shapes, emptiness, finiteness; and
+//! [`quote`], the bound on input quoted in error messages.
 
 use ndarray::ArrayView2;
 
@@ -25,3 +26,26 @@ pub fn check_matrix(what: &str, m: ArrayView2<'_, f32>, row_offset: usize) -> Re
     }
     Ok(())
 }
+
+/// Input quoted in an error message: at most [`QUOTE_CHARS`] characters (then `…`), with
+/// control characters (newlines, tabs, …) escaped, so that every message stays one line of
+/// bounded length whatever a file or a flag holds.
+pub fn quote(text: &str) -> String {
+    let mut out = String::new();
+    for (count, c) in text.chars().enumerate() {
+        if count == QUOTE_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// How many characters of an input [`quote`] keeps: enough to recognize a key, a dtype or a
+/// spec, short enough that a message fits a terminal line or two.
+pub const QUOTE_CHARS: usize = 80;

@@ -14,6 +14,7 @@
 use ndarray::{Array1, Array2};
 
 use crate::error::{FisherError, Result};
+use crate::validate::quote;
 
 /// What to reduce the per-sample gradients to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +42,8 @@ impl Form {
             _ => {
                 let Some(sizes) = text.strip_prefix("blocks:") else {
                     return Err(FisherError::InvalidInput(format!(
-                        "unknown form '{text}' (expected full, diag, gram, norms or blocks:<sizes>)"
+                        "unknown form '{}' (expected full, diag, gram, norms or blocks:<sizes>)",
+                        quote(text)
                     )));
                 };
                 let sizes = sizes
@@ -49,7 +51,9 @@ impl Form {
                     .map(|s| {
                         s.trim().parse::<usize>().ok().filter(|&v| v > 0).ok_or_else(|| {
                             FisherError::InvalidInput(format!(
-                                "block size '{s}' in '{text}' is not a positive integer"
+                                "block size '{}' in '{}' is not a positive integer",
+                                quote(s),
+                                quote(text)
                             ))
                         })
                     })
@@ -59,13 +63,22 @@ impl Form {
         }
     }
 
-    /// Checks the form against the number of parameters `p`.
+    /// Checks the form against the number of parameters `p`: the block sizes of a
+    /// [`Form::BlockDiagonal`] must be positive and sum to `p`. The sum is checked
+    /// arithmetic, so sizes whose sum wraps around (`blocks:18446744073709551615,11` on
+    /// P = 10) are refused, with the spec named.
     pub fn validate(&self, p: usize) -> Result<()> {
         if let Form::BlockDiagonal(sizes) = self {
             if sizes.is_empty() || sizes.contains(&0) {
                 return Err(FisherError::InvalidInput("block sizes must be positive".into()));
             }
-            let total: usize = sizes.iter().sum();
+            let Some(total) = sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(s)) else {
+                return Err(FisherError::InvalidInput(format!(
+                    "block sizes of '{}' sum to more than {} but the gradients have {p} parameters",
+                    quote(&self.to_string()),
+                    usize::MAX
+                )));
+            };
             if total != p {
                 return Err(FisherError::InvalidInput(format!(
                     "block sizes sum to {total} but the gradients have {p} parameters"
@@ -75,14 +88,47 @@ impl Form {
         Ok(())
     }
 
+    /// The number of values of the result of this form on N = `n` samples of P = `p`
+    /// parameters (P² for full, P for diag, Σ P_b² for blocks, N² for gram, N for norms),
+    /// checked: an error naming the numbers when it overflows, or when the result could not
+    /// be one allocation of f32 (more than `isize::MAX` bytes). Call [`Form::validate`]
+    /// first for the block sizes' sum.
+    ///
+    /// ```
+    /// use fisher_engine::Form;
+    /// assert_eq!(Form::Full.result_len(10, 3)?, 9);
+    /// assert_eq!(Form::BlockDiagonal(vec![1, 2]).result_len(10, 3)?, 5);
+    /// assert!(Form::Gram.result_len(1 << 40, 3).is_err());
+    /// # Ok::<(), fisher_engine::FisherError>(())
+    /// ```
+    pub fn result_len(&self, n: usize, p: usize) -> Result<usize> {
+        let square = |side: usize| side.checked_mul(side);
+        let len = match self {
+            Form::Full => square(p),
+            Form::Diagonal => Some(p),
+            Form::Gram => square(n),
+            Form::SampleNorms => Some(n),
+            Form::BlockDiagonal(sizes) => {
+                sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(square(s)?))
+            }
+        };
+        len.filter(|&len| len <= isize::MAX as usize / std::mem::size_of::<f32>()).ok_or_else(|| {
+            FisherError::InvalidInput(format!(
+                "the {} form of {n} samples × {p} parameters has more values than fit in memory",
+                quote(&self.to_string())
+            ))
+        })
+    }
+
     /// Start offsets of the blocks of a [`Form::BlockDiagonal`] (empty for other forms).
+    /// Saturates rather than wrapping for sizes that [`Form::validate`] refuses.
     pub fn block_starts(&self) -> Vec<usize> {
         match self {
             Form::BlockDiagonal(sizes) => sizes
                 .iter()
                 .scan(0usize, |acc, &s| {
                     let start = *acc;
-                    *acc += s;
+                    *acc = acc.saturating_add(s);
                     Some(start)
                 })
                 .collect(),
@@ -243,5 +289,35 @@ mod tests {
             assert_eq!(form.to_string().parse::<Form>().unwrap(), form);
         }
         assert_eq!(Form::BlockDiagonal(vec![3, 5]).to_string(), "blocks:3,5");
+    }
+
+    #[test]
+    fn block_sizes_that_wrap_around_are_refused_naming_the_spec() {
+        let form = Form::parse("blocks:18446744073709551615,11").unwrap();
+        let message = form.validate(10).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "invalid input: block sizes of 'blocks:18446744073709551615,11' sum to more than \
+             18446744073709551615 but the gradients have 10 parameters"
+        );
+        assert_eq!(form.block_starts(), [0, usize::MAX]);
+        assert!(form.result_len(4, 10).is_err());
+    }
+
+    #[test]
+    fn result_sizes_are_checked() {
+        assert_eq!(Form::Diagonal.result_len(usize::MAX, 7).unwrap(), 7);
+        assert_eq!(Form::SampleNorms.result_len(7, usize::MAX).unwrap(), 7);
+        let message = Form::Full.result_len(3, 1 << 32).unwrap_err().to_string();
+        assert!(message.contains("full form of 3 samples × 4294967296 parameters"), "{message}");
+    }
+
+    #[test]
+    fn quoted_specs_are_bounded() {
+        let long = format!("blocks:{}", "9".repeat(10_000));
+        let message = Form::parse(&long).unwrap_err().to_string();
+        assert!(message.len() < 300 && message.contains('…'), "{message}");
+        let message = Form::parse(&"x\n".repeat(5_000)).unwrap_err().to_string();
+        assert!(message.len() < 300 && !message.contains('\n'), "{message}");
     }
 }

@@ -50,6 +50,7 @@ use crate::fisher::{rows_per_sample, FisherMatrix, Form, KfacFactors, NetFisher,
 use crate::model::{architecture_text, Likelihood, Mlp};
 
 use super::safetensors::{read_safetensors, write_tensor_refs, TensorRef};
+use crate::validate::quote;
 
 /// Metadata note on θ's order (`param_order`).
 pub const PARAM_ORDER_NOTE: &str = "pytorch named_parameters; weight row-major then bias";
@@ -303,10 +304,12 @@ fn index_of(name: &str, prefix: &str) -> Option<usize> {
 /// Reads a Fisher result file.
 ///
 /// Errors ([`FisherError::Io`], naming the file): not a safetensors file; a form the file
-/// does not hold (missing, unexpected or misshapen tensors: every matrix must be square
-/// except `grads`, `diag` and `norms` must be vectors); an unknown form; and, through
-/// [`read_safetensors`], a dtype other than F32/F64 or a non-finite value
-/// ([`FisherError::InvalidInput`]).
+/// does not hold (missing, unexpected, misnamed or misshapen tensors: every matrix must be
+/// square except `grads`, `diag` and `norms` must be vectors, and none may be empty); an
+/// unknown form; and, through [`read_safetensors`], a dtype other than F32/F64 or a non-finite
+/// value ([`FisherError::InvalidInput`]). Then [`check_consistent`] refuses what no Fisher
+/// computation can produce, naming the tensor: shapes that disagree with the metadata, a
+/// negative diagonal entry, a matrix that is not symmetric.
 pub fn read(path: &Path) -> Result<FisherFile> {
     let (named, metadata) = read_safetensors(path)?;
     let bad = |message: String| FisherError::io(path, message);
@@ -324,24 +327,47 @@ pub fn read(path: &Path) -> Result<FisherFile> {
             _ => {
                 return Err(bad(format!(
                     "no 'form' in the metadata and the tensors ({}) are not a Fisher form",
-                    names.join(", ")
+                    quote(&names.join(", "))
                 )))
             }
         },
     };
+    // The form as messages show it: the metadata can hold any text.
+    let shown_form = quote(&form);
     let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
         named.into_iter().map(|(name, shape, values)| (name, (shape, values))).collect();
     let mut take = |name: &str| {
-        by_name.remove(name).ok_or_else(|| bad(format!("the {form} form needs a tensor '{name}', which is missing")))
+        by_name.remove(name).ok_or_else(|| bad(format!("the {shown_form} form needs a tensor '{name}', which is missing")))
     };
-    let square = |name: &str, shape: &[usize], values: Vec<f32>| match shape {
-        [r, c] if r == c => Ok(Array2::from_shape_vec((*r, *c), values).expect("shape matches the values")),
-        _ => Err(bad(format!("tensor '{name}' has shape {shape:?}, expected a square matrix"))),
+    let shape_text = |shape: &[usize]| quote(&format!("{shape:?}"));
+    let nonempty = |name: &str, shape: &[usize]| {
+        if shape.contains(&0) {
+            Err(bad(format!("tensor '{}' is empty (shape {})", quote(name), shape_text(shape))))
+        } else {
+            Ok(())
+        }
     };
+    let matrix = |name: &str, shape: &[usize], values: Vec<f32>, square: bool| match shape {
+        [r, c] if !square || r == c => {
+            nonempty(name, shape)?;
+            // safetensors checked ∏ shape = values.len(); ndarray's own bound (isize) is
+            // checked here rather than trusted.
+            Array2::from_shape_vec((*r, *c), values)
+                .map_err(|e| bad(format!("tensor '{}' has shape {}: {e}", quote(name), shape_text(shape))))
+        }
+        _ => Err(bad(format!(
+            "tensor '{}' has shape {}, expected {}",
+            quote(name),
+            shape_text(shape),
+            if square { "a square matrix" } else { "a matrix" }
+        ))),
+    };
+    let square = |name: &str, shape: &[usize], values: Vec<f32>| matrix(name, shape, values, true);
     let vector = |name: &str, shape: &[usize], values: Vec<f32>| match shape {
-        [_] => Ok(Array1::from(values)),
-        _ => Err(bad(format!("tensor '{name}' has shape {shape:?}, expected a vector"))),
+        [_] => nonempty(name, shape).map(|()| Array1::from(values)),
+        _ => Err(bad(format!("tensor '{}' has shape {}, expected a vector", quote(name), shape_text(shape)))),
     };
+    let unexpected = |name: &str| bad(format!("unexpected tensor '{}' in a {shown_form} form", quote(name)));
     let kind = if form.starts_with("blocks:") { "layer" } else { form.as_str() };
     let tensors = match kind {
         "full" => {
@@ -362,16 +388,14 @@ pub fn read(path: &Path) -> Result<FisherFile> {
         }
         "grads" => {
             let (shape, values) = take("grads")?;
-            let [n, p] = shape[..] else {
-                return Err(bad(format!("tensor 'grads' has shape {shape:?}, expected a matrix")));
-            };
-            Tensors::Grads(Array2::from_shape_vec((n, p), values).expect("shape matches the values"))
+            Tensors::Grads(matrix("grads", &shape, values, false)?)
         }
         "layer" => {
             let mut blocks = Vec::new();
             for (name, (shape, values)) in std::mem::take(&mut by_name) {
-                let Some(i) = index_of(&name, "block.") else {
-                    return Err(bad(format!("unexpected tensor '{name}' in a layer form")));
+                // Only the spelling the writer uses: `block.04` would be a second block 4.
+                let Some(i) = index_of(&name, "block.").filter(|i| name == format!("block.{i}")) else {
+                    return Err(unexpected(&name));
                 };
                 blocks.push((i, square(&name, &shape, values)?));
             }
@@ -386,15 +410,15 @@ pub fn read(path: &Path) -> Result<FisherFile> {
             type Slots = (Option<Array2<f32>>, Option<Array2<f32>>);
             let mut pairs: BTreeMap<usize, Slots> = BTreeMap::new();
             for (name, (shape, values)) in std::mem::take(&mut by_name) {
-                let (Some(i), Some(factor)) = (index_of(&name, "kfac."), name.rsplit('.').next()) else {
-                    return Err(bad(format!("unexpected tensor '{name}' in a kfac form")));
-                };
+                let Some(i) = index_of(&name, "kfac.") else { return Err(unexpected(&name)) };
                 let m = square(&name, &shape, values)?;
                 let slot = pairs.entry(i).or_default();
-                match factor {
-                    "A" => slot.0 = Some(m),
-                    "G" => slot.1 = Some(m),
-                    _ => return Err(bad(format!("unexpected tensor '{name}' in a kfac form"))),
+                if name == format!("kfac.{i}.A") {
+                    slot.0 = Some(m);
+                } else if name == format!("kfac.{i}.G") {
+                    slot.1 = Some(m);
+                } else {
+                    return Err(unexpected(&name));
                 }
             }
             let mut factors = Vec::with_capacity(pairs.len());
@@ -409,12 +433,171 @@ pub fn read(path: &Path) -> Result<FisherFile> {
             }
             Tensors::Kfac(factors)
         }
-        other => return Err(bad(format!("unknown form '{other}' in the metadata"))),
+        _ => return Err(bad(format!("unknown form '{shown_form}' in the metadata"))),
     };
     if let Some(name) = by_name.keys().next() {
-        return Err(bad(format!("unexpected tensor '{name}' in a {form} form")));
+        return Err(unexpected(name));
     }
-    Ok(FisherFile { tensors, metadata, form })
+    let file = FisherFile { tensors, metadata, form };
+    check_consistent(&file).map_err(bad)?;
+    Ok(file)
+}
+
+/// How far a stored Fisher matrix may be from symmetric, and its diagonal below zero, as a
+/// fraction of its largest |entry|: 1e-5 is ~84 f32 ulps (ε = 1.19e-7) of that entry. The
+/// writers mirror one triangle (exactly symmetric) and sum squares on the diagonal
+/// (non-negative), so this only leaves room for files written by other tools in another
+/// summation order, and is far below a real asymmetry or a negative variance.
+pub const ROUNDING_TOLERANCE: f32 = 1e-5;
+
+/// Checks that `file` is something a Fisher computation can produce; the message names the
+/// tensor (the caller adds the file):
+///
+/// * the shapes agree with the metadata that is present: `parameters` (P×P for full, P for
+///   diag, blocks whose sides sum to P, Σ side(A)·side(G) = P for kfac, P columns of grads),
+///   `samples` (N×N for gram, N norms, N·`rows_per_sample` rows of grads), and the sizes of
+///   a `blocks:a,b,…` form; a count in the metadata that is not a number is refused too;
+/// * every diagonal entry (diag, norms, the diagonals of full, gram, the blocks and the KFAC
+///   factors) is ≥ −[`ROUNDING_TOLERANCE`]·max|T|;
+/// * every matrix but grads is symmetric to within [`ROUNDING_TOLERANCE`]·max|T|.
+pub fn check_consistent(file: &FisherFile) -> std::result::Result<(), String> {
+    let count = |key: &str| -> std::result::Result<Option<usize>, String> {
+        match file.metadata.get(key) {
+            None => Ok(None),
+            Some(text) => text
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("metadata '{key}' is '{}', not a count", quote(text))),
+        }
+    };
+    let (parameters, samples, rows_per_sample) = (count("parameters")?, count("samples")?, count("rows_per_sample")?);
+    let disagree = |name: &str, shape: String, key: &str, value: usize| {
+        Err(format!("tensor '{name}' has shape {shape} but the metadata says {key} = {value}"))
+    };
+    match &file.tensors {
+        Tensors::Full(m) => {
+            if let Some(p) = parameters.filter(|&p| m.dim() != (p, p)) {
+                return disagree("fisher", format!("{:?}", m.shape()), "parameters", p);
+            }
+        }
+        Tensors::Diagonal(d) => {
+            if let Some(p) = parameters.filter(|&p| d.len() != p) {
+                return disagree("diag", format!("[{}]", d.len()), "parameters", p);
+            }
+        }
+        Tensors::Gram(k) => {
+            if let Some(n) = samples.filter(|&n| k.dim() != (n, n)) {
+                return disagree("gram", format!("{:?}", k.shape()), "samples", n);
+            }
+        }
+        Tensors::Norms(v) => {
+            if let Some(n) = samples.filter(|&n| v.len() != n) {
+                return disagree("norms", format!("[{}]", v.len()), "samples", n);
+            }
+        }
+        Tensors::Grads(g) => {
+            if let Some(p) = parameters.filter(|&p| g.ncols() != p) {
+                return disagree("grads", format!("{:?}", g.shape()), "parameters", p);
+            }
+            if let (Some(n), Some(r)) = (samples, rows_per_sample) {
+                if n.checked_mul(r) != Some(g.nrows()) {
+                    return Err(format!(
+                        "tensor 'grads' has shape {:?} but the metadata says samples = {n} with rows_per_sample = {r}",
+                        g.shape()
+                    ));
+                }
+            }
+        }
+        Tensors::Blocks(blocks) => {
+            if let Some(Ok(Form::BlockDiagonal(sizes))) = file.form.starts_with("blocks:").then(|| Form::parse(&file.form)) {
+                if sizes.len() != blocks.len() {
+                    return Err(format!(
+                        "the form {} has {} blocks but the file holds {}",
+                        quote(&file.form),
+                        sizes.len(),
+                        blocks.len()
+                    ));
+                }
+                for ((i, block), size) in blocks.iter().zip(&sizes) {
+                    if block.nrows() != *size {
+                        return Err(format!(
+                            "tensor 'block.{i}' has shape {:?} but the form {} gives it size {size}",
+                            block.shape(),
+                            quote(&file.form)
+                        ));
+                    }
+                }
+            }
+            if let Some(p) = parameters {
+                let total = blocks.iter().try_fold(0usize, |acc, (_, b)| acc.checked_add(b.nrows()));
+                if total != Some(p) {
+                    return Err(format!(
+                        "the blocks' sides sum to {} but the metadata says parameters = {p}",
+                        total.map_or("more than usize::MAX".to_string(), |t| t.to_string())
+                    ));
+                }
+            }
+        }
+        Tensors::Kfac(factors) => {
+            if let Some(p) = parameters {
+                let total = factors
+                    .iter()
+                    .try_fold(0usize, |acc, (_, f)| acc.checked_add(f.a.nrows().checked_mul(f.g.nrows())?));
+                if total != Some(p) {
+                    return Err(format!(
+                        "the KFAC factors cover {} parameters (Σ side(A)·side(G)) but the metadata says parameters = {p}",
+                        total.map_or("more than usize::MAX".to_string(), |t| t.to_string())
+                    ));
+                }
+            }
+        }
+    }
+    let vector_nonnegative = |name: &str, v: &Array1<f32>| {
+        let tolerance = ROUNDING_TOLERANCE * v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        match v.iter().position(|&x| x < -tolerance) {
+            Some(i) => Err(format!(
+                "tensor '{name}' has a negative entry {} at index {i}, impossible for a Fisher \
+                 matrix (positive semi-definite; tolerance {tolerance:e})",
+                v[i]
+            )),
+            None => Ok(()),
+        }
+    };
+    let symmetric_psd_diagonal = |name: &str, m: &Array2<f32>| {
+        let tolerance = ROUNDING_TOLERANCE * m.iter().fold(0.0f32, |acc, x| acc.max(x.abs()));
+        if let Some(i) = (0..m.nrows()).find(|&i| m[[i, i]] < -tolerance) {
+            return Err(format!(
+                "tensor '{name}' has a negative diagonal entry {} at [{i}, {i}], impossible for a \
+                 Fisher matrix (positive semi-definite; tolerance {tolerance:e})",
+                m[[i, i]]
+            ));
+        }
+        for i in 0..m.nrows() {
+            for j in 0..i {
+                if (m[[i, j]] - m[[j, i]]).abs() > tolerance {
+                    return Err(format!(
+                        "tensor '{name}' is not symmetric: [{i}, {j}] = {} but [{j}, {i}] = {} \
+                         (tolerance {tolerance:e} = {ROUNDING_TOLERANCE:e}·max|entry|)",
+                        m[[i, j]],
+                        m[[j, i]]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    };
+    match &file.tensors {
+        Tensors::Full(m) => symmetric_psd_diagonal("fisher", m),
+        Tensors::Gram(k) => symmetric_psd_diagonal("gram", k),
+        Tensors::Diagonal(d) => vector_nonnegative("diag", d),
+        Tensors::Norms(v) => vector_nonnegative("norms", v),
+        Tensors::Grads(_) => Ok(()),
+        Tensors::Blocks(blocks) => blocks.iter().try_for_each(|(i, b)| symmetric_psd_diagonal(&format!("block.{i}"), b)),
+        Tensors::Kfac(factors) => factors.iter().try_for_each(|(i, f)| {
+            symmetric_psd_diagonal(&format!("kfac.{i}.A"), &f.a)?;
+            symmetric_psd_diagonal(&format!("kfac.{i}.G"), &f.g)
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{FisherError, Result};
+use crate::validate::quote;
 
 use super::io_error;
 use super::output::{check_output_path, Target};
@@ -104,10 +105,13 @@ pub fn write_tensor_refs(
 pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, HashMap<String, String>)> {
     use ::safetensors::{Dtype, SafeTensors};
     let bytes = std::fs::read(path).map_err(|e| io_error(path, format!("cannot read: {e}")))?;
-    let (_, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| io_error(path, format!("not a safetensors file ({e})")))?;
+    // The crate's messages can quote the header (a tensor's name): bounded like all input.
+    let not_safetensors = |e: ::safetensors::SafeTensorError| {
+        io_error(path, format!("not a safetensors file ({})", quote(&e.to_string())))
+    };
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(not_safetensors)?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| io_error(path, format!("not a safetensors file ({e})")))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(not_safetensors)?;
     let invalid = |message: String| FisherError::InvalidInput(format!("{}: {message}", path.display()));
     let mut tensors = Vec::new();
     for (name, view) in file.tensors() {
@@ -118,10 +122,16 @@ pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, HashMap<String
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
                 .collect(),
-            other => return Err(invalid(format!("tensor '{name}' has dtype {other:?}; only F32 and F64 are read"))),
+            other => {
+                return Err(invalid(format!("tensor '{}' has dtype {other:?}; only F32 and F64 are read", quote(&name))))
+            }
         };
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(invalid(format!("tensor '{name}' has a non-finite value {} at flat index {i}", values[i])));
+            return Err(invalid(format!(
+                "tensor '{}' has a non-finite value {} at flat index {i}",
+                quote(&name),
+                values[i]
+            )));
         }
         tensors.push((name, view.shape().to_vec(), values));
     }

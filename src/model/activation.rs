@@ -41,7 +41,8 @@ impl Activation {
             "gelu" => Ok(Activation::Gelu),
             "identity" | "linear" | "none" => Ok(Activation::Identity),
             other => Err(FisherError::InvalidInput(format!(
-                "unknown activation '{other}' (expected relu, tanh, sigmoid, gelu or identity)"
+                "unknown activation '{}' (expected relu, tanh, sigmoid, gelu or identity)",
+                crate::validate::quote(other)
             ))),
         }
     }

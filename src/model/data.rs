@@ -12,11 +12,11 @@
 //! line naming the file, or the row and column, at fault.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use ndarray::Array2;
-use npyz::{DType, NpyFile, Order, TypeChar};
+use npyz::{Endianness, TypeChar};
 
 use super::{Dataset, Likelihood, Mlp, Targets};
 use crate::error::{FisherError, Result};
@@ -38,6 +38,7 @@ struct NpyArray {
 }
 
 use crate::io::io_error;
+use crate::io::npy::{read_npy_header, NpyDtype};
 
 fn invalid(path: &Path, message: impl std::fmt::Display) -> FisherError {
     FisherError::InvalidInput(format!("{}: {message}", path.display()))
@@ -47,76 +48,86 @@ fn invalid(path: &Path, message: impl std::fmt::Display) -> FisherError {
 /// C order.
 ///
 /// This is a private helper rather than `crate::io::read_npy_matrix` because labels need
-/// integer dtypes and 1-D shapes, which that reader (float matrices only) refuses.
+/// integer dtypes and 1-D shapes, which that reader (float matrices only) refuses. The header
+/// is checked by [`crate::io::npy::read_npy_header`], and the data length the shape claims
+/// is checked against the file (with checked arithmetic) before the values are allocated.
 fn read_npy(path: &Path) -> Result<NpyArray> {
     let file = File::open(path).map_err(|e| io_error(path, format!("cannot open: {e}")))?;
-    let npy = NpyFile::new(BufReader::new(file))
-        .map_err(|e| io_error(path, format!("not a numpy .npy file ({e}); save it with np.save")))?;
-    let dtype = npy.dtype();
-    let dtype_name = crate::io::numpy_dtype_name(&dtype);
-    let shape = npy
-        .shape()
+    let file_len = file.metadata().map_err(|e| io_error(path, format!("cannot read: {e}")))?.len();
+    let mut reader = BufReader::new(file);
+    let header = read_npy_header(path, &mut reader, file_len)?;
+    let dtype_name = crate::io::numpy_dtype_name(&header.dtype);
+    let too_large = || io_error(path, format!("shape {} is too large for this machine", numpy_shape_u64(&header.shape)));
+    let shape = header
+        .shape
         .iter()
         .map(|&n| usize::try_from(n))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| io_error(path, "shape too large for this machine"))?;
-    if shape.len() > 1 && npy.order() == Order::Fortran {
+        .map_err(|_| too_large())?;
+    if shape.len() > 1 && header.fortran_order {
         return Err(io_error(
             path,
             "array is in Fortran order; save a C-order array (np.save(path, np.ascontiguousarray(x)))",
         ));
     }
-    let read_error = |e: std::io::Error| io_error(path, format!("cannot read the data: {e}"));
-    let values = match &dtype {
-        DType::Plain(ts) => match (ts.type_char(), ts.size_field()) {
-            (TypeChar::Float, 4) => NpyValues::F32(npy.into_vec().map_err(read_error)?),
-            (TypeChar::Float, 8) => NpyValues::F64(npy.into_vec().map_err(read_error)?),
-            (TypeChar::Int, 1) => widen::<i8, _>(npy, read_error)?,
-            (TypeChar::Int, 2) => widen::<i16, _>(npy, read_error)?,
-            (TypeChar::Int, 4) => widen::<i32, _>(npy, read_error)?,
-            (TypeChar::Int, 8) => NpyValues::Int(npy.into_vec().map_err(read_error)?),
-            (TypeChar::Uint, 1) => widen::<u8, _>(npy, read_error)?,
-            (TypeChar::Uint, 2) => widen::<u16, _>(npy, read_error)?,
-            (TypeChar::Uint, 4) => widen::<u32, _>(npy, read_error)?,
-            (TypeChar::Uint, 8) => {
-                let wide: Vec<u64> = npy.into_vec().map_err(read_error)?;
-                let narrow =
-                    wide.iter().map(|&v| i64::try_from(v)).collect::<std::result::Result<Vec<_>, _>>();
-                NpyValues::Int(narrow.map_err(|_| invalid(path, "uint64 value beyond the int64 range"))?)
-            }
-            _ => {
-                return Err(invalid(
-                    path,
-                    format!("dtype {dtype_name} is not supported (float32, float64 or an integer type)"),
-                ))
-            }
-        },
+    let unsupported =
+        || invalid(path, format!("dtype {dtype_name} is not supported (float32, float64 or an integer type)"));
+    let NpyDtype::Plain(ts) = &header.dtype else { return Err(unsupported()) };
+    let kind = match (ts.type_char(), ts.size_field()) {
+        (TypeChar::Float, 4 | 8) => 'f',
+        (TypeChar::Int, 1 | 2 | 4 | 8) => 'i',
+        (TypeChar::Uint, 1 | 2 | 4 | 8) => 'u',
+        _ => return Err(unsupported()),
+    };
+    let size = ts.size_field() as usize;
+    let expected = header.data_bytes(size as u64).ok_or_else(too_large)?;
+    let present = file_len.saturating_sub(header.data_start);
+    if present < expected {
+        return Err(io_error(
+            path,
+            format!(
+                "is truncated: shape {} of {dtype_name} needs {expected} bytes of data but the file holds {present}",
+                numpy_shape(&shape)
+            ),
+        ));
+    }
+    // Bounded by the file's length (checked above), not by the header's word.
+    let mut bytes = vec![0u8; usize::try_from(expected).map_err(|_| too_large())?];
+    reader.read_exact(&mut bytes).map_err(|e| io_error(path, format!("cannot read the data: {e}")))?;
+    let big_endian = ts.endianness() == Endianness::Big;
+    let word = |chunk: &[u8]| -> [u8; 8] {
+        // Right-aligned in little-endian order, sign-extended below for signed integers.
+        let mut le = [0u8; 8];
+        for (k, &b) in chunk.iter().enumerate() {
+            le[if big_endian { chunk.len() - 1 - k } else { k }] = b;
+        }
+        le
+    };
+    let values = match (kind, size) {
+        ('f', 4) => NpyValues::F32(bytes.chunks_exact(4).map(|c| f32::from_bits(u64::from_le_bytes(word(c)) as u32)).collect()),
+        ('f', _) => NpyValues::F64(bytes.chunks_exact(8).map(|c| f64::from_le_bytes(word(c))).collect()),
+        ('i', _) => {
+            let shift = 64 - 8 * size as u32;
+            NpyValues::Int(bytes.chunks_exact(size).map(|c| (i64::from_le_bytes(word(c)) << shift) >> shift).collect())
+        }
         _ => {
-            return Err(invalid(
-                path,
-                format!("dtype {dtype_name} is not supported (float32, float64 or an integer type)"),
-            ))
+            let wide = bytes.chunks_exact(size).map(|c| i64::try_from(u64::from_le_bytes(word(c))));
+            NpyValues::Int(
+                wide.collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|_| invalid(path, "uint64 value beyond the int64 range"))?,
+            )
         }
     };
     Ok(NpyArray { shape, values, dtype: dtype_name })
 }
 
-/// Reads integers of type `T` and widens them to i64.
-fn widen<T, R>(npy: NpyFile<R>, read_error: impl Fn(std::io::Error) -> FisherError) -> Result<NpyValues>
-where
-    T: npyz::Deserialize + Into<i64>,
-    R: std::io::Read,
-{
-    let values: Vec<T> = npy.into_vec().map_err(read_error)?;
-    Ok(NpyValues::Int(values.into_iter().map(Into::into).collect()))
+fn numpy_shape_u64(shape: &[u64]) -> String {
+    crate::io::npy::numpy_shape(shape)
 }
 
 /// numpy's spelling of a shape: `(5,)`, `(2, 3)`.
 fn numpy_shape(shape: &[usize]) -> String {
-    match shape {
-        [one] => format!("({one},)"),
-        _ => format!("({})", shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
-    }
+    numpy_shape_u64(&shape.iter().map(|&d| d as u64).collect::<Vec<_>>())
 }
 
 /// Converts floats (or, when `allow_int`, integers) to an `rows × cols` f32 matrix; `what`

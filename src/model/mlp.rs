@@ -13,6 +13,13 @@
 //! Activations are not stored in a state dict, so they come from an [`ActivationSpec`]: one
 //! activation for every gap between layers, or a JSON list with one per gap.
 //!
+//! The indices also tell where the activation modules are: Linear layers at adjacent indices
+//! (`0.weight`, `1.weight`, as in `nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))`) have no
+//! module between them, so PyTorch applies nothing there and the loaded model has
+//! [`Activation::Identity`] in that gap whatever the spec says; a gap of two or more indices
+//! holds the activation (`Linear, Tanh, Linear` is 0, 2; `Linear, ReLU, Dropout, Linear` is
+//! 0, 3). See [`ActivationSpec::for_layer_indices`].
+//!
 //! Every error is one line naming the file and the key (or layer) at fault.
 
 use std::collections::BTreeMap;
@@ -24,6 +31,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::{Activation, Linear, Mlp};
 use crate::error::{FisherError, Result};
+use crate::validate::quote;
 
 /// `64-32-10 tanh MLP` from the widths (input, then each layer's output) and the activation
 /// names, one per gap: one name when all gaps agree, else all of them joined by `/`
@@ -42,7 +50,9 @@ pub fn architecture_text(widths: &[usize], activations: Option<&[&str]>) -> Stri
     format!("{widths} {act} MLP")
 }
 
-/// Which activation follows each Linear layer but the last.
+/// Which activation follows each Linear layer but the last (in a model loaded from a state
+/// dict, each Linear layer followed by an activation module; see
+/// [`ActivationSpec::for_layer_indices`] for layers with none between them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActivationSpec {
     /// The same activation in every gap (`--activation tanh`).
@@ -101,16 +111,19 @@ impl ActivationSpec {
         }
         let path = Path::new(trimmed);
         if path.is_file() || trimmed.ends_with(".json") {
+            // The text may be a long spec that merely ends in .json: bound it as a name.
+            let shown = quote(&path.display().to_string());
             let json = std::fs::read_to_string(path).map_err(|e| FisherError::Io {
-                path: path.display().to_string(),
+                path: shown.clone(),
                 message: format!("cannot read the activation spec: {e}"),
             })?;
             return ActivationSpec::from_json(&json)
-                .map_err(|e| FisherError::InvalidInput(format!("{}: {}", path.display(), bare_message(e))));
+                .map_err(|e| FisherError::InvalidInput(format!("{shown}: {}", bare_message(e))));
         }
         Err(FisherError::InvalidInput(format!(
-            "unknown activation '{trimmed}' (expected relu, tanh, sigmoid, gelu or identity, a JSON \
-             list with one per gap such as [\"tanh\",\"relu\"], or the path of a file holding one)"
+            "unknown activation '{}' (expected relu, tanh, sigmoid, gelu or identity, a JSON \
+             list with one per gap such as [\"tanh\",\"relu\"], or the path of a file holding one)",
+            quote(trimmed)
         )))
     }
 
@@ -129,7 +142,8 @@ impl ActivationSpec {
             serde_json::Value::Object(map) => {
                 if let Some(key) = map.keys().find(|k| k.as_str() != "activations") {
                     return Err(FisherError::InvalidInput(format!(
-                        "unrecognized key '{key}' in the activation spec (expected only \"activations\")"
+                        "unrecognized key '{}' in the activation spec (expected only \"activations\")",
+                        quote(key)
                     )));
                 }
                 match map.get("activations") {
@@ -153,7 +167,8 @@ impl ActivationSpec {
             .map(|(gap, entry)| {
                 let name = entry.as_str().ok_or_else(|| {
                     FisherError::InvalidInput(format!(
-                        "activation {gap} of the spec is {entry}, not a name such as \"tanh\""
+                        "activation {gap} of the spec is {}, not a name such as \"tanh\"",
+                        quote(&entry.to_string())
                     ))
                 })?;
                 Activation::parse(name).map_err(|e| {
@@ -165,7 +180,8 @@ impl ActivationSpec {
     }
 
     /// The activations for a model with `gaps` gaps (one fewer than its Linear layers);
-    /// errors when a per-gap spec has another length.
+    /// errors when a per-gap spec has another length. For a state dict, whose layer indices
+    /// tell where the activation modules are, see [`ActivationSpec::for_layer_indices`].
     pub fn for_gaps(&self, gaps: usize) -> Result<Vec<Activation>> {
         match self {
             ActivationSpec::Uniform(activation) => Ok(vec![*activation; gaps]),
@@ -177,6 +193,78 @@ impl ActivationSpec {
                 gaps + 1
             ))),
         }
+    }
+}
+
+/// Whether Linear layers at `nn.Sequential` indices `before` and `after` have a module (an
+/// activation) between them: not when the indices are adjacent.
+fn has_module_between(before: usize, after: usize) -> bool {
+    after.saturating_sub(before) >= 2
+}
+
+impl ActivationSpec {
+    /// The activations between Linear layers at the `nn.Sequential` indices `indices`
+    /// (increasing), as PyTorch runs them: layers at adjacent indices (`0.weight`,
+    /// `1.weight`) have no module between them, so that gap is [`Activation::Identity`];
+    /// a gap of two or more indices holds the activation module.
+    ///
+    /// A uniform spec fills every gap that holds a module. A per-gap list names one
+    /// activation per module (adjacent gaps are skipped), or one per gap with `identity` at
+    /// the adjacent ones.
+    ///
+    /// ```
+    /// use fisher_engine::model::{Activation::*, ActivationSpec};
+    /// // nn.Sequential(Linear, Linear, Tanh, Linear): indices 0, 1, 3.
+    /// assert_eq!(ActivationSpec::Uniform(Tanh).for_layer_indices(&[0, 1, 3])?, [Identity, Tanh]);
+    /// assert_eq!(ActivationSpec::PerGap(vec![Relu]).for_layer_indices(&[0, 1, 3])?, [Identity, Relu]);
+    /// assert!(ActivationSpec::PerGap(vec![Relu, Relu]).for_layer_indices(&[0, 1, 3]).is_err());
+    /// # Ok::<(), fisher_engine::FisherError>(())
+    /// ```
+    pub fn for_layer_indices(&self, indices: &[usize]) -> Result<Vec<Activation>> {
+        let modules: Vec<bool> = indices.windows(2).map(|w| has_module_between(w[0], w[1])).collect();
+        let module_count = modules.iter().filter(|&&m| m).count();
+        if module_count == modules.len() {
+            return self.for_gaps(modules.len());
+        }
+        let adjacent: Vec<String> = indices
+            .windows(2)
+            .filter(|w| !has_module_between(w[0], w[1]))
+            .map(|w| format!("{} and {}", w[0], w[1]))
+            .collect();
+        let per_module: Vec<Activation> = match self {
+            ActivationSpec::Uniform(activation) => vec![*activation; module_count],
+            ActivationSpec::PerGap(list) if list.len() == module_count => list.clone(),
+            ActivationSpec::PerGap(list) if list.len() == modules.len() => {
+                if let Some(gap) = (0..list.len()).find(|&g| !modules[g] && list[g] != Activation::Identity) {
+                    return Err(FisherError::InvalidInput(format!(
+                        "activation {gap} of the spec is {} but layers {} and {} are adjacent in the \
+                         nn.Sequential, with no activation module between them (use identity there, or \
+                         list only the {module_count} activation module(s))",
+                        list[gap],
+                        indices[gap],
+                        indices[gap + 1]
+                    )));
+                }
+                return Ok(list.clone());
+            }
+            ActivationSpec::PerGap(list) => {
+                return Err(FisherError::InvalidInput(format!(
+                    "the activation spec lists {} activation(s) but the model has {} Linear layer(s) with \
+                     {module_count} activation module(s) between them (layers {} are adjacent, with none \
+                     between them), so it needs exactly {module_count} (or {} with identity at the \
+                     adjacent gaps)",
+                    list.len(),
+                    indices.len(),
+                    quote(&adjacent.join(", ")),
+                    modules.len()
+                )))
+            }
+        };
+        let mut per_module = per_module.into_iter();
+        Ok(modules
+            .iter()
+            .map(|&module| if module { per_module.next().expect("one per module") } else { Activation::Identity })
+            .collect())
     }
 }
 
@@ -348,7 +436,9 @@ impl Mlp {
         let bytes = std::fs::read(path).map_err(|e| io_error(format!("cannot read the model: {e}")))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| {
             io_error(format!(
-                "not a safetensors file ({e}); save the model with safetensors.torch.save_file(model.state_dict(), path)"
+                "not a safetensors file ({}); save the model with safetensors.torch.save_file(model.state_dict(), path)",
+                // The crate's message can quote a tensor's name, which can be anything.
+                quote(&e.to_string())
             ))
         })?;
 
@@ -366,23 +456,27 @@ impl Mlp {
         let mut slots: BTreeMap<usize, Slot> = BTreeMap::new();
         let mut common_prefix: Option<(String, String)> = None; // (prefix, the key it came from)
         for (key, view) in &tensors {
+            // The key as messages show it (a file's keys can be any length and hold newlines).
+            let shown = quote(key);
             let Some((prefix, index, kind)) = split_key(key) else {
                 return Err(invalid(format!(
-                    "unrecognized key '{key}' (expected '<index>.weight' or '<index>.bias' of an \
+                    "unrecognized key '{shown}' (expected '<index>.weight' or '<index>.bias' of an \
                      nn.Sequential of Linear layers and activations)"
                 )));
             };
             match &common_prefix {
-                None => common_prefix = Some((prefix.to_string(), key.clone())),
+                None => common_prefix = Some((prefix.to_string(), shown.clone())),
                 Some((seen, first_key)) if seen != prefix => {
                     return Err(invalid(format!(
-                        "key '{key}' has prefix '{prefix}' but '{first_key}' has prefix '{seen}'; \
-                         all keys must share one prefix"
+                        "key '{shown}' has prefix '{}' but '{first_key}' has prefix '{}'; \
+                         all keys must share one prefix",
+                        quote(prefix),
+                        quote(seen)
                     )));
                 }
                 Some(_) => {}
             }
-            let values = tensor_values(key, view.dtype(), view.data()).map_err(invalid)?;
+            let values = tensor_values(&shown, view.dtype(), view.data()).map_err(invalid)?;
             let shape = view.shape();
             let slot = slots.entry(index).or_insert(Slot { weight: None, bias: None });
             let duplicate = match kind {
@@ -390,30 +484,32 @@ impl Mlp {
                 ParamKind::Bias => slot.bias.as_ref().map(|(k, _)| k.clone()),
             };
             if let Some(other) = duplicate {
-                return Err(invalid(format!("keys '{other}' and '{key}' name the same layer {index}")));
+                return Err(invalid(format!("keys '{other}' and '{shown}' name the same layer {index}")));
             }
             match kind {
                 ParamKind::Weight => {
                     let [out, fan_in] = shape else {
                         return Err(invalid(format!(
-                            "'{key}' has shape {shape:?} but a Linear weight is 2-D (out×in)"
+                            "'{shown}' has shape {} but a Linear weight is 2-D (out×in)",
+                            quote(&format!("{shape:?}"))
                         )));
                     };
                     let weight = Array2::from_shape_vec((*out, *fan_in), values)
-                        .map_err(|e| invalid(format!("'{key}': {e}")))?;
-                    slot.weight = Some((key.clone(), weight));
+                        .map_err(|e| invalid(format!("'{shown}': {e}")))?;
+                    slot.weight = Some((shown.clone(), weight));
                 }
                 ParamKind::Bias => {
                     let [_] = shape else {
                         return Err(invalid(format!(
-                            "'{key}' has shape {shape:?} but a Linear bias is 1-D (out)"
+                            "'{shown}' has shape {} but a Linear bias is 1-D (out)",
+                            quote(&format!("{shape:?}"))
                         )));
                     };
-                    slot.bias = Some((key.clone(), Array1::from(values)));
+                    slot.bias = Some((shown.clone(), Array1::from(values)));
                 }
             }
         }
-        let prefix = common_prefix.map(|(p, _)| p).unwrap_or_default();
+        let prefix = common_prefix.map(|(p, _)| quote(&p)).unwrap_or_default();
 
         let mut layers = Vec::with_capacity(slots.len());
         for (index, slot) in slots {
@@ -425,7 +521,8 @@ impl Mlp {
             };
             layers.push(Linear { index, weight, bias: slot.bias.map(|(_, b)| b) });
         }
-        let activations = activations.for_gaps(layers.len() - 1).map_err(|e| invalid(bare_message(e)))?;
+        let indices: Vec<usize> = layers.iter().map(|l| l.index).collect();
+        let activations = activations.for_layer_indices(&indices).map_err(|e| invalid(bare_message(e)))?;
         check_layers(&layers, &activations, &prefix).map_err(invalid)?;
         Ok(Mlp { layers, activations })
     }

@@ -18,6 +18,7 @@ mod cli_demo;
 mod cli_outputs;
 mod cli_report;
 mod cpu;
+mod fuzz;
 mod fvp;
 mod gpu;
 mod invariants;
