@@ -66,7 +66,8 @@ fn full_round_trip_f32_and_f64_inputs() {
     write_npy_matrix_f64(&g64, g.mapv(f64::from).view()).unwrap();
     for input in [&g32, &g64] {
         let out = dir.path().join("F.safetensors");
-        let run = fisher(&["reduce", "--grads", s(input), "--backend", "cpu", "--form", "full", "--out", s(&out)]);
+        let run =
+            fisher(&["reduce", "--grads", s(input), "--backend", "cpu", "--form", "full", "--out", s(&out), "--force"]);
         assert_eq!(run.code, 0, "{}", run.stderr);
         let saved = read_safetensors(&out);
         assert_matches_reference(&saved, &g, &Form::Full);
@@ -135,6 +136,7 @@ fn streaming_in_many_chunks_equals_the_reference() {
         let out = dir.path().join("F.safetensors");
         let run = fisher(&[
             "reduce", "--grads", s(&input), "--backend", "cpu", "--form", spelling, "--chunk-rows", "3", "--out", s(&out),
+            "--force",
         ]);
         assert_eq!(run.code, 0, "{spelling}: {}", run.stderr);
         assert_matches_reference(&read_safetensors(&out), &g, &form);
@@ -179,7 +181,7 @@ fn verify_reports_the_disagreement() {
     let input = dir.path().join("g.npy");
     write_npy_matrix(&input, g.view()).unwrap();
     let out = dir.path().join("F.safetensors");
-    let args = ["reduce", "--grads", s(&input), "--backend", "cpu", "--out", s(&out), "--verify"];
+    let args = ["reduce", "--grads", s(&input), "--backend", "cpu", "--out", s(&out), "--verify", "--force"];
     let run = fisher(&[&args[..], &["--json"]].concat());
     assert_eq!(run.code, 0, "{}", run.stderr);
     let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("valid JSON");
@@ -275,7 +277,7 @@ fn gpu_round_trip_matches_the_reference() {
         let out = dir.path().join("F.safetensors");
         let run = fisher(&[
             "reduce", "--grads", s(&input), "--backend", "gpu", "--form", spelling, "--chunk-rows", "100", "--out",
-            s(&out), "--json",
+            s(&out), "--json", "--force",
         ]);
         assert_eq!(run.code, 0, "{spelling}: {}", run.stderr);
         let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("valid JSON");
@@ -426,7 +428,8 @@ fn a_failed_run_leaves_an_existing_output_untouched() {
     write_npy_matrix(&input, g.view()).unwrap();
     let out = dir.path().join("F.safetensors");
     std::fs::write(&out, b"previous result").unwrap();
-    let run = fisher(&["reduce", "--grads", s(&input), "--backend", "cpu", "--out", s(&out)]);
+    // --force: replacing is allowed, so the run reaches the bad row, and still must not.
+    let run = fisher(&["reduce", "--grads", s(&input), "--backend", "cpu", "--out", s(&out), "--force"]);
     assert_fails(&run, 2, &["row 8, column 2"]);
     assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
     assert_dir_holds(dir.path(), &["g.npy", "F.safetensors"]);

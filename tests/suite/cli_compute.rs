@@ -236,7 +236,7 @@ fn variants_and_likelihoods_match_the_reference() {
             let out = dir.path().join("F.safetensors");
             let mut args = vec![
                 "compute", "--weights", s(&files.weights), "--activation", "tanh", "--inputs", s(&files.inputs),
-                "--labels", s(labels), "--form", spelling, "--backend", "cpu", "--out", s(&out), "--verify",
+                "--labels", s(labels), "--form", spelling, "--backend", "cpu", "--out", s(&out), "--verify", "--force",
             ];
             args.extend_from_slice(extra);
             let run = fisher(&args);
@@ -278,7 +278,7 @@ fn activation_specs_json_inline_and_file_and_int32_labels() {
         let out = dir.path().join("F.safetensors");
         let run = fisher(&[
             "compute", "--weights", s(&files.weights), "--activation", spec, "--inputs", s(&files.inputs), "--labels",
-            s(labels), "--form", "layer", "--backend", "cpu", "--out", s(&out), "--json",
+            s(labels), "--form", "layer", "--backend", "cpu", "--out", s(&out), "--json", "--force",
         ]);
         assert_eq!(run.code, 0, "{spec}: {}", run.stderr);
         let saved = read_safetensors(&out);
@@ -300,7 +300,7 @@ fn json_line_has_every_key_and_human_summary_reads_well() {
     let out = dir.path().join("F.safetensors");
     let args = [
         "compute", "--weights", s(&files.weights), "--activation", "tanh", "--inputs", s(&files.inputs), "--labels",
-        s(&files.labels), "--form", "diag", "--backend", "cpu", "--out", s(&out), "--verify",
+        s(&files.labels), "--form", "diag", "--backend", "cpu", "--out", s(&out), "--verify", "--force",
     ];
     let run = fisher(&[&args[..], &["--json"]].concat());
     assert_eq!(run.code, 0, "{}", run.stderr);
