@@ -135,27 +135,39 @@ pub const FLOPS_NOTE: &str = "GFLOP/s = flops of one call / time. reduce: GEMM-e
 pub fn reduce_result_values(form: &Form, shape: Shape) -> Option<(u128, &'static str)> {
     let (n, p) = (shape.samples as u128, shape.params as u128);
     match form {
-        Form::Full => Some((p * p, "P×P")),
-        Form::Gram => Some((n * n, "N×N")),
-        Form::BlockDiagonal(sizes) => Some((sizes.iter().map(|&b| (b as u128).pow(2)).sum(), "Σ b²")),
+        Form::Full => Some((p.saturating_mul(p), "P×P")),
+        Form::Gram => Some((n.saturating_mul(n), "N×N")),
+        Form::BlockDiagonal(sizes) => {
+            Some((sizes.iter().fold(0u128, |sum, &b| sum.saturating_add((b as u128).saturating_pow(2))), "Σ b²"))
+        }
         Form::Diagonal | Form::SampleNorms => None,
     }
 }
 
 /// Parameters of an MLP with biases and these widths, from the widths alone.
 pub fn network_params(widths: &[usize]) -> u128 {
-    widths.windows(2).map(|w| (w[0] as u128 + 1) * w[1] as u128).sum()
+    widths.windows(2).fold(0u128, |sum, w| sum.saturating_add((w[0] as u128 + 1).saturating_mul(w[1] as u128)))
 }
 
-/// Values (f32) of a network result that grow with the model (full `P×P`, layer `Σ_l P_l²`,
-/// grads `N·R×P`), from the widths alone; `None` for diag, kfac and norms.
+/// Values (f32) of a network result that grow faster than the model (full `P×P`, layer
+/// `Σ_l P_l²`, kfac `Σ_l (in+1)² + out²`, grads `N·R×P`), from the widths alone; `None` for
+/// diag and norms. Saturating: a size beyond u128 is beyond any limit.
 pub fn network_result_values(widths: &[usize], samples: usize, rows: usize, form: NetForm) -> Option<(u128, &'static str)> {
     let params = network_params(widths);
     match form {
-        NetForm::Full => Some((params * params, "P×P")),
-        NetForm::Layer => Some((widths.windows(2).map(|w| ((w[0] as u128 + 1) * w[1] as u128).pow(2)).sum(), "Σ_l P_l²")),
-        NetForm::Grads => Some((samples as u128 * rows as u128 * params, "N·R×P")),
-        NetForm::Diagonal | NetForm::Kfac | NetForm::Norms => None,
+        NetForm::Full => Some((params.saturating_mul(params), "P×P")),
+        NetForm::Layer => Some((
+            widths.windows(2).fold(0u128, |sum, w| sum.saturating_add(((w[0] as u128 + 1) * w[1] as u128).saturating_pow(2))),
+            "Σ_l P_l²",
+        )),
+        NetForm::Kfac => Some((
+            widths.windows(2).fold(0u128, |sum, w| {
+                sum.saturating_add((w[0] as u128 + 1).saturating_pow(2)).saturating_add((w[1] as u128).saturating_pow(2))
+            }),
+            "Σ_l (in+1)² + out²",
+        )),
+        NetForm::Grads => Some(((samples as u128).saturating_mul(rows as u128).saturating_mul(params), "N·R×P")),
+        NetForm::Diagonal | NetForm::Norms => None,
     }
 }
 

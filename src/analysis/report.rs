@@ -509,10 +509,19 @@ fn abbas_samples(options: &ReportOptions, samples: Option<usize>, notes: &mut Ve
 fn dense_bytes(mlp: &Mlp, form: NetForm) -> Option<(u128, String)> {
     let p = mlp.num_params() as u128;
     match form {
-        NetForm::Full => Some((p * p * 20, format!("P×P = {p}×{p}"))),
+        NetForm::Full => Some((p.saturating_mul(p).saturating_mul(20), format!("P×P = {p}×{p}"))),
         NetForm::Layer => {
-            let values: u128 = mlp.layers.iter().map(|l| (l.num_params() as u128).pow(2)).sum();
-            Some((values * 20, "Σ_l P_l²".into()))
+            let values = mlp.layers.iter().fold(0u128, |sum, l| sum.saturating_add((l.num_params() as u128).saturating_pow(2)));
+            Some((values.saturating_mul(20), "Σ_l P_l²".into()))
+        }
+        // The factors are small next to P² but not bounded by P: a 100000-wide input makes
+        // a 10¹⁰-entry A (and the analysis expands G ⊗ A per layer for its spectrum).
+        NetForm::Kfac => {
+            let values = mlp.layers.iter().fold(0u128, |sum, l| {
+                let a = l.fan_in() as u128 + u128::from(l.bias.is_some());
+                sum.saturating_add(a.saturating_pow(2)).saturating_add((l.fan_out() as u128).saturating_pow(2))
+            });
+            Some((values.saturating_mul(20), "Σ_l (in+1)² + out²".into()))
         }
         _ => None,
     }

@@ -199,12 +199,12 @@ impl BenchConfig {
         }
         for (&shape, form) in shapes.iter().flat_map(|s| forms.iter().map(move |f| (s, f))) {
             match bench::reduce_result_values(form, shape) {
-                Some((values, what)) if values * 4 > limit => {
+                Some((values, what)) if values.saturating_mul(4) > limit => {
                     return Err(usage(format!(
                         "--forms {form} on {}x{} holds {what} = {values} values ({}), beyond the --max-result-gib limit of {}",
                         shape.samples,
                         shape.params,
-                        gib(values * 4, 2),
+                        gib(values.saturating_mul(4), 2),
                         gib(limit, 2)
                     )))
                 }
@@ -244,12 +244,17 @@ impl BenchConfig {
                 let rows = rows_per_sample(variant, *widths.last().expect("≥ 2 widths"));
                 for &form in &forms {
                     match bench::network_result_values(&widths, samples, rows, form) {
-                        Some((values, what)) if values * 4 > limit => {
+                        Some((values, what)) if values.saturating_mul(4) > limit => {
+                            let hint = if form == NetForm::Kfac {
+                                "diag and norms stay small for any model"
+                            } else {
+                                "diag, kfac and norms stay small for any model"
+                            };
                             return Err(usage(format!(
                                 "--net-forms {} holds {what} = {values} values ({}) for --network {}, beyond the \
-                                 --max-result-gib limit of {}; diag, kfac and norms stay small for any model",
+                                 --max-result-gib limit of {}; {hint}",
                                 form.name(),
-                                gib(values * 4, 2),
+                                gib(values.saturating_mul(4), 2),
                                 args.network,
                                 gib(limit, 2)
                             )))
