@@ -352,3 +352,74 @@ impl Batching {
         (0..r).step_by(step).map(move |q0| (q0, step.min(r - q0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(per_sample: u64, per_row: u64) -> BatchCost {
+        BatchCost { per_sample, per_row, sample_binding: 4, row_binding: 4, fixed: 0 }
+    }
+
+    #[test]
+    fn whole_samples_while_their_rows_fit() {
+        // 100 + 3·10 bytes per sample: 1 MiB holds 8065 samples, capped at 4096.
+        let b = MicroBatchLimits::host(1 << 20, 4096).batching(10_000, 3, &cost(100, 10), String::new).unwrap();
+        assert_eq!(b, Batching { samples: 4096, draws: 3 });
+        // Never more samples than there are.
+        let b = MicroBatchLimits::host(1 << 20, 4096).batching(7, 3, &cost(100, 10), String::new).unwrap();
+        assert_eq!(b, Batching { samples: 7, draws: 3 });
+    }
+
+    #[test]
+    fn draws_are_split_when_one_sample_does_not_fit() {
+        // K = 10⁹ rows of 40 bytes: one sample, (4096 − 96) / 40 = 100 draws per chunk.
+        let limits = MicroBatchLimits::host(4096, 4096);
+        let b = limits.batching(10, 1_000_000_000, &cost(96, 40), String::new).unwrap();
+        assert_eq!(b, Batching { samples: 1, draws: 100 });
+        let ranges: Vec<_> = Batching { samples: 1, draws: 4 }.draw_ranges(10).collect();
+        assert_eq!(ranges, [(0, 4), (4, 4), (8, 2)]);
+        // R · per_row overflowing u64 is just "does not fit whole" (host memory has no
+        // budget, so the one row left is the caller's to bound).
+        let b = limits.batching(10, usize::MAX, &cost(96, u64::MAX / 2), String::new).unwrap();
+        assert_eq!(b, Batching { samples: 1, draws: 1 });
+        // A row beyond the target but within the budget still runs, one row at a time.
+        let b = limits.batching(10, 5, &cost(96, 10_000), String::new).unwrap();
+        assert_eq!(b, Batching { samples: 1, draws: 1 });
+    }
+
+    #[test]
+    fn a_row_beyond_the_budget_or_binding_is_refused() {
+        let gpu = MicroBatchLimits {
+            binding_limit: 1 << 16,
+            budget: 1 << 20,
+            target: 1 << 18,
+            max_samples: 1024,
+            binding_name: "binding".into(),
+            budget_name: "budget".into(),
+        };
+        let wide = BatchCost { per_sample: 8, per_row: 1 << 17, sample_binding: 8, row_binding: 1 << 17, fixed: 0 };
+        match gpu.batching(4, 2, &wide, || "row".into()) {
+            Err(FisherError::DoesNotFit { which, needed, .. }) => assert_eq!((which.as_str(), needed), ("binding", 1 << 17)),
+            other => panic!("{other:?}"),
+        }
+        let heavy = BatchCost { per_sample: 8, per_row: 1 << 10, sample_binding: 8, row_binding: 1 << 10, fixed: 1 << 20 };
+        match gpu.batching(4, 2, &heavy, || "row".into()) {
+            Err(FisherError::DoesNotFit { which, .. }) => assert_eq!(which, "budget"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn block_layouts_and_result_sizes_are_checked() {
+        assert_eq!(block_layout(&[2, 3], 5).unwrap(), [(0, 2), (2, 3)]);
+        assert!(block_layout(&[usize::MAX, 2], 1).is_err());
+        assert!(block_layout(&[2, 0], 2).is_err());
+        assert!(block_layout(&[2, 2], 5).is_err());
+        assert_eq!(squares_total([3, 4]), Some(25));
+        assert_eq!(squares_total([1 << 33]), None);
+        assert!(check_result(Some(256), 1024, String::new).is_ok());
+        assert!(matches!(check_result(Some(257), 1024, String::new), Err(FisherError::DoesNotFit { needed: 1028, .. })));
+        assert!(matches!(check_result(None, 1024, String::new), Err(FisherError::DoesNotFit { needed: u64::MAX, .. })));
+    }
+}
