@@ -23,7 +23,7 @@
 //                 sample is its output row draw_off + q (the MC draw, or the class for
 //                 `true`), so the host can walk K draws in chunks of any size.
 //   backprop_act  in0 S, in1 C (rows·R × cols), in2 z_prev (rows × cols) → out0 δ = (S − C)·φ'(z).
-//   sample_sq     in0 δ (rows·R × cols) → out0 Σ_q δ² per sample (rows × cols).
+//   sample_sq     in0 δ (rows·R × cols) → out0 Σ_q δ² per sample (rows × cols), compensated.
 //   square        in0 x (rows × cols) → out0 x² (elementwise).
 //   tangent_act   in0 ż (rows × cols), in1 z (rows × cols) → out0 ȧ_next = φ'(z)·ż (rows × cols):
 //                 forward-mode (JVP) propagation of a parameter direction v.
@@ -345,10 +345,16 @@ fn sample_sq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     if (e >= params.rows * params.cols) { return; }
     let s = e / params.cols;
     let j = e % params.cols;
+    // Kahan-compensated: r is up to a whole chunk of MC draws (10⁵–10⁶ rows), where a plain
+    // f32 sum would lose ~3 digits.
     var acc = 0.0;
+    var comp = 0.0;
     for (var q = 0u; q < params.r; q++) {
         let d = in0[(s * params.r + q) * params.cols + j];
-        acc = fma(d, d, acc);
+        let y = d * d - comp;
+        let t = acc + y;
+        comp = (t - acc) - y;
+        acc = t;
     }
     out0[e] = acc;
 }

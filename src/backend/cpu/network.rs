@@ -250,12 +250,14 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
                 let act = &acts[l];
                 match &mut reduction {
                     Reduction::Diag(acc) => {
-                        let mut dsq = Array2::<f32>::zeros((m, layer.fan_out()));
-                        for (s, mut row) in dsq.axis_iter_mut(Axis(0)).enumerate() {
+                        // Σ_d δ² per sample in f64 (d may be ~10⁶ draws), rounded once to f32.
+                        let mut dsq64 = Array2::<f64>::zeros((m, layer.fan_out()));
+                        dsq64.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(s, mut row)| {
                             for q in 0..d {
-                                row.zip_mut_with(&delta.row(s * d + q), |acc, &d| *acc += d * d);
+                                row.zip_mut_with(&delta.row(s * d + q), |acc, &x| *acc += f64::from(x) * f64::from(x));
                             }
-                        }
+                        });
+                        let dsq = dsq64.mapv(|v| v as f32);
                         let asq = act.mapv(|v| v * v);
                         let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
                         matmul(dsq.t(), asq.view(), part.view_mut());
@@ -352,12 +354,17 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
                     }
                 }
                 Variant::MonteCarlo { samples, seed } => {
+                    // The mean over K draws in f64: K may be 10⁹, far past an f32 running sum.
+                    let mut sum = vec![0f64; c];
                     for q in 0..samples {
                         let eps: Vec<f32> = (0..c).map(|j| mc_normal(seed, sample, q as u32, j)).collect();
                         let dot: f32 = eps.iter().zip(t.iter()).map(|(a, b)| a * b).sum();
                         for j in 0..c {
-                            out[j] += eps[j] * dot / samples as f32;
+                            sum[j] += f64::from(eps[j] * dot);
                         }
+                    }
+                    for j in 0..c {
+                        out[j] = (sum[j] / samples as f64) as f32;
                     }
                 }
             },
@@ -380,8 +387,16 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
                     }
                     Variant::Empirical => add_row(labels[s0 + s] as usize, 1.0),
                     Variant::MonteCarlo { samples, seed } => {
+                        // Σ_k (onehot(y_k) − p)(ż_{y_k} − pᵀż) = Σ_y count_y (onehot(y) − p)(ż_y − pᵀż):
+                        // count the K draws per class (exact), then one weighted row per class.
+                        let mut counts = vec![0u64; c];
                         for q in 0..samples {
-                            add_row(mc_class(seed, sample, q as u32, &p), 1.0 / samples as f32);
+                            counts[mc_class(seed, sample, q as u32, &p)] += 1;
+                        }
+                        for (y, &count) in counts.iter().enumerate() {
+                            if count > 0 {
+                                add_row(y, (count as f64 / samples as f64) as f32);
+                            }
                         }
                     }
                 }
