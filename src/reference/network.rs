@@ -189,7 +189,7 @@ fn log_sum_exp(z: ArrayView1<'_, f64>) -> f64 {
 ///
 /// * `empirical`: e(yᵢ) (categorical: onehot(yᵢ) − p; Gaussian: yᵢ − z);
 /// * `true`, categorical: √p_c (onehot(c) − p) for c = 0..C, so Σ_c s_c s_cᵀ = diag(p) − ppᵀ;
-/// * `true`, Gaussian: the k unit vectors (E[eeᵀ] = I);
+/// * `true`, Gaussian: the k unit vectors (E\[eeᵀ\] = I);
 /// * `mc` with K draws: e(ỹ_k)/√K for k = 0..K. Categorical: u = `mc_uniform(seed, i, k, 0)`
 ///   and ỹ_k = the first class c with u < p₀ + … + p_c (p and its running sum in f64; if
 ///   rounding leaves u above the total, the last class). Gaussian: ỹ_k = z + ε with
