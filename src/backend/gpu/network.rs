@@ -37,9 +37,11 @@ use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Likelihood, Mlp, Targets};
 
-/// Draw evaluations (samples × draws) of one `head_fvp` dispatch: each invocation loops over
-/// its draws, so K = 10⁹ in one dispatch would run for minutes (and trip driver watchdogs).
-const HEAD_FVP_DRAWS: usize = 1 << 22;
+/// Bytes of micro-batch target per draw evaluation (sample × draw) of one `head_fvp`
+/// dispatch: each invocation loops over its draws, so K = 10⁹ in one dispatch would run for
+/// minutes (and trip driver watchdogs). The default 64 MiB target gives 2²² evaluations per
+/// dispatch; tying it to the target lets tests force many dispatches with a tiny one.
+const HEAD_FVP_BYTES_PER_DRAW: u64 = 16;
 /// `head_fvp` dispatches recorded per submission before the next one waits for it.
 const HEAD_FVP_PER_SUBMIT: usize = 16;
 
@@ -568,8 +570,9 @@ pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: V
     let accum: Vec<KahanPair> =
         if product { shapes.iter().map(|s| KahanPair::new(be, "F·v", s.fan_out * s.ld)).collect() } else { Vec::new() };
     let draws = variant_params(variant).2;
-    // Draws per head_fvp dispatch (see HEAD_FVP_DRAWS); all of them in one for m·K small.
-    let draws_per_dispatch = (HEAD_FVP_DRAWS / mb.max(1)).clamp(1, draws.max(1));
+    // Draws per head_fvp dispatch (see HEAD_FVP_BYTES_PER_DRAW); all in one for m·K small.
+    let evaluations = usize::try_from(be.micro_batch_limits().target / HEAD_FVP_BYTES_PER_DRAW).unwrap_or(usize::MAX);
+    let draws_per_dispatch = (evaluations / mb.max(1)).clamp(1, draws.max(1));
     let mut bindings = Bindings::default();
     let mut quadratic = 0f64;
 
