@@ -18,15 +18,20 @@
 //   act_next      in0 z (rows × cols) → out0 ã (rows × ld_out): φ(z), and 1 in column `cols`
 //                 when the next layer has a bias (flag 2).
 //   head          in0 logits/means z (rows × cols), in1 targets (labels as bitcast u32, or
-//                 rows × cols values) → out0 δ_L (rows·R × cols), per variant (see nn docs).
+//                 rows × cols values) → out0 δ_L (rows·R × cols), per variant (see nn docs),
+//                 one invocation per R-row. R here is the rows of one chunk: R-row q of a
+//                 sample is its output row draw_off + q (the MC draw, or the class for
+//                 `true`), so the host can walk K draws in chunks of any size.
 //   backprop_act  in0 S, in1 C (rows·R × cols), in2 z_prev (rows × cols) → out0 δ = (S − C)·φ'(z).
-//   sample_sq     in0 δ (rows·R × cols) → out0 Σ_q δ² per sample (rows × cols).
+//   sample_sq     in0 δ (rows·R × cols) → out0 Σ_q δ² per sample (rows × cols), compensated.
 //   square        in0 x (rows × cols) → out0 x² (elementwise).
 //   tangent_act   in0 ż (rows × cols), in1 z (rows × cols) → out0 ȧ_next = φ'(z)·ż (rows × cols):
 //                 forward-mode (JVP) propagation of a parameter direction v.
 //   head_fvp      in0 z_L, in1 targets, in2 ż_L (rows × cols) → out0 w = Λ ż per sample, with
 //                 Λ = E_y[e eᵀ] of the variant (true categorical: diag(p) − ppᵀ; true Gaussian:
 //                 I; empirical: e eᵀ; MC: (1/K) Σ_k e_k e_kᵀ), so that F·v = (1/N) Σ Jᵀ Λ J v.
+//                 MC adds draws draw_off .. draw_off + r to out0 (cleared when draw_off = 0),
+//                 so the host splits K into dispatches of bounded length.
 //   outer_grads   in0 δ (rows·R × ld_a=out), in1 ã (rows × ld_b) → out0 grads (rows·R × ld_out) at
 //                 column offset out_off: weight (o, i) → o·fan_in + i, then bias o → out·fan_in + o.
 //
@@ -54,7 +59,7 @@ struct Params {
     seed_hi: u32,
     scale: f32,
     ld_b: u32,
-    _pad1: u32,
+    draw_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -192,28 +197,27 @@ fn mc_class(sample: u32, q: u32, zb: u32, c: u32, sm: vec2<f32>) -> u32 {
     return y;
 }
 
+// One invocation per R-row e = s·R + q of the chunk: sample s, output row draw_off + q.
 @compute @workgroup_size(WG, 1, 1)
 fn head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lidx: u32) {
-    let s = linear_id(wg, nwg, lidx);
-    if (s >= params.rows) { return; }
+    let e = linear_id(wg, nwg, lidx);
+    let rr = params.r;
+    if (e >= params.rows * rr) { return; }
+    let s = e / rr;
+    let q = params.draw_off + e % rr;
     let c = params.cols;
     let zb = s * c;
-    let rr = params.r;
-    let ob = s * rr * c;
+    let ob = e * c;
 
     if ((params.flags & FLAG_GAUSSIAN) != 0u) {
         if (params.variant == VARIANT_EMPIRICAL) {
             for (var j = 0u; j < c; j++) { out0[ob + j] = in1[zb + j] - in0[zb + j]; }
         } else if (params.variant == VARIANT_TRUE) {
-            for (var q = 0u; q < rr; q++) {
-                for (var j = 0u; j < c; j++) { out0[ob + q * c + j] = select(0.0, 1.0, q == j); }
-            }
+            for (var j = 0u; j < c; j++) { out0[ob + j] = select(0.0, 1.0, q == j); }
         } else {
-            for (var q = 0u; q < rr; q++) {
-                for (var j = 0u; j < c; j++) {
-                    out0[ob + q * c + j] = mc_normal(params.sample_off + s, q, j) * params.scale;
-                }
+            for (var j = 0u; j < c; j++) {
+                out0[ob + j] = mc_normal(params.sample_off + s, q, j) * params.scale;
             }
         }
         return;
@@ -230,20 +234,16 @@ fn head(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
     } else if (params.variant == VARIANT_TRUE) {
         // Row q = √p_q (onehot(q) − p): Σ_q rows rowsᵀ = diag(p) − ppᵀ.
-        for (var q = 0u; q < rr; q++) {
-            let sq = sqrt(softmax_p(zb, q, sm));
-            for (var j = 0u; j < c; j++) {
-                let p = softmax_p(zb, j, sm);
-                out0[ob + q * c + j] = sq * (select(0.0, 1.0, j == q) - p);
-            }
+        let sq = sqrt(softmax_p(zb, q, sm));
+        for (var j = 0u; j < c; j++) {
+            let p = softmax_p(zb, j, sm);
+            out0[ob + j] = sq * (select(0.0, 1.0, j == q) - p);
         }
     } else {
-        for (var q = 0u; q < rr; q++) {
-            let y = mc_class(params.sample_off + s, q, zb, c, sm);
-            for (var j = 0u; j < c; j++) {
-                let p = softmax_p(zb, j, sm);
-                out0[ob + q * c + j] = (select(0.0, 1.0, j == y) - p) * params.scale;
-            }
+        let y = mc_class(params.sample_off + s, q, zb, c, sm);
+        for (var j = 0u; j < c; j++) {
+            let p = softmax_p(zb, j, sm);
+            out0[ob + j] = (select(0.0, 1.0, j == y) - p) * params.scale;
         }
     }
 }
@@ -257,7 +257,8 @@ fn tangent_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 }
 
 // w = Λ ż for one sample per invocation; `scale` = 1/K for MC (the mean over K draws, drawn
-// with the same keys as head(), so F·v matches the materialized MC Fisher exactly).
+// with the same keys as head(), so F·v matches the materialized MC Fisher exactly). MC adds
+// the draws draw_off .. draw_off + r of this dispatch, starting from 0 when draw_off = 0.
 @compute @workgroup_size(WG, 1, 1)
 fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lidx: u32) {
@@ -265,7 +266,8 @@ fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
     if (s >= params.rows) { return; }
     let c = params.cols;
     let zb = s * c;
-    let kk = params.r; // MC draws K (1 otherwise)
+    let kk = params.r; // MC draws of this dispatch (1 otherwise)
+    let q0 = params.draw_off;
 
     if ((params.flags & FLAG_GAUSSIAN) != 0u) {
         if (params.variant == VARIANT_TRUE) {
@@ -275,8 +277,10 @@ fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
             for (var j = 0u; j < c; j++) { dot = dot + (in1[zb + j] - in0[zb + j]) * in2[zb + j]; }
             for (var j = 0u; j < c; j++) { out0[zb + j] = (in1[zb + j] - in0[zb + j]) * dot; }
         } else {
-            for (var j = 0u; j < c; j++) { out0[zb + j] = 0.0; }
-            for (var q = 0u; q < kk; q++) {
+            if (q0 == 0u) {
+                for (var j = 0u; j < c; j++) { out0[zb + j] = 0.0; }
+            }
+            for (var q = q0; q < q0 + kk; q++) {
                 var dot = 0.0;
                 for (var j = 0u; j < c; j++) {
                     dot = dot + mc_normal(params.sample_off + s, q, j) * in2[zb + j];
@@ -309,8 +313,10 @@ fn head_fvp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
             out0[zb + j] = (select(0.0, 1.0, j == y) - p) * dot;
         }
     } else {
-        for (var j = 0u; j < c; j++) { out0[zb + j] = 0.0; }
-        for (var q = 0u; q < kk; q++) {
+        if (q0 == 0u) {
+            for (var j = 0u; j < c; j++) { out0[zb + j] = 0.0; }
+        }
+        for (var q = q0; q < q0 + kk; q++) {
             let y = mc_class(params.sample_off + s, q, zb, c, sm);
             let dot = in2[zb + y] - pdot;
             for (var j = 0u; j < c; j++) {
@@ -339,10 +345,16 @@ fn sample_sq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     if (e >= params.rows * params.cols) { return; }
     let s = e / params.cols;
     let j = e % params.cols;
+    // Kahan-compensated: r is up to a whole chunk of MC draws (10⁵–10⁶ rows), where a plain
+    // f32 sum would lose ~3 digits.
     var acc = 0.0;
+    var comp = 0.0;
     for (var q = 0u; q < params.r; q++) {
         let d = in0[(s * params.r + q) * params.cols + j];
-        acc = fma(d, d, acc);
+        let y = d * d - comp;
+        let t = acc + y;
+        comp = (t - acc) - y;
+        acc = t;
     }
     out0[e] = acc;
 }

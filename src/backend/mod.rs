@@ -16,6 +16,12 @@ use crate::fisher::{FisherMatrix, Form};
 use crate::model::{Dataset, Mlp};
 use crate::fisher::{Fvp, NetFisher, NetForm, Variant};
 
+/// Default limit of a result held in host memory, bytes: 2 GiB, the default of the CLI's
+/// `--max-result-gib`. Backends refuse ([`crate::FisherError::DoesNotFit`]) a result above
+/// their limit before allocating it ([`cpu::CpuBackend::with_result_limit`],
+/// [`gpu::GpuOptions::max_result_bytes`]).
+pub const DEFAULT_RESULT_LIMIT: u64 = 2 << 30;
+
 /// A compute path able to reduce per-sample gradients to every Fisher form.
 pub trait FisherBackend {
     /// Human-readable description, e.g. `gpu: llvmpipe (LLVM 15.0.6, 256 bits) [Vulkan, Cpu]`.

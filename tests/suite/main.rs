@@ -26,3 +26,4 @@ mod network;
 mod nn_load;
 mod nn_reference;
 mod shaders;
+mod streaming;

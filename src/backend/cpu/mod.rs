@@ -21,7 +21,8 @@ mod syrk;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, Zip};
 use rayon::prelude::*;
 
-use crate::backend::{Accumulator, FisherBackend};
+use crate::backend::plan::{block_layout, check_result, squares_total};
+use crate::backend::{Accumulator, FisherBackend, DEFAULT_RESULT_LIMIT};
 use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Mlp};
@@ -42,13 +43,58 @@ use syrk::SymmetricSum;
 /// assert_eq!(f.dim(), (32, 32));
 /// # Ok::<(), fisher_engine::FisherError>(())
 /// ```
-#[derive(Debug, Default)]
-pub struct CpuBackend {}
+///
+/// Every result is checked against a host-memory limit before it is allocated
+/// ([`CpuBackend::with_result_limit`], default [`DEFAULT_RESULT_LIMIT`]).
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    /// Largest result, bytes of f32 values.
+    result_limit: u64,
+    /// Scratch of one network micro-batch, bytes.
+    batch_bytes: u64,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl CpuBackend {
-    /// A backend using rayon's global thread pool.
+    /// A backend using rayon's global thread pool, with the default result limit.
     pub fn new() -> Self {
-        CpuBackend {}
+        CpuBackend { result_limit: DEFAULT_RESULT_LIMIT, batch_bytes: network::MICRO_BATCH_BYTES }
+    }
+
+    /// The same backend refusing any result above `bytes` of f32 values
+    /// ([`FisherError::DoesNotFit`], naming what was asked, its bytes and the limit):
+    /// full and block Fishers (P², Σ Pᵦ²), Gram (N²), KFAC factors (Σ (in+1)² + out²), the
+    /// layer blocks and the gradient rows (N·R·P) of a network. The limit counts the result
+    /// itself; the symmetric sums behind full, blocks, layer, Gram and KFAC hold an f32 and an
+    /// f64 copy besides it while they run (4× the result's bytes at peak).
+    ///
+    /// ```
+    /// use fisher_engine::{backend::cpu::CpuBackend, FisherBackend, FisherError, Form};
+    /// let backend = CpuBackend::new().with_result_limit(1 << 20);
+    /// // A 1000×1000 f32 Fisher is 4 MB, above the 1 MiB limit.
+    /// assert!(matches!(backend.accumulator(&Form::Full, 1000), Err(FisherError::DoesNotFit { .. })));
+    /// ```
+    pub fn with_result_limit(mut self, bytes: u64) -> Self {
+        self.result_limit = bytes;
+        self
+    }
+
+    /// The result limit in bytes ([`CpuBackend::with_result_limit`]).
+    pub fn result_limit(&self) -> u64 {
+        self.result_limit
+    }
+
+    /// The same backend with `bytes` of scratch per network micro-batch (default 32 MiB). The
+    /// samples of a micro-batch, and the Monte Carlo draws of a sample when one sample's rows
+    /// do not fit, are split to stay near it; tests lower it to force many chunks.
+    pub fn with_batch_bytes(mut self, bytes: u64) -> Self {
+        self.batch_bytes = bytes.max(1);
+        self
     }
 }
 
@@ -61,17 +107,23 @@ impl FisherBackend for CpuBackend {
         if params == 0 {
             return Err(FisherError::InvalidInput("an accumulator needs at least one parameter".into()));
         }
-        form.validate(params)?;
         let sums = match form {
-            Form::Full => Sums::Full(SymmetricSum::new(params)),
-            Form::BlockDiagonal(sizes) => Sums::Blocks(
-                form.block_starts()
-                    .into_iter()
-                    .zip(sizes)
-                    .map(|(start, &size)| (start, SymmetricSum::new(size)))
-                    .collect(),
-            ),
+            Form::Full => {
+                check_result(params.checked_mul(params), self.result_limit, || {
+                    format!("the full Fisher matrix ({params}×{params} f32)")
+                })?;
+                Sums::Full(SymmetricSum::new(params))
+            }
+            Form::BlockDiagonal(sizes) => {
+                // Checked here rather than by `Form::validate`, whose sum may overflow.
+                let blocks = block_layout(sizes, params)?;
+                check_result(squares_total(sizes.iter().copied()), self.result_limit, || {
+                    format!("{} diagonal blocks of {params} parameters (f32)", sizes.len())
+                })?;
+                Sums::Blocks(blocks.into_iter().map(|(start, size)| (start, SymmetricSum::new(size))).collect())
+            }
             Form::Diagonal => Sums::Diagonal(vec![0.0; params]),
+            // Grows with the samples pushed; checked per push.
             Form::SampleNorms => Sums::Norms(Vec::new()),
             Form::Gram => {
                 return Err(FisherError::InvalidInput(
@@ -82,10 +134,11 @@ impl FisherBackend for CpuBackend {
             }
         };
         let staged_rows = match sums {
-            Sums::Full(_) | Sums::Blocks(_) => (STAGE_BYTES / (4 * params)).clamp(1, STAGE_ROWS),
+            Sums::Full(_) | Sums::Blocks(_) => (STAGE_BYTES / params.saturating_mul(4)).clamp(1, STAGE_ROWS),
             Sums::Diagonal(_) | Sums::Norms(_) => 0,
         };
         Ok(Box::new(CpuAccumulator {
+            result_limit: self.result_limit,
             params,
             samples: 0,
             sums,
@@ -95,15 +148,17 @@ impl FisherBackend for CpuBackend {
     }
 
     fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
-        network::network_fisher(mlp, data, variant, form)
+        network::network_fisher(self, mlp, data, variant, form)
     }
 
     fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
-        network::network_fvp(mlp, data, variant, v, product)
+        network::network_fvp(self, mlp, data, variant, v, product)
     }
 
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         check_matrix("gradients", grads, 0)?;
+        let n = grads.nrows();
+        check_result(n.checked_mul(n), self.result_limit, || format!("the Gram matrix ({n}×{n} f32)"))?;
         // K = G Gᵀ = (Gᵀ)ᵀ(Gᵀ): the symmetric sum over the rows of Gᵀ, i.e. over parameters.
         let mut sum = SymmetricSum::new(grads.nrows());
         sum.add(grads.t());
@@ -159,6 +214,8 @@ impl Sums {
 
 /// The streaming accumulator of [`CpuBackend`].
 struct CpuAccumulator {
+    /// The backend's result limit (the norms grow with every push).
+    result_limit: u64,
     params: usize,
     samples: usize,
     sums: Sums,
@@ -187,6 +244,10 @@ impl Accumulator for CpuAccumulator {
             )));
         }
         check_chunk(chunk, self.samples)?;
+        let samples = self.samples.checked_add(chunk.nrows());
+        if let Sums::Norms(_) = self.sums {
+            check_result(samples, self.result_limit, || format!("the per-sample norms ({} f32)", samples.unwrap_or(usize::MAX)))?;
+        }
         let capacity = self.stage.nrows();
         if chunk.nrows() >= capacity {
             self.sums.add(chunk);

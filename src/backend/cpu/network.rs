@@ -5,26 +5,34 @@
 //! forward Z_l = Ã_l W_lᵀ (+b), Ã_{l+1} = [φ(Z_l) | 1]; output rows δ_{L−1} (m·R × C);
 //! backward δ_{l−1} = (δ_l W_l) ∘ φ'(Z_{l−1}); at each layer the reduction of (δ_l, Ã_l):
 //! diag (Σ_R δ²)ᵀ(Ã∘Ã), KFAC ÃᵀÃ and δᵀδ, full/layer via the rows δ ⊗ ã, norms ‖δ‖²‖ã‖².
+//!
+//! The R rows of a micro-batch are generated and reduced d at a time ([`Batching`]): the
+//! forward pass runs once per micro-batch, then output rows, backward and reduction per chunk
+//! of draws. Every form above is a sum over rows (KFAC's A a sum over samples, added with the
+//! first chunk), so memory is bounded by the batch scratch ([`CpuBackend::with_batch_bytes`])
+//! whatever K is.
 
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::syrk::SymmetricSum;
-use crate::backend::plan::{MicroBatchLimits, NetPlan};
+use super::CpuBackend;
+use crate::backend::plan::{BatchCost, Batching, MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
 use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Mlp, Targets};
 
-/// Samples per micro-batch: large enough for efficient GEMMs, small enough to keep the
-/// per-batch buffers (m·R rows of the widest layer, or of P for full/layer) modest.
-const MICRO_BATCH_FLOATS: usize = 8 << 20;
+/// Default scratch of one micro-batch, bytes ([`CpuBackend::with_batch_bytes`]): large
+/// enough for efficient GEMMs, small enough to keep the per-batch buffers (m·d rows of the
+/// widest layer, or of P for full/layer) modest.
+pub(crate) const MICRO_BATCH_BYTES: u64 = 32 << 20;
 /// Largest micro-batch, samples.
 const MAX_MICRO_BATCH: usize = 4096;
 
 /// Samples per micro-batch of `n` when one sample needs `floats` f32 of scratch.
-fn micro_batch(n: usize, floats: usize) -> Result<usize> {
-    MicroBatchLimits::host(4 * MICRO_BATCH_FLOATS as u64, MAX_MICRO_BATCH)
-        .micro_batch(n.max(1), 4 * floats as u64, 1, 0, || format!("one sample of {floats} floats"))
+fn micro_batch(be: &CpuBackend, n: usize, floats: usize) -> Result<usize> {
+    MicroBatchLimits::host(be.batch_bytes, MAX_MICRO_BATCH)
+        .micro_batch(n.max(1), (floats as u64).saturating_mul(4), 1, 0, || format!("one sample of {floats} floats"))
 }
 
 /// C = A·B (overwriting C) for views with any positive strides.
@@ -77,8 +85,10 @@ enum Reduction {
     Norms(Vec<f64>),
 }
 
-/// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::model`]).
-fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant, r: usize) -> Array2<f32> {
+/// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::model`]): the
+/// rows q0 .. q0 + d of each sample (draws for MC, classes for `true`), sample-major. The MC
+/// weight is 1/√K of the whole K, so chunks of draws sum to the unchunked result.
+fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant, (q0, r): (usize, usize)) -> Array2<f32> {
     let (m, c) = z.dim();
     let mut out = Array2::<f32>::zeros((m * r, c));
     out.axis_chunks_iter_mut(Axis(0), r).into_par_iter().enumerate().for_each(|(s, mut rows)| {
@@ -93,14 +103,14 @@ fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Va
                 }
                 Variant::True => {
                     for q in 0..r {
-                        rows[[q, q]] = 1.0;
+                        rows[[q, q0 + q]] = 1.0;
                     }
                 }
                 Variant::MonteCarlo { samples, seed } => {
                     let scale = 1.0 / (samples as f32).sqrt();
                     for q in 0..r {
                         for j in 0..c {
-                            rows[[q, j]] = mc_normal(seed, sample, q as u32, j) * scale;
+                            rows[[q, j]] = mc_normal(seed, sample, (q0 + q) as u32, j) * scale;
                         }
                     }
                 }
@@ -118,16 +128,16 @@ fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Va
                     }
                     Variant::True => {
                         for q in 0..r {
-                            let sq = p[q].sqrt();
+                            let sq = p[q0 + q].sqrt();
                             for j in 0..c {
-                                rows[[q, j]] = sq * ((j == q) as u8 as f32 - p[j]);
+                                rows[[q, j]] = sq * ((j == q0 + q) as u8 as f32 - p[j]);
                             }
                         }
                     }
                     Variant::MonteCarlo { samples, seed } => {
                         let scale = 1.0 / (samples as f32).sqrt();
                         for q in 0..r {
-                            let y = mc_class(seed, sample, q as u32, &p);
+                            let y = mc_class(seed, sample, (q0 + q) as u32, &p);
                             for j in 0..c {
                                 rows[[q, j]] = ((j == y) as u8 as f32 - p[j]) * scale;
                             }
@@ -160,18 +170,37 @@ fn outer_rows(delta: ArrayView2<'_, f32>, act: ArrayView2<'_, f32>, r: usize, fa
     });
 }
 
-pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+/// The cost of one micro-batch of the CPU network path (see [`BatchCost`]), in bytes:
+/// per sample ã_l and z_l of every layer (plus Σ_R δ² and ã² for diag), per output row δ and
+/// its backward copy (plus the gradient row δ ⊗ ã of P, or of the widest layer, for
+/// full/grads/layer). Saturating: a sum that overflows only makes the batch smaller.
+fn batch_cost(plan: &NetPlan, form: NetForm) -> BatchCost {
+    let max_w = plan.max_width() as u64;
+    let max_layer = plan.shapes.iter().map(|s| s.params).max().unwrap_or(1) as u64;
+    let forward: u64 = plan.shapes.iter().fold(0u64, |acc, s| acc.saturating_add(s.ld as u64).saturating_add(s.fan_out as u64));
+    let per_sample = forward.saturating_add(if form == NetForm::Diagonal { 2 * max_w + 1 } else { 0 });
+    let row_extra = match form {
+        NetForm::Full | NetForm::Grads => plan.params as u64,
+        NetForm::Layer => max_layer,
+        _ => 0,
+    };
+    let per_row = (2 * max_w).saturating_add(row_extra);
+    BatchCost { per_sample: per_sample.saturating_mul(4), per_row: per_row.saturating_mul(4), sample_binding: 1, row_binding: 1, fixed: 0 }
+}
+
+/// How the CPU path walks `n` samples of R rows (scratch bounded by `be.batch_bytes`).
+fn batching(be: &CpuBackend, n: usize, r: usize, cost: &BatchCost) -> Result<Batching> {
+    MicroBatchLimits::host(be.batch_bytes, MAX_MICRO_BATCH)
+        .batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))
+}
+
+pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
     let n = data.len();
-    let plan = NetPlan::new(mlp, variant);
+    let plan = NetPlan::new(mlp, variant)?;
+    plan.check_result(form, n, be.result_limit)?;
     let (depth, r, p) = (plan.depth(), plan.r, plan.params);
     let ranges: Vec<(usize, usize)> = plan.shapes.iter().map(|s| (s.offset, s.params)).collect();
-    let max_w = plan.max_width();
-    let row_floats = r * match form {
-        NetForm::Full | NetForm::Grads => p.max(max_w),
-        NetForm::Layer => ranges.iter().map(|x| x.1).max().unwrap_or(1).max(max_w),
-        _ => max_w,
-    };
-    let mb = micro_batch(n, row_floats)?;
+    let batch = batching(be, n, r, &batch_cost(&plan, form))?;
 
     let mut reduction = match form {
         NetForm::Full => Reduction::Syrk { sums: vec![SymmetricSum::new(p)], full: true },
@@ -186,9 +215,8 @@ pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: 
         NetForm::Norms => Reduction::Norms(vec![0.0; n]),
     };
 
-    for s0 in (0..n).step_by(mb) {
-        let m = mb.min(n - s0);
-        // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer.
+    for (s0, m) in batch.sample_ranges(n) {
+        // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all draws.
         let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
         let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
         let first = &mlp.layers[0];
@@ -210,71 +238,79 @@ pub(crate) fn network_fisher(mlp: &Mlp, data: &Dataset, variant: Variant, form: 
             }
             zs.push(z);
         }
-        // Output rows and backward.
-        let mut delta = output_rows(zs[depth - 1].view(), &data.targets, s0, variant, r);
-        let mut grad_rows = match &reduction {
-            Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * r, p))),
-            _ => None,
-        };
-        for l in (0..depth).rev() {
-            let layer = &mlp.layers[l];
-            let act = &acts[l];
-            match &mut reduction {
-                Reduction::Diag(acc) => {
-                    let mut dsq = Array2::<f32>::zeros((m, layer.fan_out()));
-                    for (s, mut row) in dsq.axis_iter_mut(Axis(0)).enumerate() {
-                        for q in 0..r {
-                            row.zip_mut_with(&delta.row(s * r + q), |acc, &d| *acc += d * d);
+        // Output rows and backward, d draws (rows per sample) at a time.
+        for (q0, d) in batch.draw_ranges(r) {
+            let mut delta = output_rows(zs[depth - 1].view(), &data.targets, s0, variant, (q0, d));
+            let mut grad_rows = match &reduction {
+                Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
+                _ => None,
+            };
+            for l in (0..depth).rev() {
+                let layer = &mlp.layers[l];
+                let act = &acts[l];
+                match &mut reduction {
+                    Reduction::Diag(acc) => {
+                        // Σ_d δ² per sample in f64 (d may be ~10⁶ draws), rounded once to f32.
+                        let mut dsq64 = Array2::<f64>::zeros((m, layer.fan_out()));
+                        dsq64.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(s, mut row)| {
+                            for q in 0..d {
+                                row.zip_mut_with(&delta.row(s * d + q), |acc, &x| *acc += f64::from(x) * f64::from(x));
+                            }
+                        });
+                        let dsq = dsq64.mapv(|v| v as f32);
+                        let asq = act.mapv(|v| v * v);
+                        let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
+                        matmul(dsq.t(), asq.view(), part.view_mut());
+                        ndarray::Zip::from(&mut acc[l]).and(&part).par_for_each(|a, &p| *a += p as f64);
+                    }
+                    Reduction::Kfac(acc) => {
+                        // A is a sum over samples, not rows: once per sample, with its first chunk.
+                        if q0 == 0 {
+                            acc[l].0.add(act.view());
+                        }
+                        acc[l].1.add(delta.view());
+                    }
+                    Reduction::Syrk { sums, full } => {
+                        if *full {
+                            let rows = grad_rows.as_mut().expect("rows");
+                            let (off, len) = ranges[l];
+                            outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
+                        } else {
+                            let mut rows = Array2::<f32>::zeros((m * d, ranges[l].1));
+                            outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.view_mut());
+                            sums[l].add(rows.view());
                         }
                     }
-                    let asq = act.mapv(|v| v * v);
-                    let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
-                    matmul(dsq.t(), asq.view(), part.view_mut());
-                    ndarray::Zip::from(&mut acc[l]).and(&part).par_for_each(|a, &p| *a += p as f64);
-                }
-                Reduction::Kfac(acc) => {
-                    acc[l].0.add(act.view());
-                    acc[l].1.add(delta.view());
-                }
-                Reduction::Syrk { sums, full } => {
-                    if *full {
+                    Reduction::Grads(_) => {
                         let rows = grad_rows.as_mut().expect("rows");
                         let (off, len) = ranges[l];
-                        outer_rows(delta.view(), act.view(), r, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
-                    } else {
-                        let mut rows = Array2::<f32>::zeros((m * r, ranges[l].1));
-                        outer_rows(delta.view(), act.view(), r, layer.fan_in(), layer.bias.is_some(), rows.view_mut());
-                        sums[l].add(rows.view());
+                        outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
+                    }
+                    Reduction::Norms(out) => {
+                        for s in 0..m {
+                            let a2: f64 = act.row(s).iter().map(|&v| (v as f64).powi(2)).sum();
+                            let d2: f64 = (0..d).map(|q| delta.row(s * d + q).iter().map(|&v| (v as f64).powi(2)).sum::<f64>()).sum();
+                            out[s0 + s] += d2 * a2;
+                        }
                     }
                 }
-                Reduction::Grads(_) => {
-                    let rows = grad_rows.as_mut().expect("rows");
-                    let (off, len) = ranges[l];
-                    outer_rows(delta.view(), act.view(), r, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
-                }
-                Reduction::Norms(out) => {
-                    for s in 0..m {
-                        let a2: f64 = act.row(s).iter().map(|&v| (v as f64).powi(2)).sum();
-                        let d2: f64 = (0..r).map(|q| delta.row(s * r + q).iter().map(|&v| (v as f64).powi(2)).sum::<f64>()).sum();
-                        out[s0 + s] += d2 * a2;
-                    }
+                if l > 0 {
+                    let mut back = Array2::<f32>::zeros((m * d, layer.fan_in()));
+                    matmul(delta.view(), layer.weight.view(), back.view_mut());
+                    let act_prev = mlp.activations[l - 1];
+                    let zprev = &zs[l - 1];
+                    back.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(q, mut row)| {
+                        row.zip_mut_with(&zprev.row(q / d), |x, &z| *x *= act_prev.derivative(z));
+                    });
+                    delta = back;
                 }
             }
-            if l > 0 {
-                let mut back = Array2::<f32>::zeros((m * r, layer.fan_in()));
-                matmul(delta.view(), layer.weight.view(), back.view_mut());
-                let act_prev = mlp.activations[l - 1];
-                let zprev = &zs[l - 1];
-                back.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(q, mut row)| {
-                    row.zip_mut_with(&zprev.row(q / r), |d, &z| *d *= act_prev.derivative(z));
-                });
-                delta = back;
+            match &mut reduction {
+                Reduction::Syrk { sums, full: true } => sums[0].add(grad_rows.as_ref().expect("rows").view()),
+                // Either d = R or m = 1 (see `Batching`), so chunks append in sample-major order.
+                Reduction::Grads(out) => out.extend(grad_rows.expect("rows").iter().copied()),
+                _ => {}
             }
-        }
-        match &mut reduction {
-            Reduction::Syrk { sums, full: true } => sums[0].add(grad_rows.as_ref().expect("rows").view()),
-            Reduction::Grads(out) => out.extend(grad_rows.expect("rows").iter().copied()),
-            _ => {}
         }
     }
 
@@ -318,12 +354,17 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
                     }
                 }
                 Variant::MonteCarlo { samples, seed } => {
+                    // The mean over K draws in f64: K may be 10⁹, far past an f32 running sum.
+                    let mut sum = vec![0f64; c];
                     for q in 0..samples {
                         let eps: Vec<f32> = (0..c).map(|j| mc_normal(seed, sample, q as u32, j)).collect();
                         let dot: f32 = eps.iter().zip(t.iter()).map(|(a, b)| a * b).sum();
                         for j in 0..c {
-                            out[j] += eps[j] * dot / samples as f32;
+                            sum[j] += f64::from(eps[j] * dot);
                         }
+                    }
+                    for j in 0..c {
+                        out[j] = (sum[j] / samples as f64) as f32;
                     }
                 }
             },
@@ -346,8 +387,16 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
                     }
                     Variant::Empirical => add_row(labels[s0 + s] as usize, 1.0),
                     Variant::MonteCarlo { samples, seed } => {
+                        // Σ_k (onehot(y_k) − p)(ż_{y_k} − pᵀż) = Σ_y count_y (onehot(y) − p)(ż_y − pᵀż):
+                        // count the K draws per class (exact), then one weighted row per class.
+                        let mut counts = vec![0u64; c];
                         for q in 0..samples {
-                            add_row(mc_class(seed, sample, q as u32, &p), 1.0 / samples as f32);
+                            counts[mc_class(seed, sample, q as u32, &p)] += 1;
+                        }
+                        for (y, &count) in counts.iter().enumerate() {
+                            if count > 0 {
+                                add_row(y, (count as f64 / samples as f64) as f32);
+                            }
                         }
                     }
                 }
@@ -358,9 +407,9 @@ fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Tar
 }
 
 /// Implicit F·v and vᵀFv (see `src/backend/gpu/network.rs::network_fvp` for the method).
-pub(crate) fn network_fvp(mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
+pub(crate) fn network_fvp(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
     let n = data.len();
-    let plan = NetPlan::new(mlp, variant);
+    let plan = NetPlan::new(mlp, variant)?;
     let v = v.to_vec();
     plan.check_direction(&v)?;
     let depth = plan.depth();
@@ -372,7 +421,9 @@ pub(crate) fn network_fvp(mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayV
         .collect::<Result<Vec<Array2<f32>>, _>>()
         .map_err(|e| FisherError::InvalidInput(e.to_string()))?;
     let max_w = mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
-    let mb = micro_batch(n, 4 * max_w)?;
+    // One row per sample: Λ ż is formed per sample by looping over the K draws
+    // (`lambda_times`), so nothing here grows with K.
+    let mb = micro_batch(be, n, max_w.saturating_mul(4))?;
     let mut acc: Vec<Array2<f64>> = if product {
         mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect()
     } else {

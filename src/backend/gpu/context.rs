@@ -20,6 +20,15 @@ pub struct GpuOptions {
     /// Forces a SYRK kernel variant (`"tiled"` or `"direct"`) instead of choosing by
     /// adapter type. `None` reads `FISHER_SYRK_KERNEL`.
     pub syrk_variant: Option<String>,
+    /// Largest result read back into host memory, bytes of f32 values (default
+    /// [`crate::backend::DEFAULT_RESULT_LIMIT`], 2 GiB, as the CLI's `--max-result-gib`):
+    /// full and block Fishers, Gram, KFAC factors, layer blocks and gradient rows above it
+    /// are refused before anything is allocated.
+    pub max_result_bytes: Option<u64>,
+    /// Target scratch of one network micro-batch, bytes (default 64 MiB). The samples of a
+    /// micro-batch, and the Monte Carlo draws of a sample when one sample's rows do not
+    /// fit, are split to stay near it; tests lower it to force many chunks.
+    pub micro_batch_bytes: Option<u64>,
 }
 
 /// A summary of one adapter, as `fisher devices` prints it.

@@ -310,8 +310,9 @@ pub struct MlpParams {
     pub scale: f32,
     /// Row length of the second strided operand (outer_grads: ã).
     pub ld_b: u32,
-    /// Padding to 64 bytes.
-    pub pad: u32,
+    /// First output row (MC draw, or class for `true`) of the chunk that `head` and
+    /// `head_fvp` compute; `r` is then the chunk's row count.
+    pub draw_off: u32,
 }
 
 /// Bytes of one uniform slot: the largest params block ([`SyrkParams`], [`MlpParams`]).

@@ -24,8 +24,8 @@ pub use context::{list_adapters, AdapterSummary, GpuContext, GpuOptions};
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 
-use crate::backend::plan::MicroBatchLimits;
-use crate::backend::{Accumulator, FisherBackend};
+use crate::backend::plan::{block_layout, check_result, squares_total, MicroBatchLimits};
+use crate::backend::{Accumulator, FisherBackend, DEFAULT_RESULT_LIMIT};
 use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Mlp};
@@ -51,6 +51,10 @@ pub struct GpuBackend {
     kernels: Kernels,
     binding_limit: u64,
     budget: u64,
+    /// Largest result read back to the host, bytes ([`GpuOptions::max_result_bytes`]).
+    result_limit: u64,
+    /// Target scratch of a network micro-batch ([`GpuOptions::micro_batch_bytes`]).
+    micro_batch_bytes: u64,
 }
 
 impl std::fmt::Debug for GpuBackend {
@@ -80,7 +84,11 @@ impl GpuBackend {
             // workgroup-memory tiling is the standard choice.
             None => SyrkVariant::Tiled,
         };
-        let adapter_limit = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
+        // The kernels index bindings with u32 element offsets computed as row · ld + column;
+        // bindings below 2³² bytes (2³⁰ f32) keep every such product below 2³², and every
+        // count the host converts to u32 for a uniform below it too.
+        let adapter_limit =
+            ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size).min(u32::MAX as u64);
         let binding_limit = options.max_binding_bytes.map_or(adapter_limit, |b| b.min(adapter_limit)) / 4 * 4;
         let budget = options
             .memory_budget_bytes
@@ -98,7 +106,14 @@ impl GpuBackend {
             ));
         }
         let kernels = Kernels::new(&ctx, variant)?;
-        Ok(GpuBackend { ctx, kernels, binding_limit, budget })
+        Ok(GpuBackend {
+            ctx,
+            kernels,
+            binding_limit,
+            budget,
+            result_limit: options.max_result_bytes.unwrap_or(DEFAULT_RESULT_LIMIT),
+            micro_batch_bytes: options.micro_batch_bytes.unwrap_or(MICRO_BATCH_BYTES).max(1),
+        })
     }
 
     /// The context (adapter, device, limits).
@@ -116,11 +131,16 @@ impl GpuBackend {
         MicroBatchLimits {
             binding_limit: self.binding_limit,
             budget: self.budget,
-            target: MICRO_BATCH_BYTES,
+            target: self.micro_batch_bytes,
             max_samples: MAX_MICRO_BATCH,
             binding_name: format!("max_storage_buffer_binding_size of {}", self.ctx.info.name),
             budget_name: "GPU memory budget (FISHER_GPU_MEMORY_MB)".into(),
         }
+    }
+
+    /// The result limit in bytes ([`GpuOptions::max_result_bytes`]).
+    pub fn result_limit(&self) -> u64 {
+        self.result_limit
     }
 
     /// The storage-binding limit used for planning (adapter limit, possibly lowered).
@@ -143,7 +163,7 @@ impl GpuBackend {
 
     /// Samples per uploaded chunk for `p` columns, given `reserved` bytes of accumulators.
     pub fn chunk_rows(&self, p: usize, reserved: u64) -> Result<usize> {
-        let row_bytes = 4 * p as u64;
+        let row_bytes = (p as u64).saturating_mul(4);
         if row_bytes > self.binding_limit {
             return Err(does_not_fit(
                 format!("one sample's gradient ({p} parameters)"),
@@ -154,6 +174,7 @@ impl GpuBackend {
         }
         // The chunk buffer plus a staging copy of it must fit next to what is reserved.
         let left = self.budget.saturating_sub(reserved);
+        // row_bytes ≤ binding_limit < 2³², so twice it does not overflow.
         if 2 * row_bytes > left {
             return Err(does_not_fit(
                 format!("accumulators for {p} parameters plus one sample"),
@@ -184,11 +205,20 @@ impl FisherBackend for GpuBackend {
         if params == 0 {
             return Err(FisherError::Empty { what: "gradients".into(), rows: 0, cols: 0 });
         }
-        form.validate(params)?;
         let kind = match form {
-            Form::Full => Kind::Syrk { blocks: vec![(0, params)], full: true },
+            Form::Full => {
+                check_result(params.checked_mul(params), self.result_limit, || {
+                    format!("the full Fisher matrix ({params}×{params} f32)")
+                })?;
+                Kind::Syrk { blocks: vec![(0, params)], full: true }
+            }
             Form::BlockDiagonal(sizes) => {
-                Kind::Syrk { blocks: form.block_starts().into_iter().zip(sizes.iter().copied()).collect(), full: false }
+                // Checked here rather than by `Form::validate`, whose sum may overflow.
+                let blocks = block_layout(sizes, params)?;
+                check_result(squares_total(sizes.iter().copied()), self.result_limit, || {
+                    format!("{} diagonal blocks of {params} parameters (f32)", sizes.len())
+                })?;
+                Kind::Syrk { blocks, full: false }
             }
             Form::Diagonal => Kind::Diag,
             Form::SampleNorms => Kind::Norms,
@@ -212,8 +242,9 @@ impl FisherBackend for GpuBackend {
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         check_matrix("gradients", grads, 0)?;
         let (n, p) = grads.dim();
+        check_result(n.checked_mul(n), self.result_limit, || format!("the Gram matrix ({n}×{n} f32)"))?;
         let grads = grads.as_standard_layout();
-        let row_bytes = 4 * p as u64;
+        let row_bytes = (p as u64).saturating_mul(4);
         // Two row chunks (A and B) and one output block (sum + comp) must fit.
         let rows_fit = (self.binding_limit / row_bytes) as usize;
         let rows = rows_fit.min(self.panel_max()).min(n);
@@ -225,6 +256,7 @@ impl FisherBackend for GpuBackend {
                 format!("max_storage_buffer_binding_size of {}", self.ctx.info.name),
             ));
         }
+        // rows·P ≤ binding_limit / 4 and rows ≤ panel_max, so neither product overflows.
         let needed = 2 * rows as u64 * row_bytes + 3 * 4 * (rows * rows) as u64;
         if needed > self.budget {
             return Err(does_not_fit(
@@ -471,8 +503,14 @@ impl Accumulator for GpuAccumulator<'_> {
             )));
         }
         check_matrix("gradients", chunk, self.samples)?;
+        if let State::Norms { .. } = self.state {
+            let samples = self.samples.checked_add(chunk.nrows());
+            check_result(samples, self.be.result_limit, || {
+                format!("the per-sample norms ({} f32)", samples.unwrap_or(usize::MAX))
+            })?;
+        }
         let chunk = chunk.as_standard_layout();
-        let data = chunk.as_slice().expect("standard layout");
+        let data = chunk.as_slice().ok_or_else(|| FisherError::InvalidInput("gradient chunk is not contiguous".into()))?;
         for part in data.chunks(self.rows_per_chunk * self.p) {
             self.push_rows(part, part.len() / self.p)?;
         }

@@ -12,6 +12,11 @@
 //!   full/layer/grads : rows δ ⊗ ã written into a (m·R × P) buffer, then the SYRK planner
 //!   norms: ‖δ_r‖² and ‖ã‖² per row, combined on the host
 //! ```
+//! The R output rows of a micro-batch (R = K for Monte Carlo) are generated d at a time
+//! ([`Batching`]): the forward pass runs once per micro-batch, then head, backward and
+//! reduction once per chunk of draws, each chunk its own submission. Every form is a sum over
+//! rows (KFAC's A over samples, added with the first chunk), so device memory and the work
+//! of one submission are bounded whatever K is.
 //! Every GEMM is the compensated kernel of `syrk.wgsl`, so accumulations over samples carry
 //! Kahan compensation exactly like the gradient-matrix reductions.
 //!
@@ -26,11 +31,26 @@ use ndarray::{Array1, Array2, ArrayView1};
 use super::consts::{FLAG_BIAS, FLAG_GAUSSIAN, FLAG_ONE, VARIANT_EMPIRICAL, VARIANT_MC, VARIANT_TRUE};
 use super::kernels::{Bindings, Entry, MlpParams, Recorder, RowParams, SyrkParams};
 use super::{read_f32, storage_f32, GpuAccumulator, GpuBackend};
-use crate::backend::plan::{LayerShape, NetPlan};
+use crate::backend::plan::{BatchCost, Batching, LayerShape, NetPlan};
 use crate::backend::Accumulator;
 use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Likelihood, Mlp, Targets};
+
+/// Bytes of micro-batch target per draw evaluation (sample × draw) of one `head_fvp`
+/// dispatch: each invocation loops over its draws, so K = 10⁹ in one dispatch would run for
+/// minutes (and trip driver watchdogs). The default 64 MiB target gives 2²² evaluations per
+/// dispatch; tying it to the target lets tests force many dispatches with a tiny one.
+const HEAD_FVP_BYTES_PER_DRAW: u64 = 16;
+/// `head_fvp` dispatches recorded per submission before the next one waits for it.
+const HEAD_FVP_PER_SUBMIT: usize = 16;
+
+/// `x` as a u32 uniform field; the planner keeps every count below 2³² (bindings are below
+/// 2³² bytes, samples and draws are checked by the engine and [`NetPlan::new`]), so this
+/// only fails on a planning bug, and then as an error rather than a wrapped value.
+fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| FisherError::InvalidInput(format!("{what} = {x} exceeds the 2³²−1 a kernel can index")))
+}
 
 fn gemm(k: usize, m: usize, n: usize, a: (usize, usize), b: (usize, usize), upper: bool) -> SyrkParams {
     SyrkParams {
@@ -77,30 +97,31 @@ fn mirror_upper(v: &[f32], n: usize) -> Array2<f32> {
 }
 
 /// The MLP uniform fields of a variant: (code, seed, draws K).
-fn variant_params(variant: Variant) -> (u32, u64, u32) {
+fn variant_params(variant: Variant) -> (u32, u64, usize) {
     match variant {
         Variant::Empirical => (VARIANT_EMPIRICAL, 0, 1),
         Variant::True => (VARIANT_TRUE, 0, 1),
-        Variant::MonteCarlo { samples, seed } => (VARIANT_MC, seed, samples as u32),
+        Variant::MonteCarlo { samples, seed } => (VARIANT_MC, seed, samples),
     }
 }
 
-/// The uniform block of `head`/`head_fvp` for samples s0..s0+m: `r` rows per sample and
-/// weight `scale` of the MC draws.
-fn head_params(data: &Dataset, variant: Variant, classes: usize, s0: usize, m: usize, r: u32, scale: f32) -> MlpParams {
+/// The uniform block of `head`/`head_fvp` for samples s0..s0+m: output rows (draws)
+/// `q0 .. q0 + d` of each sample and weight `scale` of the MC draws.
+fn head_params(data: &Dataset, variant: Variant, classes: usize, (s0, m): (usize, usize), (q0, d): (usize, usize), scale: f32) -> Result<MlpParams> {
     let (code, seed, _) = variant_params(variant);
-    MlpParams {
-        rows: m as u32,
-        cols: classes as u32,
-        r,
+    Ok(MlpParams {
+        rows: u32_of(m, "samples per micro-batch")?,
+        cols: u32_of(classes, "outputs")?,
+        r: u32_of(d, "draws per chunk")?,
         flags: if data.likelihood() == Likelihood::Gaussian { FLAG_GAUSSIAN } else { 0 },
         variant: code,
-        sample_off: s0 as u32,
+        sample_off: u32_of(s0, "sample index")?,
         seed_lo: seed as u32,
         seed_hi: (seed >> 32) as u32,
         scale,
+        draw_off: u32_of(q0, "draw index")?,
         ..Default::default()
-    }
+    })
 }
 
 /// The model on the device and the buffers of one micro-batch's forward pass.
@@ -275,10 +296,10 @@ enum Reduction<'a> {
 }
 
 impl<'a> Reduction<'a> {
-    /// Accumulators and scratch of `form` for micro-batches of `mb` samples.
-    fn new(be: &'a GpuBackend, plan: &NetPlan, form: NetForm, n: usize, mb: usize) -> Result<Self> {
+    /// Accumulators and scratch of `form` for micro-batches of `batch`.
+    fn new(be: &'a GpuBackend, plan: &NetPlan, form: NetForm, n: usize, batch: Batching) -> Result<Self> {
         let ctx = &be.ctx;
-        let (shapes, p, mr) = (&plan.shapes, plan.params, mb * plan.r);
+        let (shapes, p, mb, mr) = (&plan.shapes, plan.params, batch.samples, batch.rows());
         let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1);
         let max_ld = shapes.iter().map(|s| s.ld).max().unwrap_or(1);
         let grad_rows = || {
@@ -314,9 +335,9 @@ impl<'a> Reduction<'a> {
         })
     }
 
-    /// Records the reduction of layer `l` (shape `s`) from its pair (δ: m·R × fan_out,
-    /// ã: m × ld) for a micro-batch of m samples with R rows each.
-    fn encode_layer(&mut self, rec: &mut Recorder<'_>, (l, s): (usize, &LayerShape), (m, r): (usize, usize), (delta, act): (&wgpu::Buffer, &wgpu::Buffer)) -> Result<()> {
+    /// Records the reduction of layer `l` (shape `s`) from its pair (δ: m·d × fan_out,
+    /// ã: m × ld) for a micro-batch of m samples with the rows q0 .. q0 + d of each.
+    fn encode_layer(&mut self, rec: &mut Recorder<'_>, (l, s): (usize, &LayerShape), (m, r, q0): (usize, usize, usize), (delta, act): (&wgpu::Buffer, &wgpu::Buffer)) -> Result<()> {
         let rows = m * r;
         match self {
             Reduction::Diag { acc, dsq, asq } => {
@@ -327,7 +348,10 @@ impl<'a> Reduction<'a> {
                 acc[l].add_product(rec, gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false), dsq, asq)
             }
             Reduction::Kfac { acc } => {
-                acc[l].0.add_product(rec, gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true), act, act)?;
+                // A is a sum over samples, not rows: once per sample, with its first chunk.
+                if q0 == 0 {
+                    acc[l].0.add_product(rec, gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true), act, act)?;
+                }
                 acc[l].1.add_product(rec, gemm(rows, s.fan_out, s.fan_out, (s.fan_out, 1), (s.fan_out, 1), true), delta, delta)
             }
             Reduction::Syrk { rows: grads, .. } | Reduction::Grads { rows: grads, .. } => {
@@ -352,10 +376,11 @@ impl<'a> Reduction<'a> {
         }
     }
 
-    /// Records what follows the last layer of a micro-batch (the SYRK of the rows).
-    fn encode_end(&mut self, rec: &mut Recorder<'_>, m: usize, r: usize) -> Result<()> {
+    /// Records what follows the last layer of a chunk (the SYRK of its m·d rows); the m
+    /// samples are counted with their first chunk.
+    fn encode_end(&mut self, rec: &mut Recorder<'_>, m: usize, r: usize, first: bool) -> Result<()> {
         if let Reduction::Syrk { acc, rows } = self {
-            acc.encode_device(rec, &rows.buffer, m * r, m)?;
+            acc.encode_device(rec, &rows.buffer, m * r, if first { m } else { 0 })?;
         }
         Ok(())
     }
@@ -418,64 +443,82 @@ impl<'a> Reduction<'a> {
     }
 }
 
-/// The network Fisher of `form`, streamed in micro-batches.
+/// The network Fisher of `form`, streamed in micro-batches of samples and chunks of draws.
 pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
     let n = data.len();
-    let plan = NetPlan::new(mlp, variant);
+    let plan = NetPlan::new(mlp, variant)?;
+    plan.check_result(form, n, be.result_limit())?;
     let (shapes, p, r, classes, depth) = (&plan.shapes, plan.params, plan.r, plan.classes, plan.depth());
-    let max_w = plan.max_width();
-    let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1);
-    let max_ld = shapes.iter().map(|s| s.ld).max().unwrap_or(1);
+    let max_w = plan.max_width() as u64;
+    let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1) as u64;
+    let max_ld = shapes.iter().map(|s| s.ld).max().unwrap_or(1) as u64;
     let materialize = matches!(form, NetForm::Full | NetForm::Layer | NetForm::Grads);
 
     // ---- plan --------------------------------------------------------------------------
-    let weights_bytes: u64 = shapes.iter().map(|s| 4 * (s.fan_in * s.fan_out + s.fan_out) as u64).sum();
-    let accum_bytes: u64 = match form {
-        NetForm::Diagonal => shapes.iter().map(|s| 8 * (s.fan_out * s.ld) as u64).sum(),
-        NetForm::Kfac => shapes.iter().map(|s| 8 * (s.ld * s.ld + s.fan_out * s.fan_out) as u64).sum(),
+    // Sizes are saturating: the result check above bounds P², Σ(in+1)² and N·R·P, and a
+    // saturated figure only makes the planner refuse or shrink the batch.
+    let sum = |f: &dyn Fn(&LayerShape) -> u64| shapes.iter().fold(0u64, |acc, s| acc.saturating_add(f(s)));
+    let weights_bytes = sum(&|s| (s.params as u64).saturating_mul(4));
+    let accum_bytes = match form {
+        NetForm::Diagonal => sum(&|s| 8u64.saturating_mul(s.fan_out as u64).saturating_mul(s.ld as u64)),
+        NetForm::Kfac => sum(&|s| 8u64.saturating_mul((s.ld as u64).saturating_pow(2).saturating_add((s.fan_out as u64).saturating_pow(2)))),
         _ => 0, // the SYRK planner checks its own accumulators against the budget
     };
-    let per_sample_floats = shapes.iter().map(|s| s.ld + s.fan_out).sum::<usize>()
-        + 4 * r * max_w
-        + classes
-        + if form == NetForm::Diagonal { max_out + max_ld } else { 0 }
-        + if materialize { r * p } else { 0 }
-        + if form == NetForm::Norms { depth * (r + 1) } else { 0 };
-    let widest_binding = 4 * (r * max_w.max(if materialize { p } else { 0 })).max(max_ld).max(classes) as u64;
-    let mb = be.micro_batch_limits().micro_batch(n, 4 * per_sample_floats as u64, widest_binding, weights_bytes + accum_bytes, || {
-        format!("one sample of the {form:?} reduction ({p} parameters, R = {r})")
+    let depth64 = depth as u64;
+    // Per sample: ã_l and z_l of every layer, targets, Σ_R δ² and ã² (diag), ‖ã‖² (norms).
+    let per_sample = sum(&|s| (s.ld + s.fan_out) as u64)
+        .saturating_add(classes as u64)
+        .saturating_add(if form == NetForm::Diagonal { max_out + max_ld } else { 0 })
+        .saturating_add(if form == NetForm::Norms { depth64 } else { 0 });
+    // Per output row: the GEMM Kahan pair, δ and δ next, the gradient row, ‖δ‖² (norms).
+    let per_row = (4 * max_w)
+        .saturating_add(if materialize { p as u64 } else { 0 })
+        .saturating_add(if form == NetForm::Norms { depth64 } else { 0 });
+    let cost = BatchCost {
+        per_sample: per_sample.saturating_mul(4),
+        per_row: per_row.saturating_mul(4),
+        sample_binding: max_ld.max(max_out).max(classes as u64).saturating_mul(4),
+        row_binding: max_w.max(if materialize { p as u64 } else { 0 }).saturating_mul(4),
+        fixed: weights_bytes.saturating_add(accum_bytes),
+    };
+    let batch = be.micro_batch_limits().batching(n, r, &cost, || {
+        format!("one output row of the {form:?} reduction ({p} parameters, R = {r})")
     })?;
+    let rows = batch.rows();
 
     // ---- allocate ----------------------------------------------------------------------
-    let mut net = Net::new(be, mlp, &plan, mb, mb * r)?;
-    let mut delta_cur = storage_f32(&be.ctx, "δ", mb * r * max_w);
-    let mut delta_next = storage_f32(&be.ctx, "δ next", mb * r * max_w);
-    let mut reduction = Reduction::new(be, &plan, form, n, mb)?;
+    let mut net = Net::new(be, mlp, &plan, batch.samples, rows)?;
+    let mut delta_cur = storage_f32(&be.ctx, "δ", rows * max_w as usize);
+    let mut delta_next = storage_f32(&be.ctx, "δ next", rows * max_w as usize);
+    let mut reduction = Reduction::new(be, &plan, form, n, batch)?;
     let mut bindings = Bindings::default();
-    let scale = 1.0 / (variant_params(variant).2 as f32).sqrt();
+    let scale = (1.0 / (variant_params(variant).2 as f64).sqrt()) as f32;
     let mut in_flight: Option<wgpu::SubmissionIndex> = None;
 
-    // ---- encode per layer, per micro-batch ---------------------------------------------
-    for s0 in (0..n).step_by(mb) {
-        let m = mb.min(n - s0);
+    // ---- encode per layer, per chunk of draws, per micro-batch ---------------------------
+    for (s0, m) in batch.sample_ranges(n) {
         net.upload(data, s0, m);
-        let mut rec = be.kernels.recorder();
-        net.encode_forward(&mut rec, m)?;
-        let p_head = head_params(data, variant, classes, s0, m, r as u32, scale);
-        rec.mlp(Entry::Head, p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, m as u64)?;
-        for l in (0..depth).rev() {
-            reduction.encode_layer(&mut rec, (l, &shapes[l]), (m, r), (&delta_cur, &net.acts[l]))?;
-            if l > 0 {
-                net.encode_backprop(&mut rec, l, m, r, &delta_cur, &delta_next)?;
-                std::mem::swap(&mut delta_cur, &mut delta_next);
+        let mut forward = be.kernels.recorder();
+        net.encode_forward(&mut forward, m)?;
+        let mut pending = Some(forward);
+        for (q0, d) in batch.draw_ranges(r) {
+            let mut rec = pending.take().unwrap_or_else(|| be.kernels.recorder());
+            let p_head = head_params(data, variant, classes, (s0, m), (q0, d), scale)?;
+            rec.mlp(Entry::Head, p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, (m * d) as u64)?;
+            for l in (0..depth).rev() {
+                reduction.encode_layer(&mut rec, (l, &shapes[l]), (m, d, q0), (&delta_cur, &net.acts[l]))?;
+                if l > 0 {
+                    net.encode_backprop(&mut rec, l, m, d, &delta_cur, &delta_next)?;
+                    std::mem::swap(&mut delta_cur, &mut delta_next);
+                }
             }
+            reduction.encode_end(&mut rec, m, d, q0 == 0)?;
+            let index = bindings.submit(&be.ctx, "network micro-batch", rec)?;
+            if let Some(previous) = in_flight.replace(index) {
+                be.wait_for("network micro-batch", previous)?;
+            }
+            reduction.collect(be, s0, m, d)?;
         }
-        reduction.encode_end(&mut rec, m, r)?;
-        let index = bindings.submit(&be.ctx, "network micro-batch", rec)?;
-        if let Some(previous) = in_flight.replace(index) {
-            be.wait_for("network micro-batch", previous)?;
-        }
-        reduction.collect(be, s0, m, r)?;
     }
     be.ctx.wait("network finish")?;
 
@@ -492,14 +535,14 @@ pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant
 pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
     let ctx = &be.ctx;
     let n = data.len();
-    let plan = NetPlan::new(mlp, variant);
+    let plan = NetPlan::new(mlp, variant)?;
     let v = v.to_vec();
     plan.check_direction(&v)?;
     let (shapes, p, classes, depth) = (&plan.shapes, plan.params, plan.classes, plan.depth());
     let max_w = plan.max_width();
-    let weights_bytes: u64 = shapes.iter().map(|s| 4 * (s.fan_in * s.fan_out + s.fan_out) as u64).sum();
+    let weights_bytes: u64 = shapes.iter().fold(0u64, |acc, s| acc.saturating_add((s.params as u64).saturating_mul(4)));
     // Direction in augmented layout, and the (sum, comp) pair of the product.
-    let fixed = weights_bytes * if product { 3 } else { 2 };
+    let fixed = weights_bytes.saturating_mul(if product { 3 } else { 2 });
     let per_sample_floats = shapes.iter().map(|s| s.ld + 2 * s.fan_out + s.fan_in).sum::<usize>() + 5 * max_w + 3 * classes;
     let widest_binding = 4 * max_w.max(classes).max(shapes.iter().map(|s| s.ld).max().unwrap_or(1)) as u64;
     let mb = be.micro_batch_limits().micro_batch(n, 4 * per_sample_floats as u64, widest_binding, fixed, || {
@@ -527,6 +570,9 @@ pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: V
     let accum: Vec<KahanPair> =
         if product { shapes.iter().map(|s| KahanPair::new(be, "F·v", s.fan_out * s.ld)).collect() } else { Vec::new() };
     let draws = variant_params(variant).2;
+    // Draws per head_fvp dispatch (see HEAD_FVP_BYTES_PER_DRAW); all in one for m·K small.
+    let evaluations = usize::try_from(be.micro_batch_limits().target / HEAD_FVP_BYTES_PER_DRAW).unwrap_or(usize::MAX);
+    let draws_per_dispatch = (evaluations / mb.max(1)).clamp(1, draws.max(1));
     let mut bindings = Bindings::default();
     let mut quadratic = 0f64;
 
@@ -549,9 +595,23 @@ pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: V
                 rec.mlp(Entry::TangentAct, pt, [Some(&zdot), Some(&net.zs[l]), None], &tangents[l + 1], (m * s.fan_out) as u64)?;
             }
         }
-        let p_head = head_params(data, variant, classes, s0, m, draws, 1.0 / draws as f32);
-        let inputs = [Some(&net.zs[depth - 1]), Some(&net.targets), Some(&zdot)];
-        rec.mlp(Entry::HeadFvp, p_head, inputs, &w_out, m as u64)?;
+        // w = Λ ż, the K draws in dispatches of bounded length (each adds its draws to w), a
+        // submission every HEAD_FVP_PER_SUBMIT of them so that no command buffer grows with K.
+        let scale = (1.0 / draws as f64) as f32;
+        let chunks = Batching { samples: mb, draws: draws_per_dispatch };
+        let mut in_flight: Option<wgpu::SubmissionIndex> = None;
+        for (i, (q0, d)) in chunks.draw_ranges(draws).enumerate() {
+            if i > 0 && i % HEAD_FVP_PER_SUBMIT == 0 {
+                let full = std::mem::replace(&mut rec, be.kernels.recorder());
+                let index = bindings.submit(ctx, "F·v draws", full)?;
+                if let Some(previous) = in_flight.replace(index) {
+                    be.wait_for("F·v draws", previous)?;
+                }
+            }
+            let p_head = head_params(data, variant, classes, (s0, m), (q0, d), scale)?;
+            let inputs = [Some(&net.zs[depth - 1]), Some(&net.targets), Some(&zdot)];
+            rec.mlp(Entry::HeadFvp, p_head, inputs, &w_out, m as u64)?;
+        }
         if product {
             // Backward of w (one row per sample), accumulating (1/N) Σ δ_l ã_lᵀ.
             for l in (0..depth).rev() {
