@@ -252,7 +252,17 @@ pub struct Opened {
 /// build errors as they come.
 pub fn open(request: &DeviceRequest) -> Result<Opened> {
     let plan = plan(request);
-    let cpu = |reason: String, fallback: Option<String>| Opened { engine: Engine::cpu(), adapter: None, reason, fallback };
+    // The host result limit travels with the GPU options and applies to either path.
+    let cpu_backend = match request.gpu.max_result_bytes {
+        Some(limit) => crate::backend::cpu::CpuBackend::new().with_result_limit(limit),
+        None => crate::backend::cpu::CpuBackend::new(),
+    };
+    let cpu = |reason: String, fallback: Option<String>| Opened {
+        engine: Engine::from_cpu_backend(cpu_backend.clone()),
+        adapter: None,
+        reason,
+        fallback,
+    };
     let filter = match &plan.target {
         Target::Cpu => return Ok(cpu(plan.reason, None)),
         Target::Named(name) => name.clone(),

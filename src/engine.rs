@@ -102,6 +102,11 @@ impl Engine {
         Engine { backend: Box::new(CpuBackend::new()), is_gpu: false }
     }
 
+    /// An engine on a CPU backend the caller configured (e.g. its result limit).
+    pub fn from_cpu_backend(backend: CpuBackend) -> Self {
+        Engine { backend: Box::new(backend), is_gpu: false }
+    }
+
     /// An engine on a GPU context the caller made (tests hand in their own).
     pub fn from_context(ctx: GpuContext, options: &GpuOptions) -> Result<Self> {
         Ok(Engine { backend: Box::new(GpuBackend::new(ctx, options)?), is_gpu: true })

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{file_size, load_problem, since, ResultTooLarge, RunError, Seconds, Source};
+use super::{with_limit, file_size, load_problem, since, ResultTooLarge, RunError, Seconds, Source};
 use crate::io::output::{output_dir, Target};
 use crate::backend::gpu::GpuOptions;
 use crate::device::{self, DeviceRequest};
@@ -268,7 +268,7 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     };
 
     let start = Instant::now();
-    let device = device::open(&DeviceRequest::from_env(request.backend, request.gpu.clone())?)?;
+    let device = device::open(&DeviceRequest::from_env(request.backend, with_limit(&request.gpu, request.max_result_bytes))?)?;
     outcome.seconds.setup = since(start);
     let engine = &device.engine;
     let backend = engine.device_info();

@@ -174,3 +174,14 @@ fn since(start: std::time::Instant) -> f64 {
 fn file_size(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
+
+/// The GPU options with the host result limit (`--max-result-gib`) that the backends enforce
+/// on every form as they allocate (the pipelines check their own sizes first, with the
+/// flag's wording; this is the backstop for what they do not foresee).
+pub(crate) fn with_limit(gpu: &crate::backend::gpu::GpuOptions, max_result_bytes: u128) -> crate::backend::gpu::GpuOptions {
+    crate::backend::gpu::GpuOptions {
+        max_result_bytes: Some(u64::try_from(max_result_bytes).unwrap_or(u64::MAX)),
+        ..gpu.clone()
+    }
+}
+

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use ndarray::Array2;
 
-use super::{file_size, since, RunError, Seconds};
+use super::{with_limit, file_size, since, RunError, Seconds};
 use crate::io::output::Target;
 use crate::backend::gpu::GpuOptions;
 use crate::compare::{compare_paths, Comparison};
@@ -262,7 +262,7 @@ pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
     check_result_size(form, samples, params, request.verify, request.max_result_bytes)?;
 
     let start = Instant::now();
-    let device = device::open(&DeviceRequest::from_env(request.backend, request.gpu.clone())?)?;
+    let device = device::open(&DeviceRequest::from_env(request.backend, with_limit(&request.gpu, request.max_result_bytes))?)?;
     seconds.setup = since(start);
     let engine = &device.engine;
 
