@@ -24,7 +24,7 @@
 //! assert_eq!(written.files, ["ckpt_000.safetensors", "ckpt_001.safetensors", "ckpt_002.safetensors"]);
 //! let files = run::checkpoint_files(&[written.dir.clone()])?;
 //! assert_eq!(files.len(), 3);
-//! # Ok::<(), fisher_engine::FisherError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::cmp::Ordering;
