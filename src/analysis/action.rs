@@ -117,6 +117,9 @@ pub fn measure(
     if segments == 0 {
         return Err(FisherError::InvalidInput("--segments must be at least 1".into()));
     }
+    if segments > MAX_SEGMENTS {
+        return Err(FisherError::InvalidInput(format!("--segments must be at most {MAX_SEGMENTS}, not {segments}")));
+    }
     check_same_architecture(checkpoints)?;
     let thetas: Vec<Array1<f64>> = checkpoints.iter().map(|c| c.parameters().mapv(f64::from)).collect();
     let total = checkpoints.len() - 1 + segments;
@@ -158,6 +161,9 @@ pub fn measure(
         euclidean_chord: whole.dot(&whole).sqrt(),
     })
 }
+
+/// The most chord segments (10⁵): each is one pass over the data.
+pub const MAX_SEGMENTS: usize = 100_000;
 
 /// What [`run`] measures: a training run given as checkpoint files, on data from files.
 #[derive(Debug, Clone)]

@@ -262,9 +262,15 @@ impl ReportOptions {
                 format!("--samples-n must be at least 19 (the Abbas effective dimension needs κ_n = n/(2π log n) > 1), not {n}")
             }),
             (s.probes < 2).then(|| format!("--probes must be at least 2 (for an error bar), not {}", s.probes)),
+            (s.probes > MAX_COUNT).then(|| format!("--probes must be at most {MAX_COUNT}, not {}", s.probes)),
             (s.steps == 0).then(|| "--lanczos-steps must be at least 1".to_string()),
+            (s.steps > MAX_COUNT).then(|| format!("--lanczos-steps must be at most {MAX_COUNT}, not {}", s.steps)),
             (s.coupling_probes < 2)
                 .then(|| format!("--coupling-probes must be at least 2 (for an error bar), not {}", s.coupling_probes)),
+            (s.coupling_probes > MAX_COUNT)
+                .then(|| format!("--coupling-probes must be at most {MAX_COUNT}, not {}", s.coupling_probes)),
+            (s.top_iterations > MAX_COUNT)
+                .then(|| format!("--top-iterations must be at most {MAX_COUNT}, not {}", s.top_iterations)),
             (!(s.top_tol.is_finite() && s.top_tol > 0.0 && s.top_tol < 1.0))
                 .then(|| format!("--top-tol must be in (0, 1), not {}", s.top_tol)),
             (s.top_iterations == 0).then(|| "--top-iterations must be at least 1".to_string()),
@@ -275,6 +281,11 @@ impl ReportOptions {
         }
     }
 }
+
+/// The most probes, Lanczos steps or F·v products one setting may ask for (10⁵): each is at
+/// least one pass over the data, and the work arrays grow with them, so larger counts are
+/// mistakes (or overflows) rather than requests.
+pub const MAX_COUNT: usize = 100_000;
 
 /// A report to make: the input and the options.
 #[derive(Debug, Clone)]

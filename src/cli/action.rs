@@ -95,6 +95,13 @@ impl ActionConfig {
         if args.segments == 0 {
             return Err(usage("--segments must be at least 1"));
         }
+        if args.segments > fisher_engine::analysis::action::MAX_SEGMENTS {
+            return Err(usage(format!(
+                "--segments must be at most {}, not {}",
+                fisher_engine::analysis::action::MAX_SEGMENTS,
+                args.segments
+            )));
+        }
         let (backend, gpu) = args.backend.resolve()?;
         // Too few checkpoints, or a directory among files, is a usage error.
         let checkpoints = checkpoint_files(&args.checkpoints).map_err(|e| match e {

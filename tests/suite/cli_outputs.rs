@@ -332,3 +332,44 @@ fn a_long_out_dir_name_is_usable() {
     succeeds(&fisher(&["train", "--out-dir", s(&run_dir), "--steps", "4", "--checkpoints", "2", "--quiet"]));
     assert!(run_dir.join("run.json").exists());
 }
+
+#[test]
+fn count_flags_are_bounded_and_never_panic() {
+    let dir = temp();
+    let run_dir = dir.path().join("run");
+    succeeds(&fisher(&["train", "--out-dir", s(&run_dir), "--steps", "4", "--checkpoints", "2", "--samples", "64", "--quiet"]));
+    let (x, y) = (run_dir.join("X.npy"), run_dir.join("y.npy"));
+    let model = run_dir.join("ckpt_001.safetensors");
+    let huge = "18446744073709551615";
+    let model_args = ["--weights", s(&model), "--activation", "tanh", "--inputs", s(&x), "--labels", s(&y), "--backend", "cpu"];
+    for flag in ["--probes", "--lanczos-steps", "--coupling-probes", "--top-iterations"] {
+        let mut args = vec!["report", "--form", "implicit", flag, huge];
+        args.extend_from_slice(&model_args);
+        assert_fails(&fisher(&args), 2, &[flag, "at most"]);
+    }
+    let run = fisher(&[
+        "action", "--checkpoints", s(&run_dir), "--activation", "tanh", "--inputs", s(&x), "--labels", s(&y), "--segments", huge,
+    ]);
+    assert_fails(&run, 2, &["--segments", "at most"]);
+    let run = fisher(&["train", "--out-dir", s(&dir.path().join("t")), "--batch", huge, "--steps", "2", "--checkpoints", "2"]);
+    assert_fails(&run, 2, &["--batch"]);
+    assert!(!dir.path().join("t").exists());
+}
+
+#[test]
+fn action_plot_refuses_to_replace_inputs() {
+    let dir = temp();
+    let run_dir = dir.path().join("run");
+    succeeds(&fisher(&["train", "--out-dir", s(&run_dir), "--steps", "4", "--checkpoints", "2", "--samples", "64", "--quiet"]));
+    let (x, y) = (run_dir.join("X.npy"), run_dir.join("y.npy"));
+    // A .png name that is a symbolic link to a checkpoint.
+    let png = dir.path().join("action.png");
+    std::os::unix::fs::symlink(run_dir.join("ckpt_001.safetensors"), &png).unwrap();
+    let before = snapshot(dir.path());
+    let run = fisher(&[
+        "action", "--checkpoints", s(&run_dir), "--activation", "tanh", "--inputs", s(&x), "--labels", s(&y), "--plot", s(&png),
+        "--force",
+    ]);
+    assert_fails(&run, 2, &["same file as --checkpoints"]);
+    assert_eq!(snapshot(dir.path()), before);
+}
