@@ -373,3 +373,64 @@ fn action_plot_refuses_to_replace_inputs() {
     assert_fails(&run, 2, &["same file as --checkpoints"]);
     assert_eq!(snapshot(dir.path()), before);
 }
+
+#[test]
+fn environment_settings_are_checked_not_ignored() {
+    let dir = temp();
+    let g = grads(dir.path(), "G.npy", 20, 4);
+    let out = dir.path().join("F.safetensors");
+    let run = |env: (&str, &str)| {
+        let output = Command::new(FISHER)
+            .args(["reduce", "--grads", s(&g), "--form", "diag", "--out", s(&out)])
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        (output.status.code().unwrap(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    // A named adapter that does not exist is an error (as --adapter is), not a silent CPU run.
+    let (code, stderr) = run(("FISHER_ADAPTER", "nosuchgpu"));
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("nosuchgpu"), "{stderr}");
+    let (code, stderr) = run(("FISHER_GPU_MEMORY_MB", "abc"));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("FISHER_GPU_MEMORY_MB"), "{stderr}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn an_unwritable_output_directory_fails_before_any_work() {
+    // /proc takes no new files, not even from root: the probe finds out before G is read.
+    let dir = temp();
+    let g = grads(dir.path(), "G.npy", 20, 4);
+    let run = fisher(&["reduce", "--grads", s(&g), "--form", "full", "--backend", "cpu", "--out", "/proc/F.safetensors"]);
+    assert_fails(&run, 2, &["/proc"]);
+    assert!(!run.stderr.contains("seconds"));
+}
+
+#[test]
+fn sigterm_during_train_leaves_no_staged_directory() {
+    let dir = temp();
+    let run_dir = dir.path().join("run");
+    for delay_ms in [20u64, 60, 120, 200, 300] {
+        let _ = fs::remove_dir_all(&run_dir);
+        let mut child = Command::new(FISHER)
+            .args(["train", "--out-dir", s(&run_dir), "--steps", "2000", "--checkpoints", "200", "--quiet"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait().unwrap();
+        let leftovers: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "after SIGTERM at {delay_ms} ms: {leftovers:?}");
+        if run_dir.exists() {
+            assert!(run_dir.join("run.json").exists(), "a run directory is complete or absent");
+        }
+    }
+}
