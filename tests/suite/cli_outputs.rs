@@ -240,28 +240,34 @@ fn sigterm_during_a_run_leaves_no_temporary_file() {
     let g = grads(dir.path(), "G.npy", 3000, 1200);
     let out = dir.path().join("F.safetensors");
     // Signals at spread delays land in reading, computing and writing (a 5.8 MB result).
-    for delay_ms in [5u64, 40, 80, 120, 160, 200, 260, 320] {
-        let _ = fs::remove_file(&out);
-        let mut child = Command::new(FISHER)
-            .args(["reduce", "--grads", s(&g), "--form", "full", "--backend", "cpu", "--out", s(&out), "--quiet"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+    let args = ["reduce", "--grads", s(&g), "--form", "full", "--backend", "cpu", "--out", s(&out), "--quiet"];
+    // Before each run: what the previous one left is the whole result or nothing.
+    let check_and_reset = || {
+        if out.exists() {
+            crate::common::cli::read_safetensors(&out);
+            fs::remove_file(&out).unwrap();
+        }
+    };
+    sigterm_at(dir.path(), &args, &[5, 40, 80, 120, 160, 200, 260, 320], check_and_reset);
+    check_and_reset();
+}
+
+/// Runs `fisher args` once per delay, sends SIGTERM after it, and asserts that `dir` holds
+/// no temporary file or directory afterwards (`reset` runs before each run).
+fn sigterm_at(dir: &Path, args: &[&str], delays_ms: &[u64], reset: impl Fn()) {
+    for &delay_ms in delays_ms {
+        reset();
+        let mut child = Command::new(FISHER).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let _ = child.wait().unwrap();
-        let leftovers: Vec<String> = fs::read_dir(dir.path())
+        let leftovers: Vec<String> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "after SIGTERM at {delay_ms} ms: {leftovers:?}");
-        if out.exists() {
-            // Either the whole result or none of it.
-            crate::common::cli::read_safetensors(&out);
-        }
     }
 }
 
@@ -411,26 +417,13 @@ fn an_unwritable_output_directory_fails_before_any_work() {
 fn sigterm_during_train_leaves_no_staged_directory() {
     let dir = temp();
     let run_dir = dir.path().join("run");
-    for delay_ms in [20u64, 60, 120, 200, 300] {
-        let _ = fs::remove_dir_all(&run_dir);
-        let mut child = Command::new(FISHER)
-            .args(["train", "--out-dir", s(&run_dir), "--steps", "2000", "--checkpoints", "200", "--quiet"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        // SAFETY: sending a signal to our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let _ = child.wait().unwrap();
-        let leftovers: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
-        assert!(leftovers.is_empty(), "after SIGTERM at {delay_ms} ms: {leftovers:?}");
+    let args = ["train", "--out-dir", s(&run_dir), "--steps", "2000", "--checkpoints", "200", "--quiet"];
+    let check_and_reset = || {
         if run_dir.exists() {
             assert!(run_dir.join("run.json").exists(), "a run directory is complete or absent");
+            fs::remove_dir_all(&run_dir).unwrap();
         }
-    }
+    };
+    sigterm_at(dir.path(), &args, &[20, 60, 120, 200, 300], check_and_reset);
+    check_and_reset();
 }
