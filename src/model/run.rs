@@ -114,9 +114,6 @@ impl RunSpec {
                 return bad(format!("{flag} must be at least 1"));
             }
         }
-        if self.batch_size > self.samples {
-            return bad(format!("--batch must be at most --samples = {}, not {}", self.samples, self.batch_size));
-        }
         if self.steps > MAX_STEPS {
             return bad(format!("--steps must be at most {MAX_STEPS}, not {}", self.steps));
         }

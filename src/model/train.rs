@@ -176,7 +176,7 @@ pub fn sgd(initial: &Mlp, data: &Dataset, options: &SgdOptions) -> Result<TrainR
         if step == options.steps {
             break;
         }
-        let mut batch = Vec::with_capacity(options.batch_size);
+        let mut batch = Vec::with_capacity(options.batch_size.min(n));
         while batch.len() < options.batch_size.min(n) {
             if cursor == n {
                 // Fisher–Yates reshuffle each epoch.
