@@ -48,6 +48,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fisher;
+pub mod graph;
 pub mod io;
 pub mod model;
 pub mod output;
