@@ -191,9 +191,14 @@ pub enum Op {
         /// Whether B is stored M×K (PyTorch `nn.Linear`: `weight` is out×in).
         trans_b: bool,
     },
-    /// `MatMul` with a shared right operand: per-sample A [..., K] times B [K, M] → [..., M].
-    /// Inputs: A, B.
-    MatMul,
+    /// `MatMul` with a shared right operand: per-sample A [..., K] times B [K, M] (or B
+    /// stored [M, K] with `trans_b`, PyTorch's `nn.Linear` on a 3-D input, exported as
+    /// `MatMul(x, Transpose(weight))`), plus an optional bias [M] (the `Add` that follows it,
+    /// fused by the importer) → [..., M]. Inputs: A, B, [bias].
+    MatMul {
+        /// Whether B is stored M×K.
+        trans_b: bool,
+    },
     /// `Conv` (2-D): x [C, H, W], w [Cout, C/group, kh, kw], optional b [Cout] →
     /// [Cout, Ho, Wo]. Inputs: x, w, [b].
     Conv {
@@ -466,10 +471,16 @@ pub fn infer_shape(graph: &Graph, node: &Node) -> Result<Vec<usize>> {
             }
             Ok(vec![m])
         }
-        Op::MatMul => {
+        Op::MatMul { trans_b } => {
             let a = per_sample(0)?;
             let b = shared(1)?;
-            let [k, m] = b.shape[..] else { return Err(err(format!("B has shape {:?}; expected 2-D", b.shape))) };
+            let [k1, m1] = b.shape[..] else { return Err(err(format!("B has shape {:?}; expected 2-D", b.shape))) };
+            let (k, m) = if *trans_b { (m1, k1) } else { (k1, m1) };
+            if let Ok(c) = t(2) {
+                if c.per_sample() || c.shape != [m] {
+                    return Err(err(format!("bias has shape {:?}; expected a shared [{m}]", c.shape)));
+                }
+            }
             match a.shape.split_last() {
                 Some((&ka, rest)) if ka == k => Ok(rest.iter().copied().chain([m]).collect()),
                 _ => Err(err(format!("A has per-sample shape {:?}; B expects a last axis of {k}", a.shape))),
@@ -610,7 +621,7 @@ pub fn infer_shape(graph: &Graph, node: &Node) -> Result<Vec<usize>> {
 pub fn op_name(op: &Op) -> &'static str {
     match op {
         Op::Gemm { .. } => "Gemm",
-        Op::MatMul => "MatMul",
+        Op::MatMul { .. } => "MatMul",
         Op::Conv { .. } => "Conv",
         Op::MaxPool { .. } => "MaxPool",
         Op::AveragePool { .. } => "AveragePool",
