@@ -191,6 +191,40 @@ impl Engine {
         Ok((result, agreement))
     }
 
+    /// The Fisher of a graph network (read from ONNX, [`crate::graph`]) on `data`, for
+    /// `variant`, reduced to `form` over the `selection`'s parameters (θ order: the graph's
+    /// parameters, PyTorch's `named_parameters()` for a model exported as the README says).
+    #[allow(clippy::too_many_arguments)]
+    pub fn graph_fisher(
+        &self,
+        model: &crate::graph::fisher::GraphModel,
+        data: &Dataset,
+        likelihood: crate::model::Likelihood,
+        variant: Variant,
+        form: NetForm,
+        selection: &crate::graph::fisher::Selection,
+    ) -> Result<NetFisher> {
+        check_variant(variant)?;
+        let mut exec = self.backend.program_exec(std::sync::Arc::clone(&model.program))?;
+        let limits = crate::graph::fisher::RunLimits { result_bytes: self.backend.result_limit(), ..Default::default() };
+        crate::graph::fisher::fisher(exec.as_mut(), model, data, likelihood, variant, form, selection, &limits)
+    }
+
+    /// The implicit F·v (when `product`) and vᵀFv of a graph network, without forming F.
+    pub fn graph_fvp(
+        &self,
+        model: &crate::graph::fisher::GraphModel,
+        data: &Dataset,
+        likelihood: crate::model::Likelihood,
+        variant: Variant,
+        v: &[f32],
+        product: bool,
+    ) -> Result<crate::fisher::Fvp> {
+        check_variant(variant)?;
+        let mut exec = self.backend.program_exec(std::sync::Arc::clone(&model.program))?;
+        crate::graph::fisher::fvp(exec.as_mut(), model, data, likelihood, variant, v, product, &Default::default())
+    }
+
     /// The implicit Fisher–vector product F·v of a network (θ order), without forming F:
     /// memory is the model plus one micro-batch, so it works for models whose F would never
     /// fit (P ≥ 10⁶). Also returns vᵀFv.

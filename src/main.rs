@@ -122,6 +122,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(args) => cli::devices::run(&args),
         Command::Compute(args) => {
             let cfg = cli::compute::ComputeConfig::from_args(args)?;
+            if let Some(graph) = &cfg.graph {
+                let outcome = cli::compute::run_graph(graph)?;
+                match cfg.report {
+                    Report::Human => println!("{}", cli::compute::human_graph(graph, &outcome)),
+                    Report::Json => println!("{}", cli::compute::json_graph(graph, &outcome)),
+                    Report::Quiet => {}
+                }
+                return Ok(());
+            }
             let outcome = cli::compute::run(&cfg)?;
             match cfg.report {
                 Report::Human => println!("{}", cli::compute::human(&cfg, &outcome)),

@@ -22,7 +22,7 @@
 //! them → the device opened ([`crate::device::open`]) → [`measure`] → the plot, written
 //! atomically (the only file written, and only on success) → an [`ActionRun`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ndarray::Array1;
@@ -108,11 +108,31 @@ pub fn measure(
     segments: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ActionReport> {
-    if checkpoints.len() < 2 {
-        return Err(FisherError::InvalidInput(format!(
-            "the action needs at least 2 checkpoints, got {}",
-            checkpoints.len()
-        )));
+    check_same_architecture(checkpoints)?;
+    let thetas: Vec<Array1<f64>> = checkpoints.iter().map(|c| c.parameters().mapv(f64::from)).collect();
+    measure_path(&thetas, segments, progress, &mut |t, theta, delta| match t {
+        Some(t) => engine.fisher_quadratic(&checkpoints[t], data, variant, ndarray::ArrayView1::from(delta)),
+        None => {
+            let at = checkpoints[0].with_parameters(ndarray::ArrayView1::from(theta))?;
+            engine.fisher_quadratic(&at, data, variant, ndarray::ArrayView1::from(delta))
+        }
+    })
+}
+
+/// The quadratic form Δᵀ F(θ) Δ of a path's model: `(Some(t), θ_t, Δ)` at checkpoint t, or
+/// `(None, θ, Δ)` at a point between checkpoints.
+pub type Quadratic<'a> = dyn FnMut(Option<usize>, &[f32], &[f32]) -> Result<f64> + 'a;
+
+/// The action, length and chord of the path θ₀ … θ_T given its quadratic form, whatever the
+/// model (an MLP: [`measure`]; a graph read from ONNX: [`measure_graph`]).
+pub fn measure_path(
+    thetas: &[Array1<f64>],
+    segments: usize,
+    progress: &mut dyn FnMut(usize, usize),
+    quadratic: &mut Quadratic<'_>,
+) -> Result<ActionReport> {
+    if thetas.len() < 2 {
+        return Err(FisherError::InvalidInput(format!("the action needs at least 2 checkpoints, got {}", thetas.len())));
     }
     if segments == 0 {
         return Err(FisherError::InvalidInput("--segments must be at least 1".into()));
@@ -120,16 +140,16 @@ pub fn measure(
     if segments > MAX_SEGMENTS {
         return Err(FisherError::InvalidInput(format!("--segments must be at most {MAX_SEGMENTS}, not {segments}")));
     }
-    check_same_architecture(checkpoints)?;
-    let thetas: Vec<Array1<f64>> = checkpoints.iter().map(|c| c.parameters().mapv(f64::from)).collect();
-    let total = checkpoints.len() - 1 + segments;
+    let total = thetas.len() - 1 + segments;
     let mut done = 0;
-    let mut steps = Vec::with_capacity(checkpoints.len() - 1);
+    let mut steps = Vec::with_capacity(thetas.len() - 1);
     let (mut action, mut length, mut euclidean_length) = (0.0, 0.0, 0.0);
-    for t in 0..checkpoints.len() - 1 {
+    for t in 0..thetas.len() - 1 {
         // Differences in f64 of f32 values are exact; the direction is then rounded once.
         let delta = &thetas[t + 1] - &thetas[t];
-        let q = engine.fisher_quadratic(&checkpoints[t], data, variant, delta.mapv(|x| x as f32).view())?.max(0.0);
+        let theta: Vec<f32> = thetas[t].iter().map(|&x| x as f32).collect();
+        let d: Vec<f32> = delta.iter().map(|&x| x as f32).collect();
+        let q = quadratic(Some(t), &theta, &d)?.max(0.0);
         let euclidean = delta.dot(&delta).sqrt();
         action += q;
         length += q.sqrt();
@@ -139,17 +159,17 @@ pub fn measure(
         progress(done, total);
     }
     let whole = &thetas[thetas.len() - 1] - &thetas[0];
-    let delta = whole.mapv(|x| (x / segments as f64) as f32);
+    let delta: Vec<f32> = whole.iter().map(|&x| (x / segments as f64) as f32).collect();
     let mut chord = 0.0;
     for j in 0..segments {
         let mid = &thetas[0] + &(&whole * ((j as f64 + 0.5) / segments as f64));
-        let at = checkpoints[0].with_parameters(mid.mapv(|x| x as f32).view())?;
-        chord += engine.fisher_quadratic(&at, data, variant, delta.view())?.max(0.0).sqrt();
+        let mid: Vec<f32> = mid.iter().map(|&x| x as f32).collect();
+        chord += quadratic(None, &mid, &delta)?.max(0.0).sqrt();
         done += 1;
         progress(done, total);
     }
     Ok(ActionReport {
-        checkpoints: checkpoints.len(),
+        checkpoints: thetas.len(),
         parameters: thetas[0].len(),
         steps,
         action,
@@ -159,6 +179,25 @@ pub fn measure(
         efficiency: if chord > 0.0 { length / chord } else { f64::INFINITY },
         euclidean_length,
         euclidean_chord: whole.dot(&whole).sqrt(),
+    })
+}
+
+/// [`measure`] for a graph network read from ONNX: `model` at θ₀, the checkpoints as θ
+/// vectors in its parameter order.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_graph(
+    engine: &Engine,
+    model: &crate::graph::fisher::GraphModel,
+    thetas: &[Array1<f64>],
+    data: &Dataset,
+    likelihood: Likelihood,
+    variant: Variant,
+    segments: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ActionReport> {
+    measure_path(thetas, segments, progress, &mut |_, theta, delta| {
+        let at = model.with_theta(theta)?;
+        Ok(engine.graph_fvp(&at, data, likelihood, variant, delta, false)?.quadratic)
     })
 }
 
@@ -191,6 +230,10 @@ pub struct ActionRequest {
     pub plot: Option<PathBuf>,
     /// Draw a progress bar on stderr (only ever on a terminal).
     pub show_progress: bool,
+    /// A graph network read from ONNX (`--model`): the checkpoints are then its state dicts
+    /// (safetensors keyed by its parameter names) or ONNX files of the same graph. Also
+    /// implied when the checkpoints are `.onnx` files.
+    pub model: Option<PathBuf>,
 }
 
 /// Wall-clock seconds per stage of [`run`].
@@ -247,6 +290,11 @@ pub fn run(request: &ActionRequest) -> Result<ActionRun> {
     if let Some(path) = &request.plot {
         plot::check_plot_path(path)?;
     }
+    let graph_mode = request.model.is_some()
+        || request.checkpoints.first().is_some_and(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")));
+    if graph_mode {
+        return run_graph(request, seconds);
+    }
     let start = Instant::now();
     let files = run_dir::checkpoint_files(&request.checkpoints)?;
     let models = run_dir::load_checkpoints(&files, &request.activation)?;
@@ -279,6 +327,107 @@ pub fn run(request: &ActionRequest) -> Result<ActionRun> {
         let start = Instant::now();
         let title =
             format!("Action along training: {architecture} MLP, {} Fisher, N = {}", request.variant.name(), data.len());
+        plot::action_plot(path, &report, &title)?;
+        seconds.plot = start.elapsed().as_secs_f64();
+    }
+    Ok(ActionRun {
+        report,
+        files,
+        architecture,
+        samples: data.len(),
+        likelihood: request.likelihood,
+        variant: request.variant,
+        backend: engine.device_info(),
+        adapter: device.adapter.map(|a| a.name),
+        fallback: device.fallback,
+        plot: request.plot.clone(),
+        seconds,
+    })
+}
+
+/// θ of checkpoint `path` for `model`: an ONNX file of the same graph (same parameter names
+/// and shapes), or a safetensors state dict holding every parameter by name (other keys,
+/// such as BatchNorm running statistics, update the constants of the same name).
+fn graph_checkpoint(model: &crate::graph::fisher::GraphModel, path: &Path, shape: &[usize]) -> Result<crate::graph::fisher::GraphModel> {
+    let graph = &model.graph;
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+        let other = crate::graph::onnx::load(path, Some(shape))?.graph;
+        let names = |g: &crate::graph::Graph| g.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect::<Vec<_>>();
+        if names(&other) != names(graph) || other.nodes != graph.nodes {
+            return Err(FisherError::InvalidInput(format!("{}: a different network than the first checkpoint", path.display())));
+        }
+        return crate::graph::fisher::GraphModel::new(other);
+    }
+    let (tensors, _) = crate::io::safetensors::read_safetensors(path)?;
+    let mut updated = graph.clone();
+    let mut theta = Vec::with_capacity(graph.param_count());
+    for p in &graph.params {
+        let Some((_, shape, values)) = tensors.iter().find(|t| t.0 == p.name) else {
+            return Err(FisherError::InvalidInput(format!("{}: no tensor '{}' (a parameter of the model)", path.display(), p.name)));
+        };
+        if *shape != p.shape {
+            return Err(FisherError::InvalidInput(format!(
+                "{}: tensor '{}' has shape {shape:?}; the model's parameter has {:?}",
+                path.display(),
+                p.name,
+                p.shape
+            )));
+        }
+        theta.extend_from_slice(values);
+    }
+    updated.set_theta(&theta)?;
+    for t in &mut updated.tensors {
+        if let crate::graph::TensorKind::Const(values) = &mut t.kind {
+            if let Some((_, _, new)) = tensors.iter().find(|x| x.0 == t.name && x.2.len() == values.len()) {
+                values.copy_from_slice(new);
+            }
+        }
+    }
+    crate::graph::fisher::GraphModel::new(updated)
+}
+
+fn run_graph(request: &ActionRequest, mut seconds: Seconds) -> Result<ActionRun> {
+    let start = Instant::now();
+    let files: Vec<PathBuf> = run_dir::checkpoint_files_of(&request.checkpoints, &["safetensors", "onnx"])?
+        .into_iter()
+        .filter(|f| request.model.as_deref() != Some(f.as_path()))
+        .collect();
+    if files.len() < 2 {
+        return Err(FisherError::InvalidInput(format!("the action needs at least 2 checkpoints, got {}", files.len())));
+    }
+    let model_path = request.model.clone().unwrap_or_else(|| files[0].clone());
+    let (model, data) = crate::pipeline::graph::load_graph_problem(&model_path, &request.inputs, &request.labels, request.likelihood)?;
+    let shape = model.graph.input_shape().to_vec();
+    let mut models = Vec::with_capacity(files.len());
+    for f in &files {
+        models.push(graph_checkpoint(&model, f, &shape)?);
+    }
+    seconds.load = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let device = device::open(&DeviceRequest::from_env(request.backend, request.gpu.clone())?)?;
+    seconds.setup = start.elapsed().as_secs_f64();
+    let engine = &device.engine;
+
+    let start = Instant::now();
+    let thetas: Vec<Array1<f64>> = models.iter().map(|m| m.graph.theta().iter().map(|&v| f64::from(v)).collect()).collect();
+    let total = files.len() - 1 + request.segments;
+    let progress = Progress::new("action: quadratic forms", total, request.show_progress);
+    let (likelihood, variant) = (request.likelihood, request.variant);
+    let report = measure_path(&thetas, request.segments, &mut progress.callback(), &mut |t, theta, delta| {
+        let at = match t {
+            Some(t) => models[t].clone(),
+            // Between checkpoints: the first checkpoint's constants (running statistics) with θ.
+            None => models[0].with_theta(theta)?,
+        };
+        Ok(engine.graph_fvp(&at, &data, likelihood, variant, delta, false)?.quadratic)
+    })?;
+    progress.finish();
+    seconds.compute = start.elapsed().as_secs_f64();
+    let architecture = format!("{} ({} operators, P = {})", model_path.display(), model.graph.nodes.len(), model.graph.param_count());
+    if let Some(path) = &request.plot {
+        let start = Instant::now();
+        let title = format!("Action along training: {architecture}, {} Fisher, N = {}", request.variant.name(), data.len());
         plot::action_plot(path, &report, &title)?;
         seconds.plot = start.elapsed().as_secs_f64();
     }

@@ -31,15 +31,32 @@ use super::operator::FisherOperator;
 use crate::engine::Engine;
 use crate::error::{FisherError, Result};
 use crate::fisher::Variant;
-use crate::model::{Dataset, Mlp};
+use crate::graph::fisher::GraphModel;
+use crate::model::{Dataset, Likelihood, Mlp};
 
 type ProductHook<'a> = Box<dyn Fn(usize) + 'a>;
+
+/// The network behind the operator: an MLP, or a graph read from ONNX with its likelihood.
+#[derive(Clone, Copy)]
+enum Net<'a> {
+    Mlp(&'a Mlp),
+    Graph(&'a GraphModel, Likelihood),
+}
+
+impl Net<'_> {
+    fn params(&self) -> usize {
+        match self {
+            Net::Mlp(m) => m.num_params(),
+            Net::Graph(g, _) => g.graph.param_count(),
+        }
+    }
+}
 
 /// The Fisher of `mlp` on `data` for `variant`, as an operator on θ (PyTorch
 /// `named_parameters()` order) that only ever computes products.
 pub struct ImplicitFisher<'a> {
     engine: &'a Engine,
-    mlp: &'a Mlp,
+    net: Net<'a>,
     data: &'a Dataset,
     variant: Variant,
     trace: Option<f64>,
@@ -52,7 +69,7 @@ impl std::fmt::Debug for ImplicitFisher<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImplicitFisher")
             .field("engine", self.engine)
-            .field("parameters", &self.mlp.num_params())
+            .field("parameters", &self.net.params())
             .field("samples", &self.data.len())
             .field("variant", &self.variant)
             .field("trace", &self.trace)
@@ -71,7 +88,40 @@ impl<'a> ImplicitFisher<'a> {
         if let Variant::MonteCarlo { samples: 0, .. } = variant {
             return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
         }
-        Ok(ImplicitFisher { engine, mlp, data, variant, trace: None, rank_bound: None, products: Cell::new(0), on_product: None })
+        Ok(ImplicitFisher { engine, net: Net::Mlp(mlp), data, variant, trace: None, rank_bound: None, products: Cell::new(0), on_product: None })
+    }
+
+    /// The operator of a graph network (read from ONNX) with `likelihood`; the data are
+    /// checked against the model.
+    pub fn for_graph(engine: &'a Engine, model: &'a GraphModel, data: &'a Dataset, likelihood: Likelihood, variant: Variant) -> Result<Self> {
+        model.check_data(data, likelihood)?;
+        if let Variant::MonteCarlo { samples: 0, .. } = variant {
+            return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
+        }
+        Ok(ImplicitFisher {
+            engine,
+            net: Net::Graph(model, likelihood),
+            data,
+            variant,
+            trace: None,
+            rank_bound: None,
+            products: Cell::new(0),
+            on_product: None,
+        })
+    }
+
+    fn fvp(&self, v: &[f64], product: bool) -> Result<crate::fisher::Fvp> {
+        let direction = Self::direction(v);
+        match self.net {
+            Net::Mlp(mlp) if product => self.engine.fisher_vector_product(mlp, self.data, self.variant, direction.view()),
+            Net::Mlp(mlp) => Ok(crate::fisher::Fvp {
+                product: None,
+                quadratic: self.engine.fisher_quadratic(mlp, self.data, self.variant, direction.view())?,
+            }),
+            Net::Graph(model, likelihood) => {
+                self.engine.graph_fvp(model, self.data, likelihood, self.variant, direction.as_slice().expect("contiguous"), product)
+            }
+        }
     }
 
     /// What the caller knows exactly about F: tr F (e.g. the mean of the per-sample squared
@@ -127,12 +177,12 @@ impl<'a> ImplicitFisher<'a> {
 
 impl FisherOperator for ImplicitFisher<'_> {
     fn dim(&self) -> usize {
-        self.mlp.num_params()
+        self.net.params()
     }
 
     fn apply(&self, v: &[f64]) -> Result<Vec<f64>> {
         self.check(v)?;
-        let fvp = self.engine.fisher_vector_product(self.mlp, self.data, self.variant, Self::direction(v).view())?;
+        let fvp = self.fvp(v, true)?;
         self.counted();
         let product = fvp.product.ok_or_else(|| FisherError::InvalidInput("F·v returned no product".into()))?;
         Ok(product.iter().map(|&x| f64::from(x)).collect())
@@ -140,7 +190,7 @@ impl FisherOperator for ImplicitFisher<'_> {
 
     fn quadratic(&self, v: &[f64]) -> Result<f64> {
         self.check(v)?;
-        let q = self.engine.fisher_quadratic(self.mlp, self.data, self.variant, Self::direction(v).view())?;
+        let q = self.fvp(v, false)?.quadratic;
         self.counted();
         Ok(q)
     }

@@ -206,11 +206,28 @@ pub struct StoredInput {
     pub activation: ActivationSpec,
 }
 
+/// A graph network (read from ONNX) and its data.
+#[derive(Debug, Clone)]
+pub struct GraphInput<'a> {
+    /// The network.
+    pub model: &'a crate::graph::fisher::GraphModel,
+    /// Its data.
+    pub data: &'a Dataset,
+    /// The likelihood.
+    pub likelihood: crate::model::Likelihood,
+    /// How the report names the input.
+    pub description: String,
+    /// How the Fisher is computed.
+    pub compute: ComputeOptions,
+}
+
 /// What to analyse.
 #[derive(Debug, Clone)]
 pub enum ReportInput<'a> {
     /// A model and data.
     Model(ModelInput<'a>),
+    /// A graph network and data.
+    Graph(GraphInput<'a>),
     /// A stored result.
     Stored(StoredInput),
 }
@@ -459,6 +476,7 @@ pub fn run(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> Resu
     }
     match &request.input {
         ReportInput::Model(input) => run_model(input, &request.options, progress),
+        ReportInput::Graph(input) => run_graph(input, &request.options, progress),
         ReportInput::Stored(input) => run_stored(input, &request.options),
     }
 }
@@ -615,6 +633,99 @@ fn run_model(input: &ModelInput<'_>, options: &ReportOptions, progress: &dyn Fn(
         layer_indices: Some(mlp.layers.iter().map(|l| l.index).collect()),
         variant: Some(variant.name().to_string()),
         likelihood: Some(data.likelihood().name().to_string()),
+        input: input.description.clone(),
+        backend: Some(engine.device_info()),
+        adapter: device.adapter.as_ref().map(|a| a.name.clone()),
+        fallback: device.fallback.clone(),
+        stored: false,
+        form_reason,
+    };
+    Ok(Report::new(subject, notes, seconds, analysis))
+}
+
+fn run_graph(input: &GraphInput<'_>, options: &ReportOptions, progress: &dyn Fn(usize, usize)) -> Result<Report> {
+    let GraphInput { model, data, likelihood, .. } = *input;
+    let ComputeOptions { variant, form, backend, ref gpu } = input.compute;
+    let graph = &model.graph;
+    let mut seconds = Seconds::default();
+    let p = graph.param_count();
+    let n = data.len();
+    model.check_data(data, likelihood)?;
+    let (form, form_reason) = form.resolve(p, options.implicit.given);
+    if form == FormChoice::Implicit && options.damping == 0.0 {
+        return Err(FisherError::Request(
+            "--damping must be positive for the implicit form (SLQ cannot tell a singular F, whose log det is −∞, \
+             from a nearly singular one)"
+                .into(),
+        ));
+    }
+    let modules = graph.modules();
+    let offsets = graph.param_offsets();
+    let ranges: Vec<(usize, usize)> =
+        modules.iter().map(|(_, idx)| (offsets[idx[0]], idx.iter().map(|&i| graph.params[i].len()).sum())).collect();
+    let layout = ParameterLayout::from_ranges(ranges, p)?;
+    if let FormChoice::Explicit(net_form) = form {
+        let bytes = match net_form {
+            NetForm::Full => Some((p as u128).pow(2) * 20),
+            NetForm::Layer => Some(layout.ranges().iter().map(|&(_, l)| (l as u128).pow(2) * 20).sum()),
+            NetForm::Kfac | NetForm::Grads | NetForm::Norms => {
+                return Err(FisherError::Request(format!(
+                    "--form {} is not analysed for --model networks; use full, diag, layer or implicit",
+                    net_form.name()
+                )))
+            }
+            NetForm::Diagonal => None,
+        };
+        if let Some(bytes) = bytes.filter(|&b| b > MAX_DENSE_BYTES) {
+            return Err(FisherError::Request(format!(
+                "--form {} analyses about {} in f64, beyond the {} this command allows; --form implicit works for any model size",
+                net_form.name(),
+                gib(bytes),
+                gib(MAX_DENSE_BYTES)
+            )));
+        }
+    }
+    let start = Instant::now();
+    let device = device::open(&DeviceRequest::from_env(backend, gpu.clone())?)?;
+    seconds.setup = start.elapsed().as_secs_f64();
+    let engine = &device.engine;
+    let theta: Vec<f64> = graph.theta().iter().map(|&v| f64::from(v)).collect();
+    let mut notes = Vec::new();
+    let abbas_n = abbas_samples(options, Some(n), &mut notes);
+    let measure = measure_options(options, p, Some(&theta), Some(&layout), abbas_n);
+    let described = format!("{} operators, P = {p}, {} Fisher, N = {n}", graph.nodes.len(), variant.name());
+    let all = crate::graph::fisher::Selection::all(graph);
+    let start = Instant::now();
+    let (form_name, analysis) = match form {
+        FormChoice::Explicit(net_form) => {
+            let result = engine.graph_fisher(model, data, likelihood, variant, net_form, &all)?;
+            let fisher = ExplicitFisher::from_net(&result, Some(&layout))?;
+            drop(result);
+            seconds.fisher = start.elapsed().as_secs_f64();
+            let title = format!("Fisher spectrum ({} form): {described}", net_form.name());
+            (net_form.name(), analyse_exact(options, &fisher, &measure, &title)?)
+        }
+        FormChoice::Implicit => {
+            let NetFisher::Norms(norms) = engine.graph_fisher(model, data, likelihood, variant, NetForm::Norms, &all)? else {
+                unreachable!("the norms form returns norms")
+            };
+            let trace = norms.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+            seconds.fisher = start.elapsed().as_secs_f64();
+            let rank_bound = n.saturating_mul(rows_per_sample(variant, graph.outputs()));
+            let op = ImplicitFisher::for_graph(engine, model, data, likelihood, variant)?.with_known(Some(trace), Some(rank_bound));
+            let title = format!("Fisher spectrum (implicit): {described}");
+            ("implicit", analyse_implicit(options, op, &measure, &title, progress)?)
+        }
+        FormChoice::Auto => unreachable!("auto is resolved above"),
+    };
+    let subject = Subject {
+        form: form_name.to_string(),
+        samples: Some(n),
+        architecture: Some(described.clone()),
+        layers: None,
+        layer_indices: None,
+        variant: Some(variant.name().to_string()),
+        likelihood: Some(likelihood.name().to_string()),
         input: input.description.clone(),
         backend: Some(engine.device_info()),
         adapter: device.adapter.as_ref().map(|a| a.name.clone()),

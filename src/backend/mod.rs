@@ -47,6 +47,14 @@ pub trait FisherBackend {
     /// without forming F: forward-mode J v, Λ J v at the output, and one backward pass,
     /// streamed in micro-batches. `v` is in θ order (PyTorch `named_parameters()`).
     fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp>;
+
+    /// An executor of a graph network's primitive program on this backend (see
+    /// [`crate::graph::exec::ProgramExec`]), with its shared values (parameters, constants,
+    /// sparse maps) in place.
+    fn program_exec(&self, program: std::sync::Arc<crate::graph::prim::Program>) -> Result<Box<dyn crate::graph::exec::ProgramExec + '_>>;
+
+    /// The largest result this backend holds in host memory, bytes.
+    fn result_limit(&self) -> u64;
 }
 
 /// A streaming reduction in progress.

@@ -12,7 +12,6 @@ use anyhow::Context;
 use clap::Args;
 use fisher_engine::analysis::action::{self, ActionRequest, ActionRun};
 use fisher_engine::fisher::Variant;
-use fisher_engine::model::run::checkpoint_files;
 use fisher_engine::model::ActivationSpec;
 use fisher_engine::output::plot;
 use fisher_engine::output::progress::Progress;
@@ -31,17 +30,24 @@ const TABLE_ROWS: usize = 60;
 pub struct ActionArgs {
     /// The checkpoints θ₀ … θ_T in order: two or more safetensors files (PyTorch state dicts
     /// of one architecture), or one directory whose *.safetensors files are taken in natural
-    /// name order (ckpt_2 before ckpt_10).
+    /// name order (ckpt_2 before ckpt_10). With --model, or given as .onnx files: ONNX
+    /// exports of one network, or its state dicts (keyed by its parameter names).
     #[arg(long, value_name = "FILES|DIR", num_args = 1.., required = true)]
     pub checkpoints: Vec<PathBuf>,
 
     /// The activation after every Linear layer but the last: relu, tanh, sigmoid, gelu
     /// (exact, erf) or identity; or a JSON list with one per gap, e.g. '["tanh","relu"]',
     /// inline or in a .json file.
+    /// Required for MLP checkpoints; not with --model or .onnx checkpoints.
     #[arg(long, value_name = "NAME|JSON|FILE")]
-    pub activation: String,
+    pub activation: Option<String>,
 
-    /// Inputs: an N×d float32/float64 .npy file.
+    /// The network as exported from PyTorch to ONNX (see `fisher compute --help`); the
+    /// checkpoints are its state dicts (safetensors) or ONNX exports.
+    #[arg(long, value_name = "M.onnx")]
+    pub model: Option<PathBuf>,
+
+    /// Inputs: an N×d float32/float64 .npy file (with a graph model: N × its input shape).
     #[arg(long, value_name = "X.npy")]
     pub inputs: PathBuf,
 
@@ -90,8 +96,14 @@ impl ActionConfig {
     pub fn from_args(args: ActionArgs) -> anyhow::Result<Self> {
         let variant = args.variant.variant("")?;
         let likelihood = args.variant.likelihood();
-        let activation =
-            ActivationSpec::parse(&args.activation).map_err(|e| anyhow::Error::new(e).context("bad --activation"))?;
+        let graph = args.model.is_some()
+            || args.checkpoints.first().is_some_and(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")));
+        let activation = match (&args.activation, graph) {
+            (Some(_), true) => return Err(usage("--activation does not apply to --model or .onnx checkpoints (the graph holds the architecture)")),
+            (None, true) => ActivationSpec::parse("identity")?,
+            (Some(text), false) => ActivationSpec::parse(text).map_err(|e| anyhow::Error::new(e).context("bad --activation"))?,
+            (None, false) => return Err(usage("--activation is required with safetensors checkpoints of an MLP")),
+        };
         if args.segments == 0 {
             return Err(usage("--segments must be at least 1"));
         }
@@ -104,7 +116,8 @@ impl ActionConfig {
         }
         let (backend, gpu) = args.backend.resolve()?;
         // Too few checkpoints, or a directory among files, is a usage error.
-        let checkpoints = checkpoint_files(&args.checkpoints).map_err(|e| match e {
+        let exts: &[&str] = if graph { &["safetensors", "onnx"] } else { &["safetensors"] };
+        let checkpoints = fisher_engine::model::run::checkpoint_files_of(&args.checkpoints, exts).map_err(|e| match e {
             FisherError::InvalidInput(message) => usage(message),
             other => other.into(),
         })?;
@@ -112,6 +125,7 @@ impl ActionConfig {
             let mut inputs: Vec<(&str, &std::path::Path)> =
                 vec![("--inputs", args.inputs.as_path()), ("--labels", args.labels.as_path())];
             inputs.extend(checkpoints.iter().map(|c| ("--checkpoints", c.as_path())));
+            inputs.extend(args.model.as_deref().map(|m| ("--model", m)));
             plot::check_plot_output(path, args.force, &inputs).context("bad --plot")?;
         }
         let report = args.output.report();
@@ -127,6 +141,7 @@ impl ActionConfig {
             gpu,
             plot: args.plot,
             show_progress: Progress::wanted(report == Report::Quiet, report == Report::Json),
+            model: args.model,
         };
         Ok(ActionConfig { request, report })
     }

@@ -613,7 +613,15 @@ pub struct ModelArgs {
     #[arg(long, value_name = "M.safetensors", conflicts_with = "synthetic_model")]
     pub weights: Option<PathBuf>,
 
-    /// Inputs: an N×d float32/float64 .npy file.
+    /// Instead of --weights: a network exported from PyTorch to ONNX with
+    /// `torch.onnx.export(model.eval(), (x,), "M.onnx", dynamo=True, optimize=False)`
+    /// (convolutions, norms, residual connections, embeddings; see the README). Its weights
+    /// may sit beside it in `M.onnx.data`.
+    #[arg(long, value_name = "M.onnx", conflicts_with_all = ["weights", "synthetic_model"])]
+    pub model: Option<PathBuf>,
+
+    /// Inputs: an N×d float32/float64 .npy file (with --model: N × the model's input
+    /// shape, e.g. N×3×32×32, or integer token indices N×T).
     #[arg(long, value_name = "X.npy", conflicts_with = "synthetic_model")]
     pub inputs: Option<PathBuf>,
 
@@ -652,9 +660,24 @@ impl ModelArgs {
         self.synthetic_model.is_some() || self.synthetic_samples.is_some()
     }
 
+    /// With `--model`: the ONNX file, the inputs and the labels (all three required).
+    pub fn graph_source(&self) -> anyhow::Result<Option<(PathBuf, PathBuf, PathBuf)>> {
+        let Some(model) = &self.model else { return Ok(None) };
+        if self.synthetic_samples.is_some() || self.synthetic_seed.is_some() {
+            return Err(usage("--model reads its data from --inputs and --labels; --synthetic-* do not apply"));
+        }
+        match (&self.inputs, &self.labels) {
+            (Some(x), Some(y)) => Ok(Some((model.clone(), x.clone(), y.clone()))),
+            _ => Err(usage("--model needs --inputs X.npy and --labels y.npy")),
+        }
+    }
+
     /// Files or a synthetic problem: exactly one of the two, complete. Each refusal names the
     /// flag at fault.
     pub fn source(&self) -> anyhow::Result<Source> {
+        if self.model.is_some() {
+            return Err(usage("--model (ONNX) is read by compute, report and action; this command takes --weights or --synthetic-model"));
+        }
         if self.is_synthetic() {
             for (given, flag) in
                 [(self.weights.is_some(), "--weights"), (self.inputs.is_some(), "--inputs"), (self.labels.is_some(), "--labels")]

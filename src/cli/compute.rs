@@ -7,6 +7,7 @@ use clap::Args;
 use fisher_engine::fisher::{NetForm, Variant};
 use fisher_engine::model::{architecture_text, ActivationSpec};
 use fisher_engine::pipeline::compute::{self, ComputeOutcome, ComputeRequest};
+use fisher_engine::pipeline::graph::{GraphOutcome, GraphRequest};
 use fisher_engine::pipeline::{ResultTooLarge, RunError};
 use serde_json::json;
 
@@ -20,8 +21,14 @@ pub struct ComputeArgs {
     /// The activation after every Linear layer but the last: relu, tanh, sigmoid, gelu
     /// (exact, erf) or identity; or a JSON list with one per gap, e.g. '["tanh","relu"]',
     /// inline or in a .json file.
+    /// Required with --weights and --synthetic-model; not with --model (the graph has them).
     #[arg(long, value_name = "NAME|JSON|FILE")]
-    pub activation: String,
+    pub activation: Option<String>,
+
+    /// With --model: only the parameters whose name matches this regular expression, e.g.
+    /// '^fc\.' for the last layer (last-layer Laplace); the Fisher over that subset.
+    #[arg(long, value_name = "REGEX")]
+    pub params: Option<String>,
 
     /// Model, data, variant and backend.
     #[command(flatten)]
@@ -72,12 +79,23 @@ pub struct ComputeConfig {
     pub activation_text: String,
     /// Output style.
     pub report: Report,
+    /// With `--model`: the graph request, which replaces `request`.
+    pub graph: Option<GraphRequest>,
 }
 
 impl ComputeConfig {
     /// Validates raw flags. Cross-flag rules are checked here, not (only) by clap, so that
     /// each refusal names the flag at fault.
     pub fn from_args(args: ComputeArgs) -> anyhow::Result<Self> {
+        if let Some((model, inputs, labels)) = args.model.graph_source()? {
+            return Self::graph(args, model, inputs, labels);
+        }
+        if args.params.is_some() {
+            return Err(usage("--params applies to --model (ONNX) networks"));
+        }
+        let Some(activation_text) = args.activation.clone() else {
+            return Err(usage("--activation is required with --weights and --synthetic-model"));
+        };
         if !args.model.is_synthetic() {
             for (given, flag) in [(args.save_model.is_some(), "--save-model"), (args.save_data.is_some(), "--save-data")] {
                 if given {
@@ -88,7 +106,7 @@ impl ComputeConfig {
         let source = args.model.source()?;
         let variant = args.model.variant()?;
         let likelihood = args.model.likelihood();
-        let activation = ActivationSpec::parse(&args.activation)
+        let activation = ActivationSpec::parse(&activation_text)
             .map_err(|e| anyhow::Error::new(e).context("bad --activation"))?;
 
         let saves = args.save_model.is_some() || args.save_data.is_some();
@@ -124,8 +142,133 @@ impl ComputeConfig {
             save_data: args.save_data,
             force: args.force,
         };
-        Ok(ComputeConfig { request, activation_text: args.activation, report: args.output.report() })
+        Ok(ComputeConfig { request, activation_text, report: args.output.report(), graph: None })
     }
+
+    fn graph(args: ComputeArgs, model: PathBuf, inputs: PathBuf, labels: PathBuf) -> anyhow::Result<Self> {
+        for (given, flag) in [
+            (args.activation.is_some(), "--activation"),
+            (args.save_model.is_some(), "--save-model"),
+            (args.save_data.is_some(), "--save-data"),
+        ] {
+            if given {
+                return Err(usage(format!("{flag} does not apply to --model (the ONNX graph holds the architecture)")));
+            }
+        }
+        let Some(form) = args.form.map(NetForm::from) else {
+            return Err(usage("--form full|diag|layer|kfac|grads|norms is required"));
+        };
+        let Some(out) = args.out.clone() else { return Err(usage("--out F.safetensors is required")) };
+        let (backend, gpu) = args.model.backend()?;
+        if !(args.max_result_gib.is_finite() && args.max_result_gib > 0.0) {
+            return Err(usage(format!("--max-result-gib must be a positive number, not {}", args.max_result_gib)));
+        }
+        let graph = GraphRequest {
+            model,
+            inputs,
+            labels,
+            likelihood: args.model.likelihood(),
+            variant: args.model.variant()?,
+            form,
+            params: args.params.clone(),
+            backend,
+            gpu: gpu.clone(),
+            out,
+            verify: args.verify,
+            max_result_bytes: super::args::gib_to_bytes(args.max_result_gib),
+            force: args.force,
+        };
+        // The MLP request is unused on this path; it keeps one config type for the command.
+        let mut request = ComputeRequest::new(Source::Synthetic { widths: vec![1, 1], samples: 1, seed: 0 }, ActivationSpec::parse("identity")?, backend);
+        request.gpu = gpu;
+        Ok(ComputeConfig { request, activation_text: String::new(), report: args.output.report(), graph: Some(graph) })
+    }
+}
+
+/// Runs `fisher compute --model`.
+pub fn run_graph(graph: &GraphRequest) -> anyhow::Result<GraphOutcome> {
+    fisher_engine::pipeline::graph::run(graph).map_err(|e| match e {
+        RunError::ResultTooLarge(e) => too_large(&e),
+        e => run_error(e),
+    })
+}
+
+/// The readable summary of a `compute --model` run.
+pub fn human_graph(g: &GraphRequest, o: &GraphOutcome) -> String {
+    let mut lines = vec![format!(
+        "{}: {} operators, P = {} parameters ({} selected), N = {} samples, {} likelihood",
+        g.model.display(),
+        o.nodes,
+        o.model_params,
+        o.params,
+        o.samples,
+        g.likelihood.name()
+    )];
+    lines.push(format!("  data      {} · {}", g.inputs.display(), g.labels.display()));
+    if g.params.is_some() {
+        lines.push(format!("  params    {}", o.param_names.join(", ")));
+    }
+    lines.push(format!("  variant   {}", g.variant.description(o.rows_per_sample)));
+    lines.push(format!("  form      {}", g.form.description()));
+    lines.push(format!("  backend   {}", o.backend));
+    if let Some(why) = &o.fallback {
+        lines.push(format!("            ({why})"));
+    }
+    let trace_label = if g.form == NetForm::Kfac { "Σ tr(G)·tr(A)" } else { "tr F" };
+    let shown: Vec<(String, Vec<usize>)> = o.tensors.iter().take(8).cloned().collect();
+    let more = o.tensors.len().saturating_sub(shown.len());
+    lines.push(format!(
+        "  result    {}{}   {trace_label} = {:.6e}",
+        tensor_list(&shown),
+        if more > 0 { format!(" … and {more} more") } else { String::new() },
+        o.trace
+    ));
+    if let Some(v) = &o.verification {
+        let a = &v.agreement;
+        lines.push(format!(
+            "  verified  ‖Δ‖/‖ref‖ {:.2e} · max|Δ|/max|ref| {:.2e} against the f64 reference: {} (‖Δ‖/‖ref‖ ≤ {:.0e})",
+            a.frobenius_rel,
+            a.max_rel,
+            if v.passed { "PASS" } else { "FAIL" },
+            v.bound
+        ));
+    }
+    lines.push(format!("  wrote     {} ({})", o.out.0.display(), bytes(o.out.1)));
+    let s = &o.seconds;
+    lines.push(format!("  seconds   load {:.3} · setup {:.3} · compute {:.3} · verify {:.3} · write {:.3}", s.load, s.setup, s.compute, s.verify, s.write));
+    lines.join("\n")
+}
+
+/// The one-line JSON summary of a `compute --model` run.
+pub fn json_graph(g: &GraphRequest, o: &GraphOutcome) -> String {
+    let mut value = json!({
+        "model": g.model.display().to_string(),
+        "inputs": g.inputs.display().to_string(),
+        "labels": g.labels.display().to_string(),
+        "operators": o.nodes,
+        "model_parameters": o.model_params,
+        "parameters": o.params,
+        "parameter_names": o.param_names,
+        "samples": o.samples,
+        "variant": g.variant.name(),
+        "likelihood": g.likelihood.name(),
+        "rows_per_sample": o.rows_per_sample,
+        "form": g.form.name(),
+        "backend": o.backend,
+        "adapter": o.adapter,
+        "trace": o.trace,
+        "seconds": o.seconds,
+        "out": o.out.0.display().to_string(),
+        "tensors": o.tensors.iter().map(|(name, shape)| json!({"name": name, "shape": shape})).collect::<Vec<_>>(),
+    });
+    if let Variant::MonteCarlo { samples, seed } = g.variant {
+        value["mc_samples"] = json!(samples);
+        value["seed"] = json!(seed);
+    }
+    if let Some(v) = &o.verification {
+        value["verification"] = json!(v);
+    }
+    value.to_string()
 }
 
 /// The refusal of a result beyond `--max-result-gib` (exit 2), with what to do instead.

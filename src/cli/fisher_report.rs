@@ -142,6 +142,15 @@ pub enum ReportInput {
         /// Variant, form and device.
         compute: ComputeOptions,
     },
+    /// A graph network read from ONNX (`--model`), and its data.
+    Graph {
+        /// The ONNX file, the inputs and the labels.
+        files: (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf),
+        /// The likelihood.
+        likelihood: Likelihood,
+        /// Variant, form and device.
+        compute: ComputeOptions,
+    },
     /// A stored result.
     Stored(StoredInput),
 }
@@ -191,6 +200,21 @@ impl ReportConfig {
                 None => ActivationSpec::parse("identity").expect("a valid activation name"),
             };
             ReportInput::Stored(StoredInput { path, weights: m.weights.clone(), activation })
+        } else if let Some(files) = m.graph_source()? {
+            if args.activation.is_some() {
+                return Err(usage("--activation does not apply to --model (the ONNX graph holds the architecture)"));
+            }
+            let variant = m.variant()?;
+            let (backend, gpu) = m.backend()?;
+            let form = match args.form.unwrap_or(ReportFormArg::Auto) {
+                ReportFormArg::Auto => FormChoice::Auto,
+                ReportFormArg::Implicit => FormChoice::Implicit,
+                ReportFormArg::Full => FormChoice::Explicit(NetForm::Full),
+                ReportFormArg::Diag => FormChoice::Explicit(NetForm::Diagonal),
+                ReportFormArg::Layer => FormChoice::Explicit(NetForm::Layer),
+                ReportFormArg::Kfac => return Err(usage("--form kfac is not analysed for --model networks; use full, diag, layer or implicit")),
+            };
+            ReportInput::Graph { files, likelihood: m.likelihood(), compute: ComputeOptions { variant, form, backend, gpu } }
         } else {
             let source = m.source()?;
             let variant = m.variant()?;
@@ -248,9 +272,12 @@ impl ReportConfig {
         if let (Some(flag), ReportInput::Stored { .. }) = (given, &input) {
             return Err(usage(format!("{flag} only applies to the implicit form, not to a stored --fisher result")));
         }
-        if let (Some(flag), ReportInput::Model { compute: ComputeOptions { form: FormChoice::Explicit(form), .. }, .. }) =
-            (given, &input)
-        {
+        let explicit = match &input {
+            ReportInput::Model { compute: ComputeOptions { form: FormChoice::Explicit(form), .. }, .. }
+            | ReportInput::Graph { compute: ComputeOptions { form: FormChoice::Explicit(form), .. }, .. } => Some(*form),
+            _ => None,
+        };
+        if let (Some(flag), Some(form)) = (given, explicit) {
             return Err(usage(format!(
                 "{flag} only applies to --form implicit (--form {} is analysed exactly)",
                 form.name()
@@ -273,6 +300,9 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
                 vec![("--weights", weights.as_path()), ("--inputs", inputs.as_path()), ("--labels", labels.as_path())]
             }
             ReportInput::Model { .. } => Vec::new(),
+            ReportInput::Graph { files: (model, inputs, labels), .. } => {
+                vec![("--model", model.as_path()), ("--inputs", inputs.as_path()), ("--labels", labels.as_path())]
+            }
             ReportInput::Stored(stored) => {
                 let mut inputs = vec![("--fisher", stored.path.as_path())];
                 inputs.extend(stored.weights.as_deref().map(|w| ("--weights", w)));
@@ -301,6 +331,17 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
             };
             let input = ModelInput { mlp: &mlp, data: &data, description, compute: compute.clone() };
             let request = ReportRequest { input: report::ReportInput::Model(input), options: cfg.options.clone() };
+            let mut outcome = report::run(&request, &progress)?;
+            outcome.seconds.load = load;
+            outcome
+        }
+        ReportInput::Graph { files: (model_path, inputs, labels), likelihood, compute } => {
+            let start = Instant::now();
+            let (model, data) = fisher_engine::pipeline::graph::load_graph_problem(model_path, inputs, labels, *likelihood)?;
+            let load = start.elapsed().as_secs_f64();
+            let description = format!("{} · {} · {}", model_path.display(), inputs.display(), labels.display());
+            let input = report::GraphInput { model: &model, data: &data, likelihood: *likelihood, description, compute: compute.clone() };
+            let request = ReportRequest { input: report::ReportInput::Graph(input), options: cfg.options.clone() };
             let mut outcome = report::run(&request, &progress)?;
             outcome.seconds.load = load;
             outcome

@@ -10,6 +10,10 @@
 pub mod ir;
 pub mod prim;
 pub mod exec;
+pub mod lower;
+pub mod autodiff;
+pub mod fisher;
 pub mod reference;
+pub mod onnx;
 
 pub use ir::{BinaryOp, Graph, GraphBuilder, InputType, Node, Op, Param, Tensor, TensorId, TensorKind, UnaryOp, Window};

@@ -15,6 +15,15 @@
 //! | grads (compute) | `grads` \[N·R, P\], F = GᵀG/N |
 //! | norms | `norms` \[N\] (their mean is tr F) |
 //!
+//! A graph model's result (`fisher compute --model M.onnx`) names its parts by the PyTorch
+//! names instead: `diag` is followed by `diag.<parameter>` shaped like the parameter (so
+//! `safetensors.torch.load_file` gives a dict ready for an EWC penalty), blocks are
+//! `block.<module>` (the parameters sharing a name prefix, e.g. `conv1.weight` and
+//! `conv1.bias` form `conv1`), KFAC factors `kfac.<module>.A` / `.G`; the metadata adds
+//! `parameter_names` and `parameter_shapes` (JSON lists, in the order of the flat `diag`,
+//! `fisher` and `grads`), and `modules` (layer) or `kfac_modules` (kfac), the names in
+//! block order.
+//!
 //! and whose string metadata records, for every file: `form` (the command-line spelling),
 //! `samples`, `parameters`, `backend` (the backend's label), `normalization` and
 //! `fisher_engine_version`; for a network's Fisher also `variant`, `likelihood`,
@@ -168,6 +177,81 @@ impl FisherFile {
         FisherFile { tensors, metadata, form: form.name().to_string() }
     }
 
+    /// The file of a graph network's Fisher (`fisher compute --model`): `result` over the
+    /// `selection`'s parameters of `model`, on `samples` inputs.
+    pub fn of_graph(
+        result: NetFisher,
+        model: &crate::graph::fisher::GraphModel,
+        selection: &crate::graph::fisher::Selection,
+        samples: usize,
+        likelihood: Likelihood,
+        variant: Variant,
+        backend: &str,
+    ) -> Self {
+        let graph = &model.graph;
+        let form = result.form();
+        let rows = rows_per_sample(variant, graph.outputs());
+        let normalization = match form {
+            NetForm::Grads => format!(
+                "rows scaled so that F = GᵀG/N; row i·{rows} + r is output row r of sample i ({rows} per sample)"
+            ),
+            NetForm::Norms => "none: per-sample Σ_r ‖g_ir‖² (their mean is tr F)".to_string(),
+            _ => "1/N (mean over samples)".to_string(),
+        };
+        let names: Vec<&str> = selection.0.iter().map(|&i| graph.params[i].name.as_str()).collect();
+        let shapes: Vec<&Vec<usize>> = selection.0.iter().map(|&i| &graph.params[i].shape).collect();
+        let mut metadata = HashMap::from([
+            ("form".to_string(), form.name().to_string()),
+            ("variant".to_string(), variant.name().to_string()),
+            ("likelihood".to_string(), likelihood.name().to_string()),
+            ("samples".to_string(), samples.to_string()),
+            ("parameters".to_string(), selection.count(graph).to_string()),
+            ("rows_per_sample".to_string(), rows.to_string()),
+            ("backend".to_string(), backend.to_string()),
+            ("parameter_names".to_string(), json!(names).to_string()),
+            ("parameter_shapes".to_string(), json!(shapes).to_string()),
+            ("param_order".to_string(), "the ONNX initializers' order (PyTorch named_parameters); each row-major".to_string()),
+            ("normalization".to_string(), normalization),
+            ("fisher_engine_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ]);
+        if let Variant::MonteCarlo { samples: k, seed } = variant {
+            metadata.insert("mc_samples".into(), k.to_string());
+            metadata.insert("seed".into(), seed.to_string());
+        }
+        let tensors = match result {
+            NetFisher::Full(m) => Tensors::Full(m),
+            NetFisher::Diagonal(d) => Tensors::Diagonal(d),
+            NetFisher::Grads(g) => Tensors::Grads(g),
+            NetFisher::Norms(n) => Tensors::Norms(n),
+            NetFisher::Layer(blocks) => {
+                let modules: Vec<String> = crate::graph::fisher::selected_modules(graph, selection).into_iter().map(|m| m.0).collect();
+                metadata.insert("modules".into(), json!(modules).to_string());
+                Tensors::Blocks(blocks.into_iter().enumerate().collect())
+            }
+            NetFisher::Kfac(factors) => {
+                let modules: Vec<String> = crate::graph::fisher::kfac_sites(model, selection).into_iter().map(|m| m.0).collect();
+                metadata.insert("kfac_modules".into(), json!(modules).to_string());
+                metadata.insert(
+                    "kfac_layout".into(),
+                    "block ≈ G ⊗ A in [W|b] row-major order, W as out × (in, or Cin·kh·kw); A sums over positions, G averages over them (KFC expand)".to_string(),
+                );
+                Tensors::Kfac(factors.into_iter().enumerate().collect())
+            }
+        };
+        FisherFile { tensors, metadata, form: form.name().to_string() }
+    }
+
+    /// A JSON list of names in the metadata (`modules`, `kfac_modules`, `parameter_names`).
+    fn name_list(&self, key: &str) -> Option<Vec<String>> {
+        serde_json::from_str(self.metadata.get(key)?).ok()
+    }
+
+    /// The name of block or KFAC layer `i` in tensor names: the module name of a graph
+    /// model's file, else the index.
+    fn part_name(&self, key: &str, i: usize) -> String {
+        self.name_list(key).and_then(|names| names.get(i).cloned()).unwrap_or_else(|| i.to_string())
+    }
+
     /// The form as spelled in the metadata (`full`, `kfac`, `blocks:3,5`, …), or told by the
     /// tensor names when the file has no `form` key.
     pub fn form(&self) -> &str {
@@ -270,12 +354,30 @@ impl FisherFile {
             Tensors::Full(m) => vec![matrix("fisher".into(), m)],
             Tensors::Gram(m) => vec![matrix("gram".into(), m)],
             Tensors::Grads(m) => vec![matrix("grads".into(), m)],
-            Tensors::Diagonal(d) => vec![vector("diag", d)],
+            Tensors::Diagonal(d) => {
+                let mut out = vec![vector("diag", d)];
+                // A graph model's file: also each parameter's slice, shaped like it.
+                let shapes: Option<Vec<Vec<usize>>> = self.metadata.get("parameter_shapes").and_then(|t| serde_json::from_str(t).ok());
+                if let (Some(names), Some(shapes), Some(values)) = (self.name_list("parameter_names"), shapes, d.as_slice()) {
+                    let mut at = 0;
+                    for (name, shape) in names.into_iter().zip(shapes) {
+                        let len: usize = shape.iter().product();
+                        if let Some(part) = values.get(at..at + len) {
+                            out.push((format!("diag.{name}"), shape, Cow::Borrowed(part)));
+                        }
+                        at += len;
+                    }
+                }
+                out
+            }
             Tensors::Norms(n) => vec![vector("norms", n)],
-            Tensors::Blocks(blocks) => blocks.iter().map(|(i, b)| matrix(format!("block.{i}"), b)).collect(),
+            Tensors::Blocks(blocks) => blocks.iter().map(|(i, b)| matrix(format!("block.{}", self.part_name("modules", *i)), b)).collect(),
             Tensors::Kfac(factors) => factors
                 .iter()
-                .flat_map(|(i, f)| [matrix(format!("kfac.{i}.A"), &f.a), matrix(format!("kfac.{i}.G"), &f.g)])
+                .flat_map(|(i, f)| {
+                    let name = self.part_name("kfac_modules", *i);
+                    [matrix(format!("kfac.{name}.A"), &f.a), matrix(format!("kfac.{name}.G"), &f.g)]
+                })
                 .collect(),
         }
     }
@@ -336,6 +438,44 @@ pub fn read(path: &Path) -> Result<FisherFile> {
     let shown_form = quote(&form);
     let mut by_name: BTreeMap<String, (Vec<usize>, Vec<f32>)> =
         named.into_iter().map(|(name, shape, values)| (name, (shape, values))).collect();
+    // A graph model's file names blocks and KFAC layers by module (`modules`,
+    // `kfac_modules`): back to their indices; and its per-parameter `diag.<name>` tensors
+    // repeat slices of `diag` (checked below, then dropped).
+    let list = |key: &str| -> Result<Option<Vec<String>>> {
+        match metadata.get(key) {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(text).map(Some).map_err(|_| bad(format!("metadata '{key}' is not a JSON list of names"))),
+        }
+    };
+    for (key, prefix) in [("modules", "block."), ("kfac_modules", "kfac.")] {
+        if let Some(modules) = list(key)? {
+            let renamed: Vec<(String, String)> = by_name
+                .keys()
+                .filter_map(|name| {
+                    let rest = name.strip_prefix(prefix)?;
+                    let (module, suffix) = if prefix == "kfac." {
+                        let (m, s) = rest.rsplit_once('.')?;
+                        (m, format!(".{s}"))
+                    } else {
+                        (rest, String::new())
+                    };
+                    let i = modules.iter().position(|m| m == module)?;
+                    Some((name.clone(), format!("{prefix}{i}{suffix}")))
+                })
+                .collect();
+            for (old, new) in renamed {
+                let v = by_name.remove(&old).expect("listed");
+                by_name.insert(new, v);
+            }
+        }
+    }
+    let per_parameter: Vec<(String, (Vec<usize>, Vec<f32>))> = match list("parameter_names")? {
+        Some(names) if form == "diag" => names
+            .iter()
+            .filter_map(|n| by_name.remove(&format!("diag.{n}")).map(|v| (n.clone(), v)))
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut take = |name: &str| {
         by_name.remove(name).ok_or_else(|| bad(format!("the {shown_form} form needs a tensor '{name}', which is missing")))
     };
@@ -380,7 +520,16 @@ pub fn read(path: &Path) -> Result<FisherFile> {
         }
         "diag" => {
             let (shape, values) = take("diag")?;
-            Tensors::Diagonal(vector("diag", &shape, values)?)
+            let diag = vector("diag", &shape, values)?;
+            let mut at = 0;
+            for (name, (shape, values)) in &per_parameter {
+                let part = diag.as_slice().and_then(|d| d.get(at..at + values.len()));
+                if part != Some(values.as_slice()) || shape.iter().product::<usize>() != values.len() {
+                    return Err(bad(format!("tensor 'diag.{}' disagrees with its slice of 'diag'", quote(name))));
+                }
+                at += values.len();
+            }
+            Tensors::Diagonal(diag)
         }
         "norms" => {
             let (shape, values) = take("norms")?;

@@ -165,40 +165,10 @@ fn to_f32_matrix(
     Array2::from_shape_vec((rows, cols), values).map_err(|e| invalid(path, format!("{what}: {e}")))
 }
 
-impl Dataset {
-    /// Reads inputs (N×d float32/float64) and labels (categorical: int32/int64 class indices
-    /// of shape (N,) or (N, 1); Gaussian: N×k float targets, or (N,) read as N×1) from `.npy`
-    /// files.
-    ///
-    /// Errors: [`FisherError::Io`] when a file cannot be read, is not `.npy` or is in Fortran
-    /// order; [`FisherError::InvalidInput`] naming the file for another dtype or rank, N that
-    /// differ between the files, and a negative label (with its row);
-    /// [`FisherError::Empty`] for no samples or no columns; [`FisherError::NonFinite`] (row
-    /// and column) for NaN/±Inf. Checks against the model are in [`Dataset::validate`].
-    pub fn from_npy(inputs: &Path, labels: &Path, likelihood: Likelihood) -> Result<Dataset> {
-        let x = read_npy(inputs)?;
-        let (n, d) = match x.shape[..] {
-            [n, d] => (n, d),
-            _ => {
-                return Err(invalid(
-                    inputs,
-                    format!(
-                        "inputs have shape {}; expected a 2-D N×d array (use x.reshape(len(x), -1))",
-                        numpy_shape(&x.shape)
-                    ),
-                ))
-            }
-        };
-        if n == 0 || d == 0 {
-            return Err(FisherError::Empty {
-                what: format!("inputs {}", inputs.display()),
-                rows: n,
-                cols: d,
-            });
-        }
-        let x = to_f32_matrix(inputs, "inputs", x, (n, d), false)?;
-        check_matrix(&format!("inputs {}", inputs.display()), x.view(), 0)?;
 
+/// Reads the labels (categorical) or targets (Gaussian) of `n` inputs (see
+/// [`Dataset::from_npy`]).
+fn read_targets(inputs: &Path, labels: &Path, n: usize, likelihood: Likelihood) -> Result<Targets> {
         let y = read_npy(labels)?;
         let label_rows = y.shape.first().copied().unwrap_or(0);
         if label_rows != n || y.shape.is_empty() {
@@ -281,7 +251,82 @@ impl Dataset {
                 Targets::Values(values)
             }
         };
+        Ok(targets)
+}
+
+impl Dataset {
+    /// Reads inputs (N×d float32/float64) and labels (categorical: int32/int64 class indices
+    /// of shape (N,) or (N, 1); Gaussian: N×k float targets, or (N,) read as N×1) from `.npy`
+    /// files.
+    ///
+    /// Errors: [`FisherError::Io`] when a file cannot be read, is not `.npy` or is in Fortran
+    /// order; [`FisherError::InvalidInput`] naming the file for another dtype or rank, N that
+    /// differ between the files, and a negative label (with its row);
+    /// [`FisherError::Empty`] for no samples or no columns; [`FisherError::NonFinite`] (row
+    /// and column) for NaN/±Inf. Checks against the model are in [`Dataset::validate`].
+    pub fn from_npy(inputs: &Path, labels: &Path, likelihood: Likelihood) -> Result<Dataset> {
+        let x = read_npy(inputs)?;
+        let (n, d) = match x.shape[..] {
+            [n, d] => (n, d),
+            _ => {
+                return Err(invalid(
+                    inputs,
+                    format!(
+                        "inputs have shape {}; expected a 2-D N×d array (use x.reshape(len(x), -1))",
+                        numpy_shape(&x.shape)
+                    ),
+                ))
+            }
+        };
+        if n == 0 || d == 0 {
+            return Err(FisherError::Empty {
+                what: format!("inputs {}", inputs.display()),
+                rows: n,
+                cols: d,
+            });
+        }
+        let x = to_f32_matrix(inputs, "inputs", x, (n, d), false)?;
+        check_matrix(&format!("inputs {}", inputs.display()), x.view(), 0)?;
+
+        let targets = read_targets(inputs, labels, n, likelihood)?;
         Ok(Dataset { inputs: x, targets })
+    }
+
+    /// Reads inputs of any rank for a graph model: N × (per-sample shape), float32/float64
+    /// features or integer token indices (stored as f32, so below 2²⁴ in magnitude), and the
+    /// labels or targets as in [`Dataset::from_npy`]. Returns the data with the inputs
+    /// flattened row-major per sample, the per-sample shape, and whether the inputs are
+    /// integers.
+    pub fn from_npy_any_rank(inputs: &Path, labels: &Path, likelihood: Likelihood) -> Result<(Dataset, Vec<usize>, bool)> {
+        let x = read_npy(inputs)?;
+        let Some((&n, rest)) = x.shape.split_first().filter(|(_, rest)| !rest.is_empty()) else {
+            return Err(invalid(
+                inputs,
+                format!("inputs have shape {}; expected N × the model's input shape", numpy_shape(&x.shape)),
+            ));
+        };
+        let per_sample = rest.to_vec();
+        let d: usize = per_sample.iter().product();
+        if n == 0 || d == 0 {
+            return Err(FisherError::Empty { what: format!("inputs {}", inputs.display()), rows: n, cols: d });
+        }
+        let integer = matches!(x.values, NpyValues::Int(_));
+        let x = match x.values {
+            NpyValues::Int(v) => {
+                if let Some((at, &bad)) = v.iter().enumerate().find(|(_, &t)| t.unsigned_abs() >= 1 << 24) {
+                    return Err(invalid(
+                        inputs,
+                        format!("token {bad} at sample {}, position {} is beyond 2^24 (integer inputs are token indices)", at / d, at % d),
+                    ));
+                }
+                Array2::from_shape_vec((n, d), v.into_iter().map(|t| t as f32).collect())
+                    .map_err(|e| invalid(inputs, format!("inputs: {e}")))?
+            }
+            values => to_f32_matrix(inputs, "inputs", NpyArray { shape: vec![n, d], values, dtype: x.dtype }, (n, d), false)?,
+        };
+        check_matrix(&format!("inputs {}", inputs.display()), x.view(), 0)?;
+        let targets = read_targets(inputs, labels, n, likelihood)?;
+        Ok((Dataset { inputs: x, targets }, per_sample, integer))
     }
 
     /// Checks the data against `mlp` and `likelihood`: at least one sample and one column,

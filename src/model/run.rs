@@ -392,6 +392,12 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
 /// The checkpoint files: the paths as given, or one directory's `*.safetensors` files in
 /// natural order ([`natural_cmp`]). At least two are required.
 pub fn checkpoint_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    checkpoint_files_of(given, &["safetensors"])
+}
+
+/// [`checkpoint_files`] for checkpoints with any of the extensions `exts` (a directory's
+/// files with them; given files as they are).
+pub fn checkpoint_files_of(given: &[PathBuf], exts: &[&str]) -> Result<Vec<PathBuf>> {
     let too_few = |message: String| Err(FisherError::InvalidInput(message));
     match given {
         [dir] if dir.is_dir() => {
@@ -399,7 +405,7 @@ pub fn checkpoint_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut files: Vec<PathBuf> = Vec::new();
             for entry in std::fs::read_dir(dir).map_err(cannot_list)? {
                 let path = entry.map_err(cannot_list)?.path();
-                let is_checkpoint = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+                let is_checkpoint = path.extension().is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)));
                 if is_checkpoint && path.is_file() {
                     files.push(path);
                 }
@@ -408,8 +414,9 @@ pub fn checkpoint_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
             files.sort_by(|a, b| natural_cmp(&name(a), &name(b)));
             if files.len() < 2 {
                 return too_few(format!(
-                    "the action needs at least 2 checkpoints, but {} holds {} *.safetensors file{}",
+                    "the action needs at least 2 checkpoints, but {} holds {} *.{} file{}",
                     dir.display(),
+                    exts.join("/*."),
                     files.len(),
                     if files.len() == 1 { "" } else { "s" }
                 ));

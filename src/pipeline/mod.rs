@@ -37,6 +37,7 @@ use crate::model::{problem, ActivationSpec, Dataset, Likelihood, Mlp};
 use crate::verify::VerificationFailed;
 
 pub mod compute;
+pub mod graph;
 pub mod reduce;
 
 /// Why a pipeline stopped.

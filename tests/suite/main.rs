@@ -21,6 +21,7 @@ mod cpu;
 mod fuzz;
 mod fvp;
 mod gpu;
+mod graph_fixtures;
 mod invariants;
 mod network;
 mod nn_load;

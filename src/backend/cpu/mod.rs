@@ -15,8 +15,8 @@
 //! Every division by N is done in f64 and rounded once to f32. Work runs on rayon's global
 //! thread pool.
 
-mod network;
-mod syrk;
+pub(crate) mod network;
+pub(crate) mod syrk;
 
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, Zip};
 use rayon::prelude::*;
@@ -99,6 +99,14 @@ impl CpuBackend {
 }
 
 impl FisherBackend for CpuBackend {
+    fn program_exec(&self, program: std::sync::Arc<crate::graph::prim::Program>) -> Result<Box<dyn crate::graph::exec::ProgramExec + '_>> {
+        Ok(Box::new(crate::graph::exec::CpuExec::new(program)))
+    }
+
+    fn result_limit(&self) -> u64 {
+        self.result_limit
+    }
+
     fn label(&self) -> String {
         format!("cpu: {} threads", rayon::current_num_threads())
     }

@@ -88,7 +88,7 @@ enum Reduction {
 /// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::model`]): the
 /// rows q0 .. q0 + d of each sample (draws for MC, classes for `true`), sample-major. The MC
 /// weight is 1/√K of the whole K, so chunks of draws sum to the unchunked result.
-fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant, (q0, r): (usize, usize)) -> Array2<f32> {
+pub(crate) fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant, (q0, r): (usize, usize)) -> Array2<f32> {
     let (m, c) = z.dim();
     let mut out = Array2::<f32>::zeros((m * r, c));
     out.axis_chunks_iter_mut(Axis(0), r).into_par_iter().enumerate().for_each(|(s, mut rows)| {
@@ -336,7 +336,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
 
 
 /// w = Λ ż per sample (see `head_fvp` in shaders/mlp.wgsl): Λ = E_y[e eᵀ] of the variant.
-fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant) -> Array2<f32> {
+pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant) -> Array2<f32> {
     let (m, c) = z.dim();
     let mut w = Array2::<f32>::zeros((m, c));
     w.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(s, mut out)| {

@@ -197,6 +197,14 @@ impl GpuBackend {
 }
 
 impl FisherBackend for GpuBackend {
+    fn program_exec(&self, _program: std::sync::Arc<crate::graph::prim::Program>) -> Result<Box<dyn crate::graph::exec::ProgramExec + '_>> {
+        Err(FisherError::Request("graph models do not run on the GPU yet".into()))
+    }
+
+    fn result_limit(&self) -> u64 {
+        self.result_limit
+    }
+
     fn label(&self) -> String {
         format!("gpu: {} (syrk {})", self.ctx.label(), self.kernels.syrk_variant().name())
     }
