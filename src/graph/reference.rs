@@ -396,8 +396,9 @@ impl<'g> Net<'g> {
                 let mut out = vec![da, db];
                 if node.inputs.len() > 2 {
                     let mut dc = zeros(2);
+                    let shared_c = dc.len() == 1;
                     for (o, &g) in dy.iter().enumerate() {
-                        dc[if dc.len() == 1 { 0 } else { o }] += beta * g;
+                        dc[if shared_c { 0 } else { o }] += beta * g;
                     }
                     out.push(dc);
                 }
