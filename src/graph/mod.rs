@@ -8,5 +8,6 @@
 //! rows of each variant; its forward-mode program gives J·v for F·v) → the Fisher forms.
 
 pub mod ir;
+pub mod onnx;
 
 pub use ir::{BinaryOp, Graph, GraphBuilder, InputType, Node, Op, Param, Tensor, TensorId, TensorKind, UnaryOp, Window};
