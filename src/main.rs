@@ -37,6 +37,7 @@
 //!               [--top-iterations N] [--probe-seed S] [--plot spectrum.png|.svg] [--json | --quiet]
 //! fisher report --fisher F.safetensors [--weights M.safetensors] [--top K] [--alpha ...]
 //!               [--damping L] [--samples-n n] [--plot spectrum.png|.svg] [--json | --quiet]
+//! fisher inspect --model M.onnx [--input-shape D1,D2,...] [--json]
 //! ```
 //!
 //! Flags are parsed by clap ([`cli::args`]), validated into a configuration, then run.
@@ -120,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cli::demo::main(&cfg)
         }
         Command::Devices(args) => cli::devices::run(&args),
+        Command::Inspect(args) => cli::inspect::run(&args),
         Command::Compute(args) => {
             let cfg = cli::compute::ComputeConfig::from_args(args)?;
             if let Some(graph) = &cfg.graph {

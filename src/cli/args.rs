@@ -259,6 +259,10 @@ pub enum Command {
     /// log det, effective dimensions, Fisher–Rao norm, coupling, exact or with error bars.
     #[command(after_help = REPORT_HELP)]
     Report(super::fisher_report::ReportArgs),
+    /// What the ONNX importer makes of a model: layers with per-sample output shapes, the
+    /// parameters in θ order with P, and every node it cannot convert (then exit 2).
+    #[command(after_help = exit_codes_help!())]
+    Inspect(super::inspect::InspectArgs),
 }
 
 

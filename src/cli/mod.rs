@@ -8,6 +8,7 @@ pub mod demo;
 pub mod devices;
 pub mod exit;
 pub mod format;
+pub mod inspect;
 pub mod fisher_report;
 pub mod reduce;
 pub mod train;

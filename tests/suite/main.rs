@@ -15,6 +15,7 @@ mod cli_action;
 mod cli_bench;
 mod cli_compute;
 mod cli_demo;
+mod cli_inspect;
 mod cli_outputs;
 mod cli_report;
 mod cpu;
