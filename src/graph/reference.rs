@@ -386,11 +386,11 @@ impl<'g> Net<'g> {
                 let (k, m) = gemm_dims(shape(1), *trans_b);
                 let (alpha, beta) = (f64::from(*alpha), f64::from(*beta));
                 let (mut da, mut db) = (zeros(0), zeros(1));
-                for o in 0..m {
+                for (o, &g) in dy.iter().enumerate() {
                     for i in 0..k {
                         let at = b_index(*trans_b, k, m, i, o);
-                        da[i] += alpha * b[at] * dy[o];
-                        db[at] += alpha * a[i] * dy[o];
+                        da[i] += alpha * b[at] * g;
+                        db[at] += alpha * a[i] * g;
                     }
                 }
                 let mut out = vec![da, db];
@@ -1252,6 +1252,22 @@ pub fn per_sample_rows(graph: &Graph, data: &Dataset, likelihood: Likelihood, va
 /// not a row of its table (naming the sample and position), `mc` asks for no samples, a
 /// dense result exceeds [`MAX_DENSE_BYTES`], or KFAC meets a grouped convolution or tied
 /// weights.
+///
+/// ```
+/// use fisher_engine::fisher::{NetFisher, NetForm, Variant};
+/// use fisher_engine::graph::{reference, GraphBuilder, InputType, Op};
+/// use fisher_engine::model::{Dataset, Likelihood, Targets};
+/// use ndarray::array;
+/// // z = W x with W = 0 (1×2, nn.Linear layout) and a unit-variance Gaussian: g = (y − z) x.
+/// let mut b = GraphBuilder::new("x", &[2], InputType::Float);
+/// let w = b.param("fc.weight", &[1, 2], vec![0.0, 0.0])?;
+/// let z = b.node("fc", Op::Gemm { alpha: 1.0, beta: 1.0, trans_b: true }, &[b.input(), w])?;
+/// let graph = b.finish(z)?;
+/// let data = Dataset { inputs: array![[1.0f32, 2.0]], targets: Targets::Values(array![[3.0f32]]) };
+/// let f = reference::fisher(&graph, &data, Likelihood::Gaussian, Variant::Empirical, NetForm::Full)?;
+/// assert_eq!(f, NetFisher::Full(array![[9.0, 18.0], [18.0, 36.0]]));
+/// # Ok::<(), fisher_engine::FisherError>(())
+/// ```
 pub fn fisher(graph: &Graph, data: &Dataset, likelihood: Likelihood, variant: Variant, form: NetForm) -> Result<NetFisher<f64>> {
     let net = prepare(graph, data, likelihood, variant)?;
     let p = graph.param_count();
