@@ -428,6 +428,18 @@ impl<'a> Converter<'a> {
         }
     }
 
+    /// A bias slot (Conv B, Gemm C): like [`Converter::trainable`], except that a bias made
+    /// of constants that are all zero is left out (the exporter writes `Expand(0, [C])` for
+    /// `bias=False`, as in torchvision's ResNet).
+    fn bias(&mut self, label: &str, node: &NodeProto, k: usize, what: &str) -> R<Option<TensorId>> {
+        if let Some(c) = self.opt_known_slot(node, k, what)? {
+            if c.origin == Origin::Pure && c.floats().iter().all(|&x| x == 0.0) {
+                return Ok(None);
+            }
+        }
+        self.trainable(label, node, k, what)
+    }
+
     fn opt_known_slot(&self, node: &NodeProto, k: usize, what: &str) -> R<Option<Rc<Known>>> {
         match self.value(node, k)? {
             None => Ok(None),
@@ -978,7 +990,7 @@ impl<'a> Converter<'a> {
         let a = self.sample(node, 0)?;
         let (w, transposed) = self.weight(label, node, 1)?;
         let mut inputs = vec![a, w];
-        if let Some(c) = self.trainable(label, node, 2, "C")? {
+        if let Some(c) = self.bias(label, node, 2, "C")? {
             inputs.push(c);
         }
         let y = self.emit(label, Op::Gemm { alpha, beta, trans_b: trans_b != transposed }, &inputs)?;
@@ -1085,7 +1097,7 @@ impl<'a> Converter<'a> {
         let group = to_usize(attr_i(node, "group")?.unwrap_or(1), "group")?;
         let w = self.trainable(label, node, 1, "W")?.ok_or("missing W")?;
         let mut inputs = vec![x, w];
-        if let Some(b) = self.trainable(label, node, 2, "B")? {
+        if let Some(b) = self.bias(label, node, 2, "B")? {
             inputs.push(b);
         }
         let y = self.emit(label, Op::Conv { window, group }, &inputs)?;
