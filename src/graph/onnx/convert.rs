@@ -35,6 +35,8 @@ enum Value {
     Sample(TensorId),
     /// Downstream of an unsupported node (`inspect` only).
     Poisoned,
+    /// `x > threshold` per sample: only the `Where` of PyTorch's softplus reads it.
+    Above { x: TensorId, threshold: f64 },
 }
 
 /// A node's failure: a message about the node (prefixed with its name and operator), or
@@ -57,9 +59,10 @@ impl From<&str> for Fail {
 
 type R<T> = std::result::Result<T, Fail>;
 
-/// Nodes downstream of an unsupported one are skipped before conversion; this message
-/// would only show if that invariant broke (no panic on any input).
-const POISONED: &str = "an input comes from an unsupported node";
+/// Nodes downstream of an unsupported one are skipped, and a comparison is read only by
+/// `Where`, before an operator is converted; this message would only show if that invariant
+/// broke (no panic on any input).
+const POISONED: &str = "an input comes from an unsupported node or is a comparison";
 
 /// The result of converting a graph.
 pub struct Converted {
@@ -95,6 +98,8 @@ pub struct Converter<'a> {
     fused: HashSet<usize>,
     layers: Vec<Layer>,
     unsupported: Vec<Unsupported>,
+    /// The IR node that computes each per-sample tensor (operator and inputs), for patterns.
+    producers: HashMap<TensorId, (Op, Vec<TensorId>)>,
 }
 
 /// A node's name for messages: its own, or its first output's.
@@ -199,6 +204,7 @@ impl<'a> Converter<'a> {
             fused: HashSet::new(),
             layers: Vec::new(),
             unsupported: Vec::new(),
+            producers: HashMap::new(),
         })
     }
 
@@ -285,6 +291,7 @@ impl<'a> Converter<'a> {
             },
             Some(Value::Known(_)) => return Err(fail(format!("{}: the graph output {output} does not depend on the input", self.file))),
             Some(Value::Poisoned) => None,
+            Some(Value::Above { .. }) => return Err(fail(format!("{}: the graph output {output} is a comparison", self.file))),
             None => return Err(fail(format!("{}: the graph output {output} is not computed by any node", self.file))),
         };
         Ok(Converted { graph, layers: self.layers, params, unsupported: self.unsupported })
@@ -354,7 +361,8 @@ impl<'a> Converter<'a> {
             return Err("the integer input may only feed a Gather (an embedding)".into());
         }
         let name = op_name(&op);
-        let out = self.b.node(label, op, inputs).map_err(|e| Fail::Named(strip(&e.to_string())))?;
+        let out = self.b.node(label, op.clone(), inputs).map_err(|e| Fail::Named(strip(&e.to_string())))?;
+        self.producers.insert(out, (op, inputs.to_vec()));
         self.layers.push(Layer { name: label.to_string(), op: name.to_string(), output_shape: self.b.tensor(out).shape.clone() });
         Ok(out)
     }
@@ -428,6 +436,18 @@ impl<'a> Converter<'a> {
         }
     }
 
+    /// A bias slot (Conv B, Gemm C): like [`Converter::trainable`], except that a bias made
+    /// of constants that are all zero is left out (the exporter writes `Expand(0, [C])` for
+    /// `bias=False`, as in torchvision's ResNet).
+    fn bias(&mut self, label: &str, node: &NodeProto, k: usize, what: &str) -> R<Option<TensorId>> {
+        if let Some(c) = self.opt_known_slot(node, k, what)? {
+            if c.origin == Origin::Pure && c.floats().iter().all(|&x| x == 0.0) {
+                return Ok(None);
+            }
+        }
+        self.trainable(label, node, k, what)
+    }
+
     fn opt_known_slot(&self, node: &NodeProto, k: usize, what: &str) -> R<Option<Rc<Known>>> {
         match self.value(node, k)? {
             None => Ok(None),
@@ -464,7 +484,10 @@ impl<'a> Converter<'a> {
         }
         let op = node.op_type.as_str();
         let inputs: Vec<Option<Value>> = (0..node.input.len()).map(|k| self.value(node, k)).collect::<R<_>>()?;
-        let all_known = inputs.iter().all(|v| !matches!(v, Some(Value::Sample(_))));
+        if op != "Where" && inputs.iter().any(|v| matches!(v, Some(Value::Above { .. }))) {
+            return Err("a per-sample comparison may only select PyTorch's softplus threshold (a Where)".into());
+        }
+        let all_known = inputs.iter().all(|v| matches!(v, None | Some(Value::Known(_))));
         match op {
             "Constant" => self.constant_node(node),
             "Identity" => {
@@ -487,7 +510,7 @@ impl<'a> Converter<'a> {
                 let shape = match self.required(node, 0)? {
                     Value::Known(k) => k.shape.clone(),
                     Value::Sample(t) => self.full(t),
-                    Value::Poisoned => return Err(POISONED.into()),
+                    Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
                 };
                 let r = shape.len() as i64;
                 let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
@@ -501,7 +524,7 @@ impl<'a> Converter<'a> {
                 let n = match self.required(node, 0)? {
                     Value::Known(k) => k.len(),
                     Value::Sample(t) => self.full(t).iter().product(),
-                    Value::Poisoned => return Err(POISONED.into()),
+                    Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
                 };
                 self.set_known(node, Known::int(vec![], vec![n as i64]));
                 Ok(())
@@ -548,7 +571,7 @@ impl<'a> Converter<'a> {
                         }
                         self.set(node, Value::Sample(t));
                     }
-                    Value::Poisoned => return Err(POISONED.into()),
+                    Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
                 }
                 Ok(())
             }
@@ -563,7 +586,14 @@ impl<'a> Converter<'a> {
                 Ok(())
             }
             "Equal" | "Less" | "Greater" | "Max" | "Min" if all_known => self.fold_binary(node),
-            "Range" | "Where" | "Equal" | "Less" | "Greater" | "Max" | "Min" => {
+            "Greater" => {
+                let x = self.sample(node, 0)?;
+                let threshold = self.known(node, 1)?.scalar().ok_or("the threshold must be a scalar")?;
+                self.set(node, Value::Above { x, threshold });
+                Ok(())
+            }
+            "Where" => self.softplus_threshold(node),
+            "Range" | "Equal" | "Less" | "Max" | "Min" => {
                 Err(format!("{op} on values computed per sample is not supported (only at import, on constants)").into())
             }
             "Add" | "Sub" | "Mul" | "Div" => self.binary(node, label),
@@ -630,7 +660,7 @@ impl<'a> Converter<'a> {
                 }
                 self.set(node, Value::Sample(t));
             }
-            Value::Poisoned => return Err(POISONED.into()),
+            Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
         }
         Ok(())
     }
@@ -665,7 +695,7 @@ impl<'a> Converter<'a> {
                 let shape = self.per_sample_target(x, &out)?;
                 self.reshape_sample(node, label, x, shape)
             }
-            Value::Poisoned => return Err(POISONED.into()),
+            Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
         }
     }
 
@@ -691,7 +721,7 @@ impl<'a> Converter<'a> {
                 let shape = self.per_sample_target(x, &out)?;
                 self.reshape_sample(node, label, x, shape)
             }
-            Value::Poisoned => return Err(POISONED.into()),
+            Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
         }
     }
 
@@ -709,7 +739,7 @@ impl<'a> Converter<'a> {
         let (full, x) = match self.required(node, 0)? {
             Value::Known(k) => (k.shape.clone(), Err(k)),
             Value::Sample(t) => (self.full(t), Ok(t)),
-            Value::Poisoned => return Err(POISONED.into()),
+            Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
         };
         let out: Vec<usize> = if unsqueeze {
             let axes = axes.ok_or("Unsqueeze without axes")?;
@@ -778,7 +808,7 @@ impl<'a> Converter<'a> {
                 self.set(node, Value::Sample(y));
                 Ok(())
             }
-            Value::Poisoned => return Err(POISONED.into()),
+            Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
         }
     }
 
@@ -854,6 +884,38 @@ impl<'a> Converter<'a> {
         }
     }
 
+    /// PyTorch's `softplus(x, beta, threshold)` exports as
+    /// `Where(Greater(βx, threshold), x, Softplus(βx)/β)`: the IR's Softplus path alone, which
+    /// differs from x above the threshold by log(1 + e^(−βx))/β < e^(−threshold)/β, i.e. below
+    /// f32 resolution for PyTorch's default threshold 20. Any other per-sample `Where` is refused.
+    fn softplus_threshold(&mut self, node: &NodeProto) -> R<()> {
+        let refuse = || Fail::Node("a per-sample Where is supported only as PyTorch's softplus threshold".into());
+        let Some(Value::Above { x: scaled, threshold }) = self.value(node, 0)? else { return Err(refuse()) };
+        let (Value::Sample(x), Value::Sample(y)) = (self.required(node, 1)?, self.required(node, 2)?) else {
+            return Err(refuse());
+        };
+        // scaled = x or x·β (β a constant); y = Softplus(scaled) or Softplus(scaled) / β.
+        let scale_of = |t: TensorId| -> Option<(TensorId, Option<TensorId>)> {
+            match self.producers.get(&t) {
+                Some((Op::Binary(BinaryOp::Mul | BinaryOp::Div), ins)) if !self.b.tensor(ins[1]).per_sample() => Some((ins[0], Some(ins[1]))),
+                _ => Some((t, None)),
+            }
+        };
+        let (base, beta) = scale_of(scaled).ok_or_else(refuse)?;
+        let (soft, beta_out) = scale_of(y).ok_or_else(refuse)?;
+        let is_softplus = matches!(self.producers.get(&soft), Some((Op::Unary(UnaryOp::Softplus), ins)) if ins[0] == scaled);
+        let beta_value = |b: Option<TensorId>| b.and_then(|t| self.b.tensor(t).kind.clone().into_const());
+        if base != x || !is_softplus || beta_value(beta) != beta_value(beta_out) {
+            return Err(refuse());
+        }
+        let beta = beta_value(beta).map_or(1.0, |v| f64::from(v));
+        if beta <= 0.0 || (-threshold).exp() / beta > 1e-7 {
+            return Err(format!("softplus threshold {threshold} with beta {beta} is too low to drop the linear branch").into());
+        }
+        self.set(node, Value::Sample(y));
+        Ok(())
+    }
+
     fn fold_binary(&mut self, node: &NodeProto) -> R<()> {
         let op = Bin::from_onnx(&node.op_type).ok_or("not a binary operator")?;
         let out = fold::binary(op, &*self.known(node, 0)?, &*self.known(node, 1)?)?;
@@ -880,6 +942,17 @@ impl<'a> Converter<'a> {
         self.constant(label, name, k, &shape)
     }
 
+    /// Whether multiplying per-sample `x` by `k` changes nothing: `k` is all ones, made of
+    /// constants only, and does not widen x's shape (PyTorch's softplus writes x·1 and y/1).
+    fn is_one(&self, x: TensorId, k: &Known) -> bool {
+        let per_sample = &self.b.tensor(x).shape;
+        k.origin == Origin::Pure
+            && k.dtype == DType::Float
+            && k.floats().iter().all(|&v| v == 1.0)
+            && k.shape.len() <= per_sample.len()
+            && crate::graph::ir::broadcast_shapes(per_sample, &k.shape).as_ref() == Some(per_sample)
+    }
+
     fn binary(&mut self, node: &NodeProto, label: &str) -> R<()> {
         let a = self.required(node, 0)?;
         let b = self.required(node, 1)?;
@@ -903,10 +976,18 @@ impl<'a> Converter<'a> {
                 [x, y]
             }
             (Value::Sample(x), Value::Known(k)) => {
+                if matches!(op, BinaryOp::Mul | BinaryOp::Div) && self.is_one(x, &k) {
+                    self.set(node, Value::Sample(x));
+                    return Ok(());
+                }
                 let r = self.b.tensor(x).shape.len();
                 [x, self.operand(label, &node.input[1], &k, r)?]
             }
             (Value::Known(k), Value::Sample(y)) => {
+                if op == BinaryOp::Mul && self.is_one(y, &k) {
+                    self.set(node, Value::Sample(y));
+                    return Ok(());
+                }
                 let r = self.b.tensor(y).shape.len();
                 [self.operand(label, &node.input[0], &k, r)?, y]
             }
@@ -932,7 +1013,7 @@ impl<'a> Converter<'a> {
                 self.set(node, Value::Sample(y));
                 Ok(())
             }
-            Value::Poisoned => return Err(POISONED.into()),
+            Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
         }
     }
 
@@ -963,7 +1044,7 @@ impl<'a> Converter<'a> {
                 let y = self.emit(label, Op::Unary(u), &[x])?;
                 self.set(node, Value::Sample(y));
             }
-            Value::Poisoned => return Err(POISONED.into()),
+            Value::Poisoned | Value::Above { .. } => return Err(POISONED.into()),
         }
         Ok(())
     }
@@ -978,7 +1059,7 @@ impl<'a> Converter<'a> {
         let a = self.sample(node, 0)?;
         let (w, transposed) = self.weight(label, node, 1)?;
         let mut inputs = vec![a, w];
-        if let Some(c) = self.trainable(label, node, 2, "C")? {
+        if let Some(c) = self.bias(label, node, 2, "C")? {
             inputs.push(c);
         }
         let y = self.emit(label, Op::Gemm { alpha, beta, trans_b: trans_b != transposed }, &inputs)?;
@@ -1085,7 +1166,7 @@ impl<'a> Converter<'a> {
         let group = to_usize(attr_i(node, "group")?.unwrap_or(1), "group")?;
         let w = self.trainable(label, node, 1, "W")?.ok_or("missing W")?;
         let mut inputs = vec![x, w];
-        if let Some(b) = self.trainable(label, node, 2, "B")? {
+        if let Some(b) = self.bias(label, node, 2, "B")? {
             inputs.push(b);
         }
         let y = self.emit(label, Op::Conv { window, group }, &inputs)?;
@@ -1219,6 +1300,20 @@ fn reorder_params(graph: &mut Graph, order: &[usize]) {
     for t in &mut graph.tensors {
         if let TensorKind::Param(p) = &mut t.kind {
             *p = new_index[*p];
+        }
+    }
+}
+
+/// The scalar value of a one-element constant.
+trait IntoConst {
+    fn into_const(self) -> Option<f32>;
+}
+
+impl IntoConst for TensorKind {
+    fn into_const(self) -> Option<f32> {
+        match self {
+            TensorKind::Const(v) if v.len() == 1 => Some(v[0]),
+            _ => None,
         }
     }
 }

@@ -19,8 +19,10 @@
 //! * **Operators**: per-sample nodes map one to one onto [`Op`] (batch axis removed from
 //!   every axis attribute); `MatMul` followed by the `Add` of a bias initializer becomes one
 //!   `MatMul` with a bias; `MatMul(x, Transpose(W))` is `MatMul { trans_b: true }` on `W`;
-//!   `Identity`, inference `Dropout` and no-op `Cast`s vanish; `Pow` by 2 / 0.5 / −1 is
-//!   `x·x` / `√x` / `1/x`.
+//!   `Identity`, inference `Dropout`, no-op `Cast`s and products with constant ones vanish;
+//!   `Pow` by 2 / 0.5 / −1 is `x·x` / `√x` / `1/x`; PyTorch's softplus,
+//!   `Where(βx > threshold, x, Softplus(βx)/β)`, keeps its Softplus branch (the two differ
+//!   by less than e^(−threshold)/β). Any other per-sample `Where` or comparison is refused.
 //! * **Parameters**: the float initializers that feed a trainable slot (Gemm B and C,
 //!   MatMul B and its fused bias, Conv W and B, BatchNormalization scale and B,
 //!   LayerNormalization scale and B, the Gather table of an embedding), in initializer

@@ -405,3 +405,28 @@ fn refusals_name_the_reason() {
     let err = load(&write(dir.path(), &m), None).unwrap_err().to_string();
     assert!(err.contains("output 1 (idx) is used"), "{err}");
 }
+
+#[test]
+fn pytorch_softplus_threshold_becomes_softplus() {
+    // F.softplus(x) exports as Where(x·β > threshold, x, Softplus(x·β)/β), here β = 1.
+    let softplus = |threshold: f32, then: &str, otherwise: &str| {
+        let nodes = vec![
+            node("Constant", &[], &["beta"], vec![A::F("value_float", 1.0)]),
+            node("Mul", &["x", "beta"], &["bx"], vec![]),
+            node("Softplus", &["bx"], &["sp"], vec![]),
+            node("Div", &["sp", "beta"], &["spd"], vec![]),
+            node("Constant", &[], &["thr"], vec![A::F("value_float", threshold)]),
+            node("Greater", &["bx", "thr"], &["gt"], vec![]),
+            node("Where", &["gt", then, otherwise], &["y"], vec![]),
+        ];
+        model(nodes, Vec::new(), value_info("x", data_type::FLOAT, &[-1, 3]), "y")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let g = load(&write(dir.path(), &softplus(20.0, "x", "spd")), None).unwrap().graph;
+    let ops: Vec<&Op> = g.nodes.iter().map(|n| &n.op).collect();
+    assert_eq!(ops, [&Op::Unary(UnaryOp::Softplus)], "x·1 and y/1 vanish, the linear branch is dropped");
+    let err = load(&write(dir.path(), &softplus(5.0, "x", "spd")), None).unwrap_err().to_string();
+    assert!(err.contains("too low"), "{err}");
+    let err = load(&write(dir.path(), &softplus(20.0, "spd", "x")), None).unwrap_err().to_string();
+    assert!(err.contains("node_y (Where)") && err.contains("softplus threshold"), "{err}");
+}
