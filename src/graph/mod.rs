@@ -10,5 +10,6 @@
 pub mod ir;
 pub mod prim;
 pub mod exec;
+pub mod gpu;
 
 pub use ir::{BinaryOp, Graph, GraphBuilder, InputType, Node, Op, Param, Tensor, TensorId, TensorKind, UnaryOp, Window};
