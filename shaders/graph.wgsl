@@ -21,8 +21,9 @@
 //                  FLAG_WEIGHTS), one CSR row per invocation.
 //   g_matmul       per group q < groups: Y_q (m×n) = op(A_q)·op(B_q), A in in0 (m×k, or k×m
 //                  with FLAG_TA), B in in1 (k×n, or n×k with FLAG_TB); one invocation per 4×4
-//                  block of Y, barrier-free with register blocking (the fastest shape on CPU
-//                  adapters, shared/NOTES.md). FLAG_FLAT_M (groups = 1, B shared) stacks the
+//                  block of Y (4 rows; 4 columns `code` apart, `code` invocations interleaved),
+//                  barrier-free with register blocking (the fastest shape on CPU adapters,
+//                  shared/NOTES.md). FLAG_FLAT_M (groups = 1, B shared) stacks the
 //                  rows' Y along m, FLAG_FLAT_N (groups = 1, A shared) along n, so that
 //                  y = W·x per sample (n = 1) still fills 4×4 blocks.
 //   g_unary        out0 = f(in0), f by `code` (UnaryFn::code; parameters p0, p1).
@@ -458,21 +459,29 @@ fn g_matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
     let mm = select(m, params.rows * m, flat_m);
     let nn = select(n, params.rows * n, flat_n);
     let outer = select(params.rows * params.groups, 1u, flat_m || flat_n);
+    // `lanes` (the `code` field) consecutive invocations share the 4 rows of a block and
+    // interleave their columns (column j0 + lane + lanes·s): CPU adapters run consecutive
+    // invocations as SIMD lanes, so A loads become broadcasts and row-major B loads
+    // contiguous vector loads rather than gathers (the layout of syrk_direct).
+    let lanes = max(params.code, 1u);
     let bm = (mm + 3u) / 4u;
-    let bn = (nn + 3u) / 4u;
+    let bn = (nn + 4u * lanes - 1u) / (4u * lanes);
     let e = linear_id(wg, nwg, lidx);
-    if (e >= outer * bm * bn) { return; }
-    let bj = e % bn;
-    let rest = e / bn;
+    if (e >= outer * bm * bn * lanes) { return; }
+    let lane = e % lanes;
+    let blk = e / lanes;
+    let bj = blk % bn;
+    let rest = blk / bn;
     let bi = rest % bm;
     let o = rest / bm;
     let row0 = o / params.groups;
     let q = o - row0 * params.groups;
+    let j0 = bj * 4u * lanes + lane;
 
     // The 4 positions along m: their destination rows, m-indices, and where A(i, 0) sits.
     // Positions past the edge are clamped to the last one (loaded, never stored).
     let gi = min(vec4<u32>(bi * 4u) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(mm - 1u));
-    let gj = min(vec4<u32>(bj * 4u) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nn - 1u));
+    let gj = min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u) * lanes, vec4<u32>(nn - 1u));
     var ri = vec4<u32>(row0);
     var ii = gi;
     if (flat_m) {
@@ -511,7 +520,7 @@ fn g_matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
     for (var p = 0u; p < 4u; p++) {
         if (bi * 4u + p >= mm) { break; }
         for (var s = 0u; s < 4u; s++) {
-            if (bj * 4u + s >= nn) { break; }
+            if (j0 + s * lanes >= nn) { break; }
             // The destination row is that of whichever axis carries the rows.
             let drow = select(select(row0, rj[s], flat_n), ri[p], flat_m);
             put(drow * params.len + q * m * n + ii[p] * n + jj[s], cs[p][s]);

@@ -43,6 +43,9 @@ use crate::error::{FisherError, Result};
 /// adapter); beyond it more row blocks only add read-back.
 const REDUCTION_PARALLELISM: u64 = 16_384;
 
+/// Invocations of `g_matmul` whose columns interleave (see graph.wgsl).
+const MATMUL_LANES: usize = 8;
+
 /// The CSR matrix of an instruction on the device.
 struct MapBuffers {
     offsets: wgpu::Buffer,
@@ -313,7 +316,11 @@ impl<'a> GpuExec<'a> {
                 } else {
                     (dims.m, dims.n, rows * dims.groups)
                 };
-                let blocks = (outer * mm.div_ceil(4) * nn.div_ceil(4)) as u64;
+                // Interleave the columns of 8 invocations (one 256-bit SIMD register of f32 on a
+                // CPU adapter; harmless on GPUs) when there are enough of them.
+                let lanes = if nn >= 4 * MATMUL_LANES { MATMUL_LANES } else { 1 };
+                p.code = lanes as u32;
+                let blocks = (outer * mm.div_ceil(4) * nn.div_ceil(4 * lanes) * lanes) as u64;
                 rec.graph(Entry::GraphMatMul, &p, [buf(*a), buf(*b), None, None], out, blocks)
             }
             Inst::Unary { src, f, .. } => {
@@ -929,17 +936,21 @@ mod tests {
         let v = b.shared("v", n * k);
         let y = b.slot("y = x·w", m * n, Rows::Sample);
         let z = b.slot("z = vᵀ·xᵀ… per sample", n * m, Rows::Sample);
+        let g = b.slot("xᵀx per sample", k * k, Rows::Sample);
         let out = b.slot("out", 1, Rows::Sample);
         let cot = b.slot("cot", 1, Rows::Draw);
         let forward = vec![
             Inst::MatMul { dst: y, a: x, b: w, dims: MatDims { groups: 1, m, k, n, ta: false, tb: false }, acc: false },
             // Shared A (v stored n×k), per-sample B = xᵀ (x stored m×k, read transposed).
             Inst::MatMul { dst: z, a: v, b: x, dims: MatDims { groups: 1, m: n, k, n: m, ta: false, tb: true }, acc: false },
+            // Both operands per sample (no stacking): the Gram xᵀx, k×k over m.
+            Inst::MatMul { dst: g, a: x, b: x, dims: MatDims { groups: 1, m: k, k: m, n: k, ta: true, tb: false }, acc: false },
         ];
         let prog = b.program(x, out, cot, forward, vec![]);
         let (cpu, gpu) = run_both(&be, prog, 9, 1, None, 4);
         compare_slot(&cpu, &gpu, y, k);
         compare_slot(&cpu, &gpu, z, k);
+        compare_slot(&cpu, &gpu, g, m);
     }
 
     fn all_unary() -> Vec<UnaryFn> {
@@ -1327,5 +1338,42 @@ mod tests {
         assert!(matches!(gpu.begin(too_many / 16, 5), Err(FisherError::DoesNotFit { .. })));
         gpu.begin(3, 5).unwrap();
         assert!(matches!(gpu.forward(&[0.0; 16], 4), Err(FisherError::InvalidInput(_))));
+    }
+
+    /// Throughput of `g_matmul` in its three modes (`cargo test --lib graph::gpu::tests::
+    /// matmul_throughput -- --ignored --nocapture`); not an assertion.
+    #[test]
+    #[ignore]
+    fn matmul_throughput() {
+        let Some(be) = gpu("graph::gpu::matmul_throughput") else { return };
+        // (label, samples, dims, A per sample, B per sample)
+        let cases = [
+            ("x·Wᵀ, rows stacked along m (Linear)", 256, MatDims { groups: 1, m: 1, k: 512, n: 512, ta: false, tb: true }, true, false),
+            ("W·X, rows stacked along n (conv)", 16, MatDims { groups: 1, m: 64, k: 288, n: 256, ta: false, tb: false }, false, true),
+            ("δᵀ·X per row (weight gradient)", 64, MatDims { groups: 1, m: 64, k: 64, n: 128, ta: true, tb: false }, true, true),
+            ("the same with k = 4 (fixed costs)", 64, MatDims { groups: 1, m: 64, k: 4, n: 128, ta: true, tb: false }, true, true),
+        ];
+        for (label, samples, dims, a_per, b_per) in cases {
+            let mut b = Builder::new(70);
+            let (alen, blen) = (dims.m * dims.k, dims.k * dims.n);
+            let x = b.slot("x", 1, Rows::Sample);
+            let a = if a_per { b.slot("a", alen, Rows::Sample) } else { b.shared("a", alen) };
+            let bb = if b_per { b.slot("b", blen, Rows::Sample) } else { b.shared("b", blen) };
+            let y = b.slot("y", dims.m * dims.n, Rows::Sample);
+            let cot = b.slot("cot", 1, Rows::Draw);
+            let prog = Arc::new(b.program(x, x, cot, vec![Inst::MatMul { dst: y, a, b: bb, dims, acc: false }], vec![]));
+            let mut gpu = GpuExec::new(&be, prog).unwrap();
+            gpu.begin(samples, 1).unwrap();
+            let xs = vec![0f32; samples];
+            gpu.forward(&xs, samples).unwrap();
+            let reps = 5;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                gpu.forward(&xs, samples).unwrap();
+            }
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            let flops = 2.0 * (samples * dims.m * dims.k * dims.n) as f64;
+            println!("{label}: {samples} × {}×{}×{}: {:.1} ms, {:.2} GFLOP/s", dims.m, dims.k, dims.n, secs * 1e3, flops / secs / 1e9);
+        }
     }
 }
