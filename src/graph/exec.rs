@@ -104,6 +104,10 @@ impl CpuExec {
             }
         };
         let dst = &mut dst[..n * dlen];
+        if dlen == 0 {
+            // Nothing to write (and `par_chunks_mut(0)` would panic).
+            return Ok(());
+        }
         match inst {
             Inst::Zero { .. } => dst.fill(0.0),
             Inst::Sparse { src: s, map, acc, .. } => {
@@ -244,14 +248,16 @@ impl CpuExec {
         Ok(())
     }
 
-    fn slot(&self, s: SlotId) -> &[f32] {
+    /// The values of slot `s` for the current micro-batch (every row of its class), for
+    /// tests and debugging.
+    pub fn slot(&self, s: SlotId) -> &[f32] {
         let rows = self.rows_of(self.prog.slots[s].rows);
         &self.data[s][..rows * self.prog.slots[s].len]
     }
 }
 
 /// A token value as a table row, or an error naming it.
-fn token_index(tok: f32, vocab: usize) -> Result<usize> {
+pub(crate) fn token_index(tok: f32, vocab: usize) -> Result<usize> {
     if tok >= 0.0 && tok.fract() == 0.0 && (tok as usize) < vocab {
         Ok(tok as usize)
     } else {

@@ -15,5 +15,6 @@ pub mod autodiff;
 pub mod fisher;
 pub mod reference;
 pub mod onnx;
+pub mod gpu;
 
 pub use ir::{BinaryOp, Graph, GraphBuilder, InputType, Node, Op, Param, Tensor, TensorId, TensorKind, UnaryOp, Window};

@@ -178,3 +178,41 @@ fn a_broken_shader_is_rejected() {
     let bad = "@compute @workgroup_size(1) fn main() { let x = undefined_thing; }";
     assert!(naga::front::wgsl::parse_str(bad).is_err());
 }
+
+#[test]
+fn graph_unary_codes_are_the_shared_constants() {
+    use fisher_engine::graph::prim::UnaryFn;
+    let all = [
+        (UnaryFn::Relu, "UN_RELU"),
+        (UnaryFn::LeakyRelu(0.1), "UN_LEAKY_RELU"),
+        (UnaryFn::Tanh, "UN_TANH"),
+        (UnaryFn::Sigmoid, "UN_SIGMOID"),
+        (UnaryFn::Gelu, "UN_GELU"),
+        (UnaryFn::GeluTanh, "UN_GELU_TANH"),
+        (UnaryFn::Erf, "UN_ERF"),
+        (UnaryFn::Softplus, "UN_SOFTPLUS"),
+        (UnaryFn::Sqrt, "UN_SQRT"),
+        (UnaryFn::Rsqrt, "UN_RSQRT"),
+        (UnaryFn::Reciprocal, "UN_RECIPROCAL"),
+        (UnaryFn::Exp, "UN_EXP"),
+        (UnaryFn::Square, "UN_SQUARE"),
+        (UnaryFn::Affine(2.0, 1.0), "UN_AFFINE"),
+        (UnaryFn::Step, "UN_STEP"),
+        (UnaryFn::LeakyStep(0.1), "UN_LEAKY_STEP"),
+        (UnaryFn::TanhDeriv, "UN_TANH_DERIV"),
+        (UnaryFn::SigmoidDeriv, "UN_SIGMOID_DERIV"),
+        (UnaryFn::GeluDeriv, "UN_GELU_DERIV"),
+        (UnaryFn::GeluTanhDeriv, "UN_GELU_TANH_DERIV"),
+        (UnaryFn::ErfDeriv, "UN_ERF_DERIV"),
+        (UnaryFn::SqrtDeriv, "UN_SQRT_DERIV"),
+        (UnaryFn::RsqrtDeriv, "UN_RSQRT_DERIV"),
+        (UnaryFn::ReciprocalDeriv, "UN_RECIPROCAL_DERIV"),
+    ];
+    assert_eq!(all.len(), consts::GRAPH_UNARY.len(), "every UnaryFn has a WGSL code");
+    let values = named_values(&validate(Shader::Graph));
+    for (f, name) in all {
+        let host = consts::GRAPH_UNARY.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{name} not in GRAPH_UNARY"));
+        assert_eq!(f.code().0, host.1, "{f:?}: UnaryFn::code vs consts::GRAPH_UNARY {name}");
+        assert!(values.iter().any(|(n, v)| n == name && *v == host.1), "graph.wgsl: {name} missing or different");
+    }
+}

@@ -27,11 +27,14 @@ pub enum Shader {
     Norms,
     /// `shaders/mlp.wgsl`: the element-wise stages of a network's forward and backward pass.
     Mlp,
+    /// `shaders/graph.wgsl`: the primitive instructions of a lowered graph and the reductions
+    /// of its per-row gradients ([`crate::graph::gpu`]).
+    Graph,
 }
 
 impl Shader {
     /// Every shader, in [`Shader::index`] order.
-    pub const ALL: [Shader; 4] = [Shader::Syrk, Shader::Diag, Shader::Norms, Shader::Mlp];
+    pub const ALL: [Shader; 5] = [Shader::Syrk, Shader::Diag, Shader::Norms, Shader::Mlp, Shader::Graph];
 
     /// Path relative to the crate root; also the label of the module, so that compiler
     /// errors name the file.
@@ -41,6 +44,7 @@ impl Shader {
             Shader::Diag => "shaders/diag.wgsl",
             Shader::Norms => "shaders/norms.wgsl",
             Shader::Mlp => "shaders/mlp.wgsl",
+            Shader::Graph => "shaders/graph.wgsl",
         }
     }
 
@@ -51,6 +55,7 @@ impl Shader {
             Shader::Diag => include_str!("../../../shaders/diag.wgsl"),
             Shader::Norms => include_str!("../../../shaders/norms.wgsl"),
             Shader::Mlp => include_str!("../../../shaders/mlp.wgsl"),
+            Shader::Graph => include_str!("../../../shaders/graph.wgsl"),
         }
     }
 
@@ -73,6 +78,8 @@ impl Shader {
             Shader::Diag => &[true, false, false],
             Shader::Norms => &[true, false],
             Shader::Mlp => &[true, true, true, false],
+            // in0, in1 (f32), the CSR offsets and columns (u32), out0.
+            Shader::Graph => &[true, true, true, true, false],
         }
     }
 }
@@ -106,11 +113,33 @@ pub enum Entry {
     TangentAct,
     /// `head_fvp`: w = Λ ż at the output.
     HeadFvp,
+    /// `g_sparse`: y = M x for a CSR M, one row of M per invocation.
+    GraphSparse,
+    /// `g_matmul`: grouped, transposable matrix product, a 4×4 block per invocation.
+    GraphMatMul,
+    /// `g_unary`: y = f(x).
+    GraphUnary,
+    /// `g_binary`: y = a ∘ b.
+    GraphBinary,
+    /// `g_argmax`: window argmax.
+    GraphArgMax,
+    /// `g_gather`: y_j = x[idx_j].
+    GraphGather,
+    /// `g_scatter`: the transpose of `g_gather` over candidate lists.
+    GraphScatter,
+    /// `g_embed`: table rows at tokens.
+    GraphEmbed,
+    /// `g_embed_back`: the table gradient, one invocation per (row, embedding column).
+    GraphEmbedBack,
+    /// `g_colsum`: per-block column sums (of squares) of per-row gradients.
+    GraphColSum,
+    /// `g_gram`: per-block Σ x xᵀ over rows and positions (KFAC factors).
+    GraphGram,
 }
 
 impl Entry {
     /// Every entry point, in [`Entry::index`] order.
-    pub const ALL: [Entry; 13] = [
+    pub const ALL: [Entry; 24] = [
         Entry::SyrkTiled,
         Entry::SyrkDirect,
         Entry::DiagAccumulate,
@@ -124,6 +153,17 @@ impl Entry {
         Entry::OuterGrads,
         Entry::TangentAct,
         Entry::HeadFvp,
+        Entry::GraphSparse,
+        Entry::GraphMatMul,
+        Entry::GraphUnary,
+        Entry::GraphBinary,
+        Entry::GraphArgMax,
+        Entry::GraphGather,
+        Entry::GraphScatter,
+        Entry::GraphEmbed,
+        Entry::GraphEmbedBack,
+        Entry::GraphColSum,
+        Entry::GraphGram,
     ];
 
     /// The WGSL function name.
@@ -142,6 +182,17 @@ impl Entry {
             Entry::OuterGrads => "outer_grads",
             Entry::TangentAct => "tangent_act",
             Entry::HeadFvp => "head_fvp",
+            Entry::GraphSparse => "g_sparse",
+            Entry::GraphMatMul => "g_matmul",
+            Entry::GraphUnary => "g_unary",
+            Entry::GraphBinary => "g_binary",
+            Entry::GraphArgMax => "g_argmax",
+            Entry::GraphGather => "g_gather",
+            Entry::GraphScatter => "g_scatter",
+            Entry::GraphEmbed => "g_embed",
+            Entry::GraphEmbedBack => "g_embed_back",
+            Entry::GraphColSum => "g_colsum",
+            Entry::GraphGram => "g_gram",
         }
     }
 
@@ -151,6 +202,17 @@ impl Entry {
             Entry::SyrkTiled | Entry::SyrkDirect => Shader::Syrk,
             Entry::DiagAccumulate => Shader::Diag,
             Entry::RowNorms => Shader::Norms,
+            Entry::GraphSparse
+            | Entry::GraphMatMul
+            | Entry::GraphUnary
+            | Entry::GraphBinary
+            | Entry::GraphArgMax
+            | Entry::GraphGather
+            | Entry::GraphScatter
+            | Entry::GraphEmbed
+            | Entry::GraphEmbedBack
+            | Entry::GraphColSum
+            | Entry::GraphGram => Shader::Graph,
             _ => Shader::Mlp,
         }
     }
@@ -315,11 +377,53 @@ pub struct MlpParams {
     pub draw_off: u32,
 }
 
+/// Uniform block of `graph.wgsl` (layout must match `struct Params` there; the meaning of
+/// each field per entry point is in the shader header and in [`crate::graph::gpu`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct GraphParams {
+    /// Destination rows dispatched (reductions: rows of the reduced slot).
+    pub rows: u32,
+    /// Destination values per row (reductions: columns).
+    pub len: u32,
+    /// Output rows per sample R (row mapping of Sample operands of Draw destinations).
+    pub r: u32,
+    /// `consts::GRAPH_FLAG_*`, and the row modes of the operands at
+    /// `GRAPH_A_MODE_SHIFT` / `GRAPH_B_MODE_SHIFT`.
+    pub flags: u32,
+    /// Row length of operand in0.
+    pub a_len: u32,
+    /// Row length of operand in1.
+    pub b_len: u32,
+    /// Groups of a matrix product; blocks of a reduction.
+    pub groups: u32,
+    /// Rows of Y; features of a gram.
+    pub m: u32,
+    /// Inner extent; positions of a gram.
+    pub k: u32,
+    /// Columns of Y; output columns of a gram.
+    pub n: u32,
+    /// Unary or binary function code; vocabulary of an embedding; rows per f32 partial sum
+    /// of a gram.
+    pub code: u32,
+    /// Embedding width; rows per block of a reduction.
+    pub dim: u32,
+    /// First unary parameter.
+    pub p0: f32,
+    /// Second unary parameter.
+    pub p1: f32,
+    /// Output offset of a column sum; first output row of a gram panel.
+    pub off: u32,
+    /// Output rows of a gram panel.
+    pub count: u32,
+}
+
 /// Bytes of one uniform slot: the largest params block ([`SyrkParams`], [`MlpParams`]).
 const PARAMS_BYTES: usize = 64;
 const _: () = assert!(
     std::mem::size_of::<SyrkParams>() == PARAMS_BYTES
         && std::mem::size_of::<MlpParams>() == PARAMS_BYTES
+        && std::mem::size_of::<GraphParams>() == PARAMS_BYTES
         && std::mem::size_of::<RowParams>() <= PARAMS_BYTES
 );
 
@@ -526,6 +630,30 @@ impl Recorder<'_> {
         let [a, b, c] = inputs.map(|x| x.unwrap_or(dummy));
         let groups = elements.div_ceil(self.kernels.wg as u64);
         self.dispatch(entry, &p, &[a, b, c, out], groups)
+    }
+
+    /// Records the `graph.wgsl` entry `entry` over `invocations` invocations (WG per
+    /// workgroup, a 2-D grid past 65,535 workgroups); the inputs are in0, in1 (f32) and the
+    /// CSR offsets and columns (u32), `None` bound to a dummy buffer. Nothing is recorded for
+    /// zero invocations.
+    pub fn graph(
+        &mut self,
+        entry: Entry,
+        p: &GraphParams,
+        inputs: [Option<&wgpu::Buffer>; 4],
+        out: &wgpu::Buffer,
+        invocations: u64,
+    ) -> Result<()> {
+        if entry.shader() != Shader::Graph {
+            return Err(FisherError::InvalidInput(format!("{} is not a graph.wgsl entry point", entry.name())));
+        }
+        if invocations == 0 {
+            return Ok(());
+        }
+        let dummy = &self.kernels.dummy.clone();
+        let [a, b, c, d] = inputs.map(|x| x.unwrap_or(dummy));
+        let groups = invocations.div_ceil(self.kernels.wg as u64);
+        self.dispatch(entry, p, &[a, b, c, d, out], groups)
     }
 }
 
