@@ -213,8 +213,9 @@ class ResMLP(nn.Module):
         h = self.inp(x)
         h = h + self.drop(self.gelu(self.fc1(self.ln1(h))))  # residual Add, Dropout (eval)
         g = self.gelu_tanh(self.fc2(self.ln2(h)))
-        h = h + 0.5 * g * torch.sigmoid(self.scale)  # Mul by a constant and a parameter vector
-        h = torch.tanh(h) - 0.1  # Sub a constant
+        h = h + 0.5 * g * self.scale  # Mul by a constant and a parameter vector (used directly: a
+        # function of a parameter before it meets the data, e.g. torch.sigmoid(self.scale), is refused)
+        h = torch.sigmoid(h) * torch.tanh(h) - 0.1  # Sigmoid, Tanh, Mul of tensors, Sub a constant
         h = self.softplus(self.ident(h)) / 2.0  # Div by a constant
         h = h * self.scale - h  # Mul by the parameter vector, Sub of tensors
         return self.head(h)

@@ -146,7 +146,9 @@ fn the_f64_reference_reproduces_torch_func() {
             assert_eq!(j.dim(), (c, p));
             let want = &jac[i * c * p..(i + 1) * c * p];
             let rel = max_rel(j.as_slice().unwrap(), want);
-            assert!(rel <= 1e-9, "{case} sample {i}: Jacobian max|Δ|/max|ref| = {rel:e}");
+            // 1e-8, not 1e-14: ONNX stores float attributes (LeakyReLU's α = 0.01, ε) in f32,
+            // so the graph's α is 0.01 rounded to f32 while torch's f64 model uses 0.01.
+            assert!(rel <= 1e-8, "{case} sample {i}: Jacobian max|Δ|/max|ref| = {rel:e}");
         }
         let _ = d;
     }
@@ -181,8 +183,9 @@ fn kfac_factors_relate_to_curvlinops_as_documented() {
             let a: Vec<f64> = factors[k].a.iter().map(|v| v / s).collect();
             // MSELoss(sum) is ½‖y − μ‖²·2 = ‖y − μ‖²: its Hessian is 2I, twice the Gaussian Fisher's.
             let g: Vec<f64> = factors[k].g.iter().map(|v| v * n * s * if gaussian { 2.0 } else { 1.0 }).collect();
-            assert!(max_rel(&a, a_c) <= 1e-9, "{case} {module}: A");
-            assert!(max_rel(&g, g_c) <= 1e-9, "{case} {module}: G");
+            let (ra, rg) = (max_rel(&a, a_c), max_rel(&g, g_c));
+            assert!(ra <= 1e-8, "{case} {module}: A max|Δ|/max|ref| = {ra:e}");
+            assert!(rg <= 1e-8, "{case} {module}: G max|Δ|/max|ref| = {rg:e} (ours·N·S {:?} vs {:?})", &g[..4.min(g.len())], &g_c[..4.min(g_c.len())]);
             checked += 1;
         }
     }

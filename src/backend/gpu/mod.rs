@@ -197,8 +197,8 @@ impl GpuBackend {
 }
 
 impl FisherBackend for GpuBackend {
-    fn program_exec(&self, _program: std::sync::Arc<crate::graph::prim::Program>) -> Result<Box<dyn crate::graph::exec::ProgramExec + '_>> {
-        Err(FisherError::Request("graph models do not run on the GPU yet".into()))
+    fn program_exec(&self, program: std::sync::Arc<crate::graph::prim::Program>) -> Result<Box<dyn crate::graph::exec::ProgramExec + '_>> {
+        Ok(Box::new(crate::graph::gpu::GpuExec::new(self, program)?))
     }
 
     fn result_limit(&self) -> u64 {

@@ -953,6 +953,19 @@ impl<'a> Converter<'a> {
             && crate::graph::ir::broadcast_shapes(per_sample, &k.shape).as_ref() == Some(per_sample)
     }
 
+    /// An initializer operand of an element-wise operation: a PyTorch parameter used
+    /// directly (`x * self.scale`, an `nn.Parameter` of the module) becomes a trainable
+    /// parameter; BatchNorm's running statistics (and anything made of constants) stay
+    /// constants. A registered buffer used element-wise is indistinguishable from a parameter
+    /// in the file: it is counted as one (leave it out with `--params`).
+    fn elementwise_operand(&mut self, label: &str, name: &str, k: &Known, per_sample_rank: usize) -> R<TensorId> {
+        let buffer = ["running_mean", "running_var", "num_batches_tracked"].iter().any(|b| name.ends_with(b));
+        match k.origin {
+            Origin::Init(i) if !buffer && k.dtype == DType::Float && k.shape.len() <= per_sample_rank => self.param(i),
+            _ => self.operand(label, name, k, per_sample_rank),
+        }
+    }
+
     fn binary(&mut self, node: &NodeProto, label: &str) -> R<()> {
         let a = self.required(node, 0)?;
         let b = self.required(node, 1)?;
@@ -981,7 +994,7 @@ impl<'a> Converter<'a> {
                     return Ok(());
                 }
                 let r = self.b.tensor(x).shape.len();
-                [x, self.operand(label, &node.input[1], &k, r)?]
+                [x, self.elementwise_operand(label, &node.input[1], &k, r)?]
             }
             (Value::Known(k), Value::Sample(y)) => {
                 if op == BinaryOp::Mul && self.is_one(y, &k) {
@@ -989,7 +1002,7 @@ impl<'a> Converter<'a> {
                     return Ok(());
                 }
                 let r = self.b.tensor(y).shape.len();
-                [self.operand(label, &node.input[0], &k, r)?, y]
+                [self.elementwise_operand(label, &node.input[0], &k, r)?, y]
             }
             _ => return Err(POISONED.into()),
         };
