@@ -210,6 +210,26 @@ impl Engine {
         crate::graph::fisher::fisher(exec.as_mut(), model, data, likelihood, variant, form, selection, &limits)
     }
 
+    /// [`Engine::graph_fisher`], also telling how the run was split into micro-batches and
+    /// the bytes of one micro-batch's activations.
+    #[allow(clippy::too_many_arguments)]
+    pub fn graph_fisher_with_stats(
+        &self,
+        model: &crate::graph::fisher::GraphModel,
+        data: &Dataset,
+        likelihood: crate::model::Likelihood,
+        variant: Variant,
+        form: NetForm,
+        selection: &crate::graph::fisher::Selection,
+    ) -> Result<(NetFisher, crate::graph::fisher::RunStats)> {
+        check_variant(variant)?;
+        let mut exec = self.backend.program_exec(std::sync::Arc::clone(&model.program))?;
+        let limits = crate::graph::fisher::RunLimits { result_bytes: self.backend.result_limit(), ..Default::default() };
+        let mut stats = crate::graph::fisher::RunStats::default();
+        let result = crate::graph::fisher::fisher_with_stats(exec.as_mut(), model, data, likelihood, variant, form, selection, &limits, &mut stats)?;
+        Ok((result, stats))
+    }
+
     /// The implicit F·v (when `product`) and vᵀFv of a graph network, without forming F.
     pub fn graph_fvp(
         &self,

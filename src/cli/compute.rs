@@ -211,6 +211,12 @@ pub fn human_graph(g: &GraphRequest, o: &GraphOutcome) -> String {
     lines.push(format!("  variant   {}", g.variant.description(o.rows_per_sample)));
     lines.push(format!("  form      {}", g.form.description()));
     lines.push(format!("  backend   {}", o.backend));
+    lines.push(format!(
+        "  batches   {} samples per micro-batch, {} of activations; model {}",
+        o.stats.micro_batch,
+        bytes(o.stats.activation_bytes),
+        bytes(o.stats.shared_bytes)
+    ));
     if let Some(why) = &o.fallback {
         lines.push(format!("            ({why})"));
     }
@@ -258,6 +264,9 @@ pub fn json_graph(g: &GraphRequest, o: &GraphOutcome) -> String {
         "adapter": o.adapter,
         "trace": o.trace,
         "seconds": o.seconds,
+        "micro_batch": o.stats.micro_batch,
+        "activation_bytes": o.stats.activation_bytes,
+        "model_bytes": o.stats.shared_bytes,
         "out": o.out.0.display().to_string(),
         "tensors": o.tensors.iter().map(|(name, shape)| json!({"name": name, "shape": shape})).collect::<Vec<_>>(),
     });

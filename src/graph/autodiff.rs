@@ -145,6 +145,8 @@ pub fn differentiate(l: Lowered) -> Result<(Program, Vec<(String, String)>)> {
     }
     let output_tangent = tan.of[&l.output];
 
+    let kfac_cots: Vec<SlotId> = kfac.iter().map(|s| s.output_cot).collect();
+    let backward_kfac = super::prim::prune(&backward, &kfac_cots);
     let program = Program {
         slots: b.slots,
         shared: b.shared,
@@ -155,6 +157,7 @@ pub fn differentiate(l: Lowered) -> Result<(Program, Vec<(String, String)>)> {
         output_cot,
         backward,
         param_grads,
+        backward_kfac,
         param_tangents,
         tangent,
         output_tangent,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::prim::{BinFn, Csr, Inst, KfacSite, MatDims, Program, Rows, SlotId};
+use super::prim::{Backward, BinFn, Csr, Inst, KfacSite, MatDims, Program, Rows, SlotId};
 use crate::error::{FisherError, Result};
 
 /// The stages of a graph Fisher on one micro-batch. Call order: [`ProgramExec::begin`], then
@@ -27,8 +27,8 @@ pub trait ProgramExec {
     /// and returns the outputs z (`samples` × C).
     fn forward(&mut self, x: &[f32], samples: usize) -> Result<Vec<f32>>;
 
-    /// Runs the reverse program seeded with the output rows (`samples`·R × C).
-    fn backward(&mut self, rows: &[f32]) -> Result<()>;
+    /// Runs the reverse program `which` seeded with the output rows (`samples`·R × C).
+    fn backward(&mut self, rows: &[f32], which: Backward) -> Result<()>;
 
     /// Adds Σ_rows g² of every parameter's per-row gradient to `sums` (θ order, P values).
     fn add_diag(&mut self, sums: &mut [f64]) -> Result<()>;
@@ -398,14 +398,14 @@ impl ProgramExec for CpuExec {
         out
     }
 
-    fn backward(&mut self, rows: &[f32]) -> Result<()> {
+    fn backward(&mut self, rows: &[f32], which: Backward) -> Result<()> {
         let prog = Arc::clone(&self.prog);
         let need = self.samples * self.r * prog.slots[prog.output_cot].len;
         if rows.len() != need {
             return Err(FisherError::InvalidInput(format!("{} output-row values for {need}", rows.len())));
         }
         self.data[prog.output_cot][..need].copy_from_slice(rows);
-        self.run(&prog.backward)
+        self.run(prog.backward_of(which))
     }
 
     fn add_diag(&mut self, sums: &mut [f64]) -> Result<()> {

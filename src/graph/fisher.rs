@@ -12,7 +12,7 @@ use ndarray::{Array1, Array2};
 
 use super::exec::ProgramExec;
 use super::ir::Graph;
-use super::prim::{Program, Rows};
+use super::prim::{Backward, Program, Rows};
 use crate::backend::cpu::network::{lambda_times, output_rows};
 use crate::backend::cpu::syrk::SymmetricSum;
 use crate::error::{FisherError, Result};
@@ -152,10 +152,18 @@ impl Default for RunLimits {
 
 /// Samples per micro-batch for `r` rows per sample and `extra` host floats per row.
 fn micro_batch(exec: &dyn ProgramExec, prog: &Program, n: usize, r: usize, extra_per_row: u64, limits: &RunLimits) -> Result<usize> {
+    micro_batch_plan(prog, n, r, extra_per_row, exec.max_slot_bytes(), &exec.label(), limits)
+}
+
+/// The micro-batch a run uses: samples per micro-batch for `n` samples with `r` output rows
+/// each and `extra_per_row` host floats per row, within `limits.batch_bytes` (at least one
+/// sample, refused beyond 8× the budget) and with every slot within `max_slot` bytes (the
+/// executor's binding limit, named by `label` in errors). Its activations take
+/// `samples · prog.floats_per_sample(r) · 4` bytes.
+pub fn micro_batch_plan(prog: &Program, n: usize, r: usize, extra_per_row: u64, max_slot: u64, label: &str, limits: &RunLimits) -> Result<usize> {
     let per_sample = prog.floats_per_sample(r).saturating_add(extra_per_row.saturating_mul(r as u64)).saturating_mul(4).max(1);
     let mut samples = (limits.batch_bytes / per_sample).max(1).min(n as u64).min(MAX_MICRO_BATCH as u64) as usize;
     // Every slot of the micro-batch must fit one binding of the executor.
-    let max_slot = exec.max_slot_bytes();
     for s in &prog.slots {
         let per = match s.rows {
             Rows::Shared => continue,
@@ -167,7 +175,7 @@ fn micro_batch(exec: &dyn ProgramExec, prog: &Program, n: usize, r: usize, extra
                 what: format!("tensor {} for one sample ({} rows)", s.name, if s.rows == Rows::Draw { r } else { 1 }),
                 needed: per,
                 limit: max_slot,
-                which: format!("the largest buffer binding of {}", exec.label()),
+                which: format!("the largest buffer binding of {label}"),
             });
         }
         samples = samples.min((max_slot / per.max(1)) as usize).max(1);
@@ -196,9 +204,23 @@ fn check_result(values: Option<u128>, limits: &RunLimits, what: impl FnOnce() ->
     Ok(())
 }
 
+/// How a run was split (for reports and the memory accounting of benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunStats {
+    /// Samples per micro-batch.
+    pub micro_batch: usize,
+    /// Output rows per sample.
+    pub rows_per_sample: usize,
+    /// Bytes of one micro-batch's activations (forward values, cotangents or tangents).
+    pub activation_bytes: u64,
+    /// Bytes of the shared slots (parameters, constants, sparse maps' values not counted).
+    pub shared_bytes: u64,
+}
+
 /// The network Fisher of `model` on `data`, reduced to `form` over the `selection`'s
 /// parameters. Layer blocks are per module (consecutive selected parameters sharing a
 /// module name); KFAC factors are per Gemm/MatMul/Conv site whose weight is selected.
+#[allow(clippy::too_many_arguments)]
 pub fn fisher(
     exec: &mut dyn ProgramExec,
     model: &GraphModel,
@@ -208,6 +230,22 @@ pub fn fisher(
     form: NetForm,
     selection: &Selection,
     limits: &RunLimits,
+) -> Result<NetFisher> {
+    fisher_with_stats(exec, model, data, likelihood, variant, form, selection, limits, &mut RunStats::default())
+}
+
+/// [`fisher`], also telling how the run was split.
+#[allow(clippy::too_many_arguments)]
+pub fn fisher_with_stats(
+    exec: &mut dyn ProgramExec,
+    model: &GraphModel,
+    data: &Dataset,
+    likelihood: Likelihood,
+    variant: Variant,
+    form: NetForm,
+    selection: &Selection,
+    limits: &RunLimits,
+    stats: &mut RunStats,
 ) -> Result<NetFisher> {
     model.check_data(data, likelihood)?;
     let graph = &model.graph;
@@ -247,6 +285,17 @@ pub fn fisher(
     }
     let host_rows = matches!(form, NetForm::Full | NetForm::Layer | NetForm::Grads | NetForm::Norms);
     let batch = micro_batch(exec, prog, n, r, if host_rows { p_all as u64 + p as u64 } else { 0 }, limits)?;
+    log::info!(
+        "graph fisher on {}: micro-batches of {batch} samples × {r} rows, {} bytes of activations",
+        exec.label(),
+        (batch as u64).saturating_mul(prog.floats_per_sample(r)).saturating_mul(4)
+    );
+    *stats = RunStats {
+        micro_batch: batch,
+        rows_per_sample: r,
+        activation_bytes: (batch as u64).saturating_mul(prog.floats_per_sample(r)).saturating_mul(4),
+        shared_bytes: prog.shared_floats().saturating_mul(4),
+    };
     exec.begin(batch, r)?;
 
     let mut diag = vec![0f64; if form == NetForm::Diagonal { p_all } else { 0 }];
@@ -276,7 +325,8 @@ pub fn fisher(
             return Err(FisherError::InvalidInput(format!("the model's output is not finite for a sample in rows {s0}..{}", s0 + m)));
         }
         let rows = output_rows(z.view(), &data.targets, s0, variant, (0, r));
-        exec.backward(rows.as_slice().expect("standard layout"))?;
+        let which = if form == NetForm::Kfac { Backward::Kfac } else { Backward::Full };
+        exec.backward(rows.as_slice().expect("standard layout"), which)?;
         match form {
             NetForm::Diagonal => exec.add_diag(&mut diag)?,
             NetForm::Kfac => {
@@ -396,7 +446,7 @@ pub fn fvp(exec: &mut dyn ProgramExec, model: &GraphModel, data: &Dataset, likel
         let w = lambda_times(z.view(), jv.view(), &data.targets, s0, variant);
         quadratic += jv.iter().zip(w.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
         if product {
-            exec.backward(w.as_slice().expect("standard layout"))?;
+            exec.backward(w.as_slice().expect("standard layout"), Backward::Full)?;
             exec.add_grad_sum(&mut sums)?;
         }
         s0 += m;
@@ -490,6 +540,17 @@ mod tests {
             assert!(a.max_rel < 1e-5, "{variant:?}: {a:?}");
             assert!((got.quadratic - quad).abs() <= 1e-5 * quad.abs(), "{variant:?}: {} vs {quad}", got.quadratic);
         }
+    }
+
+    #[test]
+    fn the_kfac_backward_skips_the_parameter_gradients() {
+        let (model, _, _) = twin(Likelihood::Categorical);
+        let p = &model.program;
+        assert!(p.backward_kfac.len() < p.backward.len(), "{} vs {}", p.backward_kfac.len(), p.backward.len());
+        // The per-row weight gradients (MatMuls writing parameter gradients) are gone.
+        let grads: Vec<usize> = p.param_grads.clone();
+        assert!(p.backward_kfac.iter().all(|i| !grads.contains(&i.dst())));
+        assert!(p.backward.iter().any(|i| grads.contains(&i.dst())));
     }
 
     #[test]

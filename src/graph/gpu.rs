@@ -619,7 +619,7 @@ impl ProgramExec for GpuExec<'_> {
         self.read_slot(prog.output)
     }
 
-    fn backward(&mut self, rows: &[f32]) -> Result<()> {
+    fn backward(&mut self, rows: &[f32], which: crate::graph::prim::Backward) -> Result<()> {
         let prog = Arc::clone(&self.prog);
         let need = self.samples * self.r * prog.slots[prog.output_cot].len;
         if rows.len() != need {
@@ -628,7 +628,7 @@ impl ProgramExec for GpuExec<'_> {
         if !rows.is_empty() {
             self.ctx().queue.write_buffer(&self.slots[prog.output_cot], 0, bytemuck::cast_slice(rows));
         }
-        self.run("graph backward", &prog.backward)
+        self.run("graph backward", prog.backward_of(which))
     }
 
     fn add_diag(&mut self, sums: &mut [f64]) -> Result<()> {
@@ -778,6 +778,7 @@ mod tests {
                 output_cot: cot,
                 backward,
                 param_grads: vec![],
+                backward_kfac: vec![],
                 param_tangents: vec![],
                 tangent: vec![],
                 output_tangent: output,
@@ -827,8 +828,8 @@ mod tests {
         assert_eq!(zc.len(), zg.len());
         if !prog.backward.is_empty() {
             let rows = normal(&mut rng, samples * r * prog.slots[prog.output_cot].len);
-            cpu.backward(&rows).unwrap();
-            gpu.backward(&rows).unwrap();
+            cpu.backward(&rows, crate::graph::prim::Backward::Full).unwrap();
+            gpu.backward(&rows, crate::graph::prim::Backward::Full).unwrap();
         }
         (cpu, gpu)
     }

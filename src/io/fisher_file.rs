@@ -756,6 +756,58 @@ mod tests {
     use crate::model::Activation;
     use crate::Engine;
 
+    /// A small conv + linear graph model and data for it.
+    fn graph_problem() -> (crate::graph::fisher::GraphModel, crate::model::Dataset) {
+        use crate::graph::ir::{GraphBuilder, InputType, Op, Window};
+        let mut b = GraphBuilder::new("x", &[2, 4, 4], InputType::Float);
+        let w = b.param("conv.weight", &[3, 2, 3, 3], (0..54).map(|i| ((i * 37 % 19) as f32 - 9.0) / 20.0).collect()).unwrap();
+        let bias = b.param("conv.bias", &[3], vec![0.1, -0.2, 0.05]).unwrap();
+        let window = Window { kernel: [3, 3], strides: [1, 1], pads: [1; 4], dilations: [1, 1] };
+        let y = b.node("conv", Op::Conv { window, group: 1 }, &[0, w, bias]).unwrap();
+        let g = b.node("gap", Op::GlobalAveragePool, &[y]).unwrap();
+        let f = b.reshape("flat", g, &[3]).unwrap();
+        let fc = b.param("fc.weight", &[4, 3], (0..12).map(|i| (i as f32 - 6.0) / 7.0).collect()).unwrap();
+        let out = b.node("fc", Op::Gemm { alpha: 1.0, beta: 1.0, trans_b: true }, &[f, fc]).unwrap();
+        let model = crate::graph::fisher::GraphModel::new(b.finish(out).unwrap()).unwrap();
+        let inputs = ndarray::Array2::from_shape_fn((5, 32), |(i, j)| ((i * 31 + j * 7) % 13) as f32 / 6.0 - 1.0);
+        (model, crate::model::Dataset { inputs, targets: crate::model::Targets::Classes(vec![0, 1, 2, 3, 1]) })
+    }
+
+    #[test]
+    fn graph_results_round_trip_with_names() {
+        let (model, data) = graph_problem();
+        let all = crate::graph::fisher::Selection::all(&model.graph);
+        let engine = Engine::cpu();
+        for form in [NetForm::Diagonal, NetForm::Layer, NetForm::Kfac, NetForm::Full] {
+            let result = engine.graph_fisher(&model, &data, Likelihood::Categorical, Variant::True, form, &all).unwrap();
+            let file = FisherFile::of_graph(result, &model, &all, data.len(), Likelihood::Categorical, Variant::True, "cpu");
+            let names: Vec<String> = file.tensor_shapes().into_iter().map(|(n, _)| n).collect();
+            match form {
+                NetForm::Diagonal => assert_eq!(names, ["diag", "diag.conv.weight", "diag.conv.bias", "diag.fc.weight"]),
+                NetForm::Layer => assert_eq!(names, ["block.conv", "block.fc"]),
+                NetForm::Kfac => assert_eq!(names, ["kfac.conv.A", "kfac.conv.G", "kfac.fc.A", "kfac.fc.G"]),
+                _ => assert_eq!(names, ["fisher"]),
+            }
+            let shapes = file.tensor_shapes();
+            if form == NetForm::Diagonal {
+                assert_eq!(shapes[1].1, vec![3, 2, 3, 3]);
+            }
+            let back = round_trip(&file);
+            assert_eq!(back.tensor_shapes(), shapes);
+        }
+        // A per-parameter tensor that disagrees with the flat diag is refused.
+        let result = engine.graph_fisher(&model, &data, Likelihood::Categorical, Variant::True, NetForm::Diagonal, &all).unwrap();
+        let file = FisherFile::of_graph(result, &model, &all, data.len(), Likelihood::Categorical, Variant::True, "cpu");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("F.safetensors");
+        let mut refs = file.tensor_refs();
+        let mut bad = refs[1].2.to_vec();
+        bad[0] += 1.0;
+        refs[1].2 = std::borrow::Cow::Owned(bad);
+        write_tensor_refs(&path, &refs, Some(file.metadata.clone())).unwrap();
+        assert!(read(&path).unwrap_err().to_string().contains("diag.conv.weight"));
+    }
+
     fn round_trip(file: &FisherFile) -> FisherFile {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("F.safetensors");

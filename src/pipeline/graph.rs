@@ -132,6 +132,8 @@ pub struct GraphOutcome {
     pub out: (PathBuf, u64),
     /// Seconds per stage.
     pub seconds: Seconds,
+    /// How the run was split into micro-batches, and their memory.
+    pub stats: crate::graph::fisher::RunStats,
 }
 
 /// Runs a graph compute request.
@@ -178,7 +180,7 @@ pub fn run(request: &GraphRequest) -> Result<GraphOutcome, RunError> {
     let backend = engine.device_info();
 
     let start = Instant::now();
-    let result = engine.graph_fisher(&model, &data, request.likelihood, request.variant, request.form, &selection)?;
+    let (result, stats) = engine.graph_fisher_with_stats(&model, &data, request.likelihood, request.variant, request.form, &selection)?;
     seconds.compute = since(start);
 
     let mut verification = None;
@@ -212,6 +214,7 @@ pub fn run(request: &GraphRequest) -> Result<GraphOutcome, RunError> {
         verification,
         out: (request.out.clone(), file_size(&request.out)),
         seconds,
+        stats,
     })
 }
 

@@ -267,7 +267,7 @@ impl<'a> Converter<'a> {
         for (init, node) in &self.const_uses {
             if self.params.contains_key(init) {
                 return Err(fail(format!(
-                    "{}: initializer {} is a trainable parameter but node {node} uses its values as a constant",
+                    "{}: initializer {} is a trainable parameter but node {node} uses its values as a constant (a function of a parameter before it meets the data, e.g. torch.sigmoid(p) * x, is not supported; use p directly)",
                     self.file, self.g.initializer[*init].name
                 )));
             }

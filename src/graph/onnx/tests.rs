@@ -382,9 +382,10 @@ fn refusals_name_the_reason() {
         (Box::new(|g| g.node.last_mut().unwrap().attribute.push(AttributeProto { name: "transA".into(), r#type: attribute_type::INT, i: 1, ..Default::default() })), "transA"),
         (Box::new(|g| g.output.push(ValueInfoProto { name: "b".into(), r#type: None })), "2 outputs"),
         (Box::new(|g| g.output[0].name = "p".into()), "must be a per-sample vector"),
-        // The fc weight also used as a constant.
+        // The fc bias also used through a function of it (folded to a constant).
         (Box::new(|g| {
-            g.node.push(node("Mul", &["logits", "fc.bias"], &["scaled"], vec![]));
+            g.node.push(node("Sigmoid", &["fc.bias"], &["gate"], vec![]));
+            g.node.push(node("Mul", &["logits", "gate"], &["scaled"], vec![]));
             g.output[0].name = "scaled".into();
         }), "is a trainable parameter but node node_scaled uses its values as a constant"),
     ];
