@@ -649,3 +649,92 @@ fn an_output_that_is_the_external_data_file_is_refused() {
     );
     assert_fails(&run, 2, &["model.onnx.data"]);
 }
+
+/// Reads a result back with the library's reader (which checks it for consistency: shapes
+/// against the metadata, symmetry, a non-negative diagonal).
+fn read_back(path: &Path) -> Result<fisher_engine::io::fisher_file::FisherFile, String> {
+    fisher_engine::io::fisher_file::read(path).map_err(|e| e.to_string())
+}
+
+#[test]
+fn graph_results_read_back() {
+    // What `compute --model` writes, the crate reads: the same tensors and tr F.
+    let dir = temp();
+    // Layer and KFAC files of models with integer module names or with parameters outside
+    // every KFAC layer do not read back: see the ignored tests below.
+    for (name, forms) in [
+        ("cnn_bn", &["diag", "full", "grads", "norms"][..]),
+        ("embed", &["diag", "full", "layer", "grads", "norms"][..]),
+        ("mlp", &["diag", "full", "layer", "kfac", "grads", "norms"][..]),
+    ] {
+        let c = case(name);
+        for &form in forms {
+            let out = dir.path().join(format!("{name}-{form}.safetensors"));
+            let run = with_model("compute", &c, &["--form", form, "--backend", "cpu", "--out", s(&out), "--json"]);
+            let written = json(&run)["trace"].as_f64().unwrap();
+            let file = read_back(&out).unwrap_or_else(|e| panic!("{name} --form {form}: {e}"));
+            crate::common::close(file.trace(), written, 1e-6, &format!("{name} {form}: tr F read back"));
+        }
+    }
+    // The stored forms that `report --fisher` analyses.
+    for form in ["diag", "full"] {
+        let v = json(&fisher(&["report", "--fisher", s(&dir.path().join(format!("cnn_bn-{form}.safetensors"))), "--json"]));
+        crate::common::close(v["trace"].as_f64().unwrap(), reference("cnn_bn").tensors["diag.true"].1.iter().sum(), 1e-5, form);
+    }
+}
+
+#[test]
+#[ignore = "bug: fisher_file::read renames block.<module> to block.<index> in place; with nn.Sequential module names (0, 1, 4, 5, 10) block.10 → block.4 overwrites the real block.4 (see the report)"]
+fn layer_blocks_named_by_integer_modules_read_back() {
+    let c = case("cnn_bn");
+    let dir = temp();
+    let out = dir.path().join("layer.safetensors");
+    let v = json(&with_model("compute", &c, &["--form", "layer", "--backend", "cpu", "--out", s(&out), "--json"]));
+    let file = read_back(&out).unwrap_or_else(|e| panic!("{e}"));
+    crate::common::close(file.trace(), v["trace"].as_f64().unwrap(), 1e-6, "tr F read back");
+    let shapes: Vec<Vec<usize>> = file.tensor_shapes().into_iter().map(|(_, shape)| shape).collect();
+    assert_eq!(shapes, [vec![168, 168], vec![12, 12], vec![440, 440], vec![16, 16], vec![90, 90]]);
+    // And `report --fisher` analyses it (exactly: the same trace).
+    let r = json(&fisher(&["report", "--fisher", s(&out), "--json"]));
+    crate::common::close(r["trace"].as_f64().unwrap(), v["trace"].as_f64().unwrap(), 1e-5, "report of the stored blocks");
+}
+
+#[test]
+#[ignore = "bug: --form kfac of a model with parameters outside every Conv/Linear (BatchNorm here) writes metadata parameters = 726 while the factors cover 698; the crate's reader then refuses the file (see the report)"]
+fn kfac_of_a_model_with_batchnorm_reads_back() {
+    let c = case("cnn_bn");
+    let dir = temp();
+    let out = dir.path().join("kfac.safetensors");
+    succeeds(&with_model("compute", &c, &["--form", "kfac", "--backend", "cpu", "--out", s(&out)]));
+    read_back(&out).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn kfac_over_a_selection_reads_back() {
+    // Whole layers selected: the file `compute` writes, the crate reads.
+    let c = case("cnn_bn");
+    let dir = temp();
+    let out = dir.path().join("k.safetensors");
+    succeeds(&with_model("compute", &c, &["--form", "kfac", "--params", r"^(4|10)\.", "--backend", "cpu", "--out", s(&out)]));
+    let saved = read_safetensors(&out);
+    assert_eq!(saved.names(), ["kfac.10.A", "kfac.10.G", "kfac.4.A", "kfac.4.G"]);
+    assert_eq!(saved.metadata["parameters"], "530");
+    read_back(&out).unwrap();
+}
+
+#[test]
+#[ignore = "bug: --form kfac --params selecting a weight without its bias writes factors over [W|b] (90 parameters) with metadata parameters = 80; the crate's reader then refuses the file (see the report)"]
+fn kfac_of_a_weight_without_its_bias_is_refused_or_reads_back() {
+    let c = case("cnn_bn");
+    let dir = temp();
+    let out = dir.path().join("k.safetensors");
+    let run = with_model("compute", &c, &["--form", "kfac", "--params", r"^10\.weight$", "--backend", "cpu", "--out", s(&out)]);
+    if run.code == 2 {
+        // Refusing the selection is one consistent answer: nothing written.
+        refused(&run, 2, &["--params", "kfac"], dir.path(), &[]);
+        return;
+    }
+    succeeds(&run);
+    // Otherwise the file must be one that the crate itself reads back.
+    read_back(&out).unwrap_or_else(|e| panic!("{e}"));
+}
