@@ -910,6 +910,12 @@ fn rebuild(path: &Path, file: FisherFile, model_shapes: Option<&[LayerShape]>) -
     let widths = file.widths();
     let parameters = file.parameters();
     let model = || model_shapes.map(<[LayerShape]>::to_vec);
+    if matches!(file.tensors, Tensors::Kfac(_)) && file.metadata.contains_key("parameter_names") {
+        return Err(bad(
+            "the KFAC factors of a --model (ONNX) result cover only its Linear and Conv layers and are not analysed; \
+             analyse a diag, layer or full result, or run fisher report --model … --form implicit",
+        ));
+    }
     let (fisher, shapes) = match file.tensors {
         Tensors::Full(f) => {
             let shapes = model().or_else(|| {

@@ -221,14 +221,7 @@ pub fn human_graph(g: &GraphRequest, o: &GraphOutcome) -> String {
         lines.push(format!("            ({why})"));
     }
     let trace_label = if g.form == NetForm::Kfac { "Σ tr(G)·tr(A)" } else { "tr F" };
-    let shown: Vec<(String, Vec<usize>)> = o.tensors.iter().take(8).cloned().collect();
-    let more = o.tensors.len().saturating_sub(shown.len());
-    lines.push(format!(
-        "  result    {}{}   {trace_label} = {:.6e}",
-        tensor_list(&shown),
-        if more > 0 { format!(" … and {more} more") } else { String::new() },
-        o.trace
-    ));
+    lines.push(format!("  result    {}   {trace_label} = {:.6e}", tensor_list(&o.tensors), o.trace));
     if let Some(v) = &o.verification {
         let a = &v.agreement;
         lines.push(format!(

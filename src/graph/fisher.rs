@@ -277,6 +277,20 @@ pub fn fisher_with_stats(
             if let Some((module, why)) = model.kfac_refused.iter().find(|(m, _)| modules.iter().any(|(name, _, _)| name == m)) {
                 return Err(FisherError::Request(format!("kfac: module {module} is {why}; use --params to leave it out, or another form")));
             }
+            // A layer's factors cover its weight and bias together.
+            for site in &prog.kfac {
+                let (w, b) = (selection.0.contains(&site.weight), site.bias.map(|b| selection.0.contains(&b)));
+                if b.is_some_and(|b| b != w) {
+                    let name = |i: usize| graph.params[i].name.as_str();
+                    let (picked, missing) = if w { (site.weight, site.bias.unwrap()) } else { (site.bias.unwrap(), site.weight) };
+                    return Err(FisherError::Request(format!(
+                        "kfac: {} is selected without {}; a layer's Kronecker factors cover its weight and bias together (select both, e.g. --params '^{}\\.')",
+                        name(picked),
+                        name(missing),
+                        regex_escape(&site.module)
+                    )));
+                }
+            }
             if sites.is_empty() {
                 return Err(FisherError::Request("kfac: no selected parameter belongs to a Linear (Gemm/MatMul) or Conv layer".into()));
             }
@@ -393,6 +407,11 @@ pub fn fisher_with_stats(
                 .collect(),
         ),
     })
+}
+
+/// `text` with the regular-expression metacharacters escaped (for the hints of messages).
+fn regex_escape(text: &str) -> String {
+    text.chars().flat_map(|c| if "\\.+*?()|[]{}^$".contains(c) { vec!['\\', c] } else { vec![c] }).collect()
 }
 
 /// The layer blocks of a selection: (module, selected scalars in it, start in the selected

@@ -229,6 +229,10 @@ impl FisherFile {
                 Tensors::Blocks(blocks.into_iter().enumerate().collect())
             }
             NetFisher::Kfac(factors) => {
+                // The factors cover the Linear/Conv layers' weights and biases only.
+                let covered: usize = factors.iter().map(|f| f.a.nrows() * f.g.nrows()).sum();
+                metadata.insert("parameters".into(), covered.to_string());
+                metadata.insert("model_parameters".into(), selection.count(graph).to_string());
                 let modules: Vec<String> = crate::graph::fisher::kfac_sites(model, selection).into_iter().map(|m| m.0).collect();
                 metadata.insert("kfac_modules".into(), json!(modules).to_string());
                 metadata.insert(
@@ -449,24 +453,23 @@ pub fn read(path: &Path) -> Result<FisherFile> {
     };
     for (key, prefix) in [("modules", "block."), ("kfac_modules", "kfac.")] {
         if let Some(modules) = list(key)? {
-            let renamed: Vec<(String, String)> = by_name
-                .keys()
-                .filter_map(|name| {
-                    let rest = name.strip_prefix(prefix)?;
-                    let (module, suffix) = if prefix == "kfac." {
-                        let (m, s) = rest.rsplit_once('.')?;
-                        (m, format!(".{s}"))
-                    } else {
-                        (rest, String::new())
-                    };
-                    let i = modules.iter().position(|m| m == module)?;
-                    Some((name.clone(), format!("{prefix}{i}{suffix}")))
-                })
+            // A fresh map: renaming in place could collide (module `10` → index 4 while a
+            // module `4` is still to be renamed).
+            let renamed = |name: &str| -> Option<String> {
+                let rest = name.strip_prefix(prefix)?;
+                let (module, suffix) = if prefix == "kfac." {
+                    let (m, s) = rest.rsplit_once('.')?;
+                    (m, format!(".{s}"))
+                } else {
+                    (rest, String::new())
+                };
+                let i = modules.iter().position(|m| m == module)?;
+                Some(format!("{prefix}{i}{suffix}"))
+            };
+            by_name = std::mem::take(&mut by_name)
+                .into_iter()
+                .map(|(name, v)| (renamed(&name).unwrap_or(name), v))
                 .collect();
-            for (old, new) in renamed {
-                let v = by_name.remove(&old).expect("listed");
-                by_name.insert(new, v);
-            }
         }
     }
     let per_parameter: Vec<(String, (Vec<usize>, Vec<f32>))> = match list("parameter_names")? {

@@ -25,11 +25,22 @@ use crate::Backend;
 /// Reads the data (any rank) and the ONNX model for the data's per-sample shape, and checks
 /// them against each other: the input's shape and kind (float features or integer tokens).
 pub fn load_graph_problem(model: &Path, inputs: &Path, labels: &Path, likelihood: Likelihood) -> Result<(GraphModel, Dataset), FisherError> {
+    let (model, data, _) = load_graph_files(model, inputs, labels, likelihood)?;
+    Ok((model, data))
+}
+
+/// [`load_graph_problem`], also returning the model's external data files (inputs of the
+/// run that no output may replace).
+pub fn load_graph_files(model: &Path, inputs: &Path, labels: &Path, likelihood: Likelihood) -> Result<(GraphModel, Dataset, Vec<PathBuf>), FisherError> {
     let (data, shape, integer) = Dataset::from_npy_any_rank(inputs, labels, likelihood)?;
-    let onnx = crate::graph::onnx::load(model, Some(&shape))?;
-    let graph = onnx.graph;
-    check_input(&graph, model, inputs, &shape, integer)?;
-    Ok((GraphModel::new(graph)?, data))
+    // A file that declares its input shape is read as it is, so that data of another shape
+    // is blamed on the data file; one with symbolic extents takes the data's shape.
+    let onnx = match crate::graph::onnx::load(model, None) {
+        Ok(onnx) => onnx,
+        Err(_) => crate::graph::onnx::load(model, Some(&shape))?,
+    };
+    check_input(&onnx.graph, model, inputs, &shape, integer)?;
+    Ok((GraphModel::new(onnx.graph)?, data, onnx.info.external_files))
 }
 
 fn check_input(graph: &Graph, model: &Path, inputs: &Path, shape: &[usize], integer: bool) -> Result<(), FisherError> {
@@ -140,10 +151,14 @@ pub struct GraphOutcome {
 pub fn run(request: &GraphRequest) -> Result<GraphOutcome, RunError> {
     let inputs: Vec<(&str, &Path)> =
         vec![("--model", request.model.as_path()), ("--inputs", request.inputs.as_path()), ("--labels", request.labels.as_path())];
-    let target = Target::check(&request.out, "--out", request.force, &inputs)?;
+    Target::check(&request.out, "--out", request.force, &inputs)?;
     let mut seconds = Seconds::default();
     let start = Instant::now();
-    let (model, data) = load_graph_problem(&request.model, &request.inputs, &request.labels, request.likelihood)?;
+    let (model, data, external) = load_graph_files(&request.model, &request.inputs, &request.labels, request.likelihood)?;
+    // The model's external data is an input too.
+    let mut inputs = inputs;
+    inputs.extend(external.iter().map(|f| ("--model (its external data)", f.as_path())));
+    let target = Target::check(&request.out, "--out", request.force, &inputs)?;
     model.check_data(&data, request.likelihood)?;
     seconds.load = since(start);
     let graph = &model.graph;

@@ -463,7 +463,6 @@ fn inputs_that_do_not_fit_the_graph_are_refused() {
 }
 
 #[test]
-#[ignore = "bug: a per-sample shape that disagrees with the graph is reported against the model, not the inputs file (see the report)"]
 fn inputs_of_another_per_sample_shape_are_refused_naming_the_file() {
     let dir = temp();
     let out = dir.path().join("F.safetensors");
@@ -630,7 +629,6 @@ fn an_output_that_is_an_input_is_refused() {
 }
 
 #[test]
-#[ignore = "bug: --out naming the model's external data file (model.onnx.data) is accepted with --force and overwrites the weights (see the report)"]
 fn an_output_that_is_the_external_data_file_is_refused() {
     // The model's external data file is an input too: `--out model.onnx.data --force` must
     // not replace the weights the run reads.
@@ -661,7 +659,7 @@ fn graph_results_read_back() {
     // What `compute --model` writes, the crate reads: the same tensors and tr F.
     let dir = temp();
     // Layer and KFAC files of models with integer module names or with parameters outside
-    // every KFAC layer do not read back: see the ignored tests below.
+    // every KFAC layer have their own tests below.
     for (name, forms) in [
         ("cnn_bn", &["diag", "full", "grads", "norms"][..]),
         ("embed", &["diag", "full", "layer", "grads", "norms"][..]),
@@ -684,7 +682,6 @@ fn graph_results_read_back() {
 }
 
 #[test]
-#[ignore = "bug: fisher_file::read renames block.<module> to block.<index> in place; with nn.Sequential module names (0, 1, 4, 5, 10) block.10 → block.4 overwrites the real block.4 (see the report)"]
 fn layer_blocks_named_by_integer_modules_read_back() {
     let c = case("cnn_bn");
     let dir = temp();
@@ -700,7 +697,6 @@ fn layer_blocks_named_by_integer_modules_read_back() {
 }
 
 #[test]
-#[ignore = "bug: --form kfac of a model with parameters outside every Conv/Linear (BatchNorm here) writes metadata parameters = 726 while the factors cover 698; the crate's reader then refuses the file (see the report)"]
 fn kfac_of_a_model_with_batchnorm_reads_back() {
     let c = case("cnn_bn");
     let dir = temp();
@@ -723,7 +719,6 @@ fn kfac_over_a_selection_reads_back() {
 }
 
 #[test]
-#[ignore = "bug: --form kfac --params selecting a weight without its bias writes factors over [W|b] (90 parameters) with metadata parameters = 80; the crate's reader then refuses the file (see the report)"]
 fn kfac_of_a_weight_without_its_bias_is_refused_or_reads_back() {
     let c = case("cnn_bn");
     let dir = temp();

@@ -32,7 +32,7 @@
 //! Errors are one line naming the file and the node or initializer.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use prost::Message;
 
@@ -102,6 +102,9 @@ pub struct ModelInfo {
     pub output_name: String,
     /// Number of ONNX nodes.
     pub nodes: usize,
+    /// The external data files the initializers name (relative to the model's directory,
+    /// joined to it): inputs of a run like the model itself, never to be overwritten.
+    pub external_files: Vec<PathBuf>,
 }
 
 /// A model read from ONNX.
@@ -268,6 +271,18 @@ fn import(path: &Path, input_shape: Option<&[usize]>, lenient: bool) -> Result<(
         input_shape: per_sample.clone(),
         output_name: output.name.clone(),
         nodes: g.node.len(),
+        external_files: {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let mut files: Vec<PathBuf> = g
+                .initializer
+                .iter()
+                .flat_map(|t| t.external_data.iter().filter(|kv| kv.key == "location" && !kv.value.is_empty()))
+                .map(|kv| dir.join(&kv.value))
+                .collect();
+            files.sort();
+            files.dedup();
+            files
+        },
     };
     let model_dir = path.parent().unwrap_or(Path::new("."));
     let converter =
