@@ -9,9 +9,14 @@
 //! workload runs on every backend back to back, so the GPU/CPU ratio compares runs made
 //! under the same conditions.
 //!
-//! Each measurement names its workload stably ([`reduce_workload`], [`network_workload`]:
-//! `reduce/full/4096x2048`, `network/diag/true/784-512-512-10x1024`), so that a script can
-//! pair the measurements of two runs.
+//! A [`GraphStage`] (`fisher bench --model`) times an ONNX network's diag and kfac
+//! ([`Engine::graph_fisher_with_stats`], which also reports the micro-batch split) and one
+//! F·v ([`Engine::graph_fvp`]); its rate counts the executed work of the lowered primitive
+//! program ([`graph_flops`]).
+//!
+//! Each measurement names its workload stably ([`reduce_workload`], [`network_workload`],
+//! [`graph_workload`]: `reduce/full/4096x2048`, `network/diag/true/784-512-512-10x1024`,
+//! `graph/fvp/true/m.onnx@512`), so that a script can pair the measurements of two runs.
 //!
 //! ```
 //! use fisher_engine::bench::{measure, Timing};
@@ -20,12 +25,15 @@
 //! assert!(Timing(times).best() >= 0.0);
 //! ```
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::backend::gpu::GpuOptions;
 use crate::device::{self, AdapterInfo, DeviceRequest};
 use crate::fisher::{rows_per_sample, NetForm, Variant};
-use crate::model::{train, Activation, Dataset, Mlp};
+use crate::graph::fisher::{GraphModel, Selection};
+use crate::graph::prim::{Inst, Program, Rows};
+use crate::model::{train, Activation, Dataset, Likelihood, Mlp};
 use crate::pipeline::RunError;
 use crate::{synthetic, Backend, Engine, Form};
 
@@ -53,6 +61,66 @@ pub struct NetworkStage {
     pub activation: Activation,
 }
 
+/// A graph (ONNX) network's Fisher forms, as `fisher bench --model` measures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphForm {
+    /// diag(F), through the full reverse program.
+    Diagonal,
+    /// The KFAC factors, through the reverse program pruned to the KFAC sites.
+    Kfac,
+    /// One implicit F·v product (forward, forward-mode J·v, one reverse pass with R = 1).
+    Fvp,
+}
+
+impl GraphForm {
+    /// Every graph form, in the order `fisher bench` runs them.
+    pub const ALL: [GraphForm; 3] = [GraphForm::Diagonal, GraphForm::Kfac, GraphForm::Fvp];
+
+    /// `diag`, `kfac`, `fvp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GraphForm::Diagonal => "diag",
+            GraphForm::Kfac => "kfac",
+            GraphForm::Fvp => "fvp",
+        }
+    }
+}
+
+/// The graph workloads: an ONNX network on its data, read when the run starts.
+#[derive(Debug, Clone)]
+pub struct GraphStage {
+    /// The ONNX file.
+    pub model: PathBuf,
+    /// The inputs (`.npy`, any rank).
+    pub inputs: PathBuf,
+    /// The labels (`.npy`).
+    pub labels: PathBuf,
+    /// The likelihood the outputs define.
+    pub likelihood: Likelihood,
+    /// Variant of diag and kfac (fvp uses it too: Λ of the variant).
+    pub variant: Variant,
+}
+
+/// What a run found out about its graph network (for the report).
+#[derive(Debug, Clone)]
+pub struct GraphSummary {
+    /// Parameters.
+    pub params: usize,
+    /// Samples of the data.
+    pub samples: usize,
+    /// Outputs C.
+    pub outputs: usize,
+    /// Output rows per sample of diag and kfac.
+    pub rows_per_sample: usize,
+    /// Bytes of the program's shared slots (parameters, constants).
+    pub shared_bytes: u64,
+    /// The forms not measured, and why (kfac on grouped convolutions, or without a
+    /// Linear/Conv layer).
+    pub skipped: Vec<(GraphForm, String)>,
+    /// Seconds reading and lowering the model and reading the data (untimed).
+    pub load: f64,
+}
+
 /// Which backends to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backends {
@@ -77,6 +145,8 @@ pub struct BenchPlan {
     pub forms: Vec<Form>,
     /// The network stage, if any.
     pub network: Option<NetworkStage>,
+    /// The graph (ONNX) stage, if any.
+    pub graph: Option<GraphStage>,
     /// Backends.
     pub backends: Backends,
     /// Adapter choice.
@@ -231,6 +301,83 @@ pub fn network_flops_executed(mlp: &Mlp, samples: usize, rows: usize, form: NetF
     forward + backward + reduction
 }
 
+/// How the flops of `fisher bench --model` are counted ([`graph_flops`]), in one paragraph.
+pub const GRAPH_FLOPS_NOTE: &str = "graph: executed flops of the lowered primitive program, 2 per multiply–add of \
+     every instruction that runs (per-row work × rows: shared 1, per-sample N, per-draw N·R), plus the reduction: \
+     diag forward + full reverse program + 2·N·R·P (squared gradients), kfac forward + the reverse program pruned to \
+     the KFAC sites + Σ_sites 2·N·S·(ã² + R·out²), fvp forward + forward mode (J·v) + reverse program with R = 1 + \
+     N·P (the gradient sum); transfers and host work are in the time but not in the flops";
+
+/// Flops (2 per multiply–add) of running `insts` of `prog` on `samples` samples with
+/// `rows` output rows each: [`Inst::work`] per destination row times the rows of its
+/// destination (shared 1, per-sample N, per-draw N·R).
+pub fn program_flops(prog: &Program, insts: &[Inst], samples: usize, rows: usize) -> f64 {
+    let (n, r) = (samples as f64, rows as f64);
+    insts
+        .iter()
+        .map(|inst| {
+            let count = match prog.slots[inst.dst()].rows {
+                Rows::Shared => 1.0,
+                Rows::Sample => n,
+                Rows::Draw => n * r,
+            };
+            2.0 * inst.work(&prog.slots) as f64 * count
+        })
+        .sum()
+}
+
+/// Executed flops of one graph Fisher call ([`GRAPH_FLOPS_NOTE`]); `rows` is R of diag
+/// and kfac (fvp runs with R = 1), `params` P.
+pub fn graph_flops(prog: &Program, samples: usize, rows: usize, params: usize, form: GraphForm) -> f64 {
+    let (n, r, p) = (samples as f64, rows as f64, params as f64);
+    let forward = program_flops(prog, &prog.forward, samples, rows);
+    match form {
+        GraphForm::Diagonal => forward + program_flops(prog, &prog.backward, samples, rows) + 2.0 * n * r * p,
+        GraphForm::Kfac => {
+            let factors: f64 = prog
+                .kfac
+                .iter()
+                .map(|k| {
+                    let (a, o, s) = ((k.fan_in + k.bias.is_some() as usize) as f64, k.fan_out as f64, k.positions as f64);
+                    2.0 * n * s * (a * a + r * o * o)
+                })
+                .sum();
+            forward + program_flops(prog, &prog.backward_kfac, samples, rows) + factors
+        }
+        GraphForm::Fvp => {
+            program_flops(prog, &prog.forward, samples, 1)
+                + program_flops(prog, &prog.tangent, samples, 1)
+                + program_flops(prog, &prog.backward, samples, 1)
+                + n * p
+        }
+    }
+}
+
+/// The stable name of a graph workload: `graph/<form>/<variant>/<model path as given>@<N>`.
+pub fn graph_workload(form: GraphForm, variant: Variant, model: &str, samples: usize) -> String {
+    format!("graph/{}/{}/{model}@{samples}", form.name(), variant_text(variant))
+}
+
+fn variant_text(variant: Variant) -> String {
+    match variant {
+        Variant::MonteCarlo { samples, .. } => format!("mc{samples}"),
+        v => v.name().to_string(),
+    }
+}
+
+/// A seeded direction of `len` values in [−1, 1) (the F·v workload's v).
+fn direction(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 // Measuring
 
@@ -350,6 +497,17 @@ pub struct Measurement {
     pub flops: f64,
     /// CPU best / GPU best for the same workload (on the GPU row).
     pub gpu_speedup: Option<f64>,
+    /// Samples per micro-batch (graph diag and kfac, from the run's statistics).
+    pub micro_batch: Option<usize>,
+    /// Bytes of one micro-batch's activations (graph diag and kfac).
+    pub activation_bytes: Option<u64>,
+}
+
+impl Measurement {
+    /// Samples per second at the best time (networks and graphs; `None` for reductions).
+    pub fn samples_per_s(&self) -> Option<f64> {
+        (self.kind != "reduce").then(|| self.samples as f64 / self.timing.best())
+    }
 }
 
 /// What a benchmark run measured.
@@ -367,6 +525,8 @@ pub struct BenchOutcome {
     pub generate: f64,
     /// The measurements, in run order.
     pub results: Vec<Measurement>,
+    /// The graph network, when `--model` ran.
+    pub graph: Option<GraphSummary>,
     /// Peak RSS at the end (bytes), where the OS reports it.
     pub peak_rss: Option<u64>,
 }
@@ -412,9 +572,19 @@ fn open_backends(plan: &BenchPlan) -> crate::Result<Opened> {
 /// Runs the plan. `progress` receives a short status before each measurement.
 pub fn run(plan: &BenchPlan, mut progress: impl FnMut(&str)) -> Result<BenchOutcome, RunError> {
     let machine = Machine::this();
+    // The graph is read first: a bad model or data is reported before any device opens.
+    let graph = match &plan.graph {
+        None => None,
+        Some(stage) => {
+            progress(&format!("reading {}", stage.model.display()));
+            Some(load_graph(stage)?)
+        }
+    };
     progress("setting up the backends");
     let Opened { runners, adapter, gpu_note, setup } = open_backends(plan)?;
-    let total = runners.len() * (plan.shapes.len() * plan.forms.len() + plan.network.as_ref().map_or(0, |n| n.forms.len()));
+    let graph_forms = graph.as_ref().map_or(0, |(_, _, g)| GraphForm::ALL.len() - g.skipped.len());
+    let total = runners.len()
+        * (plan.shapes.len() * plan.forms.len() + plan.network.as_ref().map_or(0, |n| n.forms.len()) + graph_forms);
     let mut done = 0;
     let mut generate = 0.0;
     let mut results = Vec::new();
@@ -446,6 +616,8 @@ pub fn run(plan: &BenchPlan, mut progress: impl FnMut(&str)) -> Result<BenchOutc
                     timing: Timing(times),
                     flops: reduce_flops(form, n, p),
                     gpu_speedup: None,
+                    micro_batch: None,
+                    activation_bytes: None,
                 });
             }
         }
@@ -482,6 +654,56 @@ pub fn run(plan: &BenchPlan, mut progress: impl FnMut(&str)) -> Result<BenchOutc
                     timing: Timing(times),
                     flops: network_flops(&mlp, net.samples, rows, form),
                     gpu_speedup: None,
+                    micro_batch: None,
+                    activation_bytes: None,
+                });
+            }
+        }
+    }
+
+    if let (Some(stage), Some((model, data, summary))) = (&plan.graph, &graph) {
+        let name = stage.model.display().to_string();
+        let selection = Selection::all(&model.graph);
+        let (n, r, p) = (summary.samples, summary.rows_per_sample, summary.params);
+        let v = direction(p, plan.seed);
+        for form in GraphForm::ALL {
+            if summary.skipped.iter().any(|(f, _)| *f == form) {
+                continue;
+            }
+            for (backend, engine) in &runners {
+                done += 1;
+                progress(&format!("[{done}/{total}] graph {} {name} on {backend}", form.name()));
+                let context = || format!("graph {} {name} on {}", form.name(), engine.device_info());
+                let mut stats = None;
+                let times = match form {
+                    GraphForm::Diagonal | GraphForm::Kfac => {
+                        let net_form = if form == GraphForm::Kfac { NetForm::Kfac } else { NetForm::Diagonal };
+                        measure(plan.warmup, plan.repeat, || {
+                            let (f, s) = engine
+                                .graph_fisher_with_stats(model, data, stage.likelihood, stage.variant, net_form, &selection)
+                                .map_err(RunError::context(context()))?;
+                            stats = Some(s);
+                            Ok::<_, RunError>(f)
+                        })?
+                    }
+                    GraphForm::Fvp => measure(plan.warmup, plan.repeat, || {
+                        engine.graph_fvp(model, data, stage.likelihood, stage.variant, &v, true).map_err(RunError::context(context()))
+                    })?,
+                };
+                results.push(Measurement {
+                    workload: graph_workload(form, stage.variant, &name, n),
+                    kind: "graph",
+                    form: form.name().to_string(),
+                    shape: name.clone(),
+                    samples: n,
+                    params: p,
+                    rows_per_sample: Some(if form == GraphForm::Fvp { 1 } else { r }),
+                    backend,
+                    timing: Timing(times),
+                    flops: graph_flops(&model.program, n, r, p, form),
+                    gpu_speedup: None,
+                    micro_batch: stats.map(|s| s.micro_batch),
+                    activation_bytes: stats.map(|s| s.activation_bytes),
                 });
             }
         }
@@ -500,7 +722,32 @@ pub fn run(plan: &BenchPlan, mut progress: impl FnMut(&str)) -> Result<BenchOutc
     for (i, ratio) in ratios {
         results[i].gpu_speedup = Some(ratio);
     }
-    Ok(BenchOutcome { machine, adapter, gpu_note, setup, generate, results, peak_rss: peak_rss_bytes() })
+    let graph = graph.map(|(_, _, summary)| summary);
+    Ok(BenchOutcome { machine, adapter, gpu_note, setup, generate, results, graph, peak_rss: peak_rss_bytes() })
+}
+
+/// Reads the graph stage's model and data, and decides which forms it can run.
+fn load_graph(stage: &GraphStage) -> Result<(GraphModel, Dataset, GraphSummary), RunError> {
+    let start = Instant::now();
+    let (model, data) = crate::pipeline::graph::load_graph_problem(&stage.model, &stage.inputs, &stage.labels, stage.likelihood)?;
+    model.check_data(&data, stage.likelihood)?;
+    let outputs = model.graph.outputs();
+    let mut skipped = Vec::new();
+    if let Some((module, why)) = model.kfac_refused.first() {
+        skipped.push((GraphForm::Kfac, format!("module {module}: {why}")));
+    } else if model.program.kfac.is_empty() {
+        skipped.push((GraphForm::Kfac, "the model has no Linear (Gemm/MatMul) or Conv layer".to_string()));
+    }
+    let summary = GraphSummary {
+        params: model.graph.param_count(),
+        samples: data.len(),
+        outputs,
+        rows_per_sample: rows_per_sample(stage.variant, outputs),
+        shared_bytes: model.program.shared_floats().saturating_mul(4),
+        skipped,
+        load: start.elapsed().as_secs_f64(),
+    };
+    Ok((model, data, summary))
 }
 
 #[cfg(test)]
@@ -551,6 +798,57 @@ mod tests {
     }
 
     #[test]
+    fn a_graph_plan_runs_on_the_cpu() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/cnn_bn");
+        let stage = GraphStage {
+            model: dir.join("model.onnx"),
+            inputs: dir.join("x.npy"),
+            labels: dir.join("y.npy"),
+            likelihood: Likelihood::Categorical,
+            variant: Variant::True,
+        };
+        let plan = BenchPlan {
+            shapes: vec![],
+            forms: vec![],
+            network: None,
+            graph: Some(stage.clone()),
+            backends: Backends::Listed { gpu: false, cpu: true },
+            gpu: GpuOptions::default(),
+            repeat: 1,
+            warmup: 0,
+            seed: 0,
+        };
+        let o = run(&plan, |_| {}).unwrap();
+        let forms: Vec<&str> = o.results.iter().map(|m| m.form.as_str()).collect();
+        assert_eq!(forms, ["diag", "kfac", "fvp"]);
+        let g = o.graph.as_ref().unwrap();
+        assert_eq!((g.rows_per_sample, g.outputs), (10, 10));
+        assert!(o.results.iter().all(|m| m.flops > 0.0 && m.kind == "graph" && m.samples_per_s().unwrap() > 0.0));
+        assert!(o.results[0].micro_batch.is_some() && o.results[2].micro_batch.is_none());
+
+        // The flop model: the forward pass is per sample, the reverse program per draw.
+        let (model, _, _) = load_graph(&stage).unwrap();
+        let prog = &model.program;
+        let (n, p) = (g.samples, g.params);
+        let forward = program_flops(prog, &prog.forward, n, 10);
+        assert!(forward > 0.0);
+        assert_eq!(program_flops(prog, &prog.forward, 2 * n, 10), 2.0 * forward - shared_flops(prog, &prog.forward));
+        let backward = |r| program_flops(prog, &prog.backward, n, r);
+        assert!(backward(10) > 9.0 * backward(1));
+        assert_eq!(graph_flops(prog, n, 10, p, GraphForm::Diagonal), forward + backward(10) + 2.0 * (n * 10 * p) as f64);
+        assert_eq!(
+            graph_flops(prog, n, 10, p, GraphForm::Fvp),
+            program_flops(prog, &prog.forward, n, 1) + program_flops(prog, &prog.tangent, n, 1) + backward(1) + (n * p) as f64
+        );
+        assert!(graph_flops(prog, n, 10, p, GraphForm::Kfac) > forward + program_flops(prog, &prog.backward_kfac, n, 10));
+    }
+
+    /// Flops of the shared instructions of `insts` (counted once, whatever N).
+    fn shared_flops(prog: &Program, insts: &[Inst]) -> f64 {
+        insts.iter().filter(|i| prog.slots[i.dst()].rows == Rows::Shared).map(|i| 2.0 * i.work(&prog.slots) as f64).sum()
+    }
+
+    #[test]
     fn a_tiny_plan_runs_on_the_cpu() {
         let plan = BenchPlan {
             shapes: vec![Shape { samples: 16, params: 4 }],
@@ -562,6 +860,7 @@ mod tests {
                 variant: Variant::True,
                 activation: Activation::Tanh,
             }),
+            graph: None,
             backends: Backends::Listed { gpu: false, cpu: true },
             gpu: GpuOptions::default(),
             repeat: 2,

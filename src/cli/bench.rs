@@ -4,16 +4,19 @@
 //! `benches/kernels.rs`) → the table or one JSON line.
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use fisher_engine::bench::{self, BenchOutcome, BenchPlan, Backends, Measurement, NetworkStage, Shape, FLOPS_NOTE};
+use fisher_engine::bench::{
+    self, BenchOutcome, BenchPlan, Backends, GraphStage, Measurement, NetworkStage, Shape, FLOPS_NOTE, GRAPH_FLOPS_NOTE,
+};
 use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::fisher::{rows_per_sample, NetForm, Variant};
 use fisher_engine::model::Activation;
 use fisher_engine::{Form, MAX_GENERATED_VALUES};
 use serde_json::{json, Value};
 
-use super::args::{FormArg, OutputArgs, Report, VariantArg, VariantArgs};
+use super::args::{FormArg, LikelihoodArg, OutputArgs, Report, VariantArg, VariantArgs};
 use super::exit::{run_error, usage};
 use super::format::{columns, duration, gib, mib};
 
@@ -72,17 +75,37 @@ pub struct BenchArgs {
     pub forms: Vec<ReduceFormArg>,
 
     /// Network widths (input, hidden..., classes ≥ 2), e.g. 784,512,512,10; `none` skips the
-    /// network stage.
-    #[arg(long, value_name = "WIDTHS|none", default_value = DEFAULT_NETWORK)]
-    pub network: String,
+    /// network stage [default: 784,256,10; none with --model].
+    #[arg(long, value_name = "WIDTHS|none")]
+    pub network: Option<String>,
 
-    /// Samples of the network stage's classification task.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_SAMPLES)]
-    pub samples: usize,
+    /// Samples of the network stage's classification task [default: 1024; refused with
+    /// --model, whose data sets N].
+    #[arg(long, value_name = "N")]
+    pub samples: Option<usize>,
 
-    /// Network Fisher forms timed.
-    #[arg(long, value_enum, value_name = "FORM,...", value_delimiter = ',', default_values = ["diag", "kfac"])]
+    /// Network Fisher forms timed [default: diag,kfac; refused with --model, which times
+    /// diag, kfac and fvp].
+    #[arg(long, value_enum, value_name = "FORM,...", value_delimiter = ',')]
     pub net_forms: Vec<FormArg>,
+
+    /// Measure this ONNX network on --inputs and --labels instead of the synthetic MLP
+    /// (implies --network none): diag, kfac (skipped with a note on grouped convolutions)
+    /// and one implicit F·v product.
+    #[arg(long, value_name = "M.onnx", requires_all = ["inputs", "labels"])]
+    pub model: Option<PathBuf>,
+
+    /// The --model network's inputs (.npy, any rank).
+    #[arg(long, value_name = "X.npy", requires = "model")]
+    pub inputs: Option<PathBuf>,
+
+    /// The --model network's labels (.npy).
+    #[arg(long, value_name = "y.npy", requires = "model")]
+    pub labels: Option<PathBuf>,
+
+    /// The likelihood the --model network's outputs define [default: categorical].
+    #[arg(long, value_enum, requires = "model")]
+    pub likelihood: Option<LikelihoodArg>,
 
     /// The network Fisher's variant.
     #[arg(long, value_enum, default_value_t = VariantArg::True)]
@@ -92,9 +115,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "K")]
     pub mc_samples: Option<usize>,
 
-    /// The network's hidden activation: relu, tanh, sigmoid, gelu or identity.
-    #[arg(long, value_name = "NAME", default_value = "tanh")]
-    pub activation: String,
+    /// The synthetic network's hidden activation: relu, tanh, sigmoid, gelu or identity
+    /// [default: tanh; refused with --model, whose activations are in the file].
+    #[arg(long, value_name = "NAME")]
+    pub activation: Option<String>,
 
     /// Backends to measure, comma-separated [default: gpu,cpu where a hardware GPU adapter exists, else cpu].
     #[arg(long, value_enum, value_name = "gpu,cpu", value_delimiter = ',')]
@@ -112,7 +136,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "K", default_value_t = 1)]
     pub warmup: usize,
 
-    /// Seed of the gradients, the model, the task and MC label draws.
+    /// Seed of the gradients, the model, the task, MC label draws and the --model F·v direction.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
 
@@ -213,16 +237,44 @@ impl BenchConfig {
         }
 
         // --seed seeds everything here, the MC label draws included.
-        let variant = match (VariantArgs { variant: Some(args.variant), mc_samples: args.mc_samples, ..Default::default() }).variant("")? {
+        let variant_args =
+            VariantArgs { variant: Some(args.variant), mc_samples: args.mc_samples, likelihood: args.likelihood, ..Default::default() };
+        let variant = match variant_args.variant("")? {
             Variant::MonteCarlo { samples, .. } => Variant::MonteCarlo { samples, seed: args.seed },
             v => v,
         };
-        let activation =
-            Activation::parse(&args.activation).map_err(|e| anyhow::Error::new(e).context("bad --activation"))?;
-        let network = match parse_widths(&args.network)? {
+        // --model replaces the synthetic MLP: its flags are refused rather than ignored.
+        let graph = match (args.model, args.inputs, args.labels) {
+            (Some(model), Some(inputs), Some(labels)) => {
+                let synthetic = [
+                    ("--network", args.network.as_deref().is_some_and(|w| !w.trim().eq_ignore_ascii_case("none"))),
+                    ("--activation", args.activation.is_some()),
+                    ("--samples", args.samples.is_some()),
+                    ("--net-forms", !args.net_forms.is_empty()),
+                ];
+                if let Some((flag, _)) = synthetic.iter().find(|(_, given)| *given) {
+                    return Err(usage(format!(
+                        "{flag} sets up the synthetic MLP network; with --model the network, its data and its forms \
+                         (diag, kfac, fvp) come from --model, --inputs and --labels (--network none is implied)"
+                    )));
+                }
+                Some(GraphStage { model, inputs, labels, likelihood: variant_args.likelihood(), variant })
+            }
+            // clap requires all three together.
+            _ => None,
+        };
+        let activation = Activation::parse(args.activation.as_deref().unwrap_or("tanh"))
+            .map_err(|e| anyhow::Error::new(e).context("bad --activation"))?;
+        let network_text = match (&args.network, &graph) {
+            (Some(text), _) => text.clone(),
+            (None, Some(_)) => "none".to_string(),
+            (None, None) => DEFAULT_NETWORK.to_string(),
+        };
+        let network = match parse_widths(&network_text)? {
             None => None,
             Some(widths) => {
-                let (samples, inputs) = (args.samples, args.samples as u128 * widths[0] as u128);
+                let samples = args.samples.unwrap_or(DEFAULT_SAMPLES);
+                let inputs = samples as u128 * widths[0] as u128;
                 if samples == 0 {
                     return Err(usage("--samples must be at least 1"));
                 }
@@ -232,14 +284,12 @@ impl BenchConfig {
                         widths[0]
                     )));
                 }
-                let forms: Vec<NetForm> = dedup(&args.net_forms).into_iter().map(NetForm::from).collect();
-                if forms.is_empty() {
-                    return Err(usage("--net-forms needs at least one of full, diag, layer, kfac, grads, norms"));
-                }
+                let net_forms = if args.net_forms.is_empty() { vec![FormArg::Diag, FormArg::Kfac] } else { args.net_forms };
+                let forms: Vec<NetForm> = dedup(&net_forms).into_iter().map(NetForm::from).collect();
                 // Sized from the widths alone, before any model is built.
                 let params = bench::network_params(&widths);
                 if params > MAX_GENERATED_VALUES {
-                    return Err(usage(format!("--network {} has {params} parameters (limit {MAX_GENERATED_VALUES})", args.network)));
+                    return Err(usage(format!("--network {network_text} has {params} parameters (limit {MAX_GENERATED_VALUES})")));
                 }
                 let rows = rows_per_sample(variant, *widths.last().expect("≥ 2 widths"));
                 for &form in &forms {
@@ -255,7 +305,7 @@ impl BenchConfig {
                                  --max-result-gib limit of {}; {hint}",
                                 form.name(),
                                 gib(values.saturating_mul(4), 2),
-                                args.network,
+                                network_text,
                                 gib(limit, 2)
                             )))
                         }
@@ -265,7 +315,7 @@ impl BenchConfig {
                 Some(NetworkStage { widths, samples, forms, variant, activation })
             }
         };
-        if shapes.is_empty() && network.is_none() {
+        if shapes.is_empty() && network.is_none() && graph.is_none() {
             return Err(usage("nothing to measure: --shapes none and --network none"));
         }
 
@@ -286,7 +336,8 @@ impl BenchConfig {
             return Err(usage("--adapter needs a non-empty part of an adapter name (see `fisher devices`)"));
         }
         let gpu = GpuOptions { adapter: args.adapter, ..Default::default() };
-        let plan = BenchPlan { shapes, forms, network, backends, gpu, repeat: args.repeat, warmup: args.warmup, seed: args.seed };
+        let plan =
+            BenchPlan { shapes, forms, network, graph, backends, gpu, repeat: args.repeat, warmup: args.warmup, seed: args.seed };
         Ok(BenchConfig { plan, output: args.output.report() })
     }
 }
@@ -303,6 +354,14 @@ const FLOPS_LINES: [&str; 5] = [
     "           2·N·R·out_l²); diag, norms and kfac never form those rows, so their rate can exceed the GEMM rate",
 ];
 
+/// [`GRAPH_FLOPS_NOTE`] as lines for the table.
+const GRAPH_FLOPS_LINES: [&str; 4] = [
+    "  graph    executed work of the lowered primitive program, 2 per multiply–add (per-row work × rows: shared 1,",
+    "           per-sample N, per-draw N·R), plus the reduction: diag full reverse program + 2·N·R·P, kfac pruned",
+    "           reverse program + Σ_sites 2·N·S·(ã² + R·out²), fvp forward mode + reverse with R = 1 + N·P;",
+    "           transfers and host work are in the time, not in the flops",
+];
+
 fn gflops(g: f64) -> String {
     if g >= 100.0 {
         format!("{g:.0}")
@@ -317,9 +376,17 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// `reduce full`, `network diag`.
-fn stage(m: &Measurement) -> String {
+/// `reduce full`, `network diag`, `graph fvp`.
+fn stage_name(m: &Measurement) -> String {
     format!("{} {}", m.kind, m.form)
+}
+
+/// `true`, `mc, K=2`.
+fn variant_name(variant: Variant) -> String {
+    match variant {
+        Variant::MonteCarlo { samples, .. } => format!("mc, K={samples}"),
+        v => v.name().to_string(),
+    }
 }
 
 /// The readable report: machine, adapter, an aligned table, set-up and peak memory.
@@ -345,11 +412,12 @@ pub fn human(plan: &BenchPlan, o: &BenchOutcome) -> String {
     ));
     lines.push(String::new());
 
+    let speedup = |m: &Measurement| m.gpu_speedup.map_or(String::new(), |r| format!("{r:.2}x"));
     let header = ["stage", "shape", "N", "P", "R", "backend", "best", "median", "GFLOP/s", "GPU speedup"];
     let mut rows = vec![header.map(String::from).to_vec()];
-    rows.extend(o.results.iter().map(|m| {
+    rows.extend(o.results.iter().filter(|m| m.kind != "graph").map(|m| {
         vec![
-            stage(m),
+            stage_name(m),
             m.shape.clone(),
             m.samples.to_string(),
             m.params.to_string(),
@@ -358,27 +426,67 @@ pub fn human(plan: &BenchPlan, o: &BenchOutcome) -> String {
             duration(m.timing.best()),
             duration(m.timing.median()),
             gflops(bench::gflops(m.flops, m.timing.best())),
-            m.gpu_speedup.map_or(String::new(), |r| format!("{r:.2}x")),
+            speedup(m),
         ]
     }));
-    // Text columns left-aligned, numbers right-aligned.
-    lines.extend(columns(&rows, &[false, false, true, true, true, false, true, true, true, true]));
-    lines.push(String::new());
+    if rows.len() > 1 {
+        // Text columns left-aligned, numbers right-aligned.
+        lines.extend(columns(&rows, &[false, false, true, true, true, false, true, true, true, true]));
+        lines.push(String::new());
+    }
+    if let (Some(stage), Some(g)) = (&plan.graph, &o.graph) {
+        let header = ["stage", "N", "P", "R", "backend", "best", "median", "samples/s", "GFLOP/s", "micro-batch", "activations", "GPU speedup"];
+        let mut rows = vec![header.map(String::from).to_vec()];
+        rows.extend(o.results.iter().filter(|m| m.kind == "graph").map(|m| {
+            vec![
+                stage_name(m),
+                m.samples.to_string(),
+                m.params.to_string(),
+                m.rows_per_sample.map_or(String::new(), |r| r.to_string()),
+                m.backend.to_string(),
+                duration(m.timing.best()),
+                duration(m.timing.median()),
+                m.samples_per_s().map_or(String::new(), |r| format!("{r:.0}")),
+                gflops(bench::gflops(m.flops, m.timing.best())),
+                m.micro_batch.map_or("-".into(), |b| b.to_string()),
+                m.activation_bytes.map_or("-".into(), mib),
+                speedup(m),
+            ]
+        }));
+        lines.push(format!(
+            "graph: {} on {} ({} samples, {} outputs), P = {} parameters, {} likelihood, variant {} (R = {} rows per sample; fvp R = 1)",
+            stage.model.display(),
+            stage.inputs.display(),
+            g.samples,
+            g.outputs,
+            g.params,
+            stage.likelihood.name(),
+            variant_name(stage.variant),
+            g.rows_per_sample,
+        ));
+        lines.extend(columns(&rows, &[false, true, true, true, false, true, true, true, true, true, true, true]));
+        for (form, why) in &g.skipped {
+            lines.push(format!("{} skipped: {why}", form.name()));
+        }
+        lines.push("micro-batch and activations: how diag and kfac split the samples (fvp does not report its split)".into());
+        lines.push(String::new());
+    }
 
     if let Some(net) = &plan.network {
-        let variant = match net.variant {
-            Variant::MonteCarlo { samples, .. } => format!("mc, K={samples}"),
-            v => v.name().to_string(),
-        };
+        let variant = variant_name(net.variant);
         lines.push(format!(
             "network: PyTorch-initialized {} MLP, seeded classification task, variant {variant} (R gradient rows per sample)",
             net.activation.name(),
         ));
     }
     lines.extend(FLOPS_LINES.iter().map(|l| l.to_string()));
+    if plan.graph.is_some() {
+        lines.extend(GRAPH_FLOPS_LINES.iter().map(|l| l.to_string()));
+    }
     lines.push("GPU speedup = CPU best time / GPU best time, measured back to back in this run (> 1: the GPU is faster)".into());
     let setup = o.setup.iter().map(|(b, t)| format!("{b} {}", duration(*t))).collect::<Vec<_>>().join(", ");
-    lines.push(format!("untimed: backend set-up {setup}; data generation {}", duration(o.generate)));
+    let load = o.graph.as_ref().map_or(String::new(), |g| format!("; reading the model and data {}", duration(g.load)));
+    lines.push(format!("untimed: backend set-up {setup}; data generation {}{load}", duration(o.generate)));
     match o.peak_rss {
         Some(b) => lines.push(format!("peak memory: {} resident (VmHWM of this process, all stages)", mib(b))),
         None => lines.push("peak memory: not reported on this OS".into()),
@@ -390,7 +498,7 @@ fn measurement_json(m: &Measurement) -> Value {
     let (best, median) = (m.timing.best(), m.timing.median());
     json!({
         "workload": m.workload,
-        "stage": stage(m),
+        "stage": stage_name(m),
         "kind": m.kind,
         "form": m.form,
         "shape": m.shape,
@@ -405,6 +513,9 @@ fn measurement_json(m: &Measurement) -> Value {
         "gflops_best": bench::gflops(m.flops, best),
         "gflops_median": bench::gflops(m.flops, median),
         "gpu_speedup": m.gpu_speedup,
+        "samples_per_s": m.samples_per_s(),
+        "micro_batch": m.micro_batch,
+        "activation_bytes": m.activation_bytes,
     })
 }
 
@@ -417,6 +528,29 @@ pub fn json_line(plan: &BenchPlan, o: &BenchOutcome) -> String {
             "activation": net.activation.name(),
         })
     });
+    let graph = plan.graph.as_ref().zip(o.graph.as_ref()).map(|(stage, g)| {
+        json!({
+            "model": stage.model.display().to_string(),
+            "inputs": stage.inputs.display().to_string(),
+            "labels": stage.labels.display().to_string(),
+            "likelihood": stage.likelihood.name(),
+            "variant": stage.variant.name(),
+            "mc_samples": match stage.variant { Variant::MonteCarlo { samples, .. } => Some(samples), _ => None },
+            "samples": g.samples,
+            "params": g.params,
+            "outputs": g.outputs,
+            "rows_per_sample": g.rows_per_sample,
+            "shared_bytes": g.shared_bytes,
+            "forms": bench::GraphForm::ALL
+                .iter()
+                .filter(|f| !g.skipped.iter().any(|(s, _)| s == *f))
+                .map(|f| f.name())
+                .collect::<Vec<_>>(),
+            "skipped": g.skipped.iter().map(|(f, why)| json!({"form": f.name(), "why": why})).collect::<Vec<_>>(),
+            "load_s": g.load,
+            "flops": GRAPH_FLOPS_NOTE,
+        })
+    });
     json!({
         "machine": o.machine,
         "adapter": o.adapter,
@@ -424,6 +558,7 @@ pub fn json_line(plan: &BenchPlan, o: &BenchOutcome) -> String {
         "repeat": plan.repeat,
         "warmup": plan.warmup,
         "network": network,
+        "graph": graph,
         "flops": FLOPS_NOTE,
         "setup_s": o.setup.iter().map(|(b, t)| (b.to_string(), json!(t))).collect::<serde_json::Map<_, _>>(),
         "generate_s": o.generate,

@@ -13,6 +13,7 @@ mod analysis;
 mod cli;
 mod cli_action;
 mod cli_bench;
+mod cli_bench_graph;
 mod cli_compute;
 mod cli_demo;
 mod cli_graph;
