@@ -20,8 +20,9 @@ pub trait ProgramExec {
     fn max_slot_bytes(&self) -> u64;
 
     /// Sizes the per-sample slots for micro-batches of up to `samples` samples with `r`
-    /// output rows each.
-    fn begin(&mut self, samples: usize, r: usize) -> Result<()>;
+    /// output rows each, for runs of the reverse program `which` (only the `Draw` slots it
+    /// touches are allocated).
+    fn begin(&mut self, samples: usize, r: usize, which: Backward) -> Result<()>;
 
     /// Runs the forward program on `samples` inputs (row-major, `samples` × input length)
     /// and returns the outputs z (`samples` × C).
@@ -367,11 +368,16 @@ impl ProgramExec for CpuExec {
         u64::MAX
     }
 
-    fn begin(&mut self, samples: usize, r: usize) -> Result<()> {
+    fn begin(&mut self, samples: usize, r: usize, which: Backward) -> Result<()> {
         self.r = r.max(1);
+        let used = self.prog.draw_slots_used(which);
         for (s, slot) in self.prog.slots.iter().enumerate() {
             let rows = match slot.rows {
                 Rows::Shared => continue,
+                Rows::Draw if !used[s] => {
+                    self.data[s] = Vec::new();
+                    continue;
+                }
                 Rows::Sample => samples,
                 Rows::Draw => samples.checked_mul(self.r).ok_or_else(|| FisherError::InvalidInput("micro-batch too large".into()))?,
             };
@@ -485,48 +491,47 @@ impl ProgramExec for CpuExec {
 
 /// `out` ((ka)², row-major) += Σ_rows Σ_s x_s x_sᵀ, with x_s = [row's features at s; 1 if
 /// `bias`], for rows of `features`·`positions` values stored features×positions
-/// (`positions_last`) or positions×features. Per-row f32 products by GEMM, summed in f64.
+/// (`positions_last`) or positions×features. The rows' products accumulate in f32 by GEMM
+/// (each call multi-threaded) for up to [`KFAC_F32_ROWS`] rows, then are added in f64: f32
+/// sums stay short, f64 work is once per block of rows instead of once per row.
 fn a_sums(x: &[f32], features: usize, positions: usize, positions_last: bool, bias: bool, ka: usize, out: &mut [f64]) {
     let len = features * positions;
     if len == 0 {
         return;
     }
-    let rows = x.len() / len;
-    // One row's product in f32 (short sums over S), accumulated across rows in f64.
-    let partial = x
-        .par_chunks(len)
-        .fold(
-            || vec![0f64; ka * ka],
-            |mut acc, row| {
-                let mut prod = vec![0f32; features * features];
-                let (rs, cs) = if positions_last { (positions as isize, 1) } else { (1, features as isize) };
-                // SAFETY: X (features × positions) is addressed inside `row`; Xᵀ likewise;
-                // `prod` is features² and distinct.
-                unsafe {
-                    gemm_raw(features, features, positions, prod.as_mut_ptr(), (features as isize, 1), row.as_ptr(), (rs, cs), row.as_ptr(), (cs, rs), false, gemm::Parallelism::None);
+    let (rs, cs) = if positions_last { (positions as isize, 1) } else { (1, features as isize) };
+    let mut prod = vec![0f32; features * features];
+    let mut bias_sums = vec![0f64; if bias { features } else { 0 }];
+    for block in x.chunks(len * KFAC_F32_ROWS) {
+        for (k, row) in block.chunks_exact(len).enumerate() {
+            // SAFETY: X (features × positions) is addressed inside `row`, Xᵀ likewise;
+            // `prod` is features² and distinct.
+            unsafe {
+                gemm_raw(features, features, positions, prod.as_mut_ptr(), (features as isize, 1), row.as_ptr(), (rs, cs), row.as_ptr(), (cs, rs), k > 0, gemm::Parallelism::Rayon(0));
+            }
+            if bias {
+                for (i, sum) in bias_sums.iter_mut().enumerate() {
+                    *sum += (0..positions)
+                        .map(|s| f64::from(if positions_last { row[i * positions + s] } else { row[s * features + i] }))
+                        .sum::<f64>();
                 }
-                for i in 0..features {
-                    for j in 0..features {
-                        acc[i * ka + j] += f64::from(prod[i * features + j]);
-                    }
-                }
-                if bias {
-                    for i in 0..features {
-                        let sum: f64 = (0..positions)
-                            .map(|s| f64::from(if positions_last { row[i * positions + s] } else { row[s * features + i] }))
-                            .sum();
-                        acc[i * ka + features] += sum;
-                        acc[features * ka + i] += sum;
-                    }
-                    acc[features * ka + features] += positions as f64;
-                }
-                acc
-            },
-        )
-        .reduce(|| vec![0f64; ka * ka], |mut a, b| {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-            a
+            }
+        }
+        out.par_chunks_mut(ka).take(features).enumerate().for_each(|(i, o)| {
+            for (j, v) in o[..features].iter_mut().enumerate() {
+                *v += f64::from(prod[i * features + j]);
+            }
         });
-    let _ = rows;
-    out.iter_mut().zip(partial).for_each(|(o, p)| *o += p);
+    }
+    if bias {
+        let rows = (x.len() / len) as f64;
+        for (i, &sum) in bias_sums.iter().enumerate() {
+            out[i * ka + features] += sum;
+            out[features * ka + i] += sum;
+        }
+        out[features * ka + features] += rows * positions as f64;
+    }
 }
+
+/// Rows whose KFAC products are summed in f32 before they are added in f64.
+const KFAC_F32_ROWS: usize = 64;

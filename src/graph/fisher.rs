@@ -151,8 +151,8 @@ impl Default for RunLimits {
 }
 
 /// Samples per micro-batch for `r` rows per sample and `extra` host floats per row.
-fn micro_batch(exec: &dyn ProgramExec, prog: &Program, n: usize, r: usize, extra_per_row: u64, limits: &RunLimits) -> Result<usize> {
-    micro_batch_plan(prog, n, r, extra_per_row, exec.max_slot_bytes(), &exec.label(), limits)
+fn micro_batch(exec: &dyn ProgramExec, prog: &Program, n: usize, r: usize, extra_per_row: u64, which: Backward, limits: &RunLimits) -> Result<usize> {
+    micro_batch_plan(prog, n, r, extra_per_row, which, exec.max_slot_bytes(), &exec.label(), limits)
 }
 
 /// The micro-batch a run uses: samples per micro-batch for `n` samples with `r` output rows
@@ -160,8 +160,9 @@ fn micro_batch(exec: &dyn ProgramExec, prog: &Program, n: usize, r: usize, extra
 /// sample, refused beyond 8× the budget) and with every slot within `max_slot` bytes (the
 /// executor's binding limit, named by `label` in errors). Its activations take
 /// `samples · prog.floats_per_sample(r) · 4` bytes.
-pub fn micro_batch_plan(prog: &Program, n: usize, r: usize, extra_per_row: u64, max_slot: u64, label: &str, limits: &RunLimits) -> Result<usize> {
-    let per_sample = prog.floats_per_sample(r).saturating_add(extra_per_row.saturating_mul(r as u64)).saturating_mul(4).max(1);
+#[allow(clippy::too_many_arguments)]
+pub fn micro_batch_plan(prog: &Program, n: usize, r: usize, extra_per_row: u64, which: Backward, max_slot: u64, label: &str, limits: &RunLimits) -> Result<usize> {
+    let per_sample = prog.floats_per_sample_for(r, which).saturating_add(extra_per_row.saturating_mul(r as u64)).saturating_mul(4).max(1);
     let mut samples = (limits.batch_bytes / per_sample).max(1).min(n as u64).min(MAX_MICRO_BATCH as u64) as usize;
     // Every slot of the micro-batch must fit one binding of the executor.
     for s in &prog.slots {
@@ -298,19 +299,20 @@ pub fn fisher_with_stats(
         _ => {}
     }
     let host_rows = matches!(form, NetForm::Full | NetForm::Layer | NetForm::Grads | NetForm::Norms);
-    let batch = micro_batch(exec, prog, n, r, if host_rows { p_all as u64 + p as u64 } else { 0 }, limits)?;
+    let which = if form == NetForm::Kfac { Backward::Kfac } else { Backward::Full };
+    let batch = micro_batch(exec, prog, n, r, if host_rows { p_all as u64 + p as u64 } else { 0 }, which, limits)?;
     log::info!(
         "graph fisher on {}: micro-batches of {batch} samples × {r} rows, {} bytes of activations",
         exec.label(),
-        (batch as u64).saturating_mul(prog.floats_per_sample(r)).saturating_mul(4)
+        (batch as u64).saturating_mul(prog.floats_per_sample_for(r, which)).saturating_mul(4)
     );
     *stats = RunStats {
         micro_batch: batch,
         rows_per_sample: r,
-        activation_bytes: (batch as u64).saturating_mul(prog.floats_per_sample(r)).saturating_mul(4),
+        activation_bytes: (batch as u64).saturating_mul(prog.floats_per_sample_for(r, which)).saturating_mul(4),
         shared_bytes: prog.shared_floats().saturating_mul(4),
     };
-    exec.begin(batch, r)?;
+    exec.begin(batch, r, which)?;
 
     let mut diag = vec![0f64; if form == NetForm::Diagonal { p_all } else { 0 }];
     let mut full = (form == NetForm::Full).then(|| SymmetricSum::new(p));
@@ -339,7 +341,6 @@ pub fn fisher_with_stats(
             return Err(FisherError::InvalidInput(format!("the model's output is not finite for a sample in rows {s0}..{}", s0 + m)));
         }
         let rows = output_rows(z.view(), &data.targets, s0, variant, (0, r));
-        let which = if form == NetForm::Kfac { Backward::Kfac } else { Backward::Full };
         exec.backward(rows.as_slice().expect("standard layout"), which)?;
         match form {
             NetForm::Diagonal => exec.add_diag(&mut diag)?,
@@ -452,8 +453,8 @@ pub fn fvp(exec: &mut dyn ProgramExec, model: &GraphModel, data: &Dataset, likel
     let n = data.len();
     let c = graph.outputs();
     let prog = &model.program;
-    let batch = micro_batch(exec, prog, n, 1, 0, limits)?;
-    exec.begin(batch, 1)?;
+    let batch = micro_batch(exec, prog, n, 1, 0, Backward::Full, limits)?;
+    exec.begin(batch, 1, Backward::Full)?;
     let mut sums = vec![0f64; if product { p } else { 0 }];
     let mut quadratic = 0f64;
     let mut s0 = 0;

@@ -552,18 +552,21 @@ impl ProgramExec for GpuExec<'_> {
         self.be.binding_limit()
     }
 
-    fn begin(&mut self, samples: usize, r: usize) -> Result<()> {
+    fn begin(&mut self, samples: usize, r: usize, which: crate::graph::prim::Backward) -> Result<()> {
         let r = r.max(1);
+        let used = self.prog.draw_slots_used(which);
         let limit = self.be.binding_limit();
         let ctx = self.ctx();
         let too_large = || FisherError::InvalidInput("micro-batch too large".into());
         let mut sizes = Vec::with_capacity(self.prog.slots.len());
-        for slot in &self.prog.slots {
+        for (k, slot) in self.prog.slots.iter().enumerate() {
             let rows = match slot.rows {
                 Rows::Shared => {
                     sizes.push(None);
                     continue;
                 }
+                // Not touched by this reverse program: a minimal buffer keeps bindings valid.
+                Rows::Draw if !used[k] => 0,
                 Rows::Sample => samples,
                 Rows::Draw => samples.checked_mul(r).ok_or_else(too_large)?,
             };
@@ -820,8 +823,8 @@ mod tests {
         let mut rng = SplitMix64::new(seed);
         let mut cpu = CpuExec::new(Arc::clone(&prog));
         let mut gpu = GpuExec::new(be, Arc::clone(&prog)).expect("GpuExec::new");
-        cpu.begin(samples, r).unwrap();
-        gpu.begin(samples, r).unwrap();
+        cpu.begin(samples, r, crate::graph::prim::Backward::Full).unwrap();
+        gpu.begin(samples, r, crate::graph::prim::Backward::Full).unwrap();
         let x = x.unwrap_or_else(|| normal(&mut rng, samples * prog.slots[prog.input].len));
         let zc = cpu.forward(&x, samples).unwrap();
         let zg = gpu.forward(&x, samples).unwrap();
@@ -1130,7 +1133,7 @@ mod tests {
         compare_slot(&cpu, &gpu, gt, tokens);
         // A token outside the table is refused before the run.
         let mut gpu = GpuExec::new(&be, Arc::new(prog)).unwrap();
-        gpu.begin(1, 1).unwrap();
+        gpu.begin(1, 1, crate::graph::prim::Backward::Full).unwrap();
         let mut bad = vec![0f32; tokens];
         bad[3] = vocab as f32;
         assert!(matches!(gpu.forward(&bad, 1), Err(FisherError::InvalidInput(_))));
@@ -1335,9 +1338,9 @@ mod tests {
         let cot = b.slot("cot", 4, Rows::Draw);
         let prog = b.program(x, y, cot, vec![Inst::Unary { dst: y, src: x, f: UnaryFn::Relu }], vec![]);
         let mut gpu = GpuExec::new(&be, Arc::new(prog)).unwrap();
-        assert!(matches!(gpu.begin(too_many / 4 + 1, 1), Err(FisherError::DoesNotFit { .. })));
-        assert!(matches!(gpu.begin(too_many / 16, 5), Err(FisherError::DoesNotFit { .. })));
-        gpu.begin(3, 5).unwrap();
+        assert!(matches!(gpu.begin(too_many / 4 + 1, 1, crate::graph::prim::Backward::Full), Err(FisherError::DoesNotFit { .. })));
+        assert!(matches!(gpu.begin(too_many / 16, 5, crate::graph::prim::Backward::Full), Err(FisherError::DoesNotFit { .. })));
+        gpu.begin(3, 5, crate::graph::prim::Backward::Full).unwrap();
         assert!(matches!(gpu.forward(&[0.0; 16], 4), Err(FisherError::InvalidInput(_))));
     }
 
@@ -1364,7 +1367,7 @@ mod tests {
             let cot = b.slot("cot", 1, Rows::Draw);
             let prog = Arc::new(b.program(x, x, cot, vec![Inst::MatMul { dst: y, a, b: bb, dims, acc: false }], vec![]));
             let mut gpu = GpuExec::new(&be, prog).unwrap();
-            gpu.begin(samples, 1).unwrap();
+            gpu.begin(samples, 1, crate::graph::prim::Backward::Full).unwrap();
             let xs = vec![0f32; samples];
             gpu.forward(&xs, samples).unwrap();
             let reps = 5;

@@ -616,6 +616,42 @@ impl Program {
             .sum()
     }
 
+    /// [`Program::floats_per_sample`] for a run of the reverse program `which` only: the
+    /// forward values, plus R× the cotangents that program writes or reads (a KFAC run holds
+    /// no per-row parameter gradients, so its micro-batches can be larger).
+    pub fn floats_per_sample_for(&self, r: usize, which: Backward) -> u64 {
+        let used = self.draw_slots_used(which);
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(k, s)| match s.rows {
+                Rows::Shared => 0,
+                Rows::Sample => s.len as u64,
+                Rows::Draw if used[k] => (s.len as u64).saturating_mul(r as u64),
+                Rows::Draw => 0,
+            })
+            .sum()
+    }
+
+    /// Which slots a run of the reverse program `which` touches (its destinations and
+    /// sources, and the output cotangent); executors allocate only these `Draw` slots.
+    pub fn draw_slots_used(&self, which: Backward) -> Vec<bool> {
+        let mut used = vec![false; self.slots.len()];
+        used[self.output_cot] = true;
+        for inst in self.backward_of(which).iter().chain(&self.forward).chain(&self.tangent) {
+            used[inst.dst()] = true;
+            for s in inst.sources() {
+                used[s] = true;
+            }
+        }
+        if which == Backward::Full {
+            for &g in &self.param_grads {
+                used[g] = true;
+            }
+        }
+        used
+    }
+
     /// Floats of the shared slots.
     pub fn shared_floats(&self) -> u64 {
         self.slots.iter().filter(|s| s.rows == Rows::Shared).map(|s| s.len as u64).sum()
