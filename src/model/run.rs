@@ -416,8 +416,8 @@ pub fn checkpoint_files_of(given: &[PathBuf], exts: &[&str]) -> Result<Vec<PathB
                 return too_few(format!(
                     "the action needs at least 2 checkpoints, but {} holds {} *.{} file{}",
                     dir.display(),
-                    exts.join("/*."),
                     files.len(),
+                    exts.join("/*."),
                     if files.len() == 1 { "" } else { "s" }
                 ));
             }
