@@ -249,6 +249,19 @@ impl CpuExec {
         Ok(())
     }
 
+    /// `sums` (θ order) += Σ_rows f(g) of every parameter's per-row gradient, in f64.
+    fn column_sums(&self, sums: &mut [f64], f: impl Fn(f64) -> f64 + Sync) {
+        let mut at = 0;
+        for &g in &self.prog.param_grads {
+            let len = self.prog.slots[g].len;
+            let data = self.slot(g);
+            sums[at..at + len].par_iter_mut().enumerate().for_each(|(j, s)| {
+                *s += data.chunks_exact(len).map(|row| f(f64::from(row[j]))).sum::<f64>();
+            });
+            at += len;
+        }
+    }
+
     /// The values of slot `s` for the current micro-batch (every row of its class), for
     /// tests and debugging.
     pub fn slot(&self, s: SlotId) -> &[f32] {
@@ -415,28 +428,12 @@ impl ProgramExec for CpuExec {
     }
 
     fn add_diag(&mut self, sums: &mut [f64]) -> Result<()> {
-        let mut at = 0;
-        for &g in &self.prog.param_grads {
-            let len = self.prog.slots[g].len;
-            let data = self.slot(g);
-            sums[at..at + len].par_iter_mut().enumerate().for_each(|(j, s)| {
-                *s += data.chunks_exact(len).map(|row| f64::from(row[j] * row[j])).sum::<f64>();
-            });
-            at += len;
-        }
+        self.column_sums(sums, |v| v * v);
         Ok(())
     }
 
     fn add_grad_sum(&mut self, sums: &mut [f64]) -> Result<()> {
-        let mut at = 0;
-        for &g in &self.prog.param_grads {
-            let len = self.prog.slots[g].len;
-            let data = self.slot(g);
-            sums[at..at + len].par_iter_mut().enumerate().for_each(|(j, s)| {
-                *s += data.chunks_exact(len).map(|row| f64::from(row[j])).sum::<f64>();
-            });
-            at += len;
-        }
+        self.column_sums(sums, |v| v);
         Ok(())
     }
 
