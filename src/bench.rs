@@ -59,6 +59,24 @@ pub struct NetworkStage {
     pub variant: Variant,
     /// Hidden activation.
     pub activation: Activation,
+    /// Also time the top-k eigenvalues of the implicit Fisher ([`TopStage`]).
+    pub top: Option<TopStage>,
+}
+
+/// The top-k workload: the k largest eigenvalues of the network's implicit Fisher by
+/// Lanczos on F·v products (`fisher report --form implicit --top K --only top`), timed
+/// whole: the operator is made inside each timed call, so its cached forward pass counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopStage {
+    /// k.
+    pub k: usize,
+    /// Lanczos' relative residual tolerance.
+    pub tol: f64,
+}
+
+/// `network/top10/true/784-512-10x64`: the name of the top-k workload.
+pub fn top_workload(k: usize, variant: Variant, widths: &[usize], samples: usize) -> String {
+    network_workload(NetForm::Diagonal, variant, widths, samples).replacen("/diag/", &format!("/top{k}/"), 1)
 }
 
 /// A graph (ONNX) network's Fisher forms, as `fisher bench --model` measures them.
@@ -584,7 +602,7 @@ pub fn run(plan: &BenchPlan, mut progress: impl FnMut(&str)) -> Result<BenchOutc
     let Opened { runners, adapter, gpu_note, setup } = open_backends(plan)?;
     let graph_forms = graph.as_ref().map_or(0, |(_, _, g)| GraphForm::ALL.len() - g.skipped.len());
     let total = runners.len()
-        * (plan.shapes.len() * plan.forms.len() + plan.network.as_ref().map_or(0, |n| n.forms.len()) + graph_forms);
+        * (plan.shapes.len() * plan.forms.len() + plan.network.as_ref().map_or(0, |n| n.forms.len() + n.top.is_some() as usize) + graph_forms);
     let mut done = 0;
     let mut generate = 0.0;
     let mut results = Vec::new();
@@ -653,6 +671,40 @@ pub fn run(plan: &BenchPlan, mut progress: impl FnMut(&str)) -> Result<BenchOutc
                     backend: name,
                     timing: Timing(times),
                     flops: network_flops(&mlp, net.samples, rows, form),
+                    gpu_speedup: None,
+                    micro_batch: None,
+                    activation_bytes: None,
+                });
+            }
+        }
+
+        if let Some(top) = net.top {
+            for (name, engine) in &runners {
+                done += 1;
+                progress(&format!("[{done}/{total}] network top-{} eigenvalues {shape} on {name}", top.k));
+                let mut products = 0;
+                let times = measure(plan.warmup, plan.repeat, || {
+                    let op = crate::analysis::ImplicitFisher::new(engine, &mlp, &data, net.variant)?;
+                    let options = crate::analysis::LanczosOptions { tol: top.tol, max_iterations: 1000, ..crate::analysis::LanczosOptions::top(top.k) };
+                    let result = crate::analysis::lanczos_top_k(&op, &options)?;
+                    products = result.iterations;
+                    Ok::<_, crate::FisherError>(result)
+                })
+                .map_err(RunError::context(format!("network top-{} eigenvalues {shape} on {}", top.k, engine.device_info())))?;
+                // One F·v product: forward-mode and reverse-mode passes, 4 GEMM-equivalents
+                // of 2·N·P each (the forward pass is cached across products).
+                let flops = products as f64 * 4.0 * 2.0 * net.samples as f64 * mlp.num_params() as f64;
+                results.push(Measurement {
+                    workload: top_workload(top.k, net.variant, &net.widths, net.samples),
+                    kind: "network",
+                    form: format!("top{}", top.k),
+                    shape: shape.clone(),
+                    samples: net.samples,
+                    params: mlp.num_params(),
+                    rows_per_sample: Some(rows),
+                    backend: name,
+                    timing: Timing(times),
+                    flops,
                     gpu_speedup: None,
                     micro_batch: None,
                     activation_bytes: None,
@@ -859,6 +911,7 @@ mod tests {
                 forms: vec![NetForm::Kfac],
                 variant: Variant::True,
                 activation: Activation::Tanh,
+                top: Some(TopStage { k: 2, tol: 1e-6 }),
             }),
             graph: None,
             backends: Backends::Listed { gpu: false, cpu: true },
@@ -870,9 +923,10 @@ mod tests {
         let mut heard = 0;
         let o = run(&plan, |_| heard += 1).unwrap();
         let names: Vec<&str> = o.results.iter().map(|m| m.workload.as_str()).collect();
-        assert_eq!(names, ["reduce/full/16x4", "reduce/diag/16x4", "network/kfac/true/4-3-2x8"]);
+        assert_eq!(names, ["reduce/full/16x4", "reduce/diag/16x4", "network/kfac/true/4-3-2x8", "network/top2/true/4-3-2x8"]);
         assert!(o.results.iter().all(|m| m.timing.0.len() == 2 && m.flops > 0.0 && m.backend == "cpu"));
         assert_eq!(o.results[2].rows_per_sample, Some(2));
-        assert!(heard >= 4 && o.adapter.is_none() && o.gpu_note.is_none());
+        assert_eq!(o.results[3].form, "top2");
+        assert!(heard >= 5 && o.adapter.is_none() && o.gpu_note.is_none());
     }
 }

@@ -253,6 +253,16 @@ impl Engine {
         self.backend.network_fvp(mlp, data, variant, v, true)
     }
 
+    /// The implicit Fisher of a network bound to its data, for repeated products over blocks
+    /// of directions ([`crate::backend::NetworkOperator`]): what Lanczos, SLQ and the action
+    /// use. Model, data and variant are checked here, once.
+    pub fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
+        mlp.validate()?;
+        data.validate(mlp, data.likelihood())?;
+        check_variant(variant)?;
+        self.backend.network_operator(mlp, data, variant)
+    }
+
     /// vᵀFv alone (a forward-mode pass, no backward): the squared Fisher length of v.
     pub fn fisher_quadratic(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<f64> {
         self.check_direction(mlp, data, variant, v)?;

@@ -170,8 +170,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = cli::fisher_report::ReportConfig::from_args(args)?;
             let outcome = cli::fisher_report::run(&cfg)?;
             match cfg.report {
-                Report::Human => println!("{}", cli::fisher_report::human(&outcome)),
-                Report::Json => println!("{}", cli::fisher_report::json_line(&outcome)),
+                Report::Human => println!("{}", cli::fisher_report::render(&outcome, false)),
+                Report::Json => println!("{}", cli::fisher_report::render(&outcome, true)),
                 Report::Quiet => {}
             }
             Ok(())

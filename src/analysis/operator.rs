@@ -24,6 +24,13 @@ pub trait FisherOperator {
     /// F v.
     fn apply(&self, v: &[f64]) -> Result<Vec<f64>>;
 
+    /// F vⱼ for a block of vectors. An implicit operator computes the block in one pass over
+    /// the data (one GEMM where a single product has a GEMV, the forward pass shared); the
+    /// default applies the vectors one at a time.
+    fn apply_block(&self, vs: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
+        vs.iter().map(|v| self.apply(v)).collect()
+    }
+
     /// vᵀ F v (by default through [`FisherOperator::apply`]; an implementation may have a
     /// cheaper way, e.g. (1/N) Σᵢ (gᵢᵀ v)² without forming F v).
     fn quadratic(&self, v: &[f64]) -> Result<f64> {
@@ -50,6 +57,9 @@ impl<T: FisherOperator + ?Sized> FisherOperator for &T {
     }
     fn apply(&self, v: &[f64]) -> Result<Vec<f64>> {
         (**self).apply(v)
+    }
+    fn apply_block(&self, vs: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
+        (**self).apply_block(vs)
     }
     fn quadratic(&self, v: &[f64]) -> Result<f64> {
         (**self).quadratic(v)

@@ -481,6 +481,148 @@ pub fn run(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> Resu
     }
 }
 
+/// The result of [`run_top`]: the largest eigenvalues of the implicit Fisher and nothing
+/// else (`fisher report --form implicit --only top`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopReport {
+    /// What was analysed, and where.
+    #[serde(flatten)]
+    pub subject: Subject,
+    /// P.
+    pub parameters: usize,
+    /// The k largest eigenvalues, descending.
+    pub top_eigenvalues: Vec<f64>,
+    /// Their residual bounds ‖F x − θ x‖ (each eigenvalue is within it of an eigenvalue of F,
+    /// and in practice within residual²/gap).
+    pub top_residuals: Vec<f64>,
+    /// Whether every value met `top_tol` (relative residual).
+    pub lanczos_converged: bool,
+    /// The relative residual asked for (`--top-tol`).
+    pub top_tol: f64,
+    /// F·v products used.
+    pub fv_products: usize,
+    /// Thick restarts of the Lanczos basis.
+    pub restarts: usize,
+    /// Notes (without a final period).
+    pub notes: Vec<String>,
+    /// Seconds per stage: `load` (the caller's), `setup` and `top`.
+    pub seconds: Seconds,
+}
+
+/// The `options.top` largest eigenvalues of the implicit Fisher of a model or graph and
+/// nothing else: one thick-restart Lanczos run ([`lanczos_top_k`], `--top-tol`,
+/// `--top-iterations`) on the backend's operator, whose forward pass is kept between products
+/// where it fits. No trace, SLQ or coupling pass runs. `progress(done, total)` follows the
+/// F·v products.
+///
+/// Errors: [`FisherError::Request`] for a stored input (its spectrum is computed whole:
+/// drop `--only top`) or an explicit form; otherwise those of [`run`].
+pub fn run_top(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> Result<TopReport> {
+    let options = &request.options;
+    options.validate()?;
+    if options.plot.is_some() {
+        return Err(FisherError::Request("--plot draws the spectral density, which --only top does not compute".into()));
+    }
+    let compute = match &request.input {
+        ReportInput::Model(input) => &input.compute,
+        ReportInput::Graph(input) => &input.compute,
+        ReportInput::Stored(_) => {
+            return Err(FisherError::Request(
+                "--only top applies to --form implicit on a model and data; a stored result's spectrum is computed whole \
+                 (drop --only top)"
+                    .into(),
+            ))
+        }
+    };
+    if compute.form != FormChoice::Implicit {
+        return Err(FisherError::Request("--only top needs --form implicit".into()));
+    }
+    let mut seconds = Seconds::default();
+    let start = Instant::now();
+    let device = device::open(&DeviceRequest::from_env(compute.backend, compute.gpu.clone())?)?;
+    seconds.setup = start.elapsed().as_secs_f64();
+    let engine = &device.engine;
+    let s = &options.implicit;
+    let lanczos = LanczosOptions {
+        k: options.top,
+        tol: s.top_tol,
+        max_iterations: s.top_iterations,
+        max_basis: None,
+        seed: s.seed ^ 0x7097_0000_0000_0001,
+        vectors: false,
+    };
+    let hook = move |done: usize| progress(done, s.top_iterations.max(done));
+    progress(0, s.top_iterations);
+    let start = Instant::now();
+    let (subject, p, top) = match &request.input {
+        ReportInput::Model(input) => {
+            let (mlp, data) = (input.mlp, input.data);
+            let op = ImplicitFisher::new(engine, mlp, data, compute.variant)?.on_product(hook);
+            let top = lanczos_top_k(&op, &lanczos)?;
+            let subject = Subject {
+                form: "implicit".into(),
+                samples: Some(data.len()),
+                architecture: Some(mlp.architecture()),
+                layers: Some(mlp.widths()),
+                layer_indices: Some(mlp.layers.iter().map(|l| l.index).collect()),
+                variant: Some(compute.variant.name().to_string()),
+                likelihood: Some(data.likelihood().name().to_string()),
+                input: input.description.clone(),
+                backend: Some(engine.device_info()),
+                adapter: device.adapter.as_ref().map(|a| a.name.clone()),
+                fallback: device.fallback.clone(),
+                stored: false,
+                form_reason: None,
+            };
+            (subject, mlp.num_params(), top)
+        }
+        ReportInput::Graph(input) => {
+            let (model, data) = (input.model, input.data);
+            let op = ImplicitFisher::for_graph(engine, model, data, input.likelihood, compute.variant)?.on_product(hook);
+            let top = lanczos_top_k(&op, &lanczos)?;
+            let p = model.graph.param_count();
+            let subject = Subject {
+                form: "implicit".into(),
+                samples: Some(data.len()),
+                architecture: Some(format!("{} operators, P = {p}", model.graph.nodes.len())),
+                layers: None,
+                layer_indices: None,
+                variant: Some(compute.variant.name().to_string()),
+                likelihood: Some(input.likelihood.name().to_string()),
+                input: input.description.clone(),
+                backend: Some(engine.device_info()),
+                adapter: device.adapter.as_ref().map(|a| a.name.clone()),
+                fallback: device.fallback.clone(),
+                stored: false,
+                form_reason: None,
+            };
+            (subject, p, top)
+        }
+        ReportInput::Stored(_) => unreachable!("refused above"),
+    };
+    seconds.top = start.elapsed().as_secs_f64();
+    let mut notes = Vec::new();
+    if !top.converged {
+        notes.push(format!(
+            "top eigenvalues: Lanczos stopped at --top-iterations {} before every value met --top-tol {:.0e}; \
+             the smaller ones may be low",
+            s.top_iterations, s.top_tol
+        ));
+    }
+    Ok(TopReport {
+        subject,
+        parameters: p,
+        top_eigenvalues: top.values,
+        top_residuals: top.residuals,
+        lanczos_converged: top.converged,
+        top_tol: s.top_tol,
+        fv_products: top.iterations,
+        restarts: top.restarts,
+        notes,
+        seconds,
+    })
+}
+
 /// The options shared by every form.
 fn measure_options<'a>(
     options: &ReportOptions,

@@ -48,6 +48,11 @@ pub trait FisherBackend {
     /// streamed in micro-batches. `v` is in θ order (PyTorch `named_parameters()`).
     fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp>;
 
+    /// The implicit Fisher of a network bound to its data, for many products F·V over blocks
+    /// of directions (see [`NetworkOperator`]); the CPU keeps the forward pass between
+    /// products where it fits its cache budget.
+    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn NetworkOperator + 'a>>;
+
     /// An executor of a graph network's primitive program on this backend (see
     /// [`crate::graph::exec::ProgramExec`]), with its shared values (parameters, constants,
     /// sparse maps) in place.
@@ -55,6 +60,48 @@ pub trait FisherBackend {
 
     /// The largest result this backend holds in host memory, bytes.
     fn result_limit(&self) -> u64;
+}
+
+/// F·V and the quadratic forms of a block of k directions ([`NetworkOperator::apply`]).
+#[derive(Debug, Clone)]
+pub struct BlockFvp {
+    /// F·vⱼ as row j (k × P, θ order); `None` when only the quadratic forms were asked for.
+    pub products: Option<Array2<f32>>,
+    /// vⱼᵀ F vⱼ, accumulated in f64.
+    pub quadratics: Vec<f64>,
+}
+
+/// A network's implicit Fisher on its data, bound to a backend for repeated products
+/// ([`FisherBackend::network_operator`]): Lanczos, SLQ probes and the action apply F to
+/// blocks of directions, and a backend may keep state (the forward pass) between calls.
+pub trait NetworkOperator {
+    /// F·V (when `product`) and vⱼᵀFvⱼ for the k rows vⱼ of `v` (k × P, θ order, finite).
+    fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<BlockFvp>;
+}
+
+/// A [`NetworkOperator`] that runs [`FisherBackend::network_fvp`] once per direction: for
+/// backends without a blocked path (the GPU path recomputes its forward pass per product).
+pub(crate) struct PerDirection<'a, B: FisherBackend + ?Sized> {
+    pub backend: &'a B,
+    pub mlp: &'a Mlp,
+    pub data: &'a Dataset,
+    pub variant: Variant,
+}
+
+impl<B: FisherBackend + ?Sized> NetworkOperator for PerDirection<'_, B> {
+    fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<BlockFvp> {
+        let (k, p) = v.dim();
+        let mut products = product.then(|| Array2::<f32>::zeros((k, p)));
+        let mut quadratics = Vec::with_capacity(k);
+        for (j, row) in v.outer_iter().enumerate() {
+            let fvp = self.backend.network_fvp(self.mlp, self.data, self.variant, row, product)?;
+            if let (Some(out), Some(fv)) = (products.as_mut(), fvp.product) {
+                out.row_mut(j).assign(&fv);
+            }
+            quadratics.push(fvp.quadratic);
+        }
+        Ok(BlockFvp { products, quadratics })
+    }
 }
 
 /// A streaming reduction in progress.

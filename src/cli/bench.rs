@@ -89,6 +89,16 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_name = "FORM,...", value_delimiter = ',')]
     pub net_forms: Vec<FormArg>,
 
+    /// Also time the K largest eigenvalues of the network's implicit Fisher (Lanczos on F·v
+    /// products, as `fisher report --form implicit --top K --only top`), workload
+    /// `network/topK/<variant>/<widths>x<N>` [default: not timed].
+    #[arg(long, value_name = "K")]
+    pub top: Option<usize>,
+
+    /// Relative residual at which --top accepts an eigenvalue (as scipy's `eigsh(tol=…)`).
+    #[arg(long, value_name = "TOL", default_value_t = 1e-4, requires = "top")]
+    pub top_tol: f64,
+
     /// Measure this ONNX network on --inputs and --labels instead of the synthetic MLP
     /// (implies --network none): diag, kfac (skipped with a note on grouped convolutions)
     /// and one implicit F·v product.
@@ -251,6 +261,7 @@ impl BenchConfig {
                     ("--activation", args.activation.is_some()),
                     ("--samples", args.samples.is_some()),
                     ("--net-forms", !args.net_forms.is_empty()),
+                    ("--top", args.top.is_some()),
                 ];
                 if let Some((flag, _)) = synthetic.iter().find(|(_, given)| *given) {
                     return Err(usage(format!(
@@ -312,7 +323,18 @@ impl BenchConfig {
                         _ => {}
                     }
                 }
-                Some(NetworkStage { widths, samples, forms, variant, activation })
+                let top = match args.top {
+                    None => None,
+                    Some(0) => return Err(usage("--top must be at least 1")),
+                    Some(k) if k > bench::network_params(&widths) as usize => {
+                        return Err(usage(format!("--top {k} is more eigenvalues than the network's parameters")))
+                    }
+                    Some(k) if !(args.top_tol.is_finite() && args.top_tol > 0.0 && args.top_tol < 1.0) => {
+                        return Err(usage(format!("--top-tol must be in (0, 1), not {} (--top {k})", args.top_tol)))
+                    }
+                    Some(k) => Some(bench::TopStage { k, tol: args.top_tol }),
+                };
+                Some(NetworkStage { widths, samples, forms, variant, activation, top })
             }
         };
         if shapes.is_empty() && network.is_none() && graph.is_none() {

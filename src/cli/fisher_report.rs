@@ -30,6 +30,16 @@ use super::args::{load_model_and_data, ModelArgs, OutputArgs, Source};
 use super::exit::usage;
 use super::format::{sci, sci_with};
 
+/// What `--only` restricts the report to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnlyArg {
+    /// Every measure (the default).
+    All,
+    /// The --top largest eigenvalues alone (--form implicit): one Lanczos run, no trace,
+    /// SLQ or coupling pass.
+    Top,
+}
+
 /// The form, as spelled on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ReportFormArg {
@@ -73,6 +83,11 @@ pub struct ReportArgs {
     /// How many of the largest eigenvalues.
     #[arg(long, value_name = "K", default_value_t = DEFAULT_TOP)]
     pub top: usize,
+
+    /// Compute only this: `top` gives the --top largest eigenvalues of --form implicit and
+    /// nothing else (JSON key `top_eigenvalues`, with `top_residuals`) [default: all].
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub only: Option<OnlyArg>,
 
     /// Scale(s) α of the effective dimension d_eff(α) = Σ λᵢ/(λᵢ + α), comma-separated.
     #[arg(long, value_name = "α", value_delimiter = ',', num_args = 1.., default_values_t = [1e-3])]
@@ -166,6 +181,17 @@ pub struct ReportConfig {
     pub report: Report,
     /// Replace an existing plot.
     pub force: bool,
+    /// `--only top`: the top eigenvalues alone.
+    pub only_top: bool,
+}
+
+/// What `fisher report` made: the whole report, or the top eigenvalues alone (`--only top`).
+#[derive(Debug, Clone)]
+pub enum ReportOutcome {
+    /// Every measure.
+    Full(report::Report),
+    /// The top eigenvalues.
+    Top(report::TopReport),
 }
 
 impl ReportConfig {
@@ -286,14 +312,37 @@ impl ReportConfig {
         if let Some(path) = &options.plot {
             plot::plot_format(path).map_err(|e| anyhow::Error::new(e).context("bad --plot"))?;
         }
-        Ok(ReportConfig { input, options, report: args.output.report(), force: args.force })
+        let only_top = args.only == Some(OnlyArg::Top);
+        if only_top {
+            let implicit = matches!(
+                &input,
+                ReportInput::Model { compute: ComputeOptions { form: FormChoice::Implicit, .. }, .. }
+                    | ReportInput::Graph { compute: ComputeOptions { form: FormChoice::Implicit, .. }, .. }
+            );
+            if !implicit {
+                return Err(usage(
+                    "--only top needs --form implicit with a model and data (the other forms compute the whole spectrum; drop --only)",
+                ));
+            }
+            let unused = [
+                (args.probes.is_some(), "--probes"),
+                (args.lanczos_steps.is_some(), "--lanczos-steps"),
+                (args.coupling_probes.is_some(), "--coupling-probes"),
+                (args.samples_n.is_some(), "--samples-n"),
+                (options.plot.is_some(), "--plot"),
+            ];
+            if let Some((_, flag)) = unused.iter().find(|(given, _)| *given) {
+                return Err(usage(format!("{flag} does not apply to --only top (it computes the top eigenvalues alone)")));
+            }
+        }
+        Ok(ReportConfig { input, options, report: args.output.report(), force: args.force, only_top })
     }
 }
 
 /// Runs `fisher report`: checks the plot location, loads the model and data (or leaves the
 /// stored result to the library), and makes the report, with a progress bar over the F·v
 /// products on a terminal.
-pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
+pub fn run(cfg: &ReportConfig) -> anyhow::Result<ReportOutcome> {
     if let Some(path) = &cfg.options.plot {
         let inputs: Vec<(&str, &std::path::Path)> = match &cfg.input {
             ReportInput::Model { source: Source::Files { weights, inputs, labels }, .. } => {
@@ -331,9 +380,7 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
             };
             let input = ModelInput { mlp: &mlp, data: &data, description, compute: compute.clone() };
             let request = ReportRequest { input: report::ReportInput::Model(input), options: cfg.options.clone() };
-            let mut outcome = report::run(&request, &progress)?;
-            outcome.seconds.load = load;
-            outcome
+            finish(cfg, &request, &progress, load)?
         }
         ReportInput::Graph { files: (model_path, inputs, labels), likelihood, compute } => {
             let start = Instant::now();
@@ -342,13 +389,11 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
             let description = format!("{} · {} · {}", model_path.display(), inputs.display(), labels.display());
             let input = report::GraphInput { model: &model, data: &data, likelihood: *likelihood, description, compute: compute.clone() };
             let request = ReportRequest { input: report::ReportInput::Graph(input), options: cfg.options.clone() };
-            let mut outcome = report::run(&request, &progress)?;
-            outcome.seconds.load = load;
-            outcome
+            finish(cfg, &request, &progress, load)?
         }
         ReportInput::Stored(stored) => {
             let request = ReportRequest { input: report::ReportInput::Stored(stored.clone()), options: cfg.options.clone() };
-            report::run(&request, &progress)?
+            ReportOutcome::Full(report::run(&request, &progress)?)
         }
     };
     if let Some(bar) = bar.get() {
@@ -357,8 +402,72 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<report::Report> {
     Ok(outcome)
 }
 
+/// The whole report or the top eigenvalues alone, with the load time the caller measured.
+fn finish(cfg: &ReportConfig, request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize), load: f64) -> anyhow::Result<ReportOutcome> {
+    Ok(if cfg.only_top {
+        let mut top = report::run_top(request, progress)?;
+        top.seconds.load = load;
+        ReportOutcome::Top(top)
+    } else {
+        let mut outcome = report::run(request, progress)?;
+        outcome.seconds.load = load;
+        ReportOutcome::Full(outcome)
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // Reports
+
+/// The table or the JSON line of either outcome.
+pub fn render(o: &ReportOutcome, json: bool) -> String {
+    match (o, json) {
+        (ReportOutcome::Full(r), false) => human(r),
+        (ReportOutcome::Full(r), true) => json_line(r),
+        (ReportOutcome::Top(t), false) => human_top(t),
+        (ReportOutcome::Top(t), true) => {
+            let mut value = serde_json::to_value(t).unwrap_or_else(|_| json!({}));
+            if let Some(map) = value.as_object_mut() {
+                for key in ["architecture", "fallback", "form_reason"] {
+                    map.remove(key);
+                }
+                map.insert("only".into(), json!("top"));
+            }
+            value.to_string()
+        }
+    }
+}
+
+/// The table of `--only top`.
+fn human_top(t: &report::TopReport) -> String {
+    let s = &t.subject;
+    let mut lines = vec![format!(
+        "fisher report: top {} eigenvalues of the implicit {} Fisher · {} · N = {} · P = {}",
+        t.top_eigenvalues.len(),
+        s.variant.as_deref().unwrap_or("?"),
+        s.architecture.as_deref().unwrap_or("network"),
+        s.samples.map_or("?".into(), grouped),
+        grouped(t.parameters)
+    )];
+    if let Some(b) = &s.backend {
+        lines.push(format!("  backend   {b}"));
+    }
+    for (i, (v, r)) in t.top_eigenvalues.iter().zip(&t.top_residuals).enumerate() {
+        lines.push(format!("  λ{:<3}      {}  (residual ≤ {})", i + 1, sci(*v), sci_with(*r, 1)));
+    }
+    lines.push(format!(
+        "  lanczos   {} F·v products, {} restarts, {} (--top-tol {:.0e})",
+        t.fv_products,
+        t.restarts,
+        if t.lanczos_converged { "converged" } else { "NOT converged" },
+        t.top_tol
+    ));
+    for note in &t.notes {
+        lines.push(format!("  note: {note}"));
+    }
+    let sec = &t.seconds;
+    lines.push(format!("  seconds   load {:.3} · setup {:.3} · top {:.3}", sec.load, sec.setup, sec.top));
+    lines.join("\n")
+}
 
 /// `value ± error` (the error with two significant digits).
 fn with_error(value: String, error: Option<f64>) -> String {

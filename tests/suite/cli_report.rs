@@ -199,6 +199,47 @@ fn implicit_form_agrees_with_the_exact_spectrum() {
     assert_eq!(implicit["implicit"]["rank_bound"], 120);
 }
 
+/// `--only top`: the top eigenvalues alone (no trace, SLQ or coupling keys), equal to the
+/// dense eigensolver's on the computed F, in fewer F·v products than the whole report; and
+/// every combination it cannot honour is refused with exit 2.
+#[test]
+fn only_top_gives_the_top_eigenvalues_alone() {
+    let full = json(&report(&["--form", "full", "--backend", "cpu", "--top", "5", "--json"]));
+    let top = json(&report(&[
+        "--form", "implicit", "--backend", "cpu", "--top", "5", "--only", "top", "--top-tol", "1e-8", "--top-iterations", "200",
+        "--json",
+    ]));
+    assert_eq!(top["only"], "top");
+    assert_eq!(top["form"], "implicit");
+    assert_eq!(top["lanczos_converged"], true);
+    assert_eq!(top["parameters"], P);
+    let (got, want) = (nums(&top, "top_eigenvalues"), nums(&full, "top_eigenvalues"));
+    assert_eq!(got.len(), 5);
+    for (g, w) in got.iter().zip(&want) {
+        close(*g, *w, 1e-5, "top eigenvalue");
+    }
+    let residuals = nums(&top, "top_residuals");
+    assert!(residuals.iter().zip(&got).all(|(r, g)| *r <= 1e-8 * g.abs() + 1e-12), "{residuals:?}");
+    for key in ["trace", "logdet", "effective_dimension", "inter_layer_coupling"] {
+        assert!(top.get(key).is_none(), "--only top computed {key}");
+    }
+    let run = report(&["--form", "implicit", "--backend", "cpu", "--top", "3", "--only", "top"]);
+    succeeds(&run);
+    assert!(run.stdout.contains("top 3 eigenvalues") && run.stdout.contains("λ3"), "{}", run.stdout);
+
+    let f = files();
+    for (extra, words) in [
+        (&["--form", "full", "--only", "top"][..], &["--only top", "--form implicit"][..]),
+        (&["--only", "top"][..], &["--only top", "--form implicit"][..]),
+        (&["--form", "implicit", "--only", "top", "--probes", "4"][..], &["--probes", "--only top"][..]),
+        (&["--form", "implicit", "--only", "top", "--plot", "x.png"][..], &["--plot", "--only top"][..]),
+        (&["--form", "implicit", "--only", "nothing"][..], &["--only"][..]),
+    ] {
+        assert_fails(&report(extra), 2, words);
+    }
+    assert_fails(&fisher(&["report", "--fisher", s(&f.stored("full")), "--only", "top"]), 2, &["--only top"]);
+}
+
 #[test]
 fn stored_results_give_the_measures_of_computing_directly() {
     let f = files();

@@ -15,6 +15,7 @@
 //! Every division by N is done in f64 and rounded once to f32. Work runs on rayon's global
 //! thread pool.
 
+pub(crate) mod elementwise;
 pub(crate) mod network;
 pub(crate) mod syrk;
 
@@ -52,6 +53,8 @@ pub struct CpuBackend {
     result_limit: u64,
     /// Scratch of one network micro-batch, bytes.
     batch_bytes: u64,
+    /// Forward pass an implicit operator keeps between products, bytes.
+    forward_cache_bytes: u64,
 }
 
 impl Default for CpuBackend {
@@ -63,7 +66,11 @@ impl Default for CpuBackend {
 impl CpuBackend {
     /// A backend using rayon's global thread pool, with the default result limit.
     pub fn new() -> Self {
-        CpuBackend { result_limit: DEFAULT_RESULT_LIMIT, batch_bytes: network::MICRO_BATCH_BYTES }
+        CpuBackend {
+            result_limit: DEFAULT_RESULT_LIMIT,
+            batch_bytes: network::MICRO_BATCH_BYTES,
+            forward_cache_bytes: network::FORWARD_CACHE_BYTES,
+        }
     }
 
     /// The same backend refusing any result above `bytes` of f32 values
@@ -94,6 +101,15 @@ impl CpuBackend {
     /// do not fit, are split to stay near it; tests lower it to force many chunks.
     pub fn with_batch_bytes(mut self, bytes: u64) -> Self {
         self.batch_bytes = bytes.max(1);
+        self
+    }
+
+    /// The same backend keeping at most `bytes` of a network's forward pass (activations,
+    /// pre-activations and φ' of every sample) between the products of one implicit operator
+    /// ([`FisherBackend::network_operator`]; default 256 MiB). A larger forward pass, or 0,
+    /// makes every product recompute it.
+    pub fn with_forward_cache_bytes(mut self, bytes: u64) -> Self {
+        self.forward_cache_bytes = bytes;
         self
     }
 }
@@ -161,6 +177,10 @@ impl FisherBackend for CpuBackend {
 
     fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
         network::network_fvp(self, mlp, data, variant, v, product)
+    }
+
+    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
+        Ok(Box::new(network::CpuNetOperator::new(self, mlp, data, variant, self.forward_cache_bytes)?))
     }
 
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {

@@ -15,6 +15,7 @@
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
+use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
 use super::syrk::SymmetricSum;
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, MicroBatchLimits, NetPlan};
@@ -36,7 +37,17 @@ fn micro_batch(be: &CpuBackend, n: usize, floats: usize) -> Result<usize> {
 }
 
 /// C = A·B (overwriting C) for views with any positive strides.
-fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>) {
+fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>) {
+    gemm_into(a, b, c, false)
+}
+
+/// C += A·B for views with any positive strides.
+fn matmul_add(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>) {
+    gemm_into(a, b, c, true)
+}
+
+/// C = A·B, or C += A·B when `accumulate`.
+fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>, accumulate: bool) {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
     assert!(k == k2 && c.dim() == (m, n), "matmul shapes");
@@ -44,7 +55,9 @@ fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'
         return;
     }
     if k == 0 {
-        c.fill(0.0);
+        if !accumulate {
+            c.fill(0.0);
+        }
         return;
     }
     let (a_rs, a_cs) = (a.strides()[0], a.strides()[1]);
@@ -60,14 +73,14 @@ fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'
             c.as_mut_ptr(),
             c_cs,
             c_rs,
-            false,
+            accumulate,
             a.as_ptr(),
             a_cs,
             a_rs,
             b.as_ptr(),
             b_cs,
             b_rs,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -75,6 +88,46 @@ fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'
             gemm::Parallelism::Rayon(0),
         );
     }
+}
+
+/// [W_l | b_l] (out × augmented_in) of every layer, so that z_l = ã_l [W_l | b_l]ᵀ is one
+/// GEMM over the augmented activations (whose last column is 1 where the layer has a bias).
+fn augmented_weights(mlp: &Mlp) -> Vec<Array2<f32>> {
+    mlp.layers
+        .iter()
+        .map(|layer| match &layer.bias {
+            None => layer.weight.clone(),
+            Some(b) => {
+                let mut w = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
+                w.slice_mut(s![.., ..layer.fan_in()]).assign(&layer.weight);
+                w.column_mut(layer.fan_in()).assign(b);
+                w
+            }
+        })
+        .collect()
+}
+
+/// The forward pass of samples s0 .. s0 + m: the augmented activations ã_l (m ×
+/// augmented_in, last column 1 where layer l has a bias) and pre-activations z_l (m × out).
+fn forward(mlp: &Mlp, waug: &[Array2<f32>], data: &Dataset, s0: usize, m: usize) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
+    let depth = mlp.layers.len();
+    let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
+    let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
+    let first = &mlp.layers[0];
+    let mut a0 = Array2::<f32>::ones((m, first.augmented_in()));
+    a0.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs.slice(s![s0..s0 + m, ..]));
+    acts.push(a0);
+    for (l, layer) in mlp.layers.iter().enumerate() {
+        let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
+        matmul(acts[l].view(), waug[l].t(), z.view_mut());
+        if l + 1 < depth {
+            let mut a = Array2::<f32>::ones((m, mlp.layers[l + 1].augmented_in()));
+            activate(mlp.activations[l], z.view(), a.view_mut());
+            acts.push(a);
+        }
+        zs.push(z);
+    }
+    (acts, zs)
 }
 
 enum Reduction {
@@ -201,6 +254,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
     let (depth, r, p) = (plan.depth(), plan.r, plan.params);
     let ranges: Vec<(usize, usize)> = plan.shapes.iter().map(|s| (s.offset, s.params)).collect();
     let batch = batching(be, n, r, &batch_cost(&plan, form))?;
+    let waug = augmented_weights(mlp);
 
     let mut reduction = match form {
         NetForm::Full => Reduction::Syrk { sums: vec![SymmetricSum::new(p)], full: true },
@@ -216,28 +270,13 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
     };
 
     for (s0, m) in batch.sample_ranges(n) {
-        // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all draws.
-        let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
-        let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
-        let first = &mlp.layers[0];
-        let mut a0 = Array2::<f32>::ones((m, first.augmented_in()));
-        a0.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs.slice(s![s0..s0 + m, ..]));
-        acts.push(a0);
-        for (l, layer) in mlp.layers.iter().enumerate() {
-            let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
-            matmul(acts[l].slice(s![.., ..layer.fan_in()]), layer.weight.t(), z.view_mut());
-            if let Some(b) = &layer.bias {
-                z += b;
-            }
-            if l + 1 < depth {
-                let next = &mlp.layers[l + 1];
-                let act = mlp.activations[l];
-                let mut a = Array2::<f32>::ones((m, next.augmented_in()));
-                ndarray::Zip::from(a.slice_mut(s![.., ..layer.fan_out()])).and(&z).par_for_each(|a, &z| *a = act.apply(z));
-                acts.push(a);
-            }
-            zs.push(z);
-        }
+        // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
+        // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
+        let (acts, zs) = forward(mlp, &waug, data, s0, m);
+        let derivs: Vec<Array2<f32>> =
+            (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
+        let act_squares: Vec<Array2<f32>> =
+            if matches!(reduction, Reduction::Diag(_)) { acts.iter().map(|a| squares(a.view())).collect() } else { Vec::new() };
         // Output rows and backward, d draws (rows per sample) at a time.
         for (q0, d) in batch.draw_ranges(r) {
             let mut delta = output_rows(zs[depth - 1].view(), &data.targets, s0, variant, (q0, d));
@@ -250,18 +289,11 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
                 let act = &acts[l];
                 match &mut reduction {
                     Reduction::Diag(acc) => {
-                        // Σ_d δ² per sample in f64 (d may be ~10⁶ draws), rounded once to f32.
-                        let mut dsq64 = Array2::<f64>::zeros((m, layer.fan_out()));
-                        dsq64.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(s, mut row)| {
-                            for q in 0..d {
-                                row.zip_mut_with(&delta.row(s * d + q), |acc, &x| *acc += f64::from(x) * f64::from(x));
-                            }
-                        });
-                        let dsq = dsq64.mapv(|v| v as f32);
-                        let asq = act.mapv(|v| v * v);
+                        // Σ_d δ² per sample (f64 past 64 draws), then (Σ_d δ²)ᵀ (ã∘ã).
+                        let dsq = row_square_sums(delta.view(), d);
                         let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
-                        matmul(dsq.t(), asq.view(), part.view_mut());
-                        ndarray::Zip::from(&mut acc[l]).and(&part).par_for_each(|a, &p| *a += p as f64);
+                        matmul(dsq.t(), act_squares[l].view(), part.view_mut());
+                        add_into_f64(&mut acc[l], part.view());
                     }
                     Reduction::Kfac(acc) => {
                         // A is a sum over samples, not rows: once per sample, with its first chunk.
@@ -297,11 +329,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
                 if l > 0 {
                     let mut back = Array2::<f32>::zeros((m * d, layer.fan_in()));
                     matmul(delta.view(), layer.weight.view(), back.view_mut());
-                    let act_prev = mlp.activations[l - 1];
-                    let zprev = &zs[l - 1];
-                    back.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(q, mut row)| {
-                        row.zip_mut_with(&zprev.row(q / d), |x, &z| *x *= act_prev.derivative(z));
-                    });
+                    scale_rows(back.view_mut(), derivs[l - 1].view(), d);
                     delta = back;
                 }
             }
@@ -406,92 +434,201 @@ pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, ta
     w
 }
 
-/// Implicit F·v and vᵀFv (see `src/backend/gpu/network.rs::network_fvp` for the method).
+/// Implicit F·v and vᵀFv (see `src/backend/gpu/network.rs::network_fvp` for the method):
+/// one direction through [`CpuNetOperator`].
 pub(crate) fn network_fvp(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
-    let n = data.len();
-    let plan = NetPlan::new(mlp, variant)?;
-    let v = v.to_vec();
-    plan.check_direction(&v)?;
-    let depth = plan.depth();
-    // Per layer: the direction as an augmented out × (in+1) matrix [V | v_b].
-    let dirs = plan
-        .shapes
-        .iter()
-        .map(|s| Array2::from_shape_vec((s.fan_out, s.ld), s.augment(&v)))
-        .collect::<Result<Vec<Array2<f32>>, _>>()
-        .map_err(|e| FisherError::InvalidInput(e.to_string()))?;
-    let max_w = mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
-    // One row per sample: Λ ż is formed per sample by looping over the K draws
-    // (`lambda_times`), so nothing here grows with K.
-    let mb = micro_batch(be, n, max_w.saturating_mul(4))?;
-    let mut acc: Vec<Array2<f64>> = if product {
-        mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect()
-    } else {
-        Vec::new()
-    };
-    let mut quadratic = 0f64;
-    for s0 in (0..n).step_by(mb) {
-        let m = mb.min(n - s0);
-        let first = &mlp.layers[0];
-        let mut act = Array2::<f32>::ones((m, first.augmented_in()));
-        act.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs.slice(s![s0..s0 + m, ..]));
-        let mut tangent: Option<Array2<f32>> = None; // ȧ (m × fan_in); None = 0 for the inputs
-        let mut acts = Vec::with_capacity(depth);
-        let mut zs = Vec::with_capacity(depth);
-        let mut zdot = Array2::<f32>::zeros((0, 0));
-        for (l, layer) in mlp.layers.iter().enumerate() {
-            let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
-            matmul(act.slice(s![.., ..layer.fan_in()]), layer.weight.t(), z.view_mut());
-            if let Some(b) = &layer.bias {
-                z += b;
+    let mut op = CpuNetOperator::new(be, mlp, data, variant, 0)?;
+    let out = op.apply(v.insert_axis(Axis(0)), product)?;
+    Ok(Fvp { product: out.products.map(|p| p.row(0).to_owned()), quadratic: out.quadratics[0] })
+}
+
+/// Bytes of forward pass a [`CpuNetOperator`] keeps between products by default
+/// ([`CpuBackend::with_forward_cache_bytes`]): 256 MiB holds W3's (784-512-512-10,
+/// N = 4096: 64 MiB) and MNIST-sized runs of 10⁴–10⁵ samples; beyond it every product
+/// recomputes its forward pass, as the GPU path does.
+pub(crate) const FORWARD_CACHE_BYTES: u64 = 256 << 20;
+
+/// One micro-batch's forward pass: ã_l, z_l and φ'(z_l) of every layer.
+struct Forward {
+    acts: Vec<Array2<f32>>,
+    zs: Vec<Array2<f32>>,
+    derivs: Vec<Array2<f32>>,
+}
+
+/// The implicit Fisher of an MLP on its data, on the CPU, for many products: F·V for a
+/// block of k directions at once (rows of V, θ order).
+///
+/// Per micro-batch of m samples, in the direction-major layout (k·m rows, direction j's
+/// rows j·m .. (j+1)·m):
+/// * forward-mode ż_l = ã_l [V_l | v_b]ᵀ + ȧ_l W_lᵀ and ȧ_{l+1} = ż_l ∘ φ'(z_l): one GEMM
+///   per direction for the first term, one for all k directions for the second;
+/// * at the output w = Λ ż per sample and direction (`lambda_times`); vᵀFv = Σ ż·w / N;
+/// * reverse mode δ_{l−1} = (δ_l W_l) ∘ φ'(z_{l−1}) (one GEMM for all k) and the product's
+///   layer block Σ δ_lᵀ ã_l (one GEMM per direction), summed over micro-batches in f64.
+///
+/// The forward pass (ã, z, φ'(z)) of every micro-batch is kept across products when it
+/// fits in the cache budget, so a Lanczos or SLQ run pays for it once; otherwise each
+/// product recomputes it. Memory: the cache, plus k·m rows of the widest layer ×3.
+pub(crate) struct CpuNetOperator<'a> {
+    be: &'a CpuBackend,
+    mlp: &'a Mlp,
+    data: &'a Dataset,
+    variant: Variant,
+    plan: NetPlan,
+    waug: Vec<Array2<f32>>,
+    /// Samples per micro-batch of the forward pass.
+    samples: usize,
+    /// The forward pass of every micro-batch, once computed, when it fits `cache_bytes`.
+    cache: Option<Vec<Forward>>,
+    cache_bytes: u64,
+}
+
+impl<'a> CpuNetOperator<'a> {
+    /// The operator; `cache_bytes` bounds the forward pass kept between products (0: none).
+    pub(crate) fn new(be: &'a CpuBackend, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, cache_bytes: u64) -> Result<Self> {
+        let plan = NetPlan::new(mlp, variant)?;
+        let max_w = mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
+        // The forward pass of one sample (ã, z, φ') plus one row per direction of the three
+        // widest tangent/cotangent buffers, for one direction: the block is split to fit.
+        let forward: usize = mlp.layers.iter().map(|l| l.augmented_in() + 2 * l.fan_out()).sum();
+        let samples = micro_batch(be, data.len(), forward.saturating_add(max_w.saturating_mul(3)))?;
+        Ok(CpuNetOperator { be, mlp, data, variant, plan, waug: augmented_weights(mlp), samples, cache: None, cache_bytes })
+    }
+
+    fn forward_of(&self, s0: usize, m: usize) -> Forward {
+        let (acts, zs) = forward(self.mlp, &self.waug, self.data, s0, m);
+        let derivs = (0..zs.len() - 1).map(|l| derivative(self.mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
+        Forward { acts, zs, derivs }
+    }
+
+    fn forward_bytes(&self) -> u64 {
+        let per_sample: usize = self.mlp.layers.iter().map(|l| l.augmented_in() + 2 * l.fan_out()).sum();
+        (per_sample as u64).saturating_mul(4).saturating_mul(self.data.len() as u64)
+    }
+
+    /// F·V (when `product`) and vⱼᵀFvⱼ for the k rows vⱼ of `v` (k × P).
+    pub(crate) fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<crate::backend::BlockFvp> {
+        let (k, p) = v.dim();
+        if p != self.plan.params {
+            return Err(FisherError::InvalidInput(format!("direction has {p} entries but the model has {} parameters", self.plan.params)));
+        }
+        let n = self.data.len();
+        let depth = self.plan.depth();
+        // Per direction and layer: the direction as an augmented out × ld matrix [V | v_b].
+        let dirs: Vec<Vec<Array2<f32>>> = v
+            .outer_iter()
+            .map(|row| {
+                let row = row.to_vec();
+                self.plan
+                    .shapes
+                    .iter()
+                    .map(|s| Array2::from_shape_vec((s.fan_out, s.ld), s.augment(&row)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| FisherError::InvalidInput(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let mut acc: Vec<Vec<Array2<f64>>> = if product {
+            (0..k).map(|_| self.mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect()).collect()
+        } else {
+            Vec::new()
+        };
+        let mut quadratics = vec![0f64; k];
+        if self.cache.is_none() && self.cache_bytes > 0 && self.forward_bytes() <= self.cache_bytes {
+            let batches = (0..n).step_by(self.samples.max(1)).map(|s0| self.forward_of(s0, self.samples.min(n - s0))).collect();
+            self.cache = Some(batches);
+        }
+        let max_w = self.mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
+        for (b, s0) in (0..n).step_by(self.samples.max(1)).enumerate() {
+            let m = self.samples.min(n - s0);
+            let fresh;
+            let fw = match &self.cache {
+                Some(batches) => &batches[b],
+                None => {
+                    fresh = self.forward_of(s0, m);
+                    &fresh
+                }
+            };
+            // Directions per pass: k·m rows of the three widest buffers within the budget.
+            let per_direction = (m * max_w * 3 * 4) as u64;
+            let chunk = ((self.be.batch_bytes / per_direction.max(1)) as usize).clamp(1, k.max(1));
+            for j0 in (0..k).step_by(chunk) {
+                let kk = chunk.min(k - j0);
+                self.block_pass(fw, s0, m, &dirs[j0..j0 + kk], product, &mut quadratics[j0..j0 + kk], if product { &mut acc[j0..j0 + kk] } else { &mut [] })?;
             }
-            zdot = Array2::<f32>::zeros((m, layer.fan_out()));
-            matmul(act.view(), dirs[l].t(), zdot.view_mut());
+            debug_assert_eq!(fw.zs.len(), depth);
+        }
+        let nf = n as f64;
+        let quadratics = quadratics.into_iter().map(|q| q / nf).collect();
+        if !product {
+            return Ok(crate::backend::BlockFvp { products: None, quadratics });
+        }
+        let mut out = Array2::<f32>::zeros((k, p));
+        for (mut row, acc) in out.outer_iter_mut().zip(&acc) {
+            let row = row.as_slice_mut().expect("fresh array");
+            for (s, a) in self.plan.shapes.iter().zip(acc) {
+                s.scatter(row, |o, i| (a[[o, i]] / nf) as f32);
+            }
+        }
+        Ok(crate::backend::BlockFvp { products: Some(out), quadratics })
+    }
+
+    /// The forward-mode and reverse-mode passes of one micro-batch for kk directions.
+    #[allow(clippy::too_many_arguments)]
+    fn block_pass(&self, fw: &Forward, s0: usize, m: usize, dirs: &[Vec<Array2<f32>>], product: bool, quadratics: &mut [f64], acc: &mut [Vec<Array2<f64>>]) -> Result<()> {
+        let kk = dirs.len();
+        let depth = self.plan.depth();
+        let mut tangent: Option<Array2<f32>> = None; // ȧ (kk·m × fan_in); None = 0 for the inputs
+        let mut zdot = Array2::<f32>::zeros((0, 0));
+        for (l, layer) in self.mlp.layers.iter().enumerate() {
+            zdot = Array2::<f32>::zeros((kk * m, layer.fan_out()));
+            for (j, dir) in dirs.iter().enumerate() {
+                matmul(fw.acts[l].view(), dir[l].t(), zdot.slice_mut(s![j * m..(j + 1) * m, ..]));
+            }
             if let Some(t) = &tangent {
-                let mut extra = Array2::<f32>::zeros((m, layer.fan_out()));
-                matmul(t.view(), layer.weight.t(), extra.view_mut());
-                zdot += &extra;
+                matmul_add(t.view(), layer.weight.t(), zdot.view_mut());
             }
             if l + 1 < depth {
-                let next = &mlp.layers[l + 1];
-                let phi = mlp.activations[l];
-                let mut a = Array2::<f32>::ones((m, next.augmented_in()));
-                ndarray::Zip::from(a.slice_mut(s![.., ..layer.fan_out()])).and(&z).par_for_each(|a, &z| *a = phi.apply(z));
                 let mut t = zdot.clone();
-                ndarray::Zip::from(&mut t).and(&z).par_for_each(|t, &z| *t *= phi.derivative(z));
-                tangent = Some(t);
-                acts.push(std::mem::replace(&mut act, a));
-            } else {
-                acts.push(act.clone());
-            }
-            zs.push(z);
-        }
-        let w = lambda_times(zs[depth - 1].view(), zdot.view(), &data.targets, s0, variant);
-        quadratic += zdot.iter().zip(w.iter()).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
-        if product {
-            let mut delta = w;
-            for l in (0..depth).rev() {
-                let layer = &mlp.layers[l];
-                let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
-                matmul(delta.t(), acts[l].view(), part.view_mut());
-                ndarray::Zip::from(&mut acc[l]).and(&part).par_for_each(|a, &p| *a += p as f64);
-                if l > 0 {
-                    let mut back = Array2::<f32>::zeros((m, layer.fan_in()));
-                    matmul(delta.view(), layer.weight.view(), back.view_mut());
-                    let phi = mlp.activations[l - 1];
-                    ndarray::Zip::from(&mut back).and(&zs[l - 1]).par_for_each(|d, &z| *d *= phi.derivative(z));
-                    delta = back;
+                for j in 0..kk {
+                    scale_rows(t.slice_mut(s![j * m..(j + 1) * m, ..]), fw.derivs[l].view(), 1);
                 }
+                tangent = Some(t);
             }
         }
+        let z_out = fw.zs[depth - 1].view();
+        let mut w = Array2::<f32>::zeros(zdot.dim());
+        for j in 0..kk {
+            let rows = s![j * m..(j + 1) * m, ..];
+            let wj = lambda_times(z_out, zdot.slice(rows), &self.data.targets, s0, self.variant);
+            quadratics[j] += zdot.slice(rows).iter().zip(wj.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
+            w.slice_mut(rows).assign(&wj);
+        }
+        if !product {
+            return Ok(());
+        }
+        let mut delta = w;
+        for l in (0..depth).rev() {
+            let layer = &self.mlp.layers[l];
+            let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                matmul(delta.slice(s![j * m..(j + 1) * m, ..]).t(), fw.acts[l].view(), part.view_mut());
+                add_into_f64(&mut acc[l], part.view());
+            }
+            if l > 0 {
+                let mut back = Array2::<f32>::zeros((kk * m, layer.fan_in()));
+                matmul(delta.view(), layer.weight.view(), back.view_mut());
+                for j in 0..kk {
+                    scale_rows(back.slice_mut(s![j * m..(j + 1) * m, ..]), fw.derivs[l - 1].view(), 1);
+                }
+                delta = back;
+            }
+        }
+        Ok(())
     }
-    let nf = n as f64;
-    if !product {
-        return Ok(Fvp { product: None, quadratic: quadratic / nf });
+}
+
+impl crate::backend::NetworkOperator for CpuNetOperator<'_> {
+    fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<crate::backend::BlockFvp> {
+        CpuNetOperator::apply(self, v, product)
     }
-    let mut out = vec![0f32; plan.params];
-    for (s, a) in plan.shapes.iter().zip(&acc) {
-        s.scatter(&mut out, |o, i| (a[[o, i]] / nf) as f32);
-    }
-    Ok(Fvp { product: Some(Array1::from(out)), quadratic: quadratic / nf })
 }

@@ -247,6 +247,10 @@ impl FisherBackend for GpuBackend {
         network::network_fvp(self, mlp, data, variant, v, product)
     }
 
+    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
+        Ok(Box::new(crate::backend::PerDirection { backend: self, mlp, data, variant }))
+    }
+
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         check_matrix("gradients", grads, 0)?;
         let (n, p) = grads.dim();
