@@ -682,18 +682,20 @@ pub fn run(plan: &BenchPlan, mut progress: impl FnMut(&str)) -> Result<BenchOutc
             for (name, engine) in &runners {
                 done += 1;
                 progress(&format!("[{done}/{total}] network top-{} eigenvalues {shape} on {name}", top.k));
-                let mut products = 0;
+                let (mut products, mut gram) = (0, false);
                 let times = measure(plan.warmup, plan.repeat, || {
-                    let op = crate::analysis::ImplicitFisher::new(engine, &mlp, &data, net.variant)?;
                     let options = crate::analysis::LanczosOptions { tol: top.tol, max_iterations: 1000, ..crate::analysis::LanczosOptions::top(top.k) };
-                    let result = crate::analysis::lanczos_top_k(&op, &options)?;
-                    products = result.iterations;
-                    Ok::<_, crate::FisherError>(result)
+                    let found = crate::analysis::top_eigenvalues(engine, &mlp, &data, net.variant, &options, &|_| {})?;
+                    products = found.result.iterations;
+                    gram = found.method == "gram";
+                    Ok::<_, crate::FisherError>(found)
                 })
                 .map_err(RunError::context(format!("network top-{} eigenvalues {shape} on {}", top.k, engine.device_info())))?;
                 // One F·v product: forward-mode and reverse-mode passes, 4 GEMM-equivalents
-                // of 2·N·P each (the forward pass is cached across products).
-                let flops = products as f64 * 4.0 * 2.0 * net.samples as f64 * mlp.num_params() as f64;
+                // of 2·N·P each (the forward pass is cached across products); one K·u
+                // product on the Gram side: 2 of them.
+                let per_product = if gram { 2.0 } else { 4.0 };
+                let flops = products as f64 * per_product * 2.0 * net.samples as f64 * mlp.num_params() as f64;
                 results.push(Measurement {
                     workload: top_workload(top.k, net.variant, &net.widths, net.samples),
                     kind: "network",

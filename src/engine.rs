@@ -263,6 +263,16 @@ impl Engine {
         self.backend.network_operator(mlp, data, variant)
     }
 
+    /// The output-space twin K = BBᵀ/N of a network's Fisher F = BᵀB/N (same non-zero
+    /// eigenvalues; see [`crate::backend::FisherBackend::network_gram_operator`]), or `None`
+    /// where the backend has none or it would hold more than `budget` bytes.
+    pub fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, budget: u64) -> Result<Option<Box<dyn crate::backend::NetworkOperator + 'a>>> {
+        mlp.validate()?;
+        data.validate(mlp, data.likelihood())?;
+        check_variant(variant)?;
+        self.backend.network_gram_operator(mlp, data, variant, budget)
+    }
+
     /// vᵀFv alone (a forward-mode pass, no backward): the squared Fisher length of v.
     pub fn fisher_quadratic(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<f64> {
         self.check_direction(mlp, data, variant, v)?;

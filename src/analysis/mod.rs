@@ -70,7 +70,7 @@ mod solve;
 mod spectrum;
 
 pub use coupling::{coupling_implicit, Coupling};
-pub use implicit::ImplicitFisher;
+pub use implicit::{top_eigenvalues, ImplicitFisher, TopEigenvalues, GRAM_OPERATOR_BYTES};
 pub use lanczos::{lanczos_top_k, LanczosOptions, LanczosResult};
 pub use measures::{
     abbas_effective_dimension, measures_exact, measures_from_quadrature, measures_from_spectrum, measures_implicit,

@@ -499,6 +499,9 @@ pub struct TopReport {
     pub lanczos_converged: bool,
     /// The relative residual asked for (`--top-tol`).
     pub top_tol: f64,
+    /// Where Lanczos ran: `gram` (on K = BBᵀ/N in ℝ^{N·R}, when the N·R gradient rows are
+    /// fewer than P and fit in memory; same non-zero eigenvalues) or `implicit` (on F).
+    pub top_method: &'static str,
     /// F·v products used.
     pub fv_products: usize,
     /// Thick restarts of the Lanczos basis.
@@ -511,8 +514,9 @@ pub struct TopReport {
 
 /// The `options.top` largest eigenvalues of the implicit Fisher of a model or graph and
 /// nothing else: one thick-restart Lanczos run ([`lanczos_top_k`], `--top-tol`,
-/// `--top-iterations`) on the backend's operator, whose forward pass is kept between products
-/// where it fits. No trace, SLQ or coupling pass runs. `progress(done, total)` follows the
+/// `--top-iterations`), on an MLP through [`super::top_eigenvalues`] (on the output-space
+/// twin K = BBᵀ/N when N·R < P, else on F with the forward pass kept between products), on a
+/// graph on its implicit F. No trace, SLQ or coupling pass runs. `progress(done, total)` follows the
 /// F·v products.
 ///
 /// Errors: [`FisherError::Request`] for a stored input (its spectrum is computed whole:
@@ -554,11 +558,13 @@ pub fn run_top(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> 
     let hook = move |done: usize| progress(done, s.top_iterations.max(done));
     progress(0, s.top_iterations);
     let start = Instant::now();
+    let mut method = "implicit";
     let (subject, p, top) = match &request.input {
         ReportInput::Model(input) => {
             let (mlp, data) = (input.mlp, input.data);
-            let op = ImplicitFisher::new(engine, mlp, data, compute.variant)?.on_product(hook);
-            let top = lanczos_top_k(&op, &lanczos)?;
+            let found = super::implicit::top_eigenvalues(engine, mlp, data, compute.variant, &lanczos, &hook)?;
+            method = found.method;
+            let top = found.result;
             let subject = Subject {
                 form: "implicit".into(),
                 samples: Some(data.len()),
@@ -616,6 +622,7 @@ pub fn run_top(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> 
         top_residuals: top.residuals,
         lanczos_converged: top.converged,
         top_tol: s.top_tol,
+        top_method: method,
         fv_products: top.iterations,
         restarts: top.restarts,
         notes,

@@ -53,6 +53,14 @@ pub trait FisherBackend {
     /// products where it fits its cache budget.
     fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn NetworkOperator + 'a>>;
 
+    /// The output-space twin K = BBᵀ/N of a network's Fisher F = BᵀB/N (B: the N·R gradient
+    /// rows), which has the same non-zero eigenvalues, for top-k eigenvalues when N·R < P;
+    /// `None` where the backend has no such path or it would hold more than `budget` bytes.
+    fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, budget: u64) -> Result<Option<Box<dyn NetworkOperator + 'a>>> {
+        let _ = (mlp, data, variant, budget);
+        Ok(None)
+    }
+
     /// An executor of a graph network's primitive program on this backend (see
     /// [`crate::graph::exec::ProgramExec`]), with its shared values (parameters, constants,
     /// sparse maps) in place.
@@ -75,6 +83,10 @@ pub struct BlockFvp {
 /// ([`FisherBackend::network_operator`]): Lanczos, SLQ probes and the action apply F to
 /// blocks of directions, and a backend may keep state (the forward pass) between calls.
 pub trait NetworkOperator {
+    /// The dimension of the vectors: P for F, N·R for the output-space Gram operator
+    /// ([`FisherBackend::network_gram_operator`]).
+    fn dim(&self) -> usize;
+
     /// F·V (when `product`) and vⱼᵀFvⱼ for the k rows vⱼ of `v` (k × P, θ order, finite).
     fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<BlockFvp>;
 }
@@ -89,6 +101,10 @@ pub(crate) struct PerDirection<'a, B: FisherBackend + ?Sized> {
 }
 
 impl<B: FisherBackend + ?Sized> NetworkOperator for PerDirection<'_, B> {
+    fn dim(&self) -> usize {
+        self.mlp.num_params()
+    }
+
     fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<BlockFvp> {
         let (k, p) = v.dim();
         let mut products = product.then(|| Array2::<f32>::zeros((k, p)));

@@ -455,8 +455,9 @@ fn human_top(t: &report::TopReport) -> String {
         lines.push(format!("  λ{:<3}      {}  (residual ≤ {})", i + 1, sci(*v), sci_with(*r, 1)));
     }
     lines.push(format!(
-        "  lanczos   {} F·v products, {} restarts, {} (--top-tol {:.0e})",
+        "  lanczos   {} {} products, {} restarts, {} (--top-tol {:.0e})",
         t.fv_products,
+        if t.top_method == "gram" { "K·u (output-space K = BBᵀ/N)" } else { "F·v" },
         t.restarts,
         if t.lanczos_converged { "converged" } else { "NOT converged" },
         t.top_tol

@@ -183,6 +183,10 @@ impl FisherBackend for CpuBackend {
         Ok(Box::new(network::CpuNetOperator::new(self, mlp, data, variant, self.forward_cache_bytes)?))
     }
 
+    fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, budget: u64) -> Result<Option<Box<dyn crate::backend::NetworkOperator + 'a>>> {
+        Ok(network::CpuGramOperator::new(self, mlp, data, variant, budget)?.map(|op| Box::new(op) as Box<dyn crate::backend::NetworkOperator>))
+    }
+
     fn gram(&self, grads: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         check_matrix("gradients", grads, 0)?;
         let n = grads.nrows();

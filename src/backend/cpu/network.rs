@@ -109,7 +109,7 @@ fn augmented_weights(mlp: &Mlp) -> Vec<Array2<f32>> {
 
 /// The forward pass of samples s0 .. s0 + m: the augmented activations ã_l (m ×
 /// augmented_in, last column 1 where layer l has a bias) and pre-activations z_l (m × out).
-fn forward(mlp: &Mlp, waug: &[Array2<f32>], data: &Dataset, s0: usize, m: usize) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
+fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &Dataset, s0: usize, m: usize) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
     let depth = mlp.layers.len();
     let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
     let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
@@ -272,7 +272,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
     for (s0, m) in batch.sample_ranges(n) {
         // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
         // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
-        let (acts, zs) = forward(mlp, &waug, data, s0, m);
+        let (acts, zs) = forward_pass(mlp, &waug, data, s0, m);
         let derivs: Vec<Array2<f32>> =
             (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
         let act_squares: Vec<Array2<f32>> =
@@ -496,7 +496,7 @@ impl<'a> CpuNetOperator<'a> {
     }
 
     fn forward_of(&self, s0: usize, m: usize) -> Forward {
-        let (acts, zs) = forward(self.mlp, &self.waug, self.data, s0, m);
+        let (acts, zs) = forward_pass(self.mlp, &self.waug, self.data, s0, m);
         let derivs = (0..zs.len() - 1).map(|l| derivative(self.mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
         Forward { acts, zs, derivs }
     }
@@ -628,7 +628,138 @@ impl<'a> CpuNetOperator<'a> {
 }
 
 impl crate::backend::NetworkOperator for CpuNetOperator<'_> {
+    fn dim(&self) -> usize {
+        self.plan.params
+    }
+
     fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<crate::backend::BlockFvp> {
         CpuNetOperator::apply(self, v, product)
+    }
+}
+
+/// The Fisher's output-space twin K = B Bᵀ / N on the CPU, for top eigenvalues when the
+/// N·R gradient rows are fewer than the P parameters.
+///
+/// B (N·R × P) has the per-row gradients b_{ir} = δ_{l,ir} ⊗ ã_{l,i} as rows, so F = BᵀB/N and
+/// K = BBᵀ/N share their non-zero eigenvalues. K is applied without forming B: the output
+/// rows δ_l of every layer (N·R × out_l) and the activations ã_l (N × ld) are computed once
+/// (one forward and one R-row backward pass, as for diag); then per vector u ∈ ℝ^{N·R}
+///
+/// * Bᵀu, layer by layer: e_i = Σ_r u_{ir} δ_{l,ir} (N × out_l), then G_l = Eᵀ Ã_l;
+/// * B(Bᵀu): H_l = Ã_l G_lᵀ (N × out_l), then (Bw)_{ir} = Σ_l δ_{l,ir} · H_{l,i}.
+///
+/// That is two GEMMs of 2·N·P_l flops per layer, against four (plus two propagation GEMMs
+/// through every hidden layer) for an F·v product, and the Lanczos basis lives in ℝ^{N·R}
+/// instead of ℝ^P. Memory: 4·N·(Σ ld + R·Σ out) bytes, refused past the caller's budget.
+pub(crate) struct CpuGramOperator {
+    n: usize,
+    r: usize,
+    /// ã_l of every sample (N × ld), per layer.
+    acts: Vec<Array2<f32>>,
+    /// δ_l of every output row (N·R × out_l, sample-major), per layer.
+    deltas: Vec<Array2<f32>>,
+}
+
+impl CpuGramOperator {
+    /// Bytes the operator holds for `mlp` on `n` samples of R rows.
+    pub(crate) fn bytes(mlp: &Mlp, n: usize, r: usize) -> u128 {
+        let ld: u128 = mlp.layers.iter().map(|l| l.augmented_in() as u128).sum();
+        let out: u128 = mlp.layers.iter().map(|l| l.fan_out() as u128).sum();
+        4 * n as u128 * (ld + r as u128 * out)
+    }
+
+    /// The operator, or `None` when it would hold more than `budget` bytes.
+    pub(crate) fn new(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, budget: u64) -> Result<Option<Self>> {
+        let n = data.len();
+        let plan = NetPlan::new(mlp, variant)?;
+        let (depth, r) = (plan.depth(), plan.r);
+        if Self::bytes(mlp, n, r) > u128::from(budget) {
+            return Ok(None);
+        }
+        let waug = augmented_weights(mlp);
+        let mut acts: Vec<Array2<f32>> = mlp.layers.iter().map(|l| Array2::zeros((n, l.augmented_in()))).collect();
+        let mut deltas: Vec<Array2<f32>> = mlp.layers.iter().map(|l| Array2::zeros((n * r, l.fan_out()))).collect();
+        // Whole samples per micro-batch (the rows of one sample are never split here).
+        let max_w = plan.max_width();
+        let forward: usize = mlp.layers.iter().map(|l| l.augmented_in() + 2 * l.fan_out()).sum();
+        let m_max = micro_batch(be, n, forward.saturating_add(r.saturating_mul(2 * max_w)))?;
+        for s0 in (0..n).step_by(m_max.max(1)) {
+            let m = m_max.min(n - s0);
+            let (a, zs) = forward_pass(mlp, &waug, data, s0, m);
+            let derivs: Vec<Array2<f32>> = (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), a[l + 1].view())).collect();
+            let mut delta = output_rows(zs[depth - 1].view(), &data.targets, s0, variant, (0, r));
+            for l in (0..depth).rev() {
+                acts[l].slice_mut(s![s0..s0 + m, ..]).assign(&a[l]);
+                deltas[l].slice_mut(s![s0 * r..(s0 + m) * r, ..]).assign(&delta);
+                if l > 0 {
+                    let layer = &mlp.layers[l];
+                    let mut back = Array2::<f32>::zeros((m * r, layer.fan_in()));
+                    matmul(delta.view(), layer.weight.view(), back.view_mut());
+                    scale_rows(back.view_mut(), derivs[l - 1].view(), r);
+                    delta = back;
+                }
+            }
+        }
+        Ok(Some(CpuGramOperator { n, r, acts, deltas }))
+    }
+
+    /// K u for one u ∈ ℝ^{N·R}, f32 GEMMs, returned in f64.
+    fn apply_one(&self, u: ArrayView1<'_, f32>) -> Vec<f64> {
+        let (n, r) = (self.n, self.r);
+        let u = u.as_slice().expect("a row of a standard-layout block");
+        let mut out = vec![0f64; n * r];
+        for (act, delta) in self.acts.iter().zip(&self.deltas) {
+            let out_l = delta.ncols();
+            let ds = delta.as_slice().expect("standard layout");
+            // e_i = Σ_r u_ir δ_ir.
+            let mut e = Array2::<f32>::zeros((n, out_l));
+            e.as_slice_mut().expect("fresh array").par_chunks_mut(out_l).enumerate().for_each(|(i, row)| {
+                for q in 0..r {
+                    let w = u[i * r + q];
+                    if w != 0.0 {
+                        for (x, &d) in row.iter_mut().zip(&ds[(i * r + q) * out_l..(i * r + q + 1) * out_l]) {
+                            *x += w * d;
+                        }
+                    }
+                }
+            });
+            let mut g = Array2::<f32>::zeros((out_l, act.ncols()));
+            matmul(e.t(), act.view(), g.view_mut());
+            let mut h = Array2::<f32>::zeros((n, out_l));
+            matmul(act.view(), g.t(), h.view_mut());
+            let hs = h.as_slice().expect("fresh array");
+            out.par_chunks_mut(r).enumerate().for_each(|(i, o)| {
+                let hrow = &hs[i * out_l..(i + 1) * out_l];
+                for (q, o) in o.iter_mut().enumerate() {
+                    let drow = &ds[(i * r + q) * out_l..(i * r + q + 1) * out_l];
+                    *o += f64::from(drow.iter().zip(hrow).map(|(&a, &b)| a * b).sum::<f32>());
+                }
+            });
+        }
+        let nf = n as f64;
+        out.iter_mut().for_each(|x| *x /= nf);
+        out
+    }
+}
+
+impl crate::backend::NetworkOperator for CpuGramOperator {
+    fn dim(&self) -> usize {
+        self.n * self.r
+    }
+
+    fn apply(&mut self, v: ArrayView2<'_, f32>, product: bool) -> Result<crate::backend::BlockFvp> {
+        let (k, d) = v.dim();
+        if d != self.n * self.r {
+            return Err(FisherError::InvalidInput(format!("the Gram operator has dimension {} but the vector has {d}", self.n * self.r)));
+        }
+        let mut products = Array2::<f32>::zeros((k, d));
+        let mut quadratics = Vec::with_capacity(k);
+        for (j, row) in v.outer_iter().enumerate() {
+            let row = row.as_standard_layout();
+            let ku = self.apply_one(row.view());
+            quadratics.push(ku.iter().zip(row.iter()).map(|(&a, &b)| a * f64::from(b)).sum());
+            products.row_mut(j).iter_mut().zip(&ku).for_each(|(o, &x)| *o = x as f32);
+        }
+        Ok(crate::backend::BlockFvp { products: product.then_some(products), quadratics })
     }
 }
