@@ -547,14 +547,7 @@ pub fn run_top(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> 
     seconds.setup = start.elapsed().as_secs_f64();
     let engine = &device.engine;
     let s = &options.implicit;
-    let lanczos = LanczosOptions {
-        k: options.top,
-        tol: s.top_tol,
-        max_iterations: s.top_iterations,
-        max_basis: None,
-        seed: s.seed ^ 0x7097_0000_0000_0001,
-        vectors: false,
-    };
+    let lanczos = top_lanczos(options);
     let hook = move |done: usize| progress(done, s.top_iterations.max(done));
     progress(0, s.top_iterations);
     let start = Instant::now();
@@ -647,15 +640,22 @@ fn measure_options<'a>(
         theta,
         layout,
         slq: SlqOptions { probes: s.probes, steps: s.steps, seed: s.seed, reorthogonalize: reorthogonalize(s.steps, dim) },
-        lanczos: LanczosOptions {
-            k: options.top,
-            tol: s.top_tol,
-            max_iterations: s.top_iterations,
-            max_basis: None,
-            seed: s.seed ^ 0x7097_0000_0000_0001,
-            vectors: false,
-        },
+        lanczos: top_lanczos(options),
         coupling_probes: s.coupling_probes,
+    }
+}
+
+/// The top-k Lanczos run of the implicit form (`--top`, `--top-tol`, `--top-iterations`, its
+/// own stream of the probe seed), without vectors.
+fn top_lanczos(options: &ReportOptions) -> LanczosOptions {
+    let s = &options.implicit;
+    LanczosOptions {
+        k: options.top,
+        tol: s.top_tol,
+        max_iterations: s.top_iterations,
+        max_basis: None,
+        seed: s.seed ^ 0x7097_0000_0000_0001,
+        vectors: false,
     }
 }
 

@@ -121,6 +121,21 @@ fn table_and_quiet() {
     assert!(quiet.stdout.is_empty(), "{}", quiet.stdout);
 }
 
+/// `--top K`: the top-K eigenvalues workload, named `network/topK/<variant>/<widths>x<N>`,
+/// timed once per backend after the forms (P = 45 here, N·R = 96 > P: the implicit side).
+#[test]
+fn top_eigenvalues_workload() {
+    let v = json(&tiny(&["--backend", "cpu", "--net-forms", "diag", "--top", "3", "--top-tol", "1e-6", "--json"]));
+    let results = v["results"].as_array().expect("results array");
+    let top: Vec<&Value> = results.iter().filter(|r| r["form"] == "top3").collect();
+    assert_eq!(top.len(), 1, "{results:#?}");
+    assert_eq!(top[0]["workload"], "network/top3/true/8-6-3x32");
+    assert!(top[0]["best_s"].as_f64().unwrap() > 0.0 && top[0]["flop"].as_f64().unwrap() > 0.0, "{:#?}", top[0]);
+    // With fewer gradient rows than parameters the Gram side runs (N·R = 4·3 = 12 < 45).
+    let small = json(&fisher(&["bench", "--shapes", "none", "--network", "8,6,3", "--samples", "4", "--net-forms", "diag", "--top", "2", "--backend", "cpu", "--repeat", "1", "--warmup", "0", "--json"]));
+    assert!(small["results"].as_array().unwrap().iter().any(|r| r["workload"] == "network/top2/true/8-6-3x4"), "{small}");
+}
+
 #[test]
 fn bad_flags_are_usage_errors() {
     let cases: &[(&[&str], &[&str])] = &[
@@ -140,6 +155,12 @@ fn bad_flags_are_usage_errors() {
         (&["--shapes", "100000x20000", "--forms", "gram"], &["gram", "--max-result-gib"]),
         (&["--shapes", "100000x30000", "--forms", "diag"], &["--shapes", "values in memory"]),
         (&["--network", "784,100000,10", "--net-forms", "full"], &["full", "--max-result-gib"]),
+        (&["--top", "0"], &["--top", "at least 1"]),
+        (&["--network", "4,3,2", "--top", "24"], &["--top 24", "parameters"]),
+        (&["--top", "3", "--top-tol", "1.5"], &["--top-tol", "(0, 1)"]),
+        (&["--top", "3", "--top-tol", "nan"], &["--top-tol"]),
+        (&["--top-tol", "1e-3"], &["--top"]),
+        (&["--top", "-1"], &["-1"]),
     ];
     for (extra, needles) in cases {
         let args: Vec<&str> = ["bench"].iter().chain(extra.iter()).copied().collect();

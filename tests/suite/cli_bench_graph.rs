@@ -123,6 +123,7 @@ fn bad_models_data_and_flags_are_usage_errors() {
         (vec!["--model", &model, "--inputs", &x, "--labels", &y, "--network", "8,6,3"], vec!["--network", "--model"]),
         (vec!["--model", &model, "--inputs", &x, "--labels", &y, "--samples", "8"], vec!["--samples", "--model"]),
         (vec!["--model", &model, "--inputs", &x, "--labels", &y, "--net-forms", "full"], vec!["--net-forms", "--model"]),
+        (vec!["--model", &model, "--inputs", &x, "--labels", &y, "--top", "5"], vec!["--top", "--model"]),
     ];
     for (extra, needles) in &cases {
         let args: Vec<&str> = ["bench", "--backend", "cpu", "--shapes", "none", "--repeat", "1", "--warmup", "0"]

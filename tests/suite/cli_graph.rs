@@ -310,6 +310,14 @@ backend_test!(report_implicit_trace_matches_the_diagonal, |backend: &str| {
     let v = json(&with_model("report", &c, &["--form", "diag", "--json", "--backend", backend]));
     assert_eq!(v["form"], "diag");
     crate::common::close(v["trace"].as_f64().unwrap(), want, 1e-5, "diag tr F vs Σ diag (torch.func)");
+
+    // --only top: the same top eigenvalues (Lanczos on the graph's implicit F), nothing else.
+    let only = json(&with_model("report", &c, &["--form", "implicit", "--top", "3", "--only", "top", "--json", "--backend", backend]));
+    assert_eq!((only["only"].as_str(), only["top_method"].as_str(), only["parameters"].as_u64()), (Some("top"), Some("implicit"), Some(726)));
+    assert!(only.get("trace").is_none(), "{only}");
+    for (a, b) in only["top_eigenvalues"].as_array().unwrap().iter().zip(&top) {
+        crate::common::close(a.as_f64().unwrap(), *b, 1e-6, "--only top vs the whole report's top eigenvalues");
+    }
 });
 
 #[test]
