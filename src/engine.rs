@@ -167,9 +167,7 @@ impl Engine {
     /// Normalization: F = (1/N) Σᵢ E_y[∇θ log p(y|xᵢ) ∇θ log p(y|xᵢ)ᵀ]; parameter order is
     /// PyTorch's `named_parameters()` (see [`crate::model`]).
     pub fn fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
-        mlp.validate()?;
-        data.validate(mlp, data.likelihood())?;
-        check_variant(variant)?;
+        check_network(mlp, data, variant)?;
         if u32::try_from(data.len()).is_err() {
             return Err(FisherError::InvalidInput(format!("{} samples exceed the 2³²−1 supported", data.len())));
         }
@@ -257,9 +255,7 @@ impl Engine {
     /// of directions ([`crate::backend::NetworkOperator`]): what Lanczos, SLQ and the action
     /// use. Model, data and variant are checked here, once.
     pub fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
-        mlp.validate()?;
-        data.validate(mlp, data.likelihood())?;
-        check_variant(variant)?;
+        check_network(mlp, data, variant)?;
         self.backend.network_operator(mlp, data, variant)
     }
 
@@ -267,9 +263,7 @@ impl Engine {
     /// eigenvalues; see [`crate::backend::FisherBackend::network_gram_operator`]), or `None`
     /// where the backend has none or it would hold more than `budget` bytes.
     pub fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, budget: u64) -> Result<Option<Box<dyn crate::backend::NetworkOperator + 'a>>> {
-        mlp.validate()?;
-        data.validate(mlp, data.likelihood())?;
-        check_variant(variant)?;
+        check_network(mlp, data, variant)?;
         self.backend.network_gram_operator(mlp, data, variant, budget)
     }
 
@@ -280,9 +274,7 @@ impl Engine {
     }
 
     fn check_direction(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<()> {
-        mlp.validate()?;
-        data.validate(mlp, data.likelihood())?;
-        check_variant(variant)?;
+        check_network(mlp, data, variant)?;
         let p = mlp.num_params();
         if v.len() != p {
             return Err(FisherError::InvalidInput(format!("direction has {} entries but the model has {p} parameters", v.len())));
@@ -306,3 +298,10 @@ fn check_variant(variant: Variant) -> Result<()> {
     }
 }
 
+/// The checks every network entry point makes once: the model, its data against it, the
+/// variant.
+fn check_network(mlp: &Mlp, data: &Dataset, variant: Variant) -> Result<()> {
+    mlp.validate()?;
+    data.validate(mlp, data.likelihood())?;
+    check_variant(variant)
+}

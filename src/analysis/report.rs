@@ -558,21 +558,7 @@ pub fn run_top(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> 
             let found = super::implicit::top_eigenvalues(engine, mlp, data, compute.variant, &lanczos, &hook)?;
             method = found.method;
             let top = found.result;
-            let subject = Subject {
-                form: "implicit".into(),
-                samples: Some(data.len()),
-                architecture: Some(mlp.architecture()),
-                layers: Some(mlp.widths()),
-                layer_indices: Some(mlp.layers.iter().map(|l| l.index).collect()),
-                variant: Some(compute.variant.name().to_string()),
-                likelihood: Some(data.likelihood().name().to_string()),
-                input: input.description.clone(),
-                backend: Some(engine.device_info()),
-                adapter: device.adapter.as_ref().map(|a| a.name.clone()),
-                fallback: device.fallback.clone(),
-                stored: false,
-                form_reason: None,
-            };
+            let subject = model_subject("implicit", input, compute.variant, &device, None);
             (subject, mlp.num_params(), top)
         }
         ReportInput::Graph(input) => {
@@ -580,21 +566,8 @@ pub fn run_top(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> 
             let op = ImplicitFisher::for_graph(engine, model, data, input.likelihood, compute.variant)?.on_product(hook);
             let top = lanczos_top_k(&op, &lanczos)?;
             let p = model.graph.param_count();
-            let subject = Subject {
-                form: "implicit".into(),
-                samples: Some(data.len()),
-                architecture: Some(format!("{} operators, P = {p}", model.graph.nodes.len())),
-                layers: None,
-                layer_indices: None,
-                variant: Some(compute.variant.name().to_string()),
-                likelihood: Some(input.likelihood.name().to_string()),
-                input: input.description.clone(),
-                backend: Some(engine.device_info()),
-                adapter: device.adapter.as_ref().map(|a| a.name.clone()),
-                fallback: device.fallback.clone(),
-                stored: false,
-                form_reason: None,
-            };
+            let described = format!("{} operators, P = {p}", model.graph.nodes.len());
+            let subject = graph_subject("implicit", input, described, compute.variant, &device, None);
             (subject, p, top)
         }
         ReportInput::Stored(_) => unreachable!("refused above"),
@@ -621,6 +594,52 @@ pub fn run_top(request: &ReportRequest<'_>, progress: &dyn Fn(usize, usize)) -> 
         notes,
         seconds,
     })
+}
+
+/// The subject of a report on an MLP and its data, computed on `device`.
+fn model_subject(form: &str, input: &ModelInput<'_>, variant: Variant, device: &device::Opened, form_reason: Option<String>) -> Subject {
+    let mlp = input.mlp;
+    Subject {
+        form: form.to_string(),
+        samples: Some(input.data.len()),
+        architecture: Some(mlp.architecture()),
+        layers: Some(mlp.widths()),
+        layer_indices: Some(mlp.layers.iter().map(|l| l.index).collect()),
+        variant: Some(variant.name().to_string()),
+        likelihood: Some(input.data.likelihood().name().to_string()),
+        input: input.description.clone(),
+        backend: Some(device.engine.device_info()),
+        adapter: device.adapter.as_ref().map(|a| a.name.clone()),
+        fallback: device.fallback.clone(),
+        stored: false,
+        form_reason,
+    }
+}
+
+/// The subject of a report on a graph network (`described`: its size) and its data.
+fn graph_subject(
+    form: &str,
+    input: &GraphInput<'_>,
+    described: String,
+    variant: Variant,
+    device: &device::Opened,
+    form_reason: Option<String>,
+) -> Subject {
+    Subject {
+        form: form.to_string(),
+        samples: Some(input.data.len()),
+        architecture: Some(described),
+        layers: None,
+        layer_indices: None,
+        variant: Some(variant.name().to_string()),
+        likelihood: Some(input.likelihood.name().to_string()),
+        input: input.description.clone(),
+        backend: Some(device.engine.device_info()),
+        adapter: device.adapter.as_ref().map(|a| a.name.clone()),
+        fallback: device.fallback.clone(),
+        stored: false,
+        form_reason,
+    }
 }
 
 /// The options shared by every form.
@@ -774,21 +793,7 @@ fn run_model(input: &ModelInput<'_>, options: &ReportOptions, progress: &dyn Fn(
         }
         FormChoice::Auto => unreachable!("auto is resolved above"),
     };
-    let subject = Subject {
-        form: form_name.to_string(),
-        samples: Some(n),
-        architecture: Some(mlp.architecture()),
-        layers: Some(mlp.widths()),
-        layer_indices: Some(mlp.layers.iter().map(|l| l.index).collect()),
-        variant: Some(variant.name().to_string()),
-        likelihood: Some(data.likelihood().name().to_string()),
-        input: input.description.clone(),
-        backend: Some(engine.device_info()),
-        adapter: device.adapter.as_ref().map(|a| a.name.clone()),
-        fallback: device.fallback.clone(),
-        stored: false,
-        form_reason,
-    };
+    let subject = model_subject(form_name, input, variant, &device, form_reason);
     Ok(Report::new(subject, notes, seconds, analysis))
 }
 
@@ -867,21 +872,7 @@ fn run_graph(input: &GraphInput<'_>, options: &ReportOptions, progress: &dyn Fn(
         }
         FormChoice::Auto => unreachable!("auto is resolved above"),
     };
-    let subject = Subject {
-        form: form_name.to_string(),
-        samples: Some(n),
-        architecture: Some(described.clone()),
-        layers: None,
-        layer_indices: None,
-        variant: Some(variant.name().to_string()),
-        likelihood: Some(likelihood.name().to_string()),
-        input: input.description.clone(),
-        backend: Some(engine.device_info()),
-        adapter: device.adapter.as_ref().map(|a| a.name.clone()),
-        fallback: device.fallback.clone(),
-        stored: false,
-        form_reason,
-    };
+    let subject = graph_subject(form_name, input, described.clone(), variant, &device, form_reason);
     Ok(Report::new(subject, notes, seconds, analysis))
 }
 
