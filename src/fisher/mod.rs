@@ -2,11 +2,13 @@
 //! norms; per-layer blocks and KFAC factors for networks), the variants (which expectation
 //! over y), and the KFAC layout.
 
+pub mod exact;
 pub mod form;
 pub mod kfac;
 pub mod network;
 pub mod variant;
 
+pub use exact::ExactSum;
 pub use form::{agreement_of, Agreement, FisherMatrix, Form};
 pub use kfac::{augmented_to_pytorch, kfac_expand};
 pub use network::{Fvp, KfacFactors, NetFisher, NetForm};
