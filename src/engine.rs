@@ -174,6 +174,56 @@ impl Engine {
         self.backend.network_fisher(mlp, data, variant, form)
     }
 
+    /// The sums of a network's Fisher over the samples `range` of `data`, in blocks of
+    /// `block` samples counted from sample 0: one shard of a run (see
+    /// [`crate::fisher::sums`]). [`crate::fisher::NetSums::merge`] combines shards and
+    /// [`crate::fisher::NetSums::finish`] divides by N; on the CPU, the shards of a run merged
+    /// give [`Engine::fisher`]'s result bit for bit (with `block` =
+    /// [`crate::fisher::DEFAULT_BLOCK_SAMPLES`]).
+    ///
+    /// ```
+    /// use fisher_engine::fisher::{shard_range, NetForm, NetSums, Variant};
+    /// use fisher_engine::model::{problem::synthetic_problem, ActivationSpec, Likelihood};
+    /// let (mlp, data) = synthetic_problem(&[6, 5, 3], 300, 1, &ActivationSpec::parse("tanh")?, Likelihood::Categorical)?;
+    /// let engine = fisher_engine::Engine::cpu();
+    /// let block = 32;
+    /// let mut merged: Option<NetSums> = None;
+    /// for shard in 0..4 {
+    ///     let range = shard_range(data.len(), block, shard, 4);
+    ///     let part = engine.fisher_sums(&mlp, &data, Variant::True, NetForm::Diagonal, range, block)?;
+    ///     match &mut merged {
+    ///         None => merged = Some(part),
+    ///         Some(m) => m.merge(&part)?,
+    ///     }
+    /// }
+    /// let one = engine.fisher_sums(&mlp, &data, Variant::True, NetForm::Diagonal, 0..data.len(), block)?;
+    /// assert_eq!(merged.unwrap().finish(data.len())?, one.finish(data.len())?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn fisher_sums(
+        &self,
+        mlp: &Mlp,
+        data: &Dataset,
+        variant: Variant,
+        form: NetForm,
+        range: std::ops::Range<usize>,
+        block: usize,
+    ) -> Result<crate::fisher::NetSums> {
+        check_network(mlp, data, variant)?;
+        if u32::try_from(data.len()).is_err() {
+            return Err(FisherError::InvalidInput(format!("{} samples exceed the 2³²−1 supported", data.len())));
+        }
+        if block == 0 || range.start > range.end || range.end > data.len() {
+            return Err(FisherError::InvalidInput(format!(
+                "samples {}..{} in blocks of {block} are not a part of the {} samples of the data",
+                range.start,
+                range.end,
+                data.len()
+            )));
+        }
+        self.backend.network_sums(mlp, data, variant, form, range, block)
+    }
+
     /// Like [`Engine::fisher`], and also computes the f64 reference (an independent
     /// per-sample backprop) and reports the disagreement.
     pub fn fisher_verified(

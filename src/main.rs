@@ -11,6 +11,7 @@
 //!                [--variant empirical|true|mc] [--mc-samples K] [--seed S]
 //!                --form full|diag|layer|kfac|grads|norms [--backend auto|gpu|cpu]
 //!                [--adapter SUBSTR] --out F.safetensors [--verify] [--max-result-gib G]
+//!                [--block-samples B] [--shard i/n --partial PART.safetensors]
 //!                [--json | --quiet]
 //! fisher reduce (--grads G.npy | --synthetic N,P [--seed S]) [--form FORM]
 //!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--out F.safetensors]
@@ -38,6 +39,7 @@
 //! fisher report --fisher F.safetensors [--weights M.safetensors] [--top K] [--alpha ...]
 //!               [--damping L] [--samples-n n] [--plot spectrum.png|.svg] [--json | --quiet]
 //! fisher inspect --model M.onnx [--input-shape D1,D2,...] [--json]
+//! fisher merge PART.safetensors... --out F.safetensors [--force] [--json | --quiet]
 //! ```
 //!
 //! Flags are parsed by clap ([`cli::args`]), validated into a configuration, then run.
@@ -142,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reduce(args) => cli::reduce::main(&ReduceConfig::from_args(args)?),
+        Command::Merge(args) => cli::merge::main(&args),
         Command::Bench(args) => {
             let cfg = cli::bench::BenchConfig::from_args(args)?;
             cli::bench::main(&cfg)

@@ -14,7 +14,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 use crate::error::Result;
 use crate::fisher::{FisherMatrix, Form};
 use crate::model::{Dataset, Mlp};
-use crate::fisher::{Fvp, NetFisher, NetForm, Variant};
+use crate::fisher::{Fvp, NetFisher, NetForm, NetSums, Variant};
 
 /// Default limit of a result held in host memory, bytes: 2 GiB, the default of the CLI's
 /// `--max-result-gib`. Backends refuse ([`crate::FisherError::DoesNotFit`]) a result above
@@ -42,6 +42,42 @@ pub trait FisherBackend {
     /// backward) and their reduction to `form`, streamed in micro-batches. Inputs have been
     /// validated by the caller ([`crate::Engine::fisher`]).
     fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher>;
+
+    /// The sums of a network's Fisher of `form` over the samples `range` of `data`, with
+    /// blocks of `block` samples counted from sample 0: what one shard of a run computes
+    /// (see [`crate::fisher::sums`] for the order that makes the CPU's shards exact). This
+    /// default finishes the range with [`FisherBackend::network_fisher_over`] and multiplies
+    /// back by its count, so its shards merge within the backend's tolerance, not bit for bit.
+    fn network_sums(
+        &self,
+        mlp: &Mlp,
+        data: &Dataset,
+        variant: Variant,
+        form: NetForm,
+        range: std::ops::Range<usize>,
+        block: usize,
+    ) -> Result<NetSums> {
+        let _ = block;
+        let layers = crate::fisher::SumLayer::of(mlp);
+        crate::fisher::sums::part_layout(form, &layers)?;
+        if range.is_empty() {
+            return NetSums::zero(form, layers);
+        }
+        let samples = range.len();
+        let result = self.network_fisher_over(mlp, data, variant, form, range)?;
+        NetSums::from_fisher(&result, layers, samples)
+    }
+
+    /// The network Fisher of `form` over the samples `range` of `data` only (divided by
+    /// their count); Monte Carlo draws keep the samples' indices in the whole data.
+    fn network_fisher_over(
+        &self,
+        mlp: &Mlp,
+        data: &Dataset,
+        variant: Variant,
+        form: NetForm,
+        range: std::ops::Range<usize>,
+    ) -> Result<NetFisher>;
 
     /// The implicit Fisher–vector product F·v (when `product`) and vᵀFv of a network,
     /// without forming F: forward-mode J v, Λ J v at the output, and one backward pass,

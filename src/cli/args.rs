@@ -79,6 +79,12 @@ Without files, --synthetic-model 784,512,512,10 --synthetic-samples 4096 builds 
 model and data in memory; --save-model M.safetensors --save-data DIR writes them out (give
 neither --form nor --out to only write them).
 
+Shards (diag, kfac, layer, full): --shard i/n --partial PART_i.safetensors sums shard i of n
+(a contiguous slice of whole blocks of --block-samples samples, default 65536) and writes
+its exact partial sums; `fisher merge PART_0 ... PART_n-1 --out F.safetensors` checks that
+the parts belong together and cover every shard once, and writes the result. On the CPU
+the merge equals the single run (with the same --block-samples) bit for bit.
+
 ",
     exit_codes_help!()
 );
@@ -263,6 +269,10 @@ pub enum Command {
     /// parameters in θ order with P, and every node it cannot convert (then exit 2).
     #[command(after_help = exit_codes_help!())]
     Inspect(super::inspect::InspectArgs),
+    /// Combine the partial files of `fisher compute --shard i/n` into the result file of
+    /// the whole run (bit for bit the single run's on the CPU).
+    #[command(after_help = exit_codes_help!())]
+    Merge(super::merge::MergeArgs),
 }
 
 

@@ -64,10 +64,29 @@ pub struct ComputeArgs {
     #[arg(long, value_name = "DIR")]
     pub save_data: Option<PathBuf>,
 
-    /// Replace existing output files (--out, --save-model, the files of --save-data); their
-    /// permissions are kept.
+    /// Replace existing output files (--out, --partial, --save-model, the files of
+    /// --save-data); their permissions are kept.
     #[arg(long)]
     pub force: bool,
+
+    /// Sum only shard i of n (0 ≤ i < n): a contiguous slice of whole blocks of samples;
+    /// writes --partial instead of --out (see below).
+    #[arg(long, value_name = "i/n", value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
+
+    /// The partial file of a --shard run: its exact sums, for `fisher merge`.
+    #[arg(long, value_name = "PART.safetensors")]
+    pub partial: Option<PathBuf>,
+
+    /// Samples per block of the exact accumulation order (default 65536): shards are whole
+    /// blocks, and a run over several blocks adds their sums exactly. Shards and the single
+    /// run agree bit for bit (CPU) when they use the same value.
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub block_samples: Option<u64>,
+}
+
+fn parse_shard(text: &str) -> Result<(usize, usize), String> {
+    fisher_engine::io::partial::parse_shard(text)
 }
 
 /// A validated `fisher compute` invocation.
@@ -111,7 +130,29 @@ impl ComputeConfig {
 
         let saves = args.save_model.is_some() || args.save_data.is_some();
         let form = args.form.map(NetForm::from);
+        if args.partial.is_some() && args.shard.is_none() {
+            return Err(usage("--partial needs --shard i/n"));
+        }
+        if args.shard.is_some() {
+            match form {
+                None => return Err(usage("--shard needs --form diag|kfac|layer|full")),
+                Some(f @ (NetForm::Grads | NetForm::Norms)) => {
+                    return Err(usage(format!("--shard sums over samples; --form {} is per sample", f.name())))
+                }
+                Some(_) => {}
+            }
+            if args.out.is_some() {
+                return Err(usage("--shard writes --partial, not --out (`fisher merge PART... --out F.safetensors` writes the result)"));
+            }
+            if args.partial.is_none() {
+                return Err(usage("--shard needs --partial PART.safetensors"));
+            }
+            if args.verify {
+                return Err(usage("--verify needs every sample: it does not apply to --shard"));
+            }
+        }
         match (form, &args.out) {
+            (Some(_), None) if args.shard.is_some() => {}
             (Some(_), Some(_)) => {}
             (Some(_), None) => return Err(usage("--out F.safetensors is required")),
             (None, Some(_)) => return Err(usage("--out needs --form full|diag|layer|kfac|grads|norms")),
@@ -141,11 +182,19 @@ impl ComputeConfig {
             save_model: args.save_model,
             save_data: args.save_data,
             force: args.force,
+            block_samples: args.block_samples.map(|b| b as usize),
+            shard: args.shard,
+            partial: args.partial,
         };
         Ok(ComputeConfig { request, activation_text, report: args.output.report(), graph: None })
     }
 
     fn graph(args: ComputeArgs, model: PathBuf, inputs: PathBuf, labels: PathBuf) -> anyhow::Result<Self> {
+        for (given, flag) in [(args.shard.is_some(), "--shard"), (args.partial.is_some(), "--partial"), (args.block_samples.is_some(), "--block-samples")] {
+            if given {
+                return Err(usage(format!("{flag} applies to MLP networks (--weights or --synthetic-model); shards of --model graphs are not supported yet")));
+            }
+        }
         for (given, flag) in [
             (args.activation.is_some(), "--activation"),
             (args.save_model.is_some(), "--save-model"),
@@ -352,12 +401,22 @@ pub fn human(cfg: &ComputeConfig, o: &ComputeOutcome) -> String {
     if let Some(why) = &o.fallback {
         lines.push(format!("            ({why})"));
     }
-    let trace_label = if form == NetForm::Kfac { "tr(G⊗A)" } else { "tr F" };
-    lines.push(format!(
-        "  result    {}   {trace_label} = {:.6e}",
-        tensor_list(&o.tensors),
-        o.trace.unwrap_or(f64::NAN)
-    ));
+    if let Some(((i, n), range)) = &o.shard {
+        lines.push(format!(
+            "  shard     {i}/{n}: samples {}..{} ({} of {}), exact partial sums for `fisher merge`",
+            range.start,
+            range.end,
+            range.len(),
+            o.samples
+        ));
+    } else {
+        let trace_label = if form == NetForm::Kfac { "tr(G⊗A)" } else { "tr F" };
+        lines.push(format!(
+            "  result    {}   {trace_label} = {:.6e}",
+            tensor_list(&o.tensors),
+            o.trace.unwrap_or(f64::NAN)
+        ));
+    }
     if let Some(v) = &o.verification {
         let a = &v.agreement;
         lines.push(format!(
@@ -420,6 +479,13 @@ pub fn json_line(cfg: &ComputeConfig, o: &ComputeOutcome) -> String {
     }
     if let Some(v) = &o.verification {
         value["verification"] = json!(v);
+    }
+    if let Some(((i, n), range)) = &o.shard {
+        value["shard"] = json!({"index": i, "count": n, "start": range.start, "end": range.end});
+        value["partial"] = value["out"].take();
+    }
+    if let Some(b) = r.block_samples {
+        value["block_samples"] = json!(b);
     }
     value.to_string()
 }

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod exit;
 pub mod format;
 pub mod inspect;
+pub mod merge;
 pub mod fisher_report;
 pub mod reduce;
 pub mod train;

@@ -98,6 +98,43 @@ pub struct FisherFile {
     form: String,
 }
 
+/// The metadata of a network's Fisher file ([`FisherFile::of_network`]) of `form` for `mlp`
+/// on `samples` inputs: also what a shard's partial file carries for its merged result.
+pub fn network_metadata(form: NetForm, mlp: &Mlp, samples: usize, likelihood: Likelihood, variant: Variant, backend: &str) -> HashMap<String, String> {
+    let rows = rows_per_sample(variant, mlp.output_dim());
+    let normalization = match form {
+        NetForm::Grads => format!(
+            "rows scaled so that F = GᵀG/N; row i·{rows} + r is output row r of sample i ({rows} per sample)"
+        ),
+        NetForm::Norms => "none: per-sample Σ_r ‖g_ir‖² (their mean is tr F)".to_string(),
+        _ => "1/N (mean over samples)".to_string(),
+    };
+    let indices: Vec<usize> = mlp.layers.iter().map(|l| l.index).collect();
+    let mut metadata = HashMap::from([
+        ("form".to_string(), form.name().to_string()),
+        ("variant".to_string(), variant.name().to_string()),
+        ("likelihood".to_string(), likelihood.name().to_string()),
+        ("samples".to_string(), samples.to_string()),
+        ("parameters".to_string(), mlp.num_params().to_string()),
+        ("rows_per_sample".to_string(), rows.to_string()),
+        ("backend".to_string(), backend.to_string()),
+        ("activations".to_string(), json!(mlp.activations.iter().map(|a| a.name()).collect::<Vec<_>>()).to_string()),
+        ("layers".to_string(), json!(mlp.widths()).to_string()),
+        ("layer_indices".to_string(), json!(indices).to_string()),
+        ("param_order".to_string(), PARAM_ORDER_NOTE.to_string()),
+        ("normalization".to_string(), normalization),
+        ("fisher_engine_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ]);
+    if let Variant::MonteCarlo { samples: k, seed } = variant {
+        metadata.insert("mc_samples".into(), k.to_string());
+        metadata.insert("seed".into(), seed.to_string());
+    }
+    if form == NetForm::Kfac {
+        metadata.insert("kfac_layout".into(), KFAC_LAYOUT_NOTE.to_string());
+    }
+    metadata
+}
+
 impl FisherFile {
     /// The file of a reduction of per-sample gradients (`fisher reduce`) of `form` over
     /// N = `samples` rows of P = `parameters`, computed on `backend` (its label).
@@ -135,37 +172,8 @@ impl FisherFile {
         backend: &str,
     ) -> Self {
         let form = result.form();
-        let rows = rows_per_sample(variant, mlp.output_dim());
-        let normalization = match form {
-            NetForm::Grads => format!(
-                "rows scaled so that F = GᵀG/N; row i·{rows} + r is output row r of sample i ({rows} per sample)"
-            ),
-            NetForm::Norms => "none: per-sample Σ_r ‖g_ir‖² (their mean is tr F)".to_string(),
-            _ => "1/N (mean over samples)".to_string(),
-        };
+        let metadata = network_metadata(form, mlp, samples, likelihood, variant, backend);
         let indices: Vec<usize> = mlp.layers.iter().map(|l| l.index).collect();
-        let mut metadata = HashMap::from([
-            ("form".to_string(), form.name().to_string()),
-            ("variant".to_string(), variant.name().to_string()),
-            ("likelihood".to_string(), likelihood.name().to_string()),
-            ("samples".to_string(), samples.to_string()),
-            ("parameters".to_string(), mlp.num_params().to_string()),
-            ("rows_per_sample".to_string(), rows.to_string()),
-            ("backend".to_string(), backend.to_string()),
-            ("activations".to_string(), json!(mlp.activations.iter().map(|a| a.name()).collect::<Vec<_>>()).to_string()),
-            ("layers".to_string(), json!(mlp.widths()).to_string()),
-            ("layer_indices".to_string(), json!(indices).to_string()),
-            ("param_order".to_string(), PARAM_ORDER_NOTE.to_string()),
-            ("normalization".to_string(), normalization),
-            ("fisher_engine_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ]);
-        if let Variant::MonteCarlo { samples: k, seed } = variant {
-            metadata.insert("mc_samples".into(), k.to_string());
-            metadata.insert("seed".into(), seed.to_string());
-        }
-        if form == NetForm::Kfac {
-            metadata.insert("kfac_layout".into(), KFAC_LAYOUT_NOTE.to_string());
-        }
         let tensors = match result {
             NetFisher::Full(m) => Tensors::Full(m),
             NetFisher::Diagonal(d) => Tensors::Diagonal(d),
@@ -173,6 +181,21 @@ impl FisherFile {
             NetFisher::Norms(n) => Tensors::Norms(n),
             NetFisher::Layer(blocks) => Tensors::Blocks(indices.iter().copied().zip(blocks).collect()),
             NetFisher::Kfac(factors) => Tensors::Kfac(indices.iter().copied().zip(factors).collect()),
+        };
+        FisherFile { tensors, metadata, form: form.name().to_string() }
+    }
+
+    /// The file of a network's Fisher `result` with the given `metadata` (from
+    /// [`network_metadata`]): how `fisher merge` writes what the single run would have.
+    pub fn of_network_with(result: NetFisher, layer_indices: &[usize], metadata: HashMap<String, String>) -> Self {
+        let form = result.form();
+        let tensors = match result {
+            NetFisher::Full(m) => Tensors::Full(m),
+            NetFisher::Diagonal(d) => Tensors::Diagonal(d),
+            NetFisher::Grads(g) => Tensors::Grads(g),
+            NetFisher::Norms(n) => Tensors::Norms(n),
+            NetFisher::Layer(blocks) => Tensors::Blocks(layer_indices.iter().copied().zip(blocks).collect()),
+            NetFisher::Kfac(factors) => Tensors::Kfac(layer_indices.iter().copied().zip(factors).collect()),
         };
         FisherFile { tensors, metadata, form: form.name().to_string() }
     }

@@ -21,6 +21,7 @@ use std::path::Path;
 use crate::error::FisherError;
 
 pub mod fisher_file;
+pub mod partial;
 pub mod npy;
 pub mod output;
 pub mod safetensors;

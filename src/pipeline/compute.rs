@@ -14,7 +14,10 @@ use crate::backend::gpu::GpuOptions;
 use crate::device::{self, DeviceRequest};
 use crate::error::FisherError;
 use crate::fisher::{rows_per_sample, NetForm, Variant};
+use crate::fisher::DEFAULT_BLOCK_SAMPLES;
 use crate::io::fisher_file::{self, FisherFile};
+use crate::io::partial::{self, PartialFile};
+use super::merge;
 use crate::io;
 use crate::model::{ActivationSpec, Dataset, Likelihood, Mlp, Targets};
 use crate::verify::{Contract, Verdict};
@@ -49,6 +52,16 @@ pub struct ComputeRequest {
     pub save_data: Option<PathBuf>,
     /// Replace existing output files (the output policy of [`crate::io::output`]).
     pub force: bool,
+    /// Samples per block of the exact accumulation order ([`crate::fisher::sums`]);
+    /// `None`: [`crate::fisher::DEFAULT_BLOCK_SAMPLES`]. Shards of a run and the single run
+    /// agree bit for bit (CPU) when they use the same block.
+    pub block_samples: Option<usize>,
+    /// Compute only shard i of n ([`crate::fisher::shard_range`]) and write its exact sums
+    /// to [`ComputeRequest::partial`] instead of a result to `out`; `fisher merge` combines
+    /// the parts.
+    pub shard: Option<(usize, usize)>,
+    /// The partial file of a shard.
+    pub partial: Option<PathBuf>,
 }
 
 impl ComputeRequest {
@@ -69,6 +82,9 @@ impl ComputeRequest {
             save_model: None,
             save_data: None,
             force: false,
+            block_samples: None,
+            shard: None,
+            partial: None,
         }
     }
 }
@@ -106,6 +122,8 @@ pub struct ComputeOutcome {
     pub saved: Saved,
     /// Seconds per stage (`save` always present).
     pub seconds: Seconds,
+    /// For a shard: (i, n) and the samples it summed.
+    pub shard: Option<((usize, usize), std::ops::Range<usize>)>,
 }
 
 /// The synthetic files a run wrote.
@@ -176,6 +194,9 @@ fn check_output_locations(request: &ComputeRequest) -> Result<(), FisherError> {
     if let Some(out) = &request.out {
         outputs.push(("--out", out.clone()));
     }
+    if let Some(partial) = &request.partial {
+        outputs.push(("--partial", partial.clone()));
+    }
     if let Some(model) = &request.save_model {
         outputs.push(("--save-model", model.clone()));
     }
@@ -227,8 +248,13 @@ fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &Dataset) -> Result
 /// Runs a compute request. A form without an output file is refused
 /// ([`FisherError::InvalidInput`]).
 pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
-    if request.form.is_some() && request.out.is_none() {
+    if request.shard.is_some() {
+        check_shard_request(request)?;
+    } else if request.form.is_some() && request.out.is_none() {
         return Err(FisherError::InvalidInput("a form needs an output file".into()).into());
+    }
+    if request.block_samples == Some(0) {
+        return Err(FisherError::Request("--block-samples must be at least 1".into()).into());
     }
     let mut seconds = Seconds { save: Some(0.0), ..Seconds::default() };
     check_output_locations(request)?;
@@ -262,7 +288,11 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
         out: None,
         saved,
         seconds,
+        shard: None,
     };
+    if let (Some((index, count)), Some(form), Some(partial)) = (request.shard, request.form, &request.partial) {
+        return run_shard(request, (index, count), form, partial, &mlp, &data, outcome);
+    }
     let (Some(form), Some(out)) = (request.form, &request.out) else {
         return Ok(outcome); // only saving the synthetic files
     };
@@ -274,7 +304,13 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     let backend = engine.device_info();
 
     let start = Instant::now();
-    let result = engine.fisher(&mlp, &data, request.variant, form)?;
+    let result = match request.block_samples {
+        // Another block than the default: the exact sums over that block, finished.
+        Some(block) if block != DEFAULT_BLOCK_SAMPLES && !matches!(form, NetForm::Grads | NetForm::Norms) => {
+            engine.fisher_sums(&mlp, &data, request.variant, form, 0..samples, block)?.finish(samples)?
+        }
+        _ => engine.fisher(&mlp, &data, request.variant, form)?,
+    };
     outcome.seconds.compute = since(start);
 
     if request.verify {
@@ -299,6 +335,80 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     outcome.backend = Some(backend);
     outcome.adapter = device.adapter.map(|a| a.name);
     outcome.fallback = device.fallback;
+    Ok(outcome)
+}
+
+/// The flag rules of a shard run: a form that sums over samples, a partial file and no
+/// result file (the merge writes it), no verification (the reference needs every sample).
+fn check_shard_request(request: &ComputeRequest) -> Result<(), FisherError> {
+    let refuse = |why: &str| Err(FisherError::Request(why.to_string()));
+    match request.form {
+        None => return refuse("--shard needs --form diag|kfac|layer|full"),
+        Some(form @ (NetForm::Grads | NetForm::Norms)) => {
+            return Err(FisherError::Request(format!(
+                "--shard sums over samples; --form {} is per sample (compute it per slice of the data instead)",
+                form.name()
+            )))
+        }
+        Some(_) => {}
+    }
+    if request.partial.is_none() {
+        return refuse("--shard needs --partial PART.safetensors (fisher merge writes the result)");
+    }
+    if request.out.is_some() {
+        return refuse("--shard writes --partial, not --out (fisher merge PART... --out F.safetensors writes the result)");
+    }
+    if request.verify {
+        return refuse("--verify needs every sample; verify the merged result's run instead (without --shard)");
+    }
+    if let Some((i, n)) = request.shard {
+        if n == 0 || i >= n {
+            return Err(FisherError::Request(format!("--shard {i}/{n}: the index must be below the count")));
+        }
+    }
+    Ok(())
+}
+
+/// The shard (i, n) of a compute run: its exact sums written to `partial`.
+fn run_shard(
+    request: &ComputeRequest,
+    (index, count): (usize, usize),
+    form: NetForm,
+    partial: &Path,
+    mlp: &Mlp,
+    data: &Dataset,
+    mut outcome: ComputeOutcome,
+) -> Result<ComputeOutcome, RunError> {
+    let samples = data.len();
+    let block = request.block_samples.unwrap_or(DEFAULT_BLOCK_SAMPLES);
+    let range = crate::fisher::shard_range(samples, block, index, count);
+    let start = Instant::now();
+    let device = device::open(&DeviceRequest::from_env(request.backend, with_limit(&request.gpu, request.max_result_bytes))?)?;
+    outcome.seconds.setup = since(start);
+    let engine = &device.engine;
+    let backend = engine.device_info();
+
+    let start = Instant::now();
+    let sums = engine.fisher_sums(mlp, data, request.variant, form, range.clone(), block)?;
+    outcome.seconds.compute = since(start);
+    let file = PartialFile {
+        sums,
+        shard: (index, count),
+        range: range.clone(),
+        total: samples,
+        block,
+        fingerprint: merge::fingerprint(mlp, data, request.likelihood, request.variant, form, block),
+        backend: backend.clone(),
+        result_metadata: fisher_file::network_metadata(form, mlp, samples, request.likelihood, request.variant, &backend),
+    };
+    let start = Instant::now();
+    partial::write(partial, &file)?;
+    outcome.seconds.write = since(start);
+    outcome.out = Some((partial.to_path_buf(), file_size(partial)));
+    outcome.backend = Some(backend);
+    outcome.adapter = device.adapter.map(|a| a.name);
+    outcome.fallback = device.fallback;
+    outcome.shard = Some(((index, count), range));
     Ok(outcome)
 }
 

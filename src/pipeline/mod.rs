@@ -38,6 +38,7 @@ use crate::verify::VerificationFailed;
 
 pub mod compute;
 pub mod graph;
+pub mod merge;
 pub mod reduce;
 
 /// Why a pipeline stopped.

@@ -175,6 +175,23 @@ impl FisherBackend for CpuBackend {
         network::network_fisher(self, mlp, data, variant, form)
     }
 
+    fn network_fisher_over(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm, range: std::ops::Range<usize>) -> Result<NetFisher> {
+        let sums = network::network_sums(self, mlp, data, variant, form, range.clone(), crate::fisher::DEFAULT_BLOCK_SAMPLES)?;
+        sums.finish(range.len())
+    }
+
+    fn network_sums(
+        &self,
+        mlp: &Mlp,
+        data: &Dataset,
+        variant: Variant,
+        form: NetForm,
+        range: std::ops::Range<usize>,
+        block: usize,
+    ) -> Result<crate::fisher::NetSums> {
+        network::network_sums(self, mlp, data, variant, form, range, block)
+    }
+
     fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
         network::network_fvp(self, mlp, data, variant, v, product)
     }

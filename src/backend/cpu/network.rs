@@ -12,7 +12,7 @@
 //! first chunk), so memory is bounded by the batch scratch ([`CpuBackend::with_batch_bytes`])
 //! whatever K is.
 
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
@@ -20,6 +20,8 @@ use super::syrk::SymmetricSum;
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
+use crate::fisher::exact::ExactSum;
+use crate::fisher::sums::{diag_of, symmetric_of, NetSums, SumLayer, DEFAULT_BLOCK_SAMPLES};
 use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Mlp, Targets};
 
@@ -131,11 +133,110 @@ fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &Dataset, s0: usize, m: u
 }
 
 enum Reduction {
-    Syrk { sums: Vec<SymmetricSum>, full: bool },
-    Diag(Vec<Array2<f64>>),
-    Kfac(Vec<(SymmetricSum, SymmetricSum)>),
+    Syrk { sums: Vec<BlockSum>, full: bool },
+    Diag(Vec<BlockSum>),
+    Kfac(Vec<(BlockSum, BlockSum)>),
     Grads(Vec<f32>),
     Norms(Vec<f64>),
+}
+
+/// What one block of samples sums into: f64 sums per layer (diag), or a symmetric sum.
+enum Live {
+    Dense(Array2<f64>),
+    Sym(SymmetricSum),
+}
+
+/// A sum over samples that is exact across blocks (see [`crate::fisher::sums`]): the
+/// current block's sum, and the [`ExactSum`] of the blocks before it, made only when a
+/// second block starts.
+struct BlockSum {
+    live: Live,
+    /// `live` holds samples that are not yet in `exact`.
+    dirty: bool,
+    exact: Option<ExactSum>,
+}
+
+impl BlockSum {
+    fn dense(rows: usize, cols: usize) -> Self {
+        BlockSum { live: Live::Dense(Array2::zeros((rows, cols))), dirty: false, exact: None }
+    }
+
+    fn sym(m: usize) -> Self {
+        BlockSum { live: Live::Sym(SymmetricSum::new(m)), dirty: false, exact: None }
+    }
+
+    fn dense_mut(&mut self) -> &mut Array2<f64> {
+        self.dirty = true;
+        match &mut self.live {
+            Live::Dense(a) => a,
+            Live::Sym(_) => unreachable!("a dense block sum"),
+        }
+    }
+
+    fn sym_mut(&mut self) -> &mut SymmetricSum {
+        self.dirty = true;
+        match &mut self.live {
+            Live::Sym(s) => s,
+            Live::Dense(_) => unreachable!("a symmetric block sum"),
+        }
+    }
+
+    /// The block's sums in the layout of [`crate::fisher::sums`] (dense row-major, or the
+    /// packed upper triangle).
+    fn live_values(&self) -> Vec<f64> {
+        match &self.live {
+            Live::Dense(a) => a.iter().copied().collect(),
+            Live::Sym(s) => s.packed_upper(),
+        }
+    }
+
+    /// Moves the block's sums into the exact sum and empties the block.
+    fn end_block(&mut self) -> Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let values = self.live_values();
+        self.exact.get_or_insert_with(|| ExactSum::new(values.len())).deposit(0, &values)?;
+        match &mut self.live {
+            Live::Dense(a) => a.fill(0.0),
+            Live::Sym(s) => s.clear(),
+        }
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Every sample's sums, as an exact sum.
+    fn into_exact(mut self) -> Result<ExactSum> {
+        self.end_block()?;
+        let len = match &self.live {
+            Live::Dense(a) => a.len(),
+            Live::Sym(s) => crate::fisher::sums::packed_len(s.size()),
+        };
+        Ok(self.exact.unwrap_or_else(|| ExactSum::new(len)))
+    }
+
+    /// The exact sum's values when blocks were combined, `None` after a single block.
+    fn combined(mut self) -> Result<std::result::Result<Vec<f64>, Live>> {
+        if self.exact.is_none() {
+            return Ok(Err(self.live));
+        }
+        self.end_block()?;
+        Ok(Ok(self.exact.expect("made above").values()))
+    }
+}
+
+impl Reduction {
+    /// Ends the current block of every sum.
+    fn end_block(&mut self) -> Result<()> {
+        match self {
+            Reduction::Syrk { sums, .. } | Reduction::Diag(sums) => sums.iter_mut().try_for_each(BlockSum::end_block),
+            Reduction::Kfac(pairs) => pairs.iter_mut().try_for_each(|(a, g)| {
+                a.end_block()?;
+                g.end_block()
+            }),
+            Reduction::Grads(_) | Reduction::Norms(_) => Ok(()),
+        }
+    }
 }
 
 /// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::model`]): the
@@ -251,25 +352,132 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
     let n = data.len();
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, n, be.result_limit)?;
+    let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES)?;
+    let nf = n as f64;
+    let p = plan.params;
+    let layers = SumLayer::of(mlp);
+    // After one block, the block sums finish as they always did; after several, their exact
+    // sum finishes with the formulas of `NetSums::finish`, which are the same.
+    let symmetric = |sum: BlockSum, m: usize| -> Result<Array2<f32>> {
+        Ok(match sum.combined()? {
+            Ok(values) => symmetric_of(&values, m, nf),
+            Err(Live::Sym(s)) => s.finish(nf),
+            Err(Live::Dense(_)) => unreachable!("a symmetric block sum"),
+        })
+    };
+    Ok(match reduction {
+        Reduction::Syrk { sums, full: true } => NetFisher::Full(symmetric(sums.into_iter().next().expect("one sum"), p)?),
+        Reduction::Syrk { sums, .. } => NetFisher::Layer(
+            sums.into_iter().zip(&layers).map(|(s, l)| symmetric(s, l.params())).collect::<Result<_>>()?,
+        ),
+        Reduction::Diag(acc) => {
+            let blocks = acc
+                .into_iter()
+                .zip(&layers)
+                .map(|(sum, l)| {
+                    Ok(match sum.combined()? {
+                        Ok(values) => Array2::from_shape_vec((l.fan_out, l.augmented_in()), values).expect("layer layout"),
+                        Err(Live::Dense(a)) => a,
+                        Err(Live::Sym(_)) => unreachable!("a dense block sum"),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            NetFisher::Diagonal(diag_of(&blocks, &layers, nf))
+        }
+        Reduction::Kfac(acc) => NetFisher::Kfac(
+            acc.into_iter()
+                .zip(&layers)
+                .map(|((a, g), l)| Ok(KfacFactors { a: symmetric(a, l.augmented_in())?, g: symmetric(g, l.fan_out)? }))
+                .collect::<Result<_>>()?,
+        ),
+        Reduction::Grads(rows) => {
+            let total = rows.len() / p.max(1);
+            NetFisher::Grads(Array2::from_shape_vec((total, p), rows).map_err(|e| FisherError::InvalidInput(e.to_string()))?)
+        }
+        Reduction::Norms(v) => NetFisher::Norms(v.into_iter().map(|x| x as f32).collect()),
+    })
+}
+
+/// The exact sums of `form` over the samples `range` of `data`, with blocks of `block`
+/// samples counted from sample 0 (see [`crate::fisher::sums`]).
+pub(crate) fn network_sums(
+    be: &CpuBackend,
+    mlp: &Mlp,
+    data: &Dataset,
+    variant: Variant,
+    form: NetForm,
+    range: std::ops::Range<usize>,
+    block: usize,
+) -> Result<NetSums> {
+    let layers = SumLayer::of(mlp);
+    // Refuses the per-sample forms.
+    crate::fisher::sums::part_layout(form, &layers)?;
+    let plan = NetPlan::new(mlp, variant)?;
+    plan.check_result(form, 1, be.result_limit)?;
+    let samples = range.len();
+    let reduction = reduce(be, mlp, data, variant, form, range, block)?;
+    let parts = match reduction {
+        Reduction::Syrk { sums, .. } | Reduction::Diag(sums) => sums.into_iter().map(BlockSum::into_exact).collect::<Result<Vec<_>>>()?,
+        Reduction::Kfac(pairs) => {
+            let mut parts = Vec::with_capacity(2 * pairs.len());
+            for (a, g) in pairs {
+                parts.push(a.into_exact()?);
+                parts.push(g.into_exact()?);
+            }
+            parts
+        }
+        Reduction::Grads(_) | Reduction::Norms(_) => unreachable!("refused above"),
+    };
+    Ok(NetSums { form, layers, samples, parts })
+}
+
+/// The reduction of `form` over the samples `range` of `data`: micro-batches walked from
+/// the start of every block of `block` samples (counted from sample 0), the block sums
+/// combined exactly when there are several.
+fn reduce(
+    be: &CpuBackend,
+    mlp: &Mlp,
+    data: &Dataset,
+    variant: Variant,
+    form: NetForm,
+    range: std::ops::Range<usize>,
+    block: usize,
+) -> Result<Reduction> {
+    let n = data.len();
+    if range.end > n || range.start > range.end || block == 0 {
+        return Err(FisherError::InvalidInput(format!(
+            "samples {}..{} in blocks of {block} do not fit the {n} samples of the data",
+            range.start, range.end
+        )));
+    }
+    let plan = NetPlan::new(mlp, variant)?;
     let (depth, r, p) = (plan.depth(), plan.r, plan.params);
     let ranges: Vec<(usize, usize)> = plan.shapes.iter().map(|s| (s.offset, s.params)).collect();
-    let batch = batching(be, n, r, &batch_cost(&plan, form))?;
+    // The micro-batch depends on the block and the whole data, not on the range, so that a
+    // shard walks its blocks exactly as the single run does.
+    let batch = batching(be, n.min(block), r, &batch_cost(&plan, form))?;
     let waug = augmented_weights(mlp);
 
     let mut reduction = match form {
-        NetForm::Full => Reduction::Syrk { sums: vec![SymmetricSum::new(p)], full: true },
-        NetForm::Layer => Reduction::Syrk { sums: ranges.iter().map(|x| SymmetricSum::new(x.1)).collect(), full: false },
+        NetForm::Full => Reduction::Syrk { sums: vec![BlockSum::sym(p)], full: true },
+        NetForm::Layer => Reduction::Syrk { sums: ranges.iter().map(|x| BlockSum::sym(x.1)).collect(), full: false },
         NetForm::Diagonal => {
-            Reduction::Diag(mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect())
+            Reduction::Diag(mlp.layers.iter().map(|l| BlockSum::dense(l.fan_out(), l.augmented_in())).collect())
         }
         NetForm::Kfac => Reduction::Kfac(
-            mlp.layers.iter().map(|l| (SymmetricSum::new(l.augmented_in()), SymmetricSum::new(l.fan_out()))).collect(),
+            mlp.layers.iter().map(|l| (BlockSum::sym(l.augmented_in()), BlockSum::sym(l.fan_out()))).collect(),
         ),
-        NetForm::Grads => Reduction::Grads(Vec::with_capacity(plan.grads_len(n)?)),
-        NetForm::Norms => Reduction::Norms(vec![0.0; n]),
+        NetForm::Grads => Reduction::Grads(Vec::with_capacity(plan.grads_len(range.len())?)),
+        NetForm::Norms => Reduction::Norms(vec![0.0; range.len()]),
     };
+    let first = range.start;
+    let blocks = (range.start / block..range.end.div_ceil(block)).map(|b| (b * block).max(range.start)..((b + 1) * block).min(range.end));
+    let micro_batches = blocks.flat_map(|blk| batch.sample_ranges(blk.len()).map(move |(s, m)| (blk.start + s, m, s == 0)));
 
-    for (s0, m) in batch.sample_ranges(n) {
+    for (s0, m, block_start) in micro_batches {
+        if block_start && s0 > first {
+            reduction.end_block()?;
+        }
         // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
         // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
         let (acts, zs) = forward_pass(mlp, &waug, data, s0, m);
@@ -293,14 +501,14 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
                         let dsq = row_square_sums(delta.view(), d);
                         let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
                         matmul(dsq.t(), act_squares[l].view(), part.view_mut());
-                        add_into_f64(&mut acc[l], part.view());
+                        add_into_f64(acc[l].dense_mut(), part.view());
                     }
                     Reduction::Kfac(acc) => {
                         // A is a sum over samples, not rows: once per sample, with its first chunk.
                         if q0 == 0 {
-                            acc[l].0.add(act.view());
+                            acc[l].0.sym_mut().add(act.view());
                         }
-                        acc[l].1.add(delta.view());
+                        acc[l].1.sym_mut().add(delta.view());
                     }
                     Reduction::Syrk { sums, full } => {
                         if *full {
@@ -310,7 +518,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
                         } else {
                             let mut rows = Array2::<f32>::zeros((m * d, ranges[l].1));
                             outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.view_mut());
-                            sums[l].add(rows.view());
+                            sums[l].sym_mut().add(rows.view());
                         }
                     }
                     Reduction::Grads(_) => {
@@ -322,7 +530,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
                         for s in 0..m {
                             let a2: f64 = act.row(s).iter().map(|&v| (v as f64).powi(2)).sum();
                             let d2: f64 = (0..d).map(|q| delta.row(s * d + q).iter().map(|&v| (v as f64).powi(2)).sum::<f64>()).sum();
-                            out[s0 + s] += d2 * a2;
+                            out[s0 - first + s] += d2 * a2;
                         }
                     }
                 }
@@ -334,7 +542,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
                 }
             }
             match &mut reduction {
-                Reduction::Syrk { sums, full: true } => sums[0].add(grad_rows.as_ref().expect("rows").view()),
+                Reduction::Syrk { sums, full: true } => sums[0].sym_mut().add(grad_rows.as_ref().expect("rows").view()),
                 // Either d = R or m = 1 (see `Batching`), so chunks append in sample-major order.
                 Reduction::Grads(out) => out.extend(grad_rows.expect("rows").iter().copied()),
                 _ => {}
@@ -342,26 +550,8 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
         }
     }
 
-    let nf = n as f64;
-    Ok(match reduction {
-        Reduction::Syrk { sums, full: true } => NetFisher::Full(sums[0].finish(nf)),
-        Reduction::Syrk { sums, .. } => NetFisher::Layer(sums.iter().map(|s| s.finish(nf)).collect()),
-        Reduction::Diag(acc) => {
-            let mut diag = vec![0f32; p];
-            for (s, d) in plan.shapes.iter().zip(&acc) {
-                s.scatter(&mut diag, |o, i| (d[[o, i]] / nf) as f32);
-            }
-            NetFisher::Diagonal(Array1::from(diag))
-        }
-        Reduction::Kfac(acc) => NetFisher::Kfac(acc.iter().map(|(a, g)| KfacFactors { a: a.finish(nf), g: g.finish(nf) }).collect()),
-        Reduction::Grads(rows) => {
-            let total = rows.len() / p.max(1);
-            NetFisher::Grads(Array2::from_shape_vec((total, p), rows).map_err(|e| FisherError::InvalidInput(e.to_string()))?)
-        }
-        Reduction::Norms(v) => NetFisher::Norms(v.into_iter().map(|x| x as f32).collect()),
-    })
+    Ok(reduction)
 }
-
 
 /// w = Λ ż per sample (see `head_fvp` in shaders/mlp.wgsl): Λ = E_y[e eᵀ] of the variant.
 pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant) -> Array2<f32> {

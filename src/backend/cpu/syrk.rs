@@ -139,6 +139,38 @@ impl SymmetricSum {
         }
     }
 
+    /// The upper triangle of the sum in f64, packed row by row ((i, j ≥ i) at
+    /// i·m − i(i−1)/2 + j − i): `pending + flushed`, the value [`SymmetricSum::finish`] scales.
+    pub(crate) fn packed_upper(&self) -> Vec<f64> {
+        let m = self.m;
+        let mut out = vec![0.0f64; crate::fisher::sums::packed_len(m)];
+        let mut runs: Vec<(usize, &mut [f64])> = Vec::with_capacity(m);
+        let mut rest = out.as_mut_slice();
+        for i in 0..m {
+            let (run, tail) = rest.split_at_mut(m - i);
+            runs.push((i, run));
+            rest = tail;
+        }
+        runs.into_par_iter().for_each(|(i, run)| {
+            let range = i * m + i..(i + 1) * m;
+            let pending = &self.pending[range.clone()];
+            match &self.flushed {
+                None => run.iter_mut().zip(pending).for_each(|(o, &p)| *o = f64::from(p)),
+                Some(flushed) => {
+                    run.iter_mut().zip(pending).zip(&flushed[range]).for_each(|((o, &p), &f)| *o = f64::from(p) + f)
+                }
+            }
+        });
+        out
+    }
+
+    /// Empties the sum, keeping its buffers (a new block of samples starts).
+    pub(crate) fn clear(&mut self) {
+        self.pending.fill(0.0);
+        self.pending_rows = 0;
+        self.flushed = None;
+    }
+
     /// `flushed` += `pending` (upper triangle), in f64.
     fn flush(&mut self) {
         let m = self.m;

@@ -243,6 +243,10 @@ impl FisherBackend for GpuBackend {
         network::network_fisher(self, mlp, data, variant, form)
     }
 
+    fn network_fisher_over(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm, range: std::ops::Range<usize>) -> Result<NetFisher> {
+        network::network_fisher_over(self, mlp, data, variant, form, range)
+    }
+
     fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
         network::network_fvp(self, mlp, data, variant, v, product)
     }

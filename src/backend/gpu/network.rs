@@ -445,7 +445,28 @@ impl<'a> Reduction<'a> {
 
 /// The network Fisher of `form`, streamed in micro-batches of samples and chunks of draws.
 pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
-    let n = data.len();
+    network_fisher_over(be, mlp, data, variant, form, 0..data.len())
+}
+
+/// The network Fisher of `form` over the samples `range` of `data` (divided by their count):
+/// a shard of a run; Monte Carlo draws are keyed by the sample's index in the whole data.
+pub(crate) fn network_fisher_over(
+    be: &GpuBackend,
+    mlp: &Mlp,
+    data: &Dataset,
+    variant: Variant,
+    form: NetForm,
+    range: std::ops::Range<usize>,
+) -> Result<NetFisher> {
+    if range.end > data.len() || range.is_empty() {
+        return Err(FisherError::InvalidInput(format!(
+            "samples {}..{} are not a non-empty part of the {} samples of the data",
+            range.start,
+            range.end,
+            data.len()
+        )));
+    }
+    let (first, n) = (range.start, range.len());
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, n, be.result_limit())?;
     let (shapes, p, r, classes, depth) = (&plan.shapes, plan.params, plan.r, plan.classes, plan.depth());
@@ -497,6 +518,7 @@ pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant
 
     // ---- encode per layer, per chunk of draws, per micro-batch ---------------------------
     for (s0, m) in batch.sample_ranges(n) {
+        let s0 = first + s0;
         net.upload(data, s0, m);
         let mut forward = be.kernels.recorder();
         net.encode_forward(&mut forward, m)?;
@@ -517,7 +539,7 @@ pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant
             if let Some(previous) = in_flight.replace(index) {
                 be.wait_for("network micro-batch", previous)?;
             }
-            reduction.collect(be, s0, m, d)?;
+            reduction.collect(be, s0 - first, m, d)?;
         }
     }
     be.ctx.wait("network finish")?;
