@@ -169,7 +169,7 @@ pub fn check_parts(parts: &[(PathBuf, PartialFile)]) -> Result<()> {
         let count = n - seen.len();
         let listed: Vec<String> = (0..n).filter(|i| !seen.contains_key(i)).take(8).map(|i| format!("{i}/{n}")).collect();
         return Err(FisherError::Request(format!(
-            "shard{} {}{} of {n} {} missing (given: {})",
+            "shard{} {}{} {} missing (given: {})",
             if count > 1 { "s" } else { "" },
             listed.join(", "),
             if count > listed.len() { format!(" and {} more", count - listed.len()) } else { String::new() },

@@ -31,4 +31,5 @@ mod network;
 mod nn_load;
 mod nn_reference;
 mod shaders;
+mod shards;
 mod streaming;
