@@ -16,23 +16,33 @@
 //! (an upper bound on the geodesic distance); L / C ≥ 1 measures how much longer training's
 //! path was than that straight chord (1 = as short as the chord).
 //!
-//! [`measure`] works on models in memory; [`run`] is the whole of `fisher action`: an
-//! [`ActionRequest`] (checkpoint files, data, variant, device, plot) → the checkpoints
-//! loaded and checked ([`crate::model::run::load_checkpoints`]) → the data checked against
-//! them → the device opened ([`crate::device::open`]) → [`measure`] → the plot, written
-//! atomically (the only file written, and only on success) → an [`ActionRun`].
+//! The checkpoints are streamed: [`measure_stream`] reads them through a loader
+//! ([`Checkpoints`]) in order and keeps at most two at once (θ_t and θ_{t+1}; θ₀ and θ_T for
+//! the chord), so hundreds of checkpoints of a large model never sit in memory together.
+//! [`measure`] works on models in memory, [`measure_loaded`] on models read one at a time;
+//! both give the same numbers, bit for bit.
+//!
+//! [`run`] is the whole of `fisher action`: an [`ActionRequest`] (checkpoint files, data,
+//! variant, device, plot) → the first checkpoint read ([`CheckpointLoader`]) → the data
+//! checked against it → the device opened ([`crate::device::open`]) → [`measure_loaded`],
+//! reading and checking each later checkpoint when the path reaches it (a file of another
+//! architecture is refused then, by name) → the plot, written atomically (the only file
+//! written, and only on success) → an [`ActionRun`].
 
+use std::borrow::{Borrow, Cow};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::Array1;
+use ndarray::{Array1, ArrayView1};
 
 use crate::backend::gpu::GpuOptions;
 use crate::device::{self, DeviceRequest};
 use crate::engine::{Backend, Engine};
 use crate::error::{FisherError, Result};
 use crate::fisher::Variant;
-use crate::model::{architecture_text, run as run_dir, ActivationSpec, Dataset, Likelihood, Mlp};
+use crate::graph::fisher::GraphModel;
+use crate::model::run::{self as run_dir, CheckpointLoader};
+use crate::model::{architecture_text, ActivationSpec, Dataset, Likelihood, Mlp};
 use crate::output::plot;
 use crate::output::progress::Progress;
 
@@ -76,28 +86,35 @@ pub struct ActionReport {
     pub euclidean_chord: f64,
 }
 
+/// What [`check_same_architecture`] compares: each layer's weight shape and bias length, and
+/// the activations (none of the values).
+type Shape = (Vec<((usize, usize), Option<usize>)>, Vec<crate::model::Activation>);
+
+fn shape_of(mlp: &Mlp) -> Shape {
+    (mlp.layers.iter().map(|l| (l.weight.dim(), l.bias.as_ref().map(|b| b.len()))).collect(), mlp.activations.clone())
+}
+
+fn different_architecture(t: usize) -> FisherError {
+    FisherError::InvalidInput(format!(
+        "checkpoint {t} does not have the architecture of checkpoint 0 (layer shapes, biases or activations differ)"
+    ))
+}
+
 /// Checks that every checkpoint has the architecture of the first (shapes, biases,
 /// activations), naming the first that differs.
 pub fn check_same_architecture(checkpoints: &[Mlp]) -> Result<()> {
     let Some(first) = checkpoints.first() else {
         return Err(FisherError::InvalidInput("no checkpoints".into()));
     };
-    for (t, c) in checkpoints.iter().enumerate().skip(1) {
-        let same = c.layers.len() == first.layers.len()
-            && c.activations == first.activations
-            && c.layers.iter().zip(&first.layers).all(|(a, b)| {
-                a.weight.dim() == b.weight.dim() && a.bias.as_ref().map(|x| x.len()) == b.bias.as_ref().map(|x| x.len())
-            });
-        if !same {
-            return Err(FisherError::InvalidInput(format!(
-                "checkpoint {t} does not have the architecture of checkpoint 0 (layer shapes, biases or activations differ)"
-            )));
-        }
+    let first = shape_of(first);
+    match checkpoints.iter().skip(1).position(|c| shape_of(c) != first) {
+        Some(i) => Err(different_architecture(i + 1)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-/// Measures the path θ₀ … θ_T (`checkpoints`, all the same architecture) on `data`.
+/// Measures the path θ₀ … θ_T (`checkpoints`, all the same architecture) on `data`: the
+/// checkpoints in memory, through [`measure_loaded`] (the same numbers, bit for bit).
 ///
 /// `progress(done, total)` is called after each quadratic form (T + `segments` of them).
 pub fn measure(
@@ -109,30 +126,178 @@ pub fn measure(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ActionReport> {
     check_same_architecture(checkpoints)?;
-    let thetas: Vec<Array1<f64>> = checkpoints.iter().map(|c| c.parameters().mapv(f64::from)).collect();
-    measure_path(&thetas, segments, progress, &mut |t, theta, delta| match t {
-        Some(t) => engine.fisher_quadratic(&checkpoints[t], data, variant, ndarray::ArrayView1::from(delta)),
-        None => {
-            let at = checkpoints[0].with_parameters(ndarray::ArrayView1::from(theta))?;
-            engine.fisher_quadratic(&at, data, variant, ndarray::ArrayView1::from(delta))
+    measure_loaded(engine, checkpoints.len(), |t| Ok(&checkpoints[t]), data, variant, segments, progress)
+}
+
+/// [`measure`] of `count` checkpoints read through `load(t)`, which [`measure_stream`] calls
+/// for t = 0, 1, …, T and then 0 once more, holding at most two of them at once: a run of
+/// hundreds of checkpoints needs the memory of two (plus the direction θ_{t+1} − θ_t), not of
+/// all. `load` returns a model or anything that borrows one (`&Mlp` for models in memory).
+/// Each checkpoint is checked to have the architecture of the first.
+pub fn measure_loaded<M: Borrow<Mlp>>(
+    engine: &Engine,
+    count: usize,
+    load: impl FnMut(usize) -> Result<M>,
+    data: &Dataset,
+    variant: Variant,
+    segments: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ActionReport> {
+    let mut run = MlpRun { engine, data, variant, count, load, first: None };
+    measure_stream(&mut run, segments, progress)
+}
+
+/// An MLP's checkpoints through a loader, measured by `engine` on `data`.
+struct MlpRun<'a, L> {
+    engine: &'a Engine,
+    data: &'a Dataset,
+    variant: Variant,
+    count: usize,
+    load: L,
+    /// The first checkpoint's shape, once read, that every other must have.
+    first: Option<Shape>,
+}
+
+impl<M: Borrow<Mlp>, L: FnMut(usize) -> Result<M>> Checkpoints for MlpRun<'_, L> {
+    type Checkpoint = M;
+    type Value = f32;
+
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn load(&mut self, t: usize) -> Result<M> {
+        let model = (self.load)(t)?;
+        let shape = shape_of(model.borrow());
+        match &self.first {
+            Some(first) if *first != shape => return Err(different_architecture(t)),
+            Some(_) => {}
+            None => self.first = Some(shape),
         }
-    })
+        Ok(model)
+    }
+
+    fn theta<'c>(&self, checkpoint: &'c M) -> Vec<Cow<'c, [f32]>> {
+        let mlp: &'c Mlp = checkpoint.borrow();
+        let mut pieces = Vec::with_capacity(2 * mlp.layers.len());
+        for layer in &mlp.layers {
+            // Mlp::parameters' order: the weight row-major, then the bias.
+            pieces.push(match layer.weight.as_slice() {
+                Some(values) => Cow::Borrowed(values),
+                None => Cow::Owned(layer.weight.iter().copied().collect()),
+            });
+            if let Some(bias) = &layer.bias {
+                pieces.push(match bias.as_slice() {
+                    Some(values) => Cow::Borrowed(values),
+                    None => Cow::Owned(bias.to_vec()),
+                });
+            }
+        }
+        pieces
+    }
+
+    fn quadratic(&mut self, checkpoint: &M, at: Option<&[f32]>, delta: &[f32]) -> Result<f64> {
+        let (engine, data, variant, delta) = (self.engine, self.data, self.variant, ArrayView1::from(delta));
+        match at {
+            None => engine.fisher_quadratic(checkpoint.borrow(), data, variant, delta),
+            Some(theta) => {
+                let at = checkpoint.borrow().with_parameters(ArrayView1::from(theta))?;
+                engine.fisher_quadratic(&at, data, variant, delta)
+            }
+        }
+    }
+}
+
+/// A training run as [`measure_stream`] reads it: T + 1 checkpoints, each loaded when it is
+/// needed, and the quadratic form of the Fisher at each.
+///
+/// [`measure_stream`] calls `load(0)`, `load(1)`, …, `load(T)` in that order and drops θ_t
+/// once the step θ_t → θ_{t+1} is measured, so at most two loaded checkpoints are alive at
+/// once; the chord then calls `load(0)` once more, beside θ_T. A run of any length thus needs
+/// the memory of two checkpoints and two directions, not of T + 1 checkpoints.
+pub trait Checkpoints {
+    /// One checkpoint in memory.
+    type Checkpoint;
+    /// The type of θ's entries: `f32` for models; `f64` for θ vectors given in f64.
+    type Value: Copy + Into<f64>;
+    /// T + 1.
+    fn count(&self) -> usize;
+    /// Reads checkpoint `t`.
+    fn load(&mut self, t: usize) -> Result<Self::Checkpoint>;
+    /// θ of `checkpoint` in parameter order, as consecutive pieces (e.g. a model's tensors),
+    /// borrowed where it can be.
+    fn theta<'c>(&self, checkpoint: &'c Self::Checkpoint) -> Vec<Cow<'c, [Self::Value]>>;
+    /// Δᵀ F(θ) Δ at `checkpoint` (`at` = None), or at a point between checkpoints: the model
+    /// of `checkpoint` (θ₀: its architecture and constants) with θ = `at`.
+    fn quadratic(&mut self, checkpoint: &Self::Checkpoint, at: Option<&[f32]>, delta: &[f32]) -> Result<f64>;
 }
 
 /// The quadratic form Δᵀ F(θ) Δ of a path's model: `(Some(t), θ_t, Δ)` at checkpoint t, or
 /// `(None, θ, Δ)` at a point between checkpoints.
 pub type Quadratic<'a> = dyn FnMut(Option<usize>, &[f32], &[f32]) -> Result<f64> + 'a;
 
-/// The action, length and chord of the path θ₀ … θ_T given its quadratic form, whatever the
-/// model (an MLP: [`measure`]; a graph read from ONNX: [`measure_graph`]).
+/// The action, length and chord of the path θ₀ … θ_T given in memory and its quadratic form,
+/// whatever the model (a graph read from ONNX: [`measure_graph`]); [`measure_stream`] over
+/// `thetas`.
 pub fn measure_path(
     thetas: &[Array1<f64>],
     segments: usize,
     progress: &mut dyn FnMut(usize, usize),
     quadratic: &mut Quadratic<'_>,
 ) -> Result<ActionReport> {
-    if thetas.len() < 2 {
-        return Err(FisherError::InvalidInput(format!("the action needs at least 2 checkpoints, got {}", thetas.len())));
+    measure_stream(&mut InMemory { thetas, quadratic }, segments, progress)
+}
+
+/// θ vectors in memory, for [`measure_path`]; a checkpoint is its index and θ.
+struct InMemory<'a, 'q> {
+    thetas: &'a [Array1<f64>],
+    quadratic: &'a mut Quadratic<'q>,
+}
+
+impl<'a> Checkpoints for InMemory<'a, '_> {
+    type Checkpoint = (usize, &'a Array1<f64>);
+    type Value = f64;
+
+    fn count(&self) -> usize {
+        self.thetas.len()
+    }
+
+    fn load(&mut self, t: usize) -> Result<(usize, &'a Array1<f64>)> {
+        Ok((t, &self.thetas[t]))
+    }
+
+    fn theta<'c>(&self, (_, theta): &'c (usize, &'a Array1<f64>)) -> Vec<Cow<'c, [f64]>> {
+        vec![match theta.as_slice() {
+            Some(values) => Cow::Borrowed(values),
+            None => Cow::Owned(theta.to_vec()),
+        }]
+    }
+
+    fn quadratic(&mut self, &(t, theta): &(usize, &'a Array1<f64>), at: Option<&[f32]>, delta: &[f32]) -> Result<f64> {
+        match at {
+            None => {
+                let theta: Vec<f32> = theta.iter().map(|&x| x as f32).collect();
+                (self.quadratic)(Some(t), &theta, delta)
+            }
+            Some(at) => (self.quadratic)(None, at, delta),
+        }
+    }
+}
+
+/// The action, length and chord of the path `run` reads, one checkpoint at a time (see
+/// [`Checkpoints`] for the order of the reads).
+///
+/// Differences θ_{t+1} − θ_t are taken in f64 (exact for f32 values) and rounded once to the
+/// f32 direction; the Euclidean norms sum their squares in f64 in the order of ndarray's
+/// `dot` of the whole difference, so the numbers are those of θ vectors held in memory.
+pub fn measure_stream<C: Checkpoints + ?Sized>(
+    run: &mut C,
+    segments: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ActionReport> {
+    let count = run.count();
+    if count < 2 {
+        return Err(FisherError::InvalidInput(format!("the action needs at least 2 checkpoints, got {count}")));
     }
     if segments == 0 {
         return Err(FisherError::InvalidInput("--segments must be at least 1".into()));
@@ -140,37 +305,44 @@ pub fn measure_path(
     if segments > MAX_SEGMENTS {
         return Err(FisherError::InvalidInput(format!("--segments must be at most {MAX_SEGMENTS}, not {segments}")));
     }
-    let total = thetas.len() - 1 + segments;
+    let total = count - 1 + segments;
     let mut done = 0;
-    let mut steps = Vec::with_capacity(thetas.len() - 1);
+    let mut steps = Vec::with_capacity(count - 1);
     let (mut action, mut length, mut euclidean_length) = (0.0, 0.0, 0.0);
-    for t in 0..thetas.len() - 1 {
-        // Differences in f64 of f32 values are exact; the direction is then rounded once.
-        let delta = &thetas[t + 1] - &thetas[t];
-        let theta: Vec<f32> = thetas[t].iter().map(|&x| x as f32).collect();
-        let d: Vec<f32> = delta.iter().map(|&x| x as f32).collect();
-        let q = quadratic(Some(t), &theta, &d)?.max(0.0);
-        let euclidean = delta.dot(&delta).sqrt();
+    let mut current = run.load(0)?;
+    let parameters = run.theta(&current).iter().map(|piece| piece.len()).sum();
+    for t in 0..count - 1 {
+        let next = run.load(t + 1)?;
+        let (d, squares) = differences(&run.theta(&current), &run.theta(&next), t + 1, |x| x as f32)?;
+        let q = run.quadratic(&current, None, &d)?.max(0.0);
+        let euclidean = squares.sqrt();
         action += q;
         length += q.sqrt();
         euclidean_length += euclidean;
         steps.push(ActionStep { step: t, euclidean, action: q, length: q.sqrt(), cumulative_length: length });
         done += 1;
         progress(done, total);
+        current = next; // θ_t is dropped here
     }
-    let whole = &thetas[thetas.len() - 1] - &thetas[0];
-    let delta: Vec<f32> = whole.iter().map(|&x| (x / segments as f64) as f32).collect();
+    let last = current;
+    let first = run.load(0)?;
+    let m = segments as f64;
+    // whole = θ_T − θ₀ (exact in f64); the chord's direction whole / m, rounded once.
+    let (delta, whole_squares) = differences(&run.theta(&first), &run.theta(&last), count - 1, |w| (w / m) as f32)?;
     let mut chord = 0.0;
     for j in 0..segments {
-        let mid = &thetas[0] + &(&whole * ((j as f64 + 0.5) / segments as f64));
-        let mid: Vec<f32> = mid.iter().map(|&x| x as f32).collect();
-        chord += quadratic(None, &mid, &delta)?.max(0.0).sqrt();
+        let s = (j as f64 + 0.5) / m;
+        let mid: Vec<f32> = {
+            let (from, to) = (run.theta(&first), run.theta(&last));
+            values(&from).zip(values(&to)).map(|(a, b)| (a + (b - a) * s) as f32).collect()
+        };
+        chord += run.quadratic(&first, Some(&mid), &delta)?.max(0.0).sqrt();
         done += 1;
         progress(done, total);
     }
     Ok(ActionReport {
-        checkpoints: thetas.len(),
-        parameters: thetas[0].len(),
+        checkpoints: count,
+        parameters,
         steps,
         action,
         length,
@@ -178,8 +350,75 @@ pub fn measure_path(
         segments,
         efficiency: if chord > 0.0 { length / chord } else { f64::INFINITY },
         euclidean_length,
-        euclidean_chord: whole.dot(&whole).sqrt(),
+        euclidean_chord: whole_squares.sqrt(),
     })
+}
+
+/// The entries of θ given in pieces, in f64.
+fn values<'a, V: Copy + Into<f64> + 'a>(pieces: &'a [Cow<'_, [V]>]) -> impl Iterator<Item = f64> + 'a {
+    pieces.iter().flat_map(|piece| piece.iter().map(|&x| x.into()))
+}
+
+/// `direction(b − a)` entry by entry, and Σ (b − a)² ([`SquareSum`]), for θ `a` and θ `b` of
+/// checkpoint `t` (named when its length differs).
+fn differences<V: Copy + Into<f64>>(
+    a: &[Cow<'_, [V]>],
+    b: &[Cow<'_, [V]>],
+    t: usize,
+    direction: impl Fn(f64) -> f32,
+) -> Result<(Vec<f32>, f64)> {
+    let (p, q): (usize, usize) = (a.iter().map(|x| x.len()).sum(), b.iter().map(|x| x.len()).sum());
+    if p != q {
+        return Err(FisherError::InvalidInput(format!("checkpoint {t} has {q} parameters but checkpoint 0 has {p}")));
+    }
+    let mut squares = SquareSum::default();
+    let d = values(a)
+        .zip(values(b))
+        .map(|(x, y)| {
+            let w = y - x;
+            squares.push(w);
+            direction(w)
+        })
+        .collect();
+    Ok((d, squares.total()))
+}
+
+/// Σ x² over a stream, summed in exactly the order of ndarray's `dot` of a contiguous f64
+/// vector with itself (`numeric_util::unrolled_dot`, ndarray 0.17 without BLAS: eight running
+/// sums over whole blocks of eight, folded as (p0 + p4), (p1 + p5), (p2 + p6), (p3 + p7), then
+/// the remainder), so that norms of streamed differences equal, bit for bit, those the
+/// action took of whole vectors in memory before it streamed its checkpoints.
+#[derive(Default)]
+struct SquareSum {
+    lanes: [f64; 8],
+    block: [f64; 8],
+    filled: usize,
+}
+
+impl SquareSum {
+    fn push(&mut self, x: f64) {
+        self.block[self.filled] = x;
+        self.filled += 1;
+        if self.filled == 8 {
+            for (lane, &x) in self.lanes.iter_mut().zip(&self.block) {
+                *lane += x * x;
+            }
+            self.filled = 0;
+        }
+    }
+
+    fn total(&self) -> f64 {
+        let p = &self.lanes;
+        let mut sum = 0.0;
+        sum += p[0] + p[4];
+        sum += p[1] + p[5];
+        sum += p[2] + p[6];
+        sum += p[3] + p[7];
+        for &x in &self.block[..self.filled] {
+            sum += x * x;
+        }
+        sum
+    }
 }
 
 /// [`measure`] for a graph network read from ONNX: `model` at θ₀, the checkpoints as θ
@@ -199,6 +438,47 @@ pub fn measure_graph(
         let at = model.with_theta(theta)?;
         Ok(engine.graph_fvp(&at, data, likelihood, variant, delta, false)?.quadratic)
     })
+}
+
+/// A graph network's checkpoints through a loader (`fisher action --model`).
+struct GraphRun<'a, L> {
+    engine: &'a Engine,
+    data: &'a Dataset,
+    likelihood: Likelihood,
+    variant: Variant,
+    count: usize,
+    load: L,
+}
+
+impl<L: FnMut(usize) -> Result<GraphModel>> Checkpoints for GraphRun<'_, L> {
+    type Checkpoint = GraphModel;
+    type Value = f32;
+
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn load(&mut self, t: usize) -> Result<GraphModel> {
+        (self.load)(t)
+    }
+
+    fn theta<'c>(&self, checkpoint: &'c GraphModel) -> Vec<Cow<'c, [f32]>> {
+        // Graph::theta's order: the parameters in order, each row-major.
+        checkpoint.graph.params.iter().map(|p| Cow::Borrowed(p.data.as_slice())).collect()
+    }
+
+    fn quadratic(&mut self, checkpoint: &GraphModel, at: Option<&[f32]>, delta: &[f32]) -> Result<f64> {
+        let between;
+        let model = match at {
+            None => checkpoint,
+            // Between checkpoints: the first checkpoint's constants (running statistics) with θ.
+            Some(theta) => {
+                between = checkpoint.with_theta(theta)?;
+                &between
+            }
+        };
+        Ok(self.engine.graph_fvp(model, self.data, self.likelihood, self.variant, delta, false)?.quadratic)
+    }
 }
 
 /// The most chord segments (10⁵): each is one pass over the data.
@@ -239,11 +519,12 @@ pub struct ActionRequest {
 /// Wall-clock seconds per stage of [`run`].
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Seconds {
-    /// Reading and checking the checkpoints and the data.
+    /// Reading and checking the first checkpoint and the data.
     pub load: f64,
     /// Choosing an adapter, creating the device and building the kernels.
     pub setup: f64,
-    /// The T + segments quadratic forms.
+    /// The T + segments quadratic forms, with the reading of the other checkpoints (each
+    /// read when the path reaches it).
     pub compute: f64,
     /// Rendering and writing the plot (0 without one).
     pub plot: f64,
@@ -297,9 +578,11 @@ pub fn run(request: &ActionRequest) -> Result<ActionRun> {
     }
     let start = Instant::now();
     let files = run_dir::checkpoint_files(&request.checkpoints)?;
-    let models = run_dir::load_checkpoints(&files, &request.activation)?;
+    // The first checkpoint now (the data are checked against it); the others one at a time
+    // as the path is measured.
+    let (loader, first) = CheckpointLoader::open(files.clone(), &request.activation)?;
     let data = Dataset::from_npy(&request.inputs, &request.labels, request.likelihood)?;
-    data.validate(&models[0], request.likelihood).map_err(|e| match e {
+    data.validate(&first, request.likelihood).map_err(|e| match e {
         FisherError::InvalidInput(why) => FisherError::InvalidInput(format!(
             "{} and {} do not fit the model {}: {why}",
             request.inputs.display(),
@@ -318,11 +601,17 @@ pub fn run(request: &ActionRequest) -> Result<ActionRun> {
     let start = Instant::now();
     let total = files.len() - 1 + request.segments;
     let progress = Progress::new("action: quadratic forms", total, request.show_progress);
-    let report = measure(engine, &models, &data, request.variant, request.segments, &mut progress.callback())?;
+    let architecture = architecture(&first);
+    // The stream's first read is the model already read; every later one reads its file.
+    let mut first = Some(first);
+    let load = |t: usize| match first.take() {
+        Some(model) if t == 0 => Ok(model),
+        _ => loader.load(t),
+    };
+    let report = measure_loaded(engine, files.len(), load, &data, request.variant, request.segments, &mut progress.callback())?;
     progress.finish();
     seconds.compute = start.elapsed().as_secs_f64();
 
-    let architecture = architecture(&models[0]);
     if let Some(path) = &request.plot {
         let start = Instant::now();
         let title =
@@ -398,10 +687,9 @@ fn run_graph(request: &ActionRequest, mut seconds: Seconds) -> Result<ActionRun>
     let model_path = request.model.clone().unwrap_or_else(|| files[0].clone());
     let (model, data) = crate::pipeline::graph::load_graph_problem(&model_path, &request.inputs, &request.labels, request.likelihood)?;
     let shape = model.graph.input_shape().to_vec();
-    let mut models = Vec::with_capacity(files.len());
-    for f in &files {
-        models.push(graph_checkpoint(&model, f, &shape)?);
-    }
+    // The first checkpoint is read (and checked) now, the others one at a time as the path
+    // is measured.
+    let mut first = Some(graph_checkpoint(&model, &files[0], &shape)?);
     seconds.load = start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -410,18 +698,15 @@ fn run_graph(request: &ActionRequest, mut seconds: Seconds) -> Result<ActionRun>
     let engine = &device.engine;
 
     let start = Instant::now();
-    let thetas: Vec<Array1<f64>> = models.iter().map(|m| m.graph.theta().iter().map(|&v| f64::from(v)).collect()).collect();
     let total = files.len() - 1 + request.segments;
     let progress = Progress::new("action: quadratic forms", total, request.show_progress);
+    let load = |t: usize| match first.take() {
+        Some(checkpoint) if t == 0 => Ok(checkpoint),
+        _ => graph_checkpoint(&model, &files[t], &shape),
+    };
     let (likelihood, variant) = (request.likelihood, request.variant);
-    let report = measure_path(&thetas, request.segments, &mut progress.callback(), &mut |t, theta, delta| {
-        let at = match t {
-            Some(t) => models[t].clone(),
-            // Between checkpoints: the first checkpoint's constants (running statistics) with θ.
-            None => models[0].with_theta(theta)?,
-        };
-        Ok(engine.graph_fvp(&at, &data, likelihood, variant, delta, false)?.quadratic)
-    })?;
+    let mut run = GraphRun { engine, data: &data, likelihood, variant, count: files.len(), load };
+    let report = measure_stream(&mut run, request.segments, &mut progress.callback())?;
     progress.finish();
     seconds.compute = start.elapsed().as_secs_f64();
     let architecture = format!("{} ({} operators, P = {})", model_path.display(), model.graph.nodes.len(), model.graph.param_count());
@@ -444,4 +729,22 @@ fn run_graph(request: &ActionRequest, mut seconds: Seconds) -> Result<ActionRun>
         plot: request.plot.clone(),
         seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamed sum of squares is ndarray's `dot` of the vector with itself, bit for bit,
+    /// at every length around the block of eight and at a long one.
+    #[test]
+    fn square_sum_is_ndarrays_dot() {
+        let mut rng = crate::synthetic::SplitMix64::new(7);
+        for n in (0..=33).chain([1000, 1003, 4097]) {
+            let x: Array1<f64> = (0..n).map(|_| rng.normal() * 10f64.powi((rng.normal() * 3.0) as i32)).collect();
+            let mut sum = SquareSum::default();
+            x.iter().for_each(|&v| sum.push(v));
+            assert_eq!(sum.total().to_bits(), x.dot(&x).to_bits(), "n = {n}");
+        }
+    }
 }

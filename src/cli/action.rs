@@ -3,8 +3,9 @@
 //!
 //! Flow: flags → [`ActionConfig`] (the plot location and the checkpoint list checked: files,
 //! or every `*.safetensors` of one directory in natural order) → the library's
-//! [`action::run`] (checkpoints loaded and checked, data, device, the quadratic forms with a
-//! progress bar, the plot written atomically) → the report.
+//! [`action::run`] (the first checkpoint, data, device, then the quadratic forms with a
+//! progress bar, each later checkpoint read and checked when the path reaches it; the plot
+//! written atomically) → the report.
 
 use std::path::PathBuf;
 

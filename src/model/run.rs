@@ -439,34 +439,96 @@ pub fn checkpoint_files_of(given: &[PathBuf], exts: &[&str]) -> Result<Vec<PathB
 
 /// Whether two models have the same layer shapes, Sequential indices and biases.
 pub fn same_architecture(a: &Mlp, b: &Mlp) -> bool {
-    a.layers.len() == b.layers.len()
-        && a.layers.iter().zip(&b.layers).all(|(x, y)| {
-            x.index == y.index
-                && x.weight.dim() == y.weight.dim()
-                && x.bias.as_ref().map(|v| v.len()) == y.bias.as_ref().map(|v| v.len())
-        })
+    layout(a) == layout(b)
 }
 
-/// Loads every checkpoint with `activation`, each checked to have the first one's
+/// What [`same_architecture`] compares: each layer's Sequential index, weight shape and bias
+/// length (none of its values).
+type Layout = Vec<(usize, (usize, usize), Option<usize>)>;
+
+fn layout(mlp: &Mlp) -> Layout {
+    mlp.layers.iter().map(|l| (l.index, l.weight.dim(), l.bias.as_ref().map(|b| b.len()))).collect()
+}
+
+/// Reads a run's checkpoints one at a time, each checked to have the first one's
 /// architecture ([`same_architecture`]; the file at fault is named).
-pub fn load_checkpoints(files: &[PathBuf], activation: &ActivationSpec) -> Result<Vec<Mlp>> {
-    let mut models: Vec<Mlp> = Vec::with_capacity(files.len());
-    for file in files {
-        let model = Mlp::from_safetensors(file, activation)?;
-        if let Some(first) = models.first() {
-            if !same_architecture(first, &model) {
-                return Err(FisherError::io(
-                    file,
-                    format!(
-                        "architecture {} differs from {} ({}); every checkpoint must have the same layers",
-                        model.shape_text(),
-                        first.shape_text(),
-                        files[0].display()
-                    ),
-                ));
-            }
+///
+/// Only the first checkpoint's layout (its shapes, no values) is kept between reads, so a
+/// caller that drops each model when done with it (as `fisher action` does: θ_t and θ_{t+1}
+/// at a time) never holds the whole run, however many checkpoints it has.
+///
+/// ```
+/// use fisher_engine::model::run::{self, CheckpointLoader, RunSpec};
+/// use fisher_engine::model::ActivationSpec;
+/// let dir = tempfile::tempdir()?;
+/// let spec = RunSpec { widths: vec![4, 6, 3], samples: 32, steps: 4, checkpoints: 3, ..RunSpec::default() };
+/// let written = run::write(&dir.path().join("run"), &spec.train()?, false)?;
+/// let files = run::checkpoint_files(&[written.dir])?;
+/// let (loader, first) = CheckpointLoader::open(files, &ActivationSpec::parse("tanh")?)?;
+/// assert_eq!(first.num_params(), 4 * 6 + 6 + 6 * 3 + 3);
+/// let last = loader.load(loader.files().len() - 1)?;
+/// assert!(run::same_architecture(&first, &last));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct CheckpointLoader {
+    files: Vec<PathBuf>,
+    activation: ActivationSpec,
+    /// The first checkpoint's layout and [`Mlp::shape_text`], which every other must match.
+    first: (Layout, String),
+}
+
+impl CheckpointLoader {
+    /// Reads the first of `files` (returned, e.g. to check data against it) and keeps its
+    /// architecture for [`CheckpointLoader::load`].
+    pub fn open(files: Vec<PathBuf>, activation: &ActivationSpec) -> Result<(CheckpointLoader, Mlp)> {
+        let Some(path) = files.first() else {
+            return Err(FisherError::InvalidInput("no checkpoints".into()));
+        };
+        let first = Mlp::from_safetensors(path, activation)?;
+        let loader =
+            CheckpointLoader { activation: activation.clone(), first: (layout(&first), first.shape_text()), files };
+        Ok((loader, first))
+    }
+
+    /// The checkpoint files, in order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Reads checkpoint `t` (any order, any number of times), checked against the first.
+    pub fn load(&self, t: usize) -> Result<Mlp> {
+        let Some(file) = self.files.get(t) else {
+            return Err(FisherError::InvalidInput(format!("no checkpoint {t}: the run has {}", self.files.len())));
+        };
+        let model = Mlp::from_safetensors(file, &self.activation)?;
+        if layout(&model) != self.first.0 {
+            return Err(FisherError::io(
+                file,
+                format!(
+                    "architecture {} differs from {} ({}); every checkpoint must have the same layers",
+                    model.shape_text(),
+                    self.first.1,
+                    self.files[0].display()
+                ),
+            ));
         }
-        models.push(model);
+        Ok(model)
+    }
+}
+
+/// Loads every checkpoint with `activation` ([`CheckpointLoader`]: each checked to have the
+/// first one's architecture, the file at fault named). All of them sit in memory at once;
+/// `fisher action` reads them one at a time instead.
+pub fn load_checkpoints(files: &[PathBuf], activation: &ActivationSpec) -> Result<Vec<Mlp>> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (loader, first) = CheckpointLoader::open(files.to_vec(), activation)?;
+    let mut models = Vec::with_capacity(files.len());
+    models.push(first);
+    for t in 1..files.len() {
+        models.push(loader.load(t)?);
     }
     Ok(models)
 }

@@ -1,8 +1,11 @@
 //! The trainer's gradient (finite differences of the f64 reference log-likelihood), that SGD
 //! learns, and the action / length / chord / efficiency of paths against dense f64 Fishers.
 
-use fisher_engine::analysis::action::{self, check_same_architecture};
-use fisher_engine::model::Activation;
+use std::cell::Cell;
+
+use fisher_engine::analysis::action::{self, check_same_architecture, ActionReport};
+use fisher_engine::model::run::CheckpointLoader;
+use fisher_engine::model::{Activation, ActivationSpec, Dataset, Mlp};
 use fisher_engine::fisher::{NetFisher, NetForm, Variant};
 use fisher_engine::reference::network as reference;
 use fisher_engine::model::train::{classification_task, init_mlp, loss_and_gradient, sgd, SgdOptions};
@@ -116,4 +119,124 @@ fn mismatched_checkpoints_are_refused() {
     assert!(err.to_string().contains("checkpoint 2"), "{err}");
     assert!(check_same_architecture(&[a.clone()]).is_ok());
     assert!(action::measure(&engine, &[a], &data, Variant::True, 2, &mut |_, _| {}).is_err());
+}
+
+/// The action as it was computed before checkpoints were streamed, kept as the oracle: every
+/// θ_t in memory in f64, differences and norms with ndarray.
+fn in_memory_action(engine: &fisher_engine::Engine, checkpoints: &[Mlp], data: &Dataset, segments: usize) -> (Vec<[u64; 3]>, [u64; 5]) {
+    let thetas: Vec<Array1<f64>> = checkpoints.iter().map(|c| c.parameters().mapv(f64::from)).collect();
+    let quadratic = |m: &Mlp, d: &[f32]| engine.fisher_quadratic(m, data, Variant::True, ndarray::ArrayView1::from(d)).unwrap().max(0.0);
+    let (mut steps, mut action, mut length, mut euclidean_length) = (Vec::new(), 0.0, 0.0, 0.0);
+    for t in 0..thetas.len() - 1 {
+        let delta = &thetas[t + 1] - &thetas[t];
+        let d: Vec<f32> = delta.iter().map(|&x| x as f32).collect();
+        let q = quadratic(&checkpoints[t], &d);
+        let euclidean = delta.dot(&delta).sqrt();
+        action += q;
+        length += q.sqrt();
+        euclidean_length += euclidean;
+        steps.push([euclidean.to_bits(), q.to_bits(), length.to_bits()]);
+    }
+    let whole = &thetas[thetas.len() - 1] - &thetas[0];
+    let delta: Vec<f32> = whole.iter().map(|&x| (x / segments as f64) as f32).collect();
+    let mut chord = 0.0;
+    for j in 0..segments {
+        let mid = &thetas[0] + &(&whole * ((j as f64 + 0.5) / segments as f64));
+        let at = checkpoints[0].with_parameters(mid.mapv(|x| x as f32).view()).unwrap();
+        chord += quadratic(&at, &delta).sqrt();
+    }
+    (steps, [action.to_bits(), length.to_bits(), chord.to_bits(), euclidean_length.to_bits(), whole.dot(&whole).sqrt().to_bits()])
+}
+
+fn bits(report: &ActionReport) -> (Vec<[u64; 3]>, [u64; 5]) {
+    let steps = report.steps.iter().map(|s| [s.euclidean.to_bits(), s.action.to_bits(), s.cumulative_length.to_bits()]).collect();
+    let totals = [report.action, report.length, report.chord, report.euclidean_length, report.euclidean_chord].map(f64::to_bits);
+    (steps, totals)
+}
+
+/// A trained run of `checkpoints` written as safetensors files, with its data.
+fn written_run(dir: &std::path::Path, checkpoints: usize) -> (Vec<Mlp>, Vec<std::path::PathBuf>, Dataset) {
+    let mlp = init_mlp(&[6, 9, 4], Activation::Tanh, true, 21).unwrap();
+    let data = classification_task(30, 6, 4, 22).unwrap();
+    let options = SgdOptions { learning_rate: 0.3, momentum: 0.9, batch_size: 10, steps: 3 * (checkpoints - 1), checkpoints, seed: 23 };
+    let run = sgd(&mlp, &data, &options).unwrap();
+    let files: Vec<_> = (0..checkpoints).map(|t| dir.join(format!("ckpt_{t:03}.safetensors"))).collect();
+    for (model, file) in run.checkpoints.iter().zip(&files) {
+        model.to_safetensors(file).unwrap();
+    }
+    (run.checkpoints, files, data)
+}
+
+#[test]
+fn streamed_action_equals_the_in_memory_one_bit_for_bit() {
+    let engine = cpu_engine();
+    let dir = tempfile::tempdir().unwrap();
+    let (checkpoints, files, data) = written_run(dir.path(), 7);
+    let want = in_memory_action(&engine, &checkpoints, &data, 5);
+    let in_memory = action::measure(&engine, &checkpoints, &data, Variant::True, 5, &mut |_, _| {}).unwrap();
+    assert_eq!(bits(&in_memory), want);
+    let (loader, _) = CheckpointLoader::open(files.clone(), &ActivationSpec::parse("tanh").unwrap()).unwrap();
+    let streamed = action::measure_loaded(&engine, files.len(), |t| loader.load(t), &data, Variant::True, 5, &mut |_, _| {}).unwrap();
+    assert_eq!(bits(&streamed), want);
+    assert_eq!((streamed.checkpoints, streamed.parameters), (7, checkpoints[0].num_params()));
+}
+
+/// A checkpoint that counts how many of its kind are alive.
+struct Counted<'a> {
+    model: Mlp,
+    alive: &'a Cell<usize>,
+}
+
+impl std::borrow::Borrow<Mlp> for Counted<'_> {
+    fn borrow(&self) -> &Mlp {
+        &self.model
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.alive.set(self.alive.get() - 1);
+    }
+}
+
+/// `fisher action`'s memory bound, by construction: the checkpoints are read in order, each
+/// once (θ₀ once more for the chord), and never more than two are alive at once.
+#[test]
+fn action_holds_at_most_two_checkpoints() {
+    let engine = cpu_engine();
+    let dir = tempfile::tempdir().unwrap();
+    let (checkpoints, files, data) = written_run(dir.path(), 12);
+    let (loader, _) = CheckpointLoader::open(files.clone(), &ActivationSpec::parse("tanh").unwrap()).unwrap();
+    let (alive, most) = (Cell::new(0), Cell::new(0));
+    let mut reads = Vec::new();
+    let load = |t: usize| {
+        reads.push(t);
+        let model = loader.load(t)?;
+        alive.set(alive.get() + 1);
+        most.set(most.get().max(alive.get()));
+        Ok(Counted { model, alive: &alive })
+    };
+    let mut forms = 0;
+    let report = action::measure_loaded(&engine, files.len(), load, &data, Variant::True, 3, &mut |done, total| {
+        forms += 1;
+        assert_eq!((done, total), (forms, 11 + 3));
+        // The quadratic forms run while θ_t and θ_{t+1} (or θ₀ and θ_T) are in memory.
+        assert!(alive.get() <= 2, "{} checkpoints alive after form {done}", alive.get());
+    })
+    .unwrap();
+    assert_eq!(most.get(), 2, "at most two checkpoints at once");
+    assert_eq!(alive.get(), 0, "every checkpoint dropped");
+    assert_eq!(reads, (0..12).chain([0]).collect::<Vec<_>>(), "each read once, in order, θ₀ again for the chord");
+    assert_eq!(bits(&report), bits(&action::measure(&engine, &checkpoints, &data, Variant::True, 3, &mut |_, _| {}).unwrap()));
+}
+
+#[test]
+fn a_streamed_checkpoint_of_another_architecture_is_refused() {
+    let engine = cpu_engine();
+    let a = init_mlp(&[4, 8, 3], Activation::Tanh, true, 1).unwrap();
+    let b = init_mlp(&[4, 9, 3], Activation::Tanh, true, 1).unwrap();
+    let data = classification_task(8, 4, 3, 1).unwrap();
+    let path = [&a, &a, &b];
+    let err = action::measure_loaded(&engine, 3, |t| Ok(path[t]), &data, Variant::True, 2, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("checkpoint 2 does not have the architecture of checkpoint 0"), "{err}");
 }
