@@ -139,11 +139,9 @@ impl Data<'_> {
     }
 }
 
-/// Writes `part` to `path` atomically (a temporary file renamed into place). The caller
-/// applied the output policy (inputs, `--force`) first.
-pub fn write(path: &Path, part: &PartialFile) -> Result<()> {
+/// The header and the tensors of `part`, in file order.
+fn encode(part: &PartialFile) -> Result<(Vec<u8>, Vec<(String, Vec<usize>, Data<'_>)>)> {
     use ::safetensors::tensor::{Metadata, TensorInfo};
-    check_output_path(path)?;
     part.sums.check()?;
     let layout = part_layout(part.sums.form, &part.sums.layers)?;
     let mut tensors: Vec<(String, Vec<usize>, Data<'_>)> = Vec::new();
@@ -162,18 +160,37 @@ pub fn write(path: &Path, part: &PartialFile) -> Result<()> {
     }
     let header = Metadata::new(Some(metadata_of(part)), infos)
         .and_then(|m| serde_json::to_string(&m).map_err(Into::into))
-        .map_err(|e| io_error(path, format!("cannot build the safetensors header: {e}")))?;
+        .map_err(|e| FisherError::InvalidInput(format!("cannot build the safetensors header of a partial file: {e}")))?;
     let mut header = header.into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
+    Ok((header, tensors))
+}
+
+fn write_encoded(out: &mut dyn Write, header: &[u8], tensors: &[(String, Vec<usize>, Data<'_>)]) -> std::io::Result<()> {
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(header)?;
+    for (_, _, data) in tensors {
+        data.write(out)?;
+    }
+    Ok(())
+}
+
+/// Writes `part` to `path` atomically (a temporary file renamed into place). The caller
+/// applied the output policy (inputs, `--force`) first.
+pub fn write(path: &Path, part: &PartialFile) -> Result<()> {
+    check_output_path(path)?;
+    let (header, tensors) = encode(part)?;
     let target = Target::check(path, "the output", true, &[])?;
-    target.write("", |out| {
-        out.write_all(&(header.len() as u64).to_le_bytes())?;
-        out.write_all(&header)?;
-        for (_, _, data) in &tensors {
-            data.write(out)?;
-        }
-        Ok(())
-    })
+    target.write("", |out| write_encoded(out, &header, &tensors))
+}
+
+/// The bytes of the partial file of `part` (what [`write`] writes), e.g. to send to
+/// another process.
+pub fn to_bytes(part: &PartialFile) -> Result<Vec<u8>> {
+    let (header, tensors) = encode(part)?;
+    let mut bytes = Vec::new();
+    write_encoded(&mut bytes, &header, &tensors).map_err(|e| FisherError::InvalidInput(format!("encoding a partial file: {e}")))?;
+    Ok(bytes)
 }
 
 fn metadata_of(part: &PartialFile) -> HashMap<String, String> {
@@ -209,10 +226,16 @@ pub fn parse_shard(text: &str) -> std::result::Result<(usize, usize), String> {
 /// a missing or malformed metadata key, a missing or misshapen tensor, a tensor of another
 /// dtype, or exact sums that no shard can produce.
 pub fn read(path: &Path) -> Result<PartialFile> {
-    use ::safetensors::{Dtype, SafeTensors};
     let bytes = std::fs::read(path).map_err(|e| io_error(path, format!("cannot read: {e}")))?;
+    from_bytes(&bytes, path)
+}
+
+/// [`read`] on the bytes of a partial file; errors name `origin` (a file, or e.g. `rank 3`).
+pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<PartialFile> {
+    use ::safetensors::{Dtype, SafeTensors};
+    let path = origin;
     let not_safetensors = |e: ::safetensors::SafeTensorError| io_error(path, format!("not a safetensors file ({})", quote(&e.to_string())));
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(not_safetensors)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
     let meta = header.metadata().clone().unwrap_or_default();
     let bad = |message: String| io_error(path, message);
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
@@ -242,7 +265,7 @@ pub fn read(path: &Path) -> Result<PartialFile> {
         .map_err(|e| bad(format!("metadata 'result_metadata': {}", quote(&e.to_string()))))?;
     let layout = part_layout(form, &layers).map_err(|e| bad(e.to_string()))?;
 
-    let file = SafeTensors::deserialize(&bytes).map_err(not_safetensors)?;
+    let file = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
     let tensor = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<&[u8]> {
         let view = file.tensor(name).map_err(|_| bad(format!("tensor '{}' is missing", quote(name))))?;
         if view.dtype() != dtype || view.shape() != shape {

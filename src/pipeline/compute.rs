@@ -372,13 +372,30 @@ fn check_shard_request(request: &ComputeRequest) -> Result<(), FisherError> {
 /// The shard (i, n) of a compute run: its exact sums written to `partial`.
 fn run_shard(
     request: &ComputeRequest,
-    (index, count): (usize, usize),
+    shard: (usize, usize),
     form: NetForm,
     partial: &Path,
     mlp: &Mlp,
     data: &Dataset,
-    mut outcome: ComputeOutcome,
+    outcome: ComputeOutcome,
 ) -> Result<ComputeOutcome, RunError> {
+    let (file, mut outcome) = shard_file(request, shard, form, mlp, data, outcome)?;
+    let start = Instant::now();
+    partial::write(partial, &file)?;
+    outcome.seconds.write = since(start);
+    outcome.out = Some((partial.to_path_buf(), file_size(partial)));
+    Ok(outcome)
+}
+
+/// The partial sums of shard (i, n), in memory.
+fn shard_file(
+    request: &ComputeRequest,
+    (index, count): (usize, usize),
+    form: NetForm,
+    mlp: &Mlp,
+    data: &Dataset,
+    mut outcome: ComputeOutcome,
+) -> Result<(PartialFile, ComputeOutcome), RunError> {
     let samples = data.len();
     let block = request.block_samples.unwrap_or(DEFAULT_BLOCK_SAMPLES);
     let range = crate::fisher::shard_range(samples, block, index, count);
@@ -401,15 +418,59 @@ fn run_shard(
         backend: backend.clone(),
         result_metadata: fisher_file::network_metadata(form, mlp, samples, request.likelihood, request.variant, &backend),
     };
-    let start = Instant::now();
-    partial::write(partial, &file)?;
-    outcome.seconds.write = since(start);
-    outcome.out = Some((partial.to_path_buf(), file_size(partial)));
     outcome.backend = Some(backend);
     outcome.adapter = device.adapter.map(|a| a.name);
     outcome.fallback = device.fallback;
     outcome.shard = Some(((index, count), range));
-    Ok(outcome)
+    Ok((file, outcome))
+}
+
+/// One process's part of a distributed run (MPI rank `index` of `count`): the request's
+/// checks (its `out`, when given, against the output policy, without writing it), the
+/// model and data loaded, and the exact sums of shard `index` of `count`, in memory. The
+/// caller gathers the parts and writes their merge ([`merge::write_merged`]).
+pub fn shard_part(request: &ComputeRequest, (index, count): (usize, usize)) -> Result<(PartialFile, ComputeOutcome), RunError> {
+    let form = match request.form {
+        Some(form @ (NetForm::Diagonal | NetForm::Kfac | NetForm::Layer | NetForm::Full)) => form,
+        Some(form) => {
+            return Err(FisherError::Request(format!("a distributed run sums over samples; --form {} is per sample", form.name())).into())
+        }
+        None => return Err(FisherError::Request("a distributed run needs --form diag|kfac|layer|full".into()).into()),
+    };
+    if count == 0 || index >= count {
+        return Err(FisherError::Request(format!("shard {index}/{count}: the index must be below the count")).into());
+    }
+    if request.block_samples == Some(0) {
+        return Err(FisherError::Request("--block-samples must be at least 1".into()).into());
+    }
+    if request.verify {
+        return Err(FisherError::Request("--verify needs every sample in one process: it does not apply to a distributed run".into()).into());
+    }
+    check_output_locations(request)?;
+    let start = Instant::now();
+    let (mlp, data) = load_problem(&request.source, &request.activation, request.likelihood)?;
+    let samples = data.len();
+    let rows = rows_per_sample(request.variant, mlp.output_dim());
+    check_result_size(&mlp, samples, rows, form, false, request.max_result_bytes)?;
+    let outcome = ComputeOutcome {
+        widths: mlp.widths(),
+        layer_indices: mlp.layers.iter().map(|l| l.index).collect(),
+        activations: mlp.activations.iter().map(|a| a.name()).collect(),
+        params: mlp.num_params(),
+        samples,
+        rows_per_sample: rows,
+        backend: None,
+        adapter: None,
+        fallback: None,
+        tensors: Vec::new(),
+        trace: None,
+        verification: None,
+        out: None,
+        saved: Saved::default(),
+        seconds: Seconds { load: since(start), ..Seconds::default() },
+        shard: None,
+    };
+    shard_file(request, (index, count), form, &mlp, &data, outcome)
 }
 
 #[cfg(test)]

@@ -216,8 +216,16 @@ pub fn run(request: &MergeRequest) -> Result<MergeOutcome> {
     check_parts(&parts)?;
     let load = since(start);
 
+    let mut outcome = write_merged(&parts, &request.out)?;
+    outcome.seconds.load = load;
+    Ok(outcome)
+}
+
+/// Merges checked `parts` (the n shards of one run, in any order) and writes the result to
+/// `out` atomically; the caller applied the output policy to `out`.
+pub fn write_merged(parts: &[(PathBuf, PartialFile)], out: &Path) -> Result<MergeOutcome> {
     let start = Instant::now();
-    let sums = merge_sums(&parts)?;
+    let sums = merge_sums(parts)?;
     let first = &parts[0].1;
     let mut backends: Vec<String> = Vec::new();
     let mut by_shard: Vec<&PartialFile> = parts.iter().map(|(_, p)| p).collect();
@@ -231,7 +239,7 @@ pub fn run(request: &MergeRequest) -> Result<MergeOutcome> {
     let merge = since(start);
 
     let start = Instant::now();
-    fisher_file::write(&request.out, &file)?;
+    fisher_file::write(out, &file)?;
     Ok(MergeOutcome {
         form: first.sums.form,
         shards: first.shard.1,
@@ -239,7 +247,7 @@ pub fn run(request: &MergeRequest) -> Result<MergeOutcome> {
         trace: file.trace(),
         tensors: file.tensor_shapes(),
         backends,
-        out: (request.out.clone(), file_size(&request.out)),
-        seconds: MergeSeconds { load, merge, write: since(start) },
+        out: (out.to_path_buf(), file_size(out)),
+        seconds: MergeSeconds { load: 0.0, merge, write: since(start) },
     })
 }
