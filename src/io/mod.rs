@@ -22,6 +22,7 @@ use crate::error::FisherError;
 
 pub mod fisher_file;
 pub mod npy;
+pub(crate) mod npy_file;
 pub mod output;
 pub mod safetensors;
 
