@@ -26,7 +26,6 @@ pub(crate) mod npy_file;
 pub mod output;
 pub mod safetensors;
 
-pub(crate) use npy::numpy_dtype_name;
 pub use npy::{read_npy_matrix, write_npy_labels, write_npy_matrix, write_npy_matrix_f64, NpyRows};
 pub use output::{check_output_path, output_dir, output_temp_file};
 pub use safetensors::{read_safetensors, write_safetensors_atomic, NamedTensor};
