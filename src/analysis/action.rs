@@ -32,7 +32,7 @@ use crate::device::{self, DeviceRequest};
 use crate::engine::{Backend, Engine};
 use crate::error::{FisherError, Result};
 use crate::fisher::Variant;
-use crate::model::{architecture_text, run as run_dir, ActivationSpec, Dataset, Likelihood, Mlp};
+use crate::model::{architecture_text, run as run_dir, ActivationSpec, DataSource, Dataset, Likelihood, Mlp, NpyDataset};
 use crate::output::plot;
 use crate::output::progress::Progress;
 
@@ -103,7 +103,7 @@ pub fn check_same_architecture(checkpoints: &[Mlp]) -> Result<()> {
 pub fn measure(
     engine: &Engine,
     checkpoints: &[Mlp],
-    data: &Dataset,
+    data: &dyn DataSource,
     variant: Variant,
     segments: usize,
     progress: &mut dyn FnMut(usize, usize),
@@ -298,7 +298,8 @@ pub fn run(request: &ActionRequest) -> Result<ActionRun> {
     let start = Instant::now();
     let files = run_dir::checkpoint_files(&request.checkpoints)?;
     let models = run_dir::load_checkpoints(&files, &request.activation)?;
-    let data = Dataset::from_npy(&request.inputs, &request.labels, request.likelihood)?;
+    // Read a micro-batch at a time by every quadratic form: memory does not grow with N.
+    let data = NpyDataset::open(&request.inputs, &request.labels, request.likelihood)?;
     data.validate(&models[0], request.likelihood).map_err(|e| match e {
         FisherError::InvalidInput(why) => FisherError::InvalidInput(format!(
             "{} and {} do not fit the model {}: {why}",

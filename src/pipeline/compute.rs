@@ -16,7 +16,7 @@ use crate::error::FisherError;
 use crate::fisher::{rows_per_sample, NetForm, Variant};
 use crate::io::fisher_file::{self, FisherFile};
 use crate::io;
-use crate::model::{ActivationSpec, Dataset, Likelihood, Mlp, Targets};
+use crate::model::{ActivationSpec, DataSource, Likelihood, Mlp, Targets};
 use crate::verify::{Contract, Verdict};
 use crate::Backend;
 
@@ -204,7 +204,7 @@ fn check_output_locations(request: &ComputeRequest) -> Result<(), FisherError> {
 }
 
 /// Writes the synthetic model and data where asked.
-fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &Dataset) -> Result<Saved, FisherError> {
+fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &dyn DataSource) -> Result<Saved, FisherError> {
     let mut saved = Saved::default();
     if let Some(path) = &request.save_model {
         mlp.to_safetensors(path)?;
@@ -214,6 +214,8 @@ fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &Dataset) -> Result
         std::fs::create_dir_all(dir)
             .map_err(|e| FisherError::io(dir, format!("cannot create the data directory: {e}")))?;
         let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
+        // A synthetic problem's data is in memory already (borrowed, not copied).
+        let data = data.to_dataset()?;
         io::write_npy_matrix(&inputs, data.inputs.view())?;
         match &data.targets {
             Targets::Classes(classes) => io::write_npy_labels(&labels, classes)?,
@@ -243,7 +245,7 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     }
 
     let start = Instant::now();
-    let saved = save_synthetic(request, &mlp, &data)?;
+    let saved = save_synthetic(request, &mlp, &*data)?;
     seconds.save = Some(since(start));
 
     let mut outcome = ComputeOutcome {
@@ -274,14 +276,16 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     let backend = engine.device_info();
 
     let start = Instant::now();
-    let result = engine.fisher(&mlp, &data, request.variant, form)?;
+    let result = engine.fisher(&mlp, &*data, request.variant, form)?;
     outcome.seconds.compute = since(start);
 
     if request.verify {
         let start = Instant::now();
-        let reference =
-            crate::reference::network::fisher(&mlp, &data, request.likelihood, request.variant, form)
-                .map_err(RunError::context("computing the f64 reference"))?;
+        // The reference needs every sample at once: data on disk is read whole here.
+        let reference = data
+            .to_dataset()
+            .and_then(|whole| crate::reference::network::fisher(&mlp, &whole, request.likelihood, request.variant, form))
+            .map_err(RunError::context("computing the f64 reference"))?;
         let verdict = Verdict::judge(result.agreement(&reference)?, Contract::Network);
         drop(reference);
         outcome.seconds.verify = since(start);
