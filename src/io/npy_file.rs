@@ -74,6 +74,8 @@ pub(crate) struct NpyFile {
     big_endian: bool,
     /// numpy's name of the dtype, for messages.
     dtype: String,
+    /// Bytes per chunk of [`NpyFile::for_each_chunk`]: [`CHUNK_BYTES`], smaller in tests.
+    chunk_bytes: usize,
 }
 
 impl NpyFile {
@@ -136,7 +138,16 @@ impl NpyFile {
             size,
             big_endian: ts.endianness() == Endianness::Big,
             dtype,
+            chunk_bytes: CHUNK_BYTES,
         })
+    }
+
+    /// The same file walked in chunks of `bytes` (rounded down to whole elements, at least
+    /// one): tests put chunk boundaries inside rows and values on both sides of them.
+    #[cfg(test)]
+    pub(crate) fn with_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.chunk_bytes = bytes;
+        self
     }
 
     /// The file's path.
@@ -228,7 +239,7 @@ impl NpyFile {
     /// [`CHUNK_BYTES`] (at least one element), `first` being the flat index of the chunk's
     /// first value; stops at the first error. Memory: one chunk, whatever the file's size.
     pub(crate) fn for_each_chunk(&self, mut visit: impl FnMut(usize, NpyValues) -> Result<()>) -> Result<()> {
-        let per_chunk = (CHUNK_BYTES / self.size).max(1);
+        let per_chunk = (self.chunk_bytes / self.size).max(1);
         let mut first = 0;
         while first < self.len {
             let count = per_chunk.min(self.len - first);
@@ -274,25 +285,28 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()
     file.read_exact(buf)
 }
 
+/// A `.npy` file (format 1.0) `dir/name` of `descr` and `shape` (numpy's spelling) holding
+/// the raw `data`, for the tests of the readers.
+#[cfg(test)]
+pub(crate) fn test_npy(dir: &Path, name: &str, descr: &str, shape: &str, data: &[u8]) -> PathBuf {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_npy as npy;
     use super::*;
-
-    /// A `.npy` file (format 1.0) of `descr` and `shape` holding `data`.
-    fn npy(dir: &Path, name: &str, descr: &str, shape: &str, data: &[u8]) -> PathBuf {
-        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend_from_slice(data);
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
 
     /// Every read range, including ones that cross the chunk size, gives the same values
     /// as the whole read.
@@ -338,19 +352,32 @@ mod tests {
         let n = CHUNK_BYTES + 1;
         let data: Vec<u8> = (0..n).map(|k| (k % 251) as u8).collect();
         let path = npy(dir.path(), "y.npy", "|i1", &format!("({n},)"), &data);
-        let file = NpyFile::open(&path).unwrap();
+        let chunks = |file: &NpyFile| {
+            let mut seen = Vec::new();
+            file.for_each_chunk(|first, values| {
+                let NpyValues::Int(v) = values else { panic!("integers") };
+                assert_eq!(first, seen.iter().sum::<usize>());
+                assert!(v.iter().enumerate().all(|(k, &x)| x == i64::from(data[first + k] as i8)));
+                seen.push(v.len());
+                Ok(())
+            })
+            .unwrap();
+            seen
+        };
+        assert_eq!(chunks(&NpyFile::open(&path).unwrap()), [CHUNK_BYTES, 1]);
+        // float64 in chunks of 20 bytes: 2 values each (whole elements), the last one alone.
+        let path = npy(dir.path(), "x.npy", ">f8", "(5,)", &[1.0f64, 2.0, 3.0, 4.0, 5.0].iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<_>>());
         let mut seen = Vec::new();
-        let mut total = 0;
-        file.for_each_chunk(|first, values| {
-            let NpyValues::Int(v) = values else { panic!("integers") };
-            assert_eq!(first, total);
-            assert_eq!(v[0], i64::from(data[first] as i8));
-            total += v.len();
-            seen.push(v.len());
+        NpyFile::open(&path).unwrap().with_chunk_bytes(20).for_each_chunk(|first, values| {
+            seen.push((first, values));
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen, [CHUNK_BYTES, 1]);
+        assert_eq!(seen, [(0, NpyValues::F64(vec![1.0, 2.0])), (2, NpyValues::F64(vec![3.0, 4.0])), (4, NpyValues::F64(vec![5.0]))]);
+        // A chunk smaller than one element still makes progress.
+        let mut count = 0;
+        NpyFile::open(&path).unwrap().with_chunk_bytes(1).for_each_chunk(|_, _| Ok(count += 1)).unwrap();
+        assert_eq!(count, 5);
     }
 
     #[test]

@@ -563,3 +563,95 @@ impl DataSource for Dataset {
         Ok(Cow::Borrowed(self))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::npy_file::test_npy;
+
+    fn f64_be(values: &[f64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_be_bytes()).collect()
+    }
+
+    /// The checks of one file in chunks of every size from one element to the whole file:
+    /// the values kept and the error reported do not depend on where the chunks end.
+    #[track_caller]
+    fn same_for_every_chunk_size<T: PartialEq + std::fmt::Debug>(path: &Path, check: impl Fn(&NpyFile) -> T) -> T {
+        let whole = check(&NpyFile::open(path).unwrap());
+        for bytes in 1..=64 {
+            assert_eq!(check(&NpyFile::open(path).unwrap().with_chunk_bytes(bytes)), whole, "chunks of {bytes} bytes");
+        }
+        whole
+    }
+
+    fn floats(file: &NpyFile, cols: usize) -> std::result::Result<Vec<f32>, String> {
+        let mut kept = Vec::new();
+        check_floats(file, "inputs", cols, Some(&mut kept)).map(|()| kept).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn float_checks_do_not_depend_on_chunk_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        // 7 × 3 big-endian float64: chunks of 1..64 bytes end inside rows and between them.
+        let mut values: Vec<f64> = (0..21).map(|k| k as f64 * 0.5 - 3.0).collect();
+        let ok = test_npy(dir, "ok.npy", ">f8", "(7, 3)", &f64_be(&values));
+        let kept = same_for_every_chunk_size(&ok, |f| floats(f, 3)).unwrap();
+        assert_eq!(kept, values.iter().map(|&v| v as f32).collect::<Vec<_>>());
+
+        // NaN at row 4, column 2.
+        values[4 * 3 + 2] = f64::NAN;
+        let nan = test_npy(dir, "nan.npy", ">f8", "(7, 3)", &f64_be(&values));
+        let e = same_for_every_chunk_size(&nan, |f| floats(f, 3)).unwrap_err();
+        assert!(e.contains("non-finite value NaN in inputs") && e.contains("nan.npy at row 4, column 2"), "{e}");
+
+        // A value beyond float32 after the NaN (a later chunk) is reported first, as when the
+        // whole array was checked at once.
+        values[5 * 3 + 1] = -1e300;
+        let big = test_npy(dir, "big.npy", ">f8", "(7, 3)", &f64_be(&values));
+        let e = same_for_every_chunk_size(&big, |f| floats(f, 3)).unwrap_err();
+        assert!(e.ends_with("inputs value -1e300 at row 5, column 1 is beyond the float32 range"), "{e}");
+
+        // float32 (little-endian): the first ±Inf ends the scan wherever it is.
+        let mut v32: Vec<f32> = (0..21).map(|k| k as f32).collect();
+        v32[3 * 3 + 1] = f32::NEG_INFINITY;
+        v32[6 * 3] = f32::NAN;
+        let inf = test_npy(dir, "inf.npy", "<f4", "(7, 3)", &v32.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
+        let e = same_for_every_chunk_size(&inf, |f| floats(f, 3)).unwrap_err();
+        assert!(e.contains("-inf") && e.ends_with("at row 3, column 1"), "{e}");
+    }
+
+    #[test]
+    fn label_checks_do_not_depend_on_chunk_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let labels = |file: &NpyFile| {
+            let mut kept = Vec::new();
+            check_labels(file, Some(&mut kept)).map(|largest| (kept, largest)).map_err(|e| e.to_string())
+        };
+        // int8, one byte per label: chunks of 1..64 labels.
+        let y: Vec<i8> = (0..23).map(|k| (k * 5 % 9) as i8).collect();
+        let ok = test_npy(dir, "y8.npy", "|i1", "(23,)", &y.iter().map(|&v| v as u8).collect::<Vec<_>>());
+        let (kept, largest) = same_for_every_chunk_size(&ok, labels).unwrap();
+        assert_eq!(kept, y.iter().map(|&v| v as u32).collect::<Vec<_>>());
+        assert_eq!(largest, 8);
+        // The first label at or above a bound, wherever the chunks end.
+        for bound in [1, 5, 8] {
+            let want = y.iter().position(|&v| i64::from(v) >= bound).map(|row| (row, y[row] as u32));
+            assert_eq!(same_for_every_chunk_size(&ok, |f| first_label_from(f, bound as u32).unwrap()), want);
+        }
+        assert_eq!(first_label_from(&NpyFile::open(&ok).unwrap(), 9).unwrap(), None);
+
+        // Big-endian int32 of shape (N, 1) with a negative label at row 13.
+        let mut y32: Vec<i32> = (0..17).collect();
+        y32[13] = -2;
+        let neg = test_npy(dir, "neg.npy", ">i4", "(17, 1)", &y32.iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<_>>());
+        let e = same_for_every_chunk_size(&neg, labels).unwrap_err();
+        assert!(e.ends_with("neg.npy: label -2 at row 13 is negative; class indices start at 0"), "{e}");
+
+        // int64 beyond u32 at row 2.
+        let wide = test_npy(dir, "wide.npy", "<i8", "(4,)", &[0i64, 1, 1 << 40, 3].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
+        let e = same_for_every_chunk_size(&wide, labels).unwrap_err();
+        assert!(e.ends_with("label 1099511627776 at row 2 is too large for a class index"), "{e}");
+    }
+}
