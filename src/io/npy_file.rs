@@ -376,7 +376,11 @@ mod tests {
         assert_eq!(seen, [(0, NpyValues::F64(vec![1.0, 2.0])), (2, NpyValues::F64(vec![3.0, 4.0])), (4, NpyValues::F64(vec![5.0]))]);
         // A chunk smaller than one element still makes progress.
         let mut count = 0;
-        NpyFile::open(&path).unwrap().with_chunk_bytes(1).for_each_chunk(|_, _| Ok(count += 1)).unwrap();
+        NpyFile::open(&path).unwrap().with_chunk_bytes(1).for_each_chunk(|_, _| {
+            count += 1;
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(count, 5);
     }
 

@@ -107,10 +107,13 @@ fn augmented_weights(mlp: &Mlp) -> Vec<Array2<f32>> {
         .collect()
 }
 
+/// ã_l and z_l of every layer for one micro-batch (see [`forward_pass`]).
+type ActsAndZs = (Vec<Array2<f32>>, Vec<Array2<f32>>);
+
 /// The forward pass of samples s0 .. s0 + m: the augmented activations ã_l (m ×
 /// augmented_in, last column 1 where layer l has a bias) and pre-activations z_l (m × out).
 /// Errors only when the inputs cannot be read (data on disk).
-fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &dyn DataSource, s0: usize, m: usize) -> Result<(Vec<Array2<f32>>, Vec<Array2<f32>>)> {
+fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &dyn DataSource, s0: usize, m: usize) -> Result<ActsAndZs> {
     let depth = mlp.layers.len();
     let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
     let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
