@@ -8,7 +8,7 @@ use crate::reference::grads as reference;
 use crate::error::{FisherError, Result};
 use crate::fisher::{Agreement, FisherMatrix, Form};
 use crate::backend::gpu::{GpuBackend, GpuContext, GpuOptions};
-use crate::model::{Dataset, Mlp};
+use crate::model::{DataSource, Dataset, Mlp};
 use crate::fisher::{NetFisher, NetForm, Variant};
 use crate::validate::check_matrix;
 
@@ -166,7 +166,7 @@ impl Engine {
     ///
     /// Normalization: F = (1/N) Σᵢ E_y[∇θ log p(y|xᵢ) ∇θ log p(y|xᵢ)ᵀ]; parameter order is
     /// PyTorch's `named_parameters()` (see [`crate::model`]).
-    pub fn fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+    pub fn fisher(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher> {
         check_network(mlp, data, variant)?;
         if u32::try_from(data.len()).is_err() {
             return Err(FisherError::InvalidInput(format!("{} samples exceed the 2³²−1 supported", data.len())));
@@ -203,7 +203,7 @@ impl Engine {
     pub fn fisher_sums(
         &self,
         mlp: &Mlp,
-        data: &Dataset,
+        data: &dyn DataSource,
         variant: Variant,
         form: NetForm,
         range: std::ops::Range<usize>,
@@ -229,12 +229,14 @@ impl Engine {
     pub fn fisher_verified(
         &self,
         mlp: &Mlp,
-        data: &Dataset,
+        data: &dyn DataSource,
         variant: Variant,
         form: NetForm,
     ) -> Result<(NetFisher, crate::fisher::Agreement)> {
         let result = self.fisher(mlp, data, variant, form)?;
-        let reference = crate::reference::network::fisher(mlp, data, data.likelihood(), variant, form)?;
+        // The reference needs every sample at once: data on disk is read whole here.
+        let whole = data.to_dataset()?;
+        let reference = crate::reference::network::fisher(mlp, &whole, data.likelihood(), variant, form)?;
         let agreement = result.agreement(&reference)?;
         Ok((result, agreement))
     }
@@ -296,7 +298,7 @@ impl Engine {
     /// The implicit Fisher–vector product F·v of a network (θ order), without forming F:
     /// memory is the model plus one micro-batch, so it works for models whose F would never
     /// fit (P ≥ 10⁶). Also returns vᵀFv.
-    pub fn fisher_vector_product(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<crate::fisher::Fvp> {
+    pub fn fisher_vector_product(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>) -> Result<crate::fisher::Fvp> {
         self.check_direction(mlp, data, variant, v)?;
         self.backend.network_fvp(mlp, data, variant, v, true)
     }
@@ -304,7 +306,7 @@ impl Engine {
     /// The implicit Fisher of a network bound to its data, for repeated products over blocks
     /// of directions ([`crate::backend::NetworkOperator`]): what Lanczos, SLQ and the action
     /// use. Model, data and variant are checked here, once.
-    pub fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
+    pub fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
         check_network(mlp, data, variant)?;
         self.backend.network_operator(mlp, data, variant)
     }
@@ -312,18 +314,18 @@ impl Engine {
     /// The output-space twin K = BBᵀ/N of a network's Fisher F = BᵀB/N (same non-zero
     /// eigenvalues; see [`crate::backend::FisherBackend::network_gram_operator`]), or `None`
     /// where the backend has none or it would hold more than `budget` bytes.
-    pub fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, budget: u64) -> Result<Option<Box<dyn crate::backend::NetworkOperator + 'a>>> {
+    pub fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant, budget: u64) -> Result<Option<Box<dyn crate::backend::NetworkOperator + 'a>>> {
         check_network(mlp, data, variant)?;
         self.backend.network_gram_operator(mlp, data, variant, budget)
     }
 
     /// vᵀFv alone (a forward-mode pass, no backward): the squared Fisher length of v.
-    pub fn fisher_quadratic(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<f64> {
+    pub fn fisher_quadratic(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>) -> Result<f64> {
         self.check_direction(mlp, data, variant, v)?;
         Ok(self.backend.network_fvp(mlp, data, variant, v, false)?.quadratic)
     }
 
-    fn check_direction(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>) -> Result<()> {
+    fn check_direction(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>) -> Result<()> {
         check_network(mlp, data, variant)?;
         let p = mlp.num_params();
         if v.len() != p {
@@ -350,7 +352,7 @@ fn check_variant(variant: Variant) -> Result<()> {
 
 /// The checks every network entry point makes once: the model, its data against it, the
 /// variant.
-fn check_network(mlp: &Mlp, data: &Dataset, variant: Variant) -> Result<()> {
+fn check_network(mlp: &Mlp, data: &dyn DataSource, variant: Variant) -> Result<()> {
     mlp.validate()?;
     data.validate(mlp, data.likelihood())?;
     check_variant(variant)

@@ -42,7 +42,7 @@ use crate::error::{FisherError, Result};
 use crate::fisher::Variant;
 use crate::graph::fisher::GraphModel;
 use crate::model::run::{self as run_dir, CheckpointLoader};
-use crate::model::{architecture_text, ActivationSpec, Dataset, Likelihood, Mlp};
+use crate::model::{architecture_text, ActivationSpec, DataSource, Dataset, Likelihood, Mlp, NpyDataset};
 use crate::output::plot;
 use crate::output::progress::Progress;
 
@@ -120,7 +120,7 @@ pub fn check_same_architecture(checkpoints: &[Mlp]) -> Result<()> {
 pub fn measure(
     engine: &Engine,
     checkpoints: &[Mlp],
-    data: &Dataset,
+    data: &dyn DataSource,
     variant: Variant,
     segments: usize,
     progress: &mut dyn FnMut(usize, usize),
@@ -138,7 +138,7 @@ pub fn measure_loaded<M: Borrow<Mlp>>(
     engine: &Engine,
     count: usize,
     load: impl FnMut(usize) -> Result<M>,
-    data: &Dataset,
+    data: &dyn DataSource,
     variant: Variant,
     segments: usize,
     progress: &mut dyn FnMut(usize, usize),
@@ -150,7 +150,7 @@ pub fn measure_loaded<M: Borrow<Mlp>>(
 /// An MLP's checkpoints through a loader, measured by `engine` on `data`.
 struct MlpRun<'a, L> {
     engine: &'a Engine,
-    data: &'a Dataset,
+    data: &'a dyn DataSource,
     variant: Variant,
     count: usize,
     load: L,
@@ -581,7 +581,8 @@ pub fn run(request: &ActionRequest) -> Result<ActionRun> {
     // The first checkpoint now (the data are checked against it); the others one at a time
     // as the path is measured.
     let (loader, first) = CheckpointLoader::open(files.clone(), &request.activation)?;
-    let data = Dataset::from_npy(&request.inputs, &request.labels, request.likelihood)?;
+    // Read a micro-batch at a time by every quadratic form: memory does not grow with N.
+    let data = NpyDataset::open(&request.inputs, &request.labels, request.likelihood)?;
     data.validate(&first, request.likelihood).map_err(|e| match e {
         FisherError::InvalidInput(why) => FisherError::InvalidInput(format!(
             "{} and {} do not fit the model {}: {why}",

@@ -33,22 +33,30 @@ use crate::engine::Engine;
 use crate::error::{FisherError, Result};
 use crate::fisher::Variant;
 use crate::graph::fisher::GraphModel;
-use crate::model::{Dataset, Likelihood, Mlp};
+use crate::model::{DataSource, Dataset, Likelihood, Mlp};
 
 type ProductHook<'a> = Box<dyn Fn(usize) + 'a>;
 
-/// The network behind the operator: an MLP, or a graph read from ONNX with its likelihood.
+/// The network behind the operator and its data: an MLP (data in memory or on disk), or a
+/// graph read from ONNX with its likelihood (data in memory).
 #[derive(Clone, Copy)]
 enum Net<'a> {
-    Mlp(&'a Mlp),
-    Graph(&'a GraphModel, Likelihood),
+    Mlp(&'a Mlp, &'a dyn DataSource),
+    Graph(&'a GraphModel, &'a Dataset, Likelihood),
 }
 
 impl Net<'_> {
     fn params(&self) -> usize {
         match self {
-            Net::Mlp(m) => m.num_params(),
-            Net::Graph(g, _) => g.graph.param_count(),
+            Net::Mlp(m, _) => m.num_params(),
+            Net::Graph(g, ..) => g.graph.param_count(),
+        }
+    }
+
+    fn samples(&self) -> usize {
+        match self {
+            Net::Mlp(_, data) => data.len(),
+            Net::Graph(_, data, _) => data.len(),
         }
     }
 }
@@ -58,7 +66,6 @@ impl Net<'_> {
 pub struct ImplicitFisher<'a> {
     engine: &'a Engine,
     net: Net<'a>,
-    data: &'a Dataset,
     variant: Variant,
     trace: Option<f64>,
     rank_bound: Option<usize>,
@@ -74,7 +81,7 @@ impl std::fmt::Debug for ImplicitFisher<'_> {
         f.debug_struct("ImplicitFisher")
             .field("engine", self.engine)
             .field("parameters", &self.net.params())
-            .field("samples", &self.data.len())
+            .field("samples", &self.net.samples())
             .field("variant", &self.variant)
             .field("trace", &self.trace)
             .field("rank_bound", &self.rank_bound)
@@ -86,13 +93,13 @@ impl std::fmt::Debug for ImplicitFisher<'_> {
 impl<'a> ImplicitFisher<'a> {
     /// The operator of `mlp` on `data` for `variant`, on `engine`'s backend. Model and data
     /// are checked here (once), not on every product.
-    pub fn new(engine: &'a Engine, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Self> {
+    pub fn new(engine: &'a Engine, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant) -> Result<Self> {
         mlp.validate()?;
         data.validate(mlp, data.likelihood())?;
         if let Variant::MonteCarlo { samples: 0, .. } = variant {
             return Err(FisherError::InvalidInput("--mc-samples must be at least 1".into()));
         }
-        Ok(ImplicitFisher { engine, net: Net::Mlp(mlp), data, variant, trace: None, rank_bound: None, products: Cell::new(0), on_product: None, bound: RefCell::new(None) })
+        Ok(ImplicitFisher { engine, net: Net::Mlp(mlp, data), variant, trace: None, rank_bound: None, products: Cell::new(0), on_product: None, bound: RefCell::new(None) })
     }
 
     /// The operator of a graph network (read from ONNX) with `likelihood`; the data are
@@ -104,8 +111,7 @@ impl<'a> ImplicitFisher<'a> {
         }
         Ok(ImplicitFisher {
             engine,
-            net: Net::Graph(model, likelihood),
-            data,
+            net: Net::Graph(model, data, likelihood),
             variant,
             trace: None,
             rank_bound: None,
@@ -117,26 +123,26 @@ impl<'a> ImplicitFisher<'a> {
 
     fn fvp(&self, v: &[f64], product: bool) -> Result<crate::fisher::Fvp> {
         match self.net {
-            Net::Mlp(_) => {
+            Net::Mlp(..) => {
                 let mut out = self.mlp_block(std::slice::from_ref(&v.to_vec()), product)?;
                 Ok(crate::fisher::Fvp {
                     product: out.products.take().map(|p| p.row(0).to_owned()),
                     quadratic: out.quadratics[0],
                 })
             }
-            Net::Graph(model, likelihood) => {
+            Net::Graph(model, data, likelihood) => {
                 let direction = Self::direction(v);
-                self.engine.graph_fvp(model, self.data, likelihood, self.variant, direction.as_slice().expect("contiguous"), product)
+                self.engine.graph_fvp(model, data, likelihood, self.variant, direction.as_slice().expect("contiguous"), product)
             }
         }
     }
 
     /// F·V and the quadratic forms of an MLP through the bound backend operator.
     fn mlp_block(&self, vs: &[Vec<f64>], product: bool) -> Result<crate::backend::BlockFvp> {
-        let Net::Mlp(mlp) = self.net else { unreachable!("mlp_block is only called for an MLP") };
+        let Net::Mlp(mlp, data) = self.net else { unreachable!("mlp_block is only called for an MLP") };
         let mut bound = self.bound.borrow_mut();
         if bound.is_none() {
-            *bound = Some(self.engine.network_operator(mlp, self.data, self.variant)?);
+            *bound = Some(self.engine.network_operator(mlp, data, self.variant)?);
         }
         let p = self.dim();
         let mut block = Array2::<f32>::zeros((vs.len(), p));
@@ -167,7 +173,6 @@ impl<'a> ImplicitFisher<'a> {
         ImplicitFisher {
             engine: self.engine,
             net: self.net,
-            data: self.data,
             variant: self.variant,
             trace: self.trace,
             rank_bound: self.rank_bound,
@@ -228,7 +233,7 @@ impl FisherOperator for ImplicitFisher<'_> {
     }
 
     fn apply_block(&self, vs: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
-        if !matches!(self.net, Net::Mlp(_)) || vs.len() <= 1 {
+        if !matches!(self.net, Net::Mlp(..)) || vs.len() <= 1 {
             return vs.iter().map(|v| self.apply(v)).collect();
         }
         vs.iter().try_for_each(|v| self.check(v))?;
@@ -388,7 +393,7 @@ pub struct TopEigenvalues {
 pub fn top_eigenvalues(
     engine: &Engine,
     mlp: &Mlp,
-    data: &Dataset,
+    data: &dyn DataSource,
     variant: Variant,
     options: &super::LanczosOptions,
     hook: &dyn Fn(usize),

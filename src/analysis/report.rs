@@ -72,7 +72,7 @@ use crate::engine::Backend;
 use crate::error::{FisherError, Result};
 use crate::fisher::{rows_per_sample, KfacFactors, NetFisher, NetForm, Variant};
 use crate::io::fisher_file::{self, FisherFile, Tensors};
-use crate::model::{ActivationSpec, Dataset, Linear, Mlp};
+use crate::model::{ActivationSpec, DataSource, Dataset, Linear, Mlp};
 use crate::output::plot::{self, Histogram};
 
 /// [`FormChoice::Auto`] computes the full F and analyses it exactly up to this many
@@ -186,8 +186,8 @@ pub struct ComputeOptions {
 pub struct ModelInput<'a> {
     /// The model.
     pub mlp: &'a Mlp,
-    /// Its data (the likelihood is the data's).
-    pub data: &'a Dataset,
+    /// Its data (the likelihood is the data's), in memory or on disk.
+    pub data: &'a dyn DataSource,
     /// How the report names the input (files, or a synthetic problem).
     pub description: String,
     /// How the Fisher is computed.

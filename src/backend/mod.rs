@@ -13,7 +13,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::error::Result;
 use crate::fisher::{FisherMatrix, Form};
-use crate::model::{Dataset, Mlp};
+use crate::model::{DataSource, Mlp};
 use crate::fisher::{Fvp, NetFisher, NetForm, NetSums, Variant};
 
 /// Default limit of a result held in host memory, bytes: 2 GiB, the default of the CLI's
@@ -41,7 +41,7 @@ pub trait FisherBackend {
     /// The Fisher of a network on a dataset: per-sample quantities (forward, output rows,
     /// backward) and their reduction to `form`, streamed in micro-batches. Inputs have been
     /// validated by the caller ([`crate::Engine::fisher`]).
-    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher>;
+    fn network_fisher(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher>;
 
     /// The sums of a network's Fisher of `form` over the samples `range` of `data`, with
     /// blocks of `block` samples counted from sample 0: what one shard of a run computes
@@ -51,7 +51,7 @@ pub trait FisherBackend {
     fn network_sums(
         &self,
         mlp: &Mlp,
-        data: &Dataset,
+        data: &dyn DataSource,
         variant: Variant,
         form: NetForm,
         range: std::ops::Range<usize>,
@@ -73,7 +73,7 @@ pub trait FisherBackend {
     fn network_fisher_over(
         &self,
         mlp: &Mlp,
-        data: &Dataset,
+        data: &dyn DataSource,
         variant: Variant,
         form: NetForm,
         range: std::ops::Range<usize>,
@@ -82,17 +82,17 @@ pub trait FisherBackend {
     /// The implicit Fisher–vector product F·v (when `product`) and vᵀFv of a network,
     /// without forming F: forward-mode J v, Λ J v at the output, and one backward pass,
     /// streamed in micro-batches. `v` is in θ order (PyTorch `named_parameters()`).
-    fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp>;
+    fn network_fvp(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp>;
 
     /// The implicit Fisher of a network bound to its data, for many products F·V over blocks
     /// of directions (see [`NetworkOperator`]); the CPU keeps the forward pass between
     /// products where it fits its cache budget.
-    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn NetworkOperator + 'a>>;
+    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant) -> Result<Box<dyn NetworkOperator + 'a>>;
 
     /// The output-space twin K = BBᵀ/N of a network's Fisher F = BᵀB/N (B: the N·R gradient
     /// rows), which has the same non-zero eigenvalues, for top-k eigenvalues when N·R < P;
     /// `None` where the backend has no such path or it would hold more than `budget` bytes.
-    fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, budget: u64) -> Result<Option<Box<dyn NetworkOperator + 'a>>> {
+    fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant, budget: u64) -> Result<Option<Box<dyn NetworkOperator + 'a>>> {
         let _ = (mlp, data, variant, budget);
         Ok(None)
     }
@@ -132,7 +132,7 @@ pub trait NetworkOperator {
 pub(crate) struct PerDirection<'a, B: FisherBackend + ?Sized> {
     pub backend: &'a B,
     pub mlp: &'a Mlp,
-    pub data: &'a Dataset,
+    pub data: &'a dyn DataSource,
     pub variant: Variant,
 }
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fisher_engine::backend::gpu::GpuOptions;
 use fisher_engine::fisher::{NetForm, Variant};
-use fisher_engine::model::{ActivationSpec, Dataset, Likelihood, Mlp};
+use fisher_engine::model::{ActivationSpec, DataSource, Likelihood, Mlp};
 use fisher_engine::pipeline::reduce::ReduceRequest;
 use fisher_engine::{Backend, Form, MAX_GENERATED_VALUES};
 
@@ -786,7 +786,7 @@ pub fn load_model_and_data(
     source: &Source,
     activation: &ActivationSpec,
     likelihood: Likelihood,
-) -> anyhow::Result<(Mlp, Dataset)> {
+) -> anyhow::Result<(Mlp, Box<dyn DataSource>)> {
     fisher_engine::pipeline::load_problem(source, activation, likelihood).map_err(run_error)
 }
 

@@ -378,7 +378,7 @@ pub fn run(cfg: &ReportConfig) -> anyhow::Result<ReportOutcome> {
                 }
                 Source::Synthetic { seed, .. } => format!("synthetic model and data (seed {seed})"),
             };
-            let input = ModelInput { mlp: &mlp, data: &data, description, compute: compute.clone() };
+            let input = ModelInput { mlp: &mlp, data: &*data, description, compute: compute.clone() };
             let request = ReportRequest { input: report::ReportInput::Model(input), options: cfg.options.clone() };
             finish(cfg, &request, &progress, load)?
         }

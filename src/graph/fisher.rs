@@ -340,7 +340,7 @@ pub fn fisher_with_stats(
         if !z.iter().all(|v| v.is_finite()) {
             return Err(FisherError::InvalidInput(format!("the model's output is not finite for a sample in rows {s0}..{}", s0 + m)));
         }
-        let rows = output_rows(z.view(), &data.targets, s0, variant, (0, r));
+        let rows = output_rows(z.view(), data, s0, variant, (0, r))?;
         exec.backward(rows.as_slice().expect("standard layout"), which)?;
         match form {
             NetForm::Diagonal => exec.add_diag(&mut diag)?,
@@ -463,7 +463,7 @@ pub fn fvp(exec: &mut dyn ProgramExec, model: &GraphModel, data: &Dataset, likel
         let x: Vec<f32> = data.inputs.slice(ndarray::s![s0..s0 + m, ..]).iter().copied().collect();
         let z = Array2::from_shape_vec((m, c), exec.forward(&x, m)?).map_err(|e| FisherError::InvalidInput(e.to_string()))?;
         let jv = Array2::from_shape_vec((m, c), exec.tangent(v)?).map_err(|e| FisherError::InvalidInput(e.to_string()))?;
-        let w = lambda_times(z.view(), jv.view(), &data.targets, s0, variant);
+        let w = lambda_times(z.view(), jv.view(), data, s0, variant)?;
         quadratic += jv.iter().zip(w.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
         if product {
             exec.backward(w.as_slice().expect("standard layout"), Backward::Full)?;

@@ -23,10 +23,10 @@ use crate::error::FisherError;
 pub mod fisher_file;
 pub mod partial;
 pub mod npy;
+pub(crate) mod npy_file;
 pub mod output;
 pub mod safetensors;
 
-pub(crate) use npy::numpy_dtype_name;
 pub use npy::{read_npy_matrix, write_npy_labels, write_npy_matrix, write_npy_matrix_f64, NpyRows};
 pub use output::{check_output_path, output_dir, output_temp_file};
 pub use safetensors::{read_safetensors, write_safetensors_atomic, NamedTensor};

@@ -31,10 +31,13 @@ pub mod data;
 pub mod mlp;
 pub mod problem;
 pub mod run;
+pub mod source;
 pub mod train;
 
 pub use activation::Activation;
+pub use data::NpyDataset;
 pub use mlp::{architecture_text, ActivationSpec};
+pub use source::{DataSource, TargetRows};
 
 use ndarray::{Array1, Array2};
 
@@ -121,7 +124,8 @@ pub enum Targets {
     Values(Array2<f32>),
 }
 
-/// Inputs and targets.
+/// Inputs and targets, in memory (a [`DataSource`]; [`NpyDataset`] is the same data read
+/// from disk per micro-batch).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
     /// N × d inputs.

@@ -19,7 +19,7 @@ use crate::io::fisher_file::{self, FisherFile};
 use crate::io::partial::{self, PartialFile};
 use super::merge;
 use crate::io;
-use crate::model::{ActivationSpec, Dataset, Likelihood, Mlp, Targets};
+use crate::model::{ActivationSpec, DataSource, Likelihood, Mlp, Targets};
 use crate::verify::{Contract, Verdict};
 use crate::Backend;
 
@@ -225,7 +225,7 @@ fn check_output_locations(request: &ComputeRequest) -> Result<(), FisherError> {
 }
 
 /// Writes the synthetic model and data where asked.
-fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &Dataset) -> Result<Saved, FisherError> {
+fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &dyn DataSource) -> Result<Saved, FisherError> {
     let mut saved = Saved::default();
     if let Some(path) = &request.save_model {
         mlp.to_safetensors(path)?;
@@ -235,6 +235,8 @@ fn save_synthetic(request: &ComputeRequest, mlp: &Mlp, data: &Dataset) -> Result
         std::fs::create_dir_all(dir)
             .map_err(|e| FisherError::io(dir, format!("cannot create the data directory: {e}")))?;
         let (inputs, labels) = (dir.join("inputs.npy"), dir.join("labels.npy"));
+        // A synthetic problem's data is in memory already (borrowed, not copied).
+        let data = data.to_dataset()?;
         io::write_npy_matrix(&inputs, data.inputs.view())?;
         match &data.targets {
             Targets::Classes(classes) => io::write_npy_labels(&labels, classes)?,
@@ -269,7 +271,7 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     }
 
     let start = Instant::now();
-    let saved = save_synthetic(request, &mlp, &data)?;
+    let saved = save_synthetic(request, &mlp, &*data)?;
     seconds.save = Some(since(start));
 
     let mut outcome = ComputeOutcome {
@@ -291,7 +293,7 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
         shard: None,
     };
     if let (Some((index, count)), Some(form), Some(partial)) = (request.shard, request.form, &request.partial) {
-        return run_shard(request, (index, count), form, partial, &mlp, &data, outcome);
+        return run_shard(request, (index, count), form, partial, &mlp, &*data, outcome);
     }
     let (Some(form), Some(out)) = (request.form, &request.out) else {
         return Ok(outcome); // only saving the synthetic files
@@ -307,17 +309,19 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     let result = match request.block_samples {
         // Another block than the default: the exact sums over that block, finished.
         Some(block) if block != DEFAULT_BLOCK_SAMPLES && !matches!(form, NetForm::Grads | NetForm::Norms) => {
-            engine.fisher_sums(&mlp, &data, request.variant, form, 0..samples, block)?.finish(samples)?
+            engine.fisher_sums(&mlp, &*data, request.variant, form, 0..samples, block)?.finish(samples)?
         }
-        _ => engine.fisher(&mlp, &data, request.variant, form)?,
+        _ => engine.fisher(&mlp, &*data, request.variant, form)?,
     };
     outcome.seconds.compute = since(start);
 
     if request.verify {
         let start = Instant::now();
-        let reference =
-            crate::reference::network::fisher(&mlp, &data, request.likelihood, request.variant, form)
-                .map_err(RunError::context("computing the f64 reference"))?;
+        // The reference needs every sample at once: data on disk is read whole here.
+        let reference = data
+            .to_dataset()
+            .and_then(|whole| crate::reference::network::fisher(&mlp, &whole, request.likelihood, request.variant, form))
+            .map_err(RunError::context("computing the f64 reference"))?;
         let verdict = Verdict::judge(result.agreement(&reference)?, Contract::Network);
         drop(reference);
         outcome.seconds.verify = since(start);
@@ -376,7 +380,7 @@ fn run_shard(
     form: NetForm,
     partial: &Path,
     mlp: &Mlp,
-    data: &Dataset,
+    data: &dyn DataSource,
     outcome: ComputeOutcome,
 ) -> Result<ComputeOutcome, RunError> {
     let (file, mut outcome) = shard_file(request, shard, form, mlp, data, outcome)?;
@@ -393,7 +397,7 @@ fn shard_file(
     (index, count): (usize, usize),
     form: NetForm,
     mlp: &Mlp,
-    data: &Dataset,
+    data: &dyn DataSource,
     mut outcome: ComputeOutcome,
 ) -> Result<(PartialFile, ComputeOutcome), RunError> {
     let samples = data.len();
@@ -414,7 +418,7 @@ fn shard_file(
         range: range.clone(),
         total: samples,
         block,
-        fingerprint: merge::fingerprint(mlp, data, request.likelihood, request.variant, form, block),
+        fingerprint: merge::fingerprint(mlp, data, request.likelihood, request.variant, form, block)?,
         backend: backend.clone(),
         result_metadata: fisher_file::network_metadata(form, mlp, samples, request.likelihood, request.variant, &backend),
     };
@@ -470,7 +474,7 @@ pub fn shard_part(request: &ComputeRequest, (index, count): (usize, usize)) -> R
         seconds: Seconds { load: since(start), ..Seconds::default() },
         shard: None,
     };
-    shard_file(request, (index, count), form, &mlp, &data, outcome)
+    shard_file(request, (index, count), form, &mlp, &*data, outcome)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::fisher::{NetForm, NetSums, Variant};
 use crate::io::fisher_file::{self, FisherFile};
 use crate::io::output::Target;
 use crate::io::partial::{self, Fnv, PartialFile};
-use crate::model::{Dataset, Likelihood, Mlp, Targets};
+use crate::model::{DataSource, Likelihood, Mlp, TargetRows};
 
 /// The fingerprint of a run, which every part of it carries: the model (architecture,
 /// activations and every parameter's bits), the data (N, the input width, the targets' kind
@@ -25,7 +25,7 @@ use crate::model::{Dataset, Likelihood, Mlp, Targets};
 ///
 /// Only the first block of the data is hashed, so that every shard can afford it; data that
 /// differ only after it are not told apart (N and the shapes still are).
-pub fn fingerprint(mlp: &Mlp, data: &Dataset, likelihood: Likelihood, variant: Variant, form: NetForm, block: usize) -> String {
+pub fn fingerprint(mlp: &Mlp, data: &dyn DataSource, likelihood: Likelihood, variant: Variant, form: NetForm, block: usize) -> Result<String> {
     let mut h = Fnv::default();
     h.text("fisher-engine run v1").text(form.name()).text(likelihood.name()).text(variant.name());
     if let Variant::MonteCarlo { samples, seed } = variant {
@@ -42,23 +42,29 @@ pub fn fingerprint(mlp: &Mlp, data: &Dataset, likelihood: Likelihood, variant: V
             h.text("bias").floats(b.iter().copied());
         }
     }
-    let (n, d) = data.inputs.dim();
-    let head = n.min(block);
+    let (n, d) = (data.len(), data.input_dim());
     h.bytes(&(n as u64).to_le_bytes()).bytes(&(d as u64).to_le_bytes());
-    h.floats(data.inputs.slice(ndarray::s![..head, ..]).iter().copied());
-    match &data.targets {
-        Targets::Classes(c) => {
-            h.text("classes");
-            for &y in &c[..head] {
-                h.bytes(&y.to_le_bytes());
+    // The first block, read in pieces of at most 4096 samples (bounded memory).
+    let head = n.min(block);
+    let mut s0 = 0;
+    while s0 < head {
+        let m = (head - s0).min(4096);
+        h.floats(data.inputs(s0, m)?.iter().copied());
+        match data.targets(s0, m)? {
+            TargetRows::Classes(c) => {
+                h.text("classes");
+                for &y in c.iter() {
+                    h.bytes(&y.to_le_bytes());
+                }
+            }
+            TargetRows::Values(v) => {
+                h.text("values").bytes(&(v.ncols() as u64).to_le_bytes());
+                h.floats(v.iter().copied());
             }
         }
-        Targets::Values(v) => {
-            h.text("values").bytes(&(v.ncols() as u64).to_le_bytes());
-            h.floats(v.slice(ndarray::s![..head, ..]).iter().copied());
-        }
+        s0 += m;
     }
-    h.hex()
+    Ok(h.hex())
 }
 
 /// What to merge, and where.

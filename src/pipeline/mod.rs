@@ -33,7 +33,7 @@ use std::path::PathBuf;
 
 use crate::error::FisherError;
 use crate::fisher::NetForm;
-use crate::model::{problem, ActivationSpec, Dataset, Likelihood, Mlp};
+use crate::model::{problem, ActivationSpec, DataSource, Likelihood, Mlp, NpyDataset};
 use crate::verify::VerificationFailed;
 
 pub mod compute;
@@ -128,22 +128,27 @@ pub enum Source {
 
 /// Loads the model and the data from files, or builds the synthetic problem, and checks them
 /// against each other (the files at fault are named).
-pub fn load_problem(source: &Source, activation: &ActivationSpec, likelihood: Likelihood) -> Result<(Mlp, Dataset), RunError> {
+///
+/// Data from files stays on disk ([`NpyDataset`]: checked here in one streamed pass, then
+/// read a micro-batch at a time), so host memory does not grow with N; a synthetic
+/// problem's data is in memory.
+pub fn load_problem(source: &Source, activation: &ActivationSpec, likelihood: Likelihood) -> Result<(Mlp, Box<dyn DataSource>), RunError> {
     match source {
         Source::Files { weights, inputs, labels } => {
             let mlp = Mlp::from_safetensors(weights, activation)?;
-            let data = Dataset::from_npy(inputs, labels, likelihood)?;
+            let data = NpyDataset::open(inputs, labels, likelihood)?;
             data.validate(&mlp, likelihood).map_err(RunError::context(format!(
                 "{} and {} do not fit the model {}",
                 inputs.display(),
                 labels.display(),
                 weights.display()
             )))?;
-            Ok((mlp, data))
+            Ok((mlp, Box::new(data)))
         }
         Source::Synthetic { widths, samples, seed } => {
-            problem::synthetic_problem(widths, *samples, *seed, activation, likelihood)
-                .map_err(RunError::context("building the synthetic model"))
+            let (mlp, data) = problem::synthetic_problem(widths, *samples, *seed, activation, likelihood)
+                .map_err(RunError::context("building the synthetic model"))?;
+            Ok((mlp, Box::new(data)))
         }
     }
 }

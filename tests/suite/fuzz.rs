@@ -23,7 +23,7 @@ use std::path::Path;
 
 use fisher_engine::io::fisher_file::{self, Tensors};
 use fisher_engine::io::{read_npy_matrix, read_safetensors, NpyRows};
-use fisher_engine::model::{Activation, ActivationSpec, Dataset, Likelihood, Mlp};
+use fisher_engine::model::{Activation, ActivationSpec, DataSource, Dataset, Likelihood, Mlp, NpyDataset};
 use fisher_engine::{FisherError, Form};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -228,7 +228,8 @@ fn raw_bytes(prefix: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Every reader of `.npy` files on one input: the whole-matrix reader, the streaming reader
-/// (every chunk), and the data loader with the file as inputs and as labels/targets.
+/// (every chunk), and the data loaders (whole, and on disk then read whole) with the file as
+/// inputs and as labels/targets.
 fn all_npy_readers(dir: &Path, bytes: &[u8]) -> Result<(), TestCaseError> {
     let path = dir.join("fuzz.npy");
     if let Some(m) = parse_file(&path, bytes, read_npy_matrix)? {
@@ -245,9 +246,11 @@ fn all_npy_readers(dir: &Path, bytes: &[u8]) -> Result<(), TestCaseError> {
         for n in [1usize, 2, 3, 4] {
             write_raw_npy(&good, "<f4", false, &format!("({n}, 1)"), &f32_bytes(&vec![0.5; n]));
             parse_file(&path, bytes, |p| Dataset::from_npy(&good, p, likelihood))?;
+            parse_file(&path, bytes, |p| NpyDataset::open(&good, p, likelihood)?.to_dataset().map(|d| d.into_owned()))?;
         }
         write_raw_npy(&good, "<i8", false, "(2,)", &[0u8; 16]);
         parse_file(&path, bytes, |p| Dataset::from_npy(p, &good, likelihood))?;
+        parse_file(&path, bytes, |p| NpyDataset::open(p, &good, likelihood)?.to_dataset().map(|d| d.into_owned()))?;
     }
     Ok(())
 }
@@ -312,6 +315,9 @@ fn a_header_claiming_more_than_the_file_is_refused_before_allocating() {
     let message = result.unwrap_err().to_string();
     assert!(largest < 2 << 20, "allocated {largest} bytes");
     assert!(message.contains("y.npy") && message.contains("needs 1000000000000 bytes of data but the file holds 100"), "{message}");
+    let (result, largest) = largest_allocation(|| NpyDataset::open(&x, &labels, Likelihood::Categorical));
+    assert!(largest < 2 << 20, "allocated {largest} bytes");
+    assert_eq!(result.unwrap_err().to_string(), message, "on disk as in memory");
     // A header length field of 4 GiB on a small file.
     let mut v2 = b"\x93NUMPY\x02\x00".to_vec();
     v2.extend(u32::MAX.to_le_bytes());

@@ -21,6 +21,7 @@ mod cli_inspect;
 mod cli_outputs;
 mod cli_report;
 mod cpu;
+mod data_stream;
 mod examples;
 mod fuzz;
 mod fvp;

@@ -26,7 +26,7 @@ use crate::backend::plan::{block_layout, check_result, squares_total};
 use crate::backend::{Accumulator, FisherBackend, DEFAULT_RESULT_LIMIT};
 use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
-use crate::model::{Dataset, Mlp};
+use crate::model::{DataSource, Mlp};
 use crate::validate::check_matrix;
 use syrk::SymmetricSum;
 
@@ -171,11 +171,11 @@ impl FisherBackend for CpuBackend {
         }))
     }
 
-    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+    fn network_fisher(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher> {
         network::network_fisher(self, mlp, data, variant, form)
     }
 
-    fn network_fisher_over(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm, range: std::ops::Range<usize>) -> Result<NetFisher> {
+    fn network_fisher_over(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, range: std::ops::Range<usize>) -> Result<NetFisher> {
         let sums = network::network_sums(self, mlp, data, variant, form, range.clone(), crate::fisher::DEFAULT_BLOCK_SAMPLES)?;
         sums.finish(range.len())
     }
@@ -183,7 +183,7 @@ impl FisherBackend for CpuBackend {
     fn network_sums(
         &self,
         mlp: &Mlp,
-        data: &Dataset,
+        data: &dyn DataSource,
         variant: Variant,
         form: NetForm,
         range: std::ops::Range<usize>,
@@ -192,15 +192,15 @@ impl FisherBackend for CpuBackend {
         network::network_sums(self, mlp, data, variant, form, range, block)
     }
 
-    fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
+    fn network_fvp(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
         network::network_fvp(self, mlp, data, variant, v, product)
     }
 
-    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
+    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
         Ok(Box::new(network::CpuNetOperator::new(self, mlp, data, variant, self.forward_cache_bytes)?))
     }
 
-    fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, budget: u64) -> Result<Option<Box<dyn crate::backend::NetworkOperator + 'a>>> {
+    fn network_gram_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant, budget: u64) -> Result<Option<Box<dyn crate::backend::NetworkOperator + 'a>>> {
         Ok(network::CpuGramOperator::new(self, mlp, data, variant, budget)?.map(|op| Box::new(op) as Box<dyn crate::backend::NetworkOperator>))
     }
 

@@ -23,7 +23,7 @@ use crate::error::{FisherError, Result};
 use crate::fisher::exact::ExactSum;
 use crate::fisher::sums::{diag_of, symmetric_of, NetSums, SumLayer, DEFAULT_BLOCK_SAMPLES};
 use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, NetFisher, NetForm, Variant};
-use crate::model::{Dataset, Mlp, Targets};
+use crate::model::{DataSource, Mlp, TargetRows};
 
 /// Default scratch of one micro-batch, bytes ([`CpuBackend::with_batch_bytes`]): large
 /// enough for efficient GEMMs, small enough to keep the per-batch buffers (m·d rows of the
@@ -109,15 +109,19 @@ fn augmented_weights(mlp: &Mlp) -> Vec<Array2<f32>> {
         .collect()
 }
 
+/// ã_l and z_l of every layer for one micro-batch (see [`forward_pass`]).
+type ActsAndZs = (Vec<Array2<f32>>, Vec<Array2<f32>>);
+
 /// The forward pass of samples s0 .. s0 + m: the augmented activations ã_l (m ×
 /// augmented_in, last column 1 where layer l has a bias) and pre-activations z_l (m × out).
-fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &Dataset, s0: usize, m: usize) -> (Vec<Array2<f32>>, Vec<Array2<f32>>) {
+/// Errors only when the inputs cannot be read (data on disk).
+fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &dyn DataSource, s0: usize, m: usize) -> Result<ActsAndZs> {
     let depth = mlp.layers.len();
     let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
     let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
     let first = &mlp.layers[0];
     let mut a0 = Array2::<f32>::ones((m, first.augmented_in()));
-    a0.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs.slice(s![s0..s0 + m, ..]));
+    a0.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs(s0, m)?);
     acts.push(a0);
     for (l, layer) in mlp.layers.iter().enumerate() {
         let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
@@ -129,7 +133,7 @@ fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &Dataset, s0: usize, m: u
         }
         zs.push(z);
     }
-    (acts, zs)
+    Ok((acts, zs))
 }
 
 enum Reduction {
@@ -241,18 +245,20 @@ impl Reduction {
 
 /// Output rows δ_{L−1} for one micro-batch (see the variant table in [`crate::model`]): the
 /// rows q0 .. q0 + d of each sample (draws for MC, classes for `true`), sample-major. The MC
-/// weight is 1/√K of the whole K, so chunks of draws sum to the unchunked result.
-pub(crate) fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant, (q0, r): (usize, usize)) -> Array2<f32> {
+/// weight is 1/√K of the whole K, so chunks of draws sum to the unchunked result. The
+/// targets of the m = z.nrows() samples from s0 are read from `data` here.
+pub(crate) fn output_rows(z: ArrayView2<'_, f32>, data: &dyn DataSource, s0: usize, variant: Variant, (q0, r): (usize, usize)) -> Result<Array2<f32>> {
     let (m, c) = z.dim();
+    let targets = data.targets(s0, m)?;
     let mut out = Array2::<f32>::zeros((m * r, c));
     out.axis_chunks_iter_mut(Axis(0), r).into_par_iter().enumerate().for_each(|(s, mut rows)| {
         let zr = z.row(s);
         let sample = (s0 + s) as u32;
-        match targets {
-            Targets::Values(values) => match variant {
+        match &targets {
+            TargetRows::Values(values) => match variant {
                 Variant::Empirical => {
                     for j in 0..c {
-                        rows[[0, j]] = values[[s0 + s, j]] - zr[j];
+                        rows[[0, j]] = values[[s, j]] - zr[j];
                     }
                 }
                 Variant::True => {
@@ -269,13 +275,13 @@ pub(crate) fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, 
                     }
                 }
             },
-            Targets::Classes(labels) => {
+            TargetRows::Classes(labels) => {
                 let zmax = zr.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let denom: f32 = zr.iter().map(|&v| (v - zmax).exp()).sum();
                 let p: Vec<f32> = zr.iter().map(|&v| (v - zmax).exp() / denom).collect();
                 match variant {
                     Variant::Empirical => {
-                        let y = labels[s0 + s] as usize;
+                        let y = labels[s] as usize;
                         for j in 0..c {
                             rows[[0, j]] = (j == y) as u8 as f32 - p[j];
                         }
@@ -301,7 +307,7 @@ pub(crate) fn output_rows(z: ArrayView2<'_, f32>, targets: &Targets, s0: usize, 
             }
         }
     });
-    out
+    Ok(out)
 }
 
 /// Writes the rows δ ⊗ ã of one layer (weight row-major, then bias) into `dst` (rows × P_l).
@@ -348,7 +354,7 @@ fn batching(be: &CpuBackend, n: usize, r: usize, cost: &BatchCost) -> Result<Bat
         .batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))
 }
 
-pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher> {
     let n = data.len();
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, n, be.result_limit)?;
@@ -403,7 +409,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant
 pub(crate) fn network_sums(
     be: &CpuBackend,
     mlp: &Mlp,
-    data: &Dataset,
+    data: &dyn DataSource,
     variant: Variant,
     form: NetForm,
     range: std::ops::Range<usize>,
@@ -437,7 +443,7 @@ pub(crate) fn network_sums(
 fn reduce(
     be: &CpuBackend,
     mlp: &Mlp,
-    data: &Dataset,
+    data: &dyn DataSource,
     variant: Variant,
     form: NetForm,
     range: std::ops::Range<usize>,
@@ -480,14 +486,14 @@ fn reduce(
         }
         // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
         // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
-        let (acts, zs) = forward_pass(mlp, &waug, data, s0, m);
+        let (acts, zs) = forward_pass(mlp, &waug, data, s0, m)?;
         let derivs: Vec<Array2<f32>> =
             (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
         let act_squares: Vec<Array2<f32>> =
             if matches!(reduction, Reduction::Diag(_)) { acts.iter().map(|a| squares(a.view())).collect() } else { Vec::new() };
         // Output rows and backward, d draws (rows per sample) at a time.
         for (q0, d) in batch.draw_ranges(r) {
-            let mut delta = output_rows(zs[depth - 1].view(), &data.targets, s0, variant, (q0, d));
+            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d))?;
             let mut grad_rows = match &reduction {
                 Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
                 _ => None,
@@ -553,19 +559,22 @@ fn reduce(
     Ok(reduction)
 }
 
-/// w = Λ ż per sample (see `head_fvp` in shaders/mlp.wgsl): Λ = E_y[e eᵀ] of the variant.
-pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, targets: &Targets, s0: usize, variant: Variant) -> Array2<f32> {
+
+/// w = Λ ż per sample (see `head_fvp` in shaders/mlp.wgsl): Λ = E_y[e eᵀ] of the variant,
+/// with the targets of the m = z.nrows() samples from s0 read from `data`.
+pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, data: &dyn DataSource, s0: usize, variant: Variant) -> Result<Array2<f32>> {
     let (m, c) = z.dim();
+    let targets = data.targets(s0, m)?;
     let mut w = Array2::<f32>::zeros((m, c));
     w.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(s, mut out)| {
         let zr = z.row(s);
         let t = zdot.row(s);
         let sample = (s0 + s) as u32;
-        match targets {
-            Targets::Values(values) => match variant {
+        match &targets {
+            TargetRows::Values(values) => match variant {
                 Variant::True => out.assign(&t),
                 Variant::Empirical => {
-                    let e: Vec<f32> = (0..c).map(|j| values[[s0 + s, j]] - zr[j]).collect();
+                    let e: Vec<f32> = (0..c).map(|j| values[[s, j]] - zr[j]).collect();
                     let dot: f32 = e.iter().zip(t.iter()).map(|(a, b)| a * b).sum();
                     for j in 0..c {
                         out[j] = e[j] * dot;
@@ -586,7 +595,7 @@ pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, ta
                     }
                 }
             },
-            Targets::Classes(labels) => {
+            TargetRows::Classes(labels) => {
                 let zmax = zr.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let denom: f32 = zr.iter().map(|&v| (v - zmax).exp()).sum();
                 let p: Vec<f32> = zr.iter().map(|&v| (v - zmax).exp() / denom).collect();
@@ -603,7 +612,7 @@ pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, ta
                             out[j] = p[j] * (t[j] - pdot);
                         }
                     }
-                    Variant::Empirical => add_row(labels[s0 + s] as usize, 1.0),
+                    Variant::Empirical => add_row(labels[s] as usize, 1.0),
                     Variant::MonteCarlo { samples, seed } => {
                         // Σ_k (onehot(y_k) − p)(ż_{y_k} − pᵀż) = Σ_y count_y (onehot(y) − p)(ż_y − pᵀż):
                         // count the K draws per class (exact), then one weighted row per class.
@@ -621,12 +630,12 @@ pub(crate) fn lambda_times(z: ArrayView2<'_, f32>, zdot: ArrayView2<'_, f32>, ta
             }
         }
     });
-    w
+    Ok(w)
 }
 
 /// Implicit F·v and vᵀFv (see `src/backend/gpu/network.rs::network_fvp` for the method):
 /// one direction through [`CpuNetOperator`].
-pub(crate) fn network_fvp(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
+pub(crate) fn network_fvp(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
     let mut op = CpuNetOperator::new(be, mlp, data, variant, 0)?;
     let out = op.apply(v.insert_axis(Axis(0)), product)?;
     Ok(Fvp { product: out.products.map(|p| p.row(0).to_owned()), quadratic: out.quadratics[0] })
@@ -662,7 +671,7 @@ struct Forward {
 pub(crate) struct CpuNetOperator<'a> {
     be: &'a CpuBackend,
     mlp: &'a Mlp,
-    data: &'a Dataset,
+    data: &'a dyn DataSource,
     variant: Variant,
     plan: NetPlan,
     waug: Vec<Array2<f32>>,
@@ -675,7 +684,7 @@ pub(crate) struct CpuNetOperator<'a> {
 
 impl<'a> CpuNetOperator<'a> {
     /// The operator; `cache_bytes` bounds the forward pass kept between products (0: none).
-    pub(crate) fn new(be: &'a CpuBackend, mlp: &'a Mlp, data: &'a Dataset, variant: Variant, cache_bytes: u64) -> Result<Self> {
+    pub(crate) fn new(be: &'a CpuBackend, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant, cache_bytes: u64) -> Result<Self> {
         let plan = NetPlan::new(mlp, variant)?;
         let max_w = mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
         // The forward pass of one sample (ã, z, φ') plus one row per direction of the three
@@ -685,10 +694,10 @@ impl<'a> CpuNetOperator<'a> {
         Ok(CpuNetOperator { be, mlp, data, variant, plan, waug: augmented_weights(mlp), samples, cache: None, cache_bytes })
     }
 
-    fn forward_of(&self, s0: usize, m: usize) -> Forward {
-        let (acts, zs) = forward_pass(self.mlp, &self.waug, self.data, s0, m);
+    fn forward_of(&self, s0: usize, m: usize) -> Result<Forward> {
+        let (acts, zs) = forward_pass(self.mlp, &self.waug, self.data, s0, m)?;
         let derivs = (0..zs.len() - 1).map(|l| derivative(self.mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
-        Forward { acts, zs, derivs }
+        Ok(Forward { acts, zs, derivs })
     }
 
     fn forward_bytes(&self) -> u64 {
@@ -724,7 +733,7 @@ impl<'a> CpuNetOperator<'a> {
         };
         let mut quadratics = vec![0f64; k];
         if self.cache.is_none() && self.cache_bytes > 0 && self.forward_bytes() <= self.cache_bytes {
-            let batches = (0..n).step_by(self.samples.max(1)).map(|s0| self.forward_of(s0, self.samples.min(n - s0))).collect();
+            let batches = (0..n).step_by(self.samples.max(1)).map(|s0| self.forward_of(s0, self.samples.min(n - s0))).collect::<Result<_>>()?;
             self.cache = Some(batches);
         }
         let max_w = self.mlp.layers.iter().map(|l| l.augmented_in().max(l.fan_out())).max().unwrap_or(1);
@@ -734,7 +743,7 @@ impl<'a> CpuNetOperator<'a> {
             let fw = match &self.cache {
                 Some(batches) => &batches[b],
                 None => {
-                    fresh = self.forward_of(s0, m);
+                    fresh = self.forward_of(s0, m)?;
                     &fresh
                 }
             };
@@ -789,7 +798,7 @@ impl<'a> CpuNetOperator<'a> {
         let mut w = Array2::<f32>::zeros(zdot.dim());
         for j in 0..kk {
             let rows = s![j * m..(j + 1) * m, ..];
-            let wj = lambda_times(z_out, zdot.slice(rows), &self.data.targets, s0, self.variant);
+            let wj = lambda_times(z_out, zdot.slice(rows), self.data, s0, self.variant)?;
             quadratics[j] += zdot.slice(rows).iter().zip(wj.iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
             w.slice_mut(rows).assign(&wj);
         }
@@ -859,7 +868,7 @@ impl CpuGramOperator {
     }
 
     /// The operator, or `None` when it would hold more than `budget` bytes.
-    pub(crate) fn new(be: &CpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, budget: u64) -> Result<Option<Self>> {
+    pub(crate) fn new(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, budget: u64) -> Result<Option<Self>> {
         let n = data.len();
         let plan = NetPlan::new(mlp, variant)?;
         let (depth, r) = (plan.depth(), plan.r);
@@ -875,9 +884,9 @@ impl CpuGramOperator {
         let m_max = micro_batch(be, n, forward.saturating_add(r.saturating_mul(2 * max_w)))?;
         for s0 in (0..n).step_by(m_max.max(1)) {
             let m = m_max.min(n - s0);
-            let (a, zs) = forward_pass(mlp, &waug, data, s0, m);
+            let (a, zs) = forward_pass(mlp, &waug, data, s0, m)?;
             let derivs: Vec<Array2<f32>> = (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), a[l + 1].view())).collect();
-            let mut delta = output_rows(zs[depth - 1].view(), &data.targets, s0, variant, (0, r));
+            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (0, r))?;
             for l in (0..depth).rev() {
                 acts[l].slice_mut(s![s0..s0 + m, ..]).assign(&a[l]);
                 deltas[l].slice_mut(s![s0 * r..(s0 + m) * r, ..]).assign(&delta);

@@ -28,7 +28,7 @@ use crate::backend::plan::{block_layout, check_result, squares_total, MicroBatch
 use crate::backend::{Accumulator, FisherBackend, DEFAULT_RESULT_LIMIT};
 use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
-use crate::model::{Dataset, Mlp};
+use crate::model::{DataSource, Mlp};
 use crate::validate::check_matrix;
 use consts::SYRK_TILE;
 use kernels::{Bindings, Kernels, Recorder, RowParams, SyrkParams, SyrkVariant};
@@ -239,19 +239,19 @@ impl FisherBackend for GpuBackend {
         Ok(Box::new(GpuAccumulator::new(self, kind, params)?))
     }
 
-    fn network_fisher(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+    fn network_fisher(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher> {
         network::network_fisher(self, mlp, data, variant, form)
     }
 
-    fn network_fisher_over(&self, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm, range: std::ops::Range<usize>) -> Result<NetFisher> {
+    fn network_fisher_over(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, range: std::ops::Range<usize>) -> Result<NetFisher> {
         network::network_fisher_over(self, mlp, data, variant, form, range)
     }
 
-    fn network_fvp(&self, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
+    fn network_fvp(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
         network::network_fvp(self, mlp, data, variant, v, product)
     }
 
-    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a Dataset, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
+    fn network_operator<'a>(&'a self, mlp: &'a Mlp, data: &'a dyn DataSource, variant: Variant) -> Result<Box<dyn crate::backend::NetworkOperator + 'a>> {
         Ok(Box::new(crate::backend::PerDirection { backend: self, mlp, data, variant }))
     }
 

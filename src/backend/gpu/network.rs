@@ -35,7 +35,7 @@ use crate::backend::plan::{BatchCost, Batching, LayerShape, NetPlan};
 use crate::backend::Accumulator;
 use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Fvp, KfacFactors, NetFisher, NetForm, Variant};
-use crate::model::{Dataset, Likelihood, Mlp, Targets};
+use crate::model::{DataSource, Likelihood, Mlp, TargetRows};
 
 /// Bytes of micro-batch target per draw evaluation (sample × draw) of one `head_fvp`
 /// dispatch: each invocation loops over its draws, so K = 10⁹ in one dispatch would run for
@@ -107,7 +107,7 @@ fn variant_params(variant: Variant) -> (u32, u64, usize) {
 
 /// The uniform block of `head`/`head_fvp` for samples s0..s0+m: output rows (draws)
 /// `q0 .. q0 + d` of each sample and weight `scale` of the MC draws.
-fn head_params(data: &Dataset, variant: Variant, classes: usize, (s0, m): (usize, usize), (q0, d): (usize, usize), scale: f32) -> Result<MlpParams> {
+fn head_params(data: &dyn DataSource, variant: Variant, classes: usize, (s0, m): (usize, usize), (q0, d): (usize, usize), scale: f32) -> Result<MlpParams> {
     let (code, seed, _) = variant_params(variant);
     Ok(MlpParams {
         rows: u32_of(m, "samples per micro-batch")?,
@@ -185,28 +185,29 @@ impl<'a> Net<'a> {
     }
 
     /// Writes the inputs (with the trailing 1) and targets of samples s0..s0+m.
-    fn upload(&mut self, data: &Dataset, s0: usize, m: usize) {
+    fn upload(&mut self, data: &dyn DataSource, s0: usize, m: usize) -> Result<()> {
         let first = &self.shapes[0];
         let ld0 = first.ld;
+        let inputs = data.inputs(s0, m)?;
         for s in 0..m {
             let row = &mut self.host_input[s * ld0..(s + 1) * ld0];
-            for (dst, &x) in row.iter_mut().zip(data.inputs.row(s0 + s).iter()) {
+            for (dst, &x) in row.iter_mut().zip(inputs.row(s).iter()) {
                 *dst = x;
             }
             if first.has_bias {
                 row[first.fan_in] = 1.0;
             }
         }
-        let tlen = match &data.targets {
-            Targets::Classes(labels) => {
+        let tlen = match &data.targets(s0, m)? {
+            TargetRows::Classes(labels) => {
                 for s in 0..m {
-                    self.host_targets[s] = f32::from_bits(labels[s0 + s]);
+                    self.host_targets[s] = f32::from_bits(labels[s]);
                 }
                 m
             }
-            Targets::Values(values) => {
+            TargetRows::Values(values) => {
                 for s in 0..m {
-                    for (j, &v) in values.row(s0 + s).iter().enumerate() {
+                    for (j, &v) in values.row(s).iter().enumerate() {
                         self.host_targets[s * self.classes + j] = v;
                     }
                 }
@@ -216,6 +217,7 @@ impl<'a> Net<'a> {
         let q = &self.be.ctx.queue;
         q.write_buffer(&self.acts[0], 0, bytemuck::cast_slice(&self.host_input[..m * ld0]));
         q.write_buffer(&self.targets, 0, bytemuck::cast_slice(&self.host_targets[..tlen]));
+        Ok(())
     }
 
     /// Clears the GEMM pair for `elems` outputs.
@@ -444,7 +446,7 @@ impl<'a> Reduction<'a> {
 }
 
 /// The network Fisher of `form`, streamed in micro-batches of samples and chunks of draws.
-pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, form: NetForm) -> Result<NetFisher> {
+pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher> {
     network_fisher_over(be, mlp, data, variant, form, 0..data.len())
 }
 
@@ -453,7 +455,7 @@ pub(crate) fn network_fisher(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant
 pub(crate) fn network_fisher_over(
     be: &GpuBackend,
     mlp: &Mlp,
-    data: &Dataset,
+    data: &dyn DataSource,
     variant: Variant,
     form: NetForm,
     range: std::ops::Range<usize>,
@@ -519,7 +521,7 @@ pub(crate) fn network_fisher_over(
     // ---- encode per layer, per chunk of draws, per micro-batch ---------------------------
     for (s0, m) in batch.sample_ranges(n) {
         let s0 = first + s0;
-        net.upload(data, s0, m);
+        net.upload(data, s0, m)?;
         let mut forward = be.kernels.recorder();
         net.encode_forward(&mut forward, m)?;
         let mut pending = Some(forward);
@@ -554,7 +556,7 @@ pub(crate) fn network_fisher_over(
 /// Jᵀ w, accumulated as (1/N) Σ δ_l ã_lᵀ per layer. vᵀFv = (1/N) Σᵢ żᵢᵀ wᵢ needs only the
 /// forward part (`product = false`). Memory: the model, two direction-sized accumulators and
 /// one micro-batch.
-pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
+pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, v: ArrayView1<'_, f32>, product: bool) -> Result<Fvp> {
     let ctx = &be.ctx;
     let n = data.len();
     let plan = NetPlan::new(mlp, variant)?;
@@ -600,7 +602,7 @@ pub(crate) fn network_fvp(be: &GpuBackend, mlp: &Mlp, data: &Dataset, variant: V
 
     for s0 in (0..n).step_by(mb) {
         let m = mb.min(n - s0);
-        net.upload(data, s0, m);
+        net.upload(data, s0, m)?;
         let mut rec = be.kernels.recorder();
         net.encode_forward(&mut rec, m)?;
         // Tangents: ż_l = ã_l [V_l | v_b]ᵀ + ȧ_l W_lᵀ, ȧ_{l+1} = φ'(z_l) ∘ ż_l.
