@@ -11,7 +11,7 @@
 //!                [--variant empirical|true|mc] [--mc-samples K] [--seed S]
 //!                --form full|diag|layer|kfac|grads|norms [--backend auto|gpu|cpu]
 //!                [--adapter SUBSTR] --out F.safetensors [--verify] [--max-result-gib G]
-//!                [--block-samples B] [--shard i/n --partial PART.safetensors]
+//!                [--block-samples B] [--shard i/n --partial PART.safetensors | --mpi]
 //!                [--json | --quiet]
 //! fisher reduce (--grads G.npy | --synthetic N,P [--seed S]) [--form FORM]
 //!               [--backend auto|gpu|cpu] [--adapter SUBSTR] [--out F.safetensors]
@@ -74,6 +74,21 @@ fn main() -> ExitCode {
         log::warn!("{e}");
     }
 
+    // Under mpirun, MPI starts before anything is printed, so that only rank 0 prints (the
+    // universe lives until main returns: MPI is finalized before the process exits).
+    #[cfg(feature = "mpi")]
+    let _universe = if cli::mpi::requested() {
+        match cli::mpi::init() {
+            Ok(universe) => Some(universe),
+            Err(e) => {
+                eprintln!("fisher: error: {e}");
+                return ExitCode::from(Exit::Failure as u8);
+            }
+        }
+    } else {
+        None
+    };
+
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -97,7 +112,9 @@ fn main() -> ExitCode {
                 .collect::<Vec<_>>()
                 .join(" ");
             let message = folded.strip_prefix("error: ").unwrap_or(&folded);
-            eprintln!("fisher: error: {message} (see `fisher --help`)");
+            if cli::mpi::prints() {
+                eprintln!("fisher: error: {message} (see `fisher --help`)");
+            }
             return ExitCode::from(Exit::Usage as u8);
         }
     };
@@ -109,7 +126,9 @@ fn main() -> ExitCode {
     match outcome {
         Ok(Ok(())) => ExitCode::from(Exit::Success as u8),
         Ok(Err(err)) => {
-            eprintln!("fisher: error: {}", one_line(&err));
+            if cli::mpi::prints() {
+                eprintln!("fisher: error: {}", one_line(&err));
+            }
             ExitCode::from(classify(&err) as u8)
         }
         Err(_) => ExitCode::from(Exit::Failure as u8),
@@ -132,6 +151,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Report::Human => println!("{}", cli::compute::human_graph(graph, &outcome)),
                     Report::Json => println!("{}", cli::compute::json_graph(graph, &outcome)),
                     Report::Quiet => {}
+                }
+                return Ok(());
+            }
+            if cfg.mpi {
+                if let Some(merged) = cli::mpi::run(&cfg)? {
+                    match cfg.report {
+                        Report::Human => println!("{}", cli::merge::human(&merged)),
+                        Report::Json => println!("{}", cli::merge::json_value(&merged)),
+                        Report::Quiet => {}
+                    }
                 }
                 return Ok(());
             }

@@ -83,6 +83,11 @@ pub struct ComputeArgs {
     /// run agree bit for bit (CPU) when they use the same value.
     #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
     pub block_samples: Option<u64>,
+
+    /// Under `mpirun -np K` (a fisher built with `--features mpi`): rank r sums shard r of
+    /// K, rank 0 merges the parts exactly and writes --out (the single run's result).
+    #[arg(long)]
+    pub mpi: bool,
 }
 
 fn parse_shard(text: &str) -> Result<(usize, usize), String> {
@@ -100,6 +105,8 @@ pub struct ComputeConfig {
     pub report: Report,
     /// With `--model`: the graph request, which replaces `request`.
     pub graph: Option<GraphRequest>,
+    /// `--mpi`: one shard per MPI rank, merged on rank 0.
+    pub mpi: bool,
 }
 
 impl ComputeConfig {
@@ -130,6 +137,25 @@ impl ComputeConfig {
 
         let saves = args.save_model.is_some() || args.save_data.is_some();
         let form = args.form.map(NetForm::from);
+        if args.mpi {
+            match form {
+                None => return Err(usage("--mpi needs --form diag|kfac|layer|full and --out")),
+                Some(f @ (NetForm::Grads | NetForm::Norms)) => {
+                    return Err(usage(format!("--mpi sums over samples; --form {} is per sample", f.name())))
+                }
+                Some(_) => {}
+            }
+            for (given, flag) in [
+                (args.shard.is_some(), "--shard"),
+                (args.partial.is_some(), "--partial"),
+                (args.verify, "--verify"),
+                (saves, "--save-model/--save-data"),
+            ] {
+                if given {
+                    return Err(usage(format!("{flag} does not apply to --mpi (every rank takes its own shard; rank 0 writes --out)")));
+                }
+            }
+        }
         if args.partial.is_some() && args.shard.is_none() {
             return Err(usage("--partial needs --shard i/n"));
         }
@@ -186,11 +212,11 @@ impl ComputeConfig {
             shard: args.shard,
             partial: args.partial,
         };
-        Ok(ComputeConfig { request, activation_text, report: args.output.report(), graph: None })
+        Ok(ComputeConfig { request, activation_text, report: args.output.report(), graph: None, mpi: args.mpi })
     }
 
     fn graph(args: ComputeArgs, model: PathBuf, inputs: PathBuf, labels: PathBuf) -> anyhow::Result<Self> {
-        for (given, flag) in [(args.shard.is_some(), "--shard"), (args.partial.is_some(), "--partial"), (args.block_samples.is_some(), "--block-samples")] {
+        for (given, flag) in [(args.shard.is_some(), "--shard"), (args.partial.is_some(), "--partial"), (args.block_samples.is_some(), "--block-samples"), (args.mpi, "--mpi")] {
             if given {
                 return Err(usage(format!("{flag} applies to MLP networks (--weights or --synthetic-model); shards of --model graphs are not supported yet")));
             }
@@ -230,7 +256,7 @@ impl ComputeConfig {
         // The MLP request is unused on this path; it keeps one config type for the command.
         let mut request = ComputeRequest::new(Source::Synthetic { widths: vec![1, 1], samples: 1, seed: 0 }, ActivationSpec::parse("identity")?, backend);
         request.gpu = gpu;
-        Ok(ComputeConfig { request, activation_text: String::new(), report: args.output.report(), graph: Some(graph) })
+        Ok(ComputeConfig { request, activation_text: String::new(), report: args.output.report(), graph: Some(graph), mpi: false })
     }
 }
 

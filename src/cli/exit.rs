@@ -50,6 +50,13 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if cause.is::<UsageError>() {
             return Exit::Usage;
         }
+        if let Some(e) = cause.downcast_ref::<super::mpi::RankError>() {
+            return match e.code {
+                0 | 1 => Exit::Failure,
+                2 => Exit::Usage,
+                _ => Exit::NoGpu,
+            };
+        }
         if let Some(e) = cause.downcast_ref::<FisherError>() {
             return match e {
                 FisherError::InvalidInput(_)

@@ -47,7 +47,7 @@ pub fn main(args: &MergeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn human(o: &MergeOutcome) -> String {
+pub(crate) fn human(o: &MergeOutcome) -> String {
     let trace_label = if o.form == fisher_engine::fisher::NetForm::Kfac { "tr(G⊗A)" } else { "tr F" };
     [
         format!("merged {} shards of N = {} samples ({} form)", o.shards, o.samples, o.form.name()),
@@ -60,8 +60,14 @@ fn human(o: &MergeOutcome) -> String {
 }
 
 fn json_line(r: &MergeRequest, o: &MergeOutcome) -> String {
+    let mut value = json_value(o);
+    value["parts"] = json!(r.parts.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
+    value.to_string()
+}
+
+/// The JSON summary of a merge (without the part files).
+pub(crate) fn json_value(o: &MergeOutcome) -> serde_json::Value {
     json!({
-        "parts": r.parts.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "form": o.form.name(),
         "shards": o.shards,
         "samples": o.samples,
@@ -72,5 +78,4 @@ fn json_line(r: &MergeRequest, o: &MergeOutcome) -> String {
         "bytes": o.out.1,
         "seconds": o.seconds,
     })
-    .to_string()
 }

@@ -10,6 +10,7 @@ pub mod exit;
 pub mod format;
 pub mod inspect;
 pub mod merge;
+pub mod mpi;
 pub mod fisher_report;
 pub mod reduce;
 pub mod train;

@@ -16,6 +16,7 @@ pub const FISHER: &str = env!("CARGO_BIN_EXE_fisher");
 pub const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
 /// The outcome of one run.
+#[derive(Debug)]
 pub struct Run {
     pub code: i32,
     pub stdout: String,

@@ -33,4 +33,5 @@ mod nn_load;
 mod nn_reference;
 mod shaders;
 mod shards;
+mod mpi;
 mod streaming;
