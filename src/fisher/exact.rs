@@ -320,15 +320,11 @@ impl ExactSum {
 mod tests {
     use super::*;
 
-    /// A SplitMix64 stream, for seeded values of every magnitude.
-    struct Rng(u64);
+    /// Seeded values of every magnitude.
+    struct Rng(crate::synthetic::SplitMix64);
     impl Rng {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            self.0.next_u64()
         }
         /// Signed values with exponents spread over ±`spread` binades.
         fn value(&mut self, spread: i32) -> f64 {
@@ -363,7 +359,7 @@ mod tests {
 
     #[test]
     fn a_single_value_reads_back_unchanged() {
-        let mut rng = Rng(1);
+        let mut rng = Rng(crate::synthetic::SplitMix64::new(1));
         let mut values: Vec<f64> = (0..2000).map(|_| rng.value(1000)).collect();
         values.extend([f64::MIN_POSITIVE, 5e-324, -5e-324, f64::MAX, -f64::MAX, 1.0, -0.0, 3.0e-310]);
         let mut s = ExactSum::new(values.len());
@@ -375,7 +371,7 @@ mod tests {
 
     #[test]
     fn order_and_grouping_do_not_change_a_bit() {
-        let mut rng = Rng(7);
+        let mut rng = Rng(crate::synthetic::SplitMix64::new(7));
         for case in 0..50 {
             let spread = [4, 30, 60, 200][case % 4];
             let n = 1 + (rng.next() % 300) as usize;
@@ -408,7 +404,7 @@ mod tests {
 
     #[test]
     fn the_sum_is_correctly_rounded_when_nothing_falls_below_the_bins() {
-        let mut rng = Rng(3);
+        let mut rng = Rng(crate::synthetic::SplitMix64::new(3));
         for _ in 0..200 {
             // Within 40 binades of each other: every bit stays inside the three bins.
             let values: Vec<f64> = (0..100).map(|_| rng.value(20)).collect();

@@ -126,6 +126,30 @@ pub struct ComputeOutcome {
     pub shard: Option<((usize, usize), std::ops::Range<usize>)>,
 }
 
+impl ComputeOutcome {
+    /// The outcome of a run on `mlp` and `samples` samples before anything is computed.
+    fn of_model(mlp: &Mlp, samples: usize, rows: usize, saved: Saved, seconds: Seconds) -> Self {
+        ComputeOutcome {
+            widths: mlp.widths(),
+            layer_indices: mlp.layers.iter().map(|l| l.index).collect(),
+            activations: mlp.activations.iter().map(|a| a.name()).collect(),
+            params: mlp.num_params(),
+            samples,
+            rows_per_sample: rows,
+            backend: None,
+            adapter: None,
+            fallback: None,
+            tensors: Vec::new(),
+            trace: None,
+            verification: None,
+            out: None,
+            saved,
+            seconds,
+            shard: None,
+        }
+    }
+}
+
 /// The synthetic files a run wrote.
 #[derive(Debug, Default, Clone)]
 pub struct Saved {
@@ -274,24 +298,7 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     let saved = save_synthetic(request, &mlp, &*data)?;
     seconds.save = Some(since(start));
 
-    let mut outcome = ComputeOutcome {
-        widths: mlp.widths(),
-        layer_indices: mlp.layers.iter().map(|l| l.index).collect(),
-        activations: mlp.activations.iter().map(|a| a.name()).collect(),
-        params: mlp.num_params(),
-        samples,
-        rows_per_sample: rows,
-        backend: None,
-        adapter: None,
-        fallback: None,
-        tensors: Vec::new(),
-        trace: None,
-        verification: None,
-        out: None,
-        saved,
-        seconds,
-        shard: None,
-    };
+    let mut outcome = ComputeOutcome::of_model(&mlp, samples, rows, saved, seconds);
     if let (Some((index, count)), Some(form), Some(partial)) = (request.shard, request.form, &request.partial) {
         return run_shard(request, (index, count), form, partial, &mlp, &*data, outcome);
     }
@@ -456,24 +463,7 @@ pub fn shard_part(request: &ComputeRequest, (index, count): (usize, usize)) -> R
     let samples = data.len();
     let rows = rows_per_sample(request.variant, mlp.output_dim());
     check_result_size(&mlp, samples, rows, form, false, request.max_result_bytes)?;
-    let outcome = ComputeOutcome {
-        widths: mlp.widths(),
-        layer_indices: mlp.layers.iter().map(|l| l.index).collect(),
-        activations: mlp.activations.iter().map(|a| a.name()).collect(),
-        params: mlp.num_params(),
-        samples,
-        rows_per_sample: rows,
-        backend: None,
-        adapter: None,
-        fallback: None,
-        tensors: Vec::new(),
-        trace: None,
-        verification: None,
-        out: None,
-        saved: Saved::default(),
-        seconds: Seconds { load: since(start), ..Seconds::default() },
-        shard: None,
-    };
+    let outcome = ComputeOutcome::of_model(&mlp, samples, rows, Saved::default(), Seconds { load: since(start), ..Seconds::default() });
     shard_file(request, (index, count), form, &mlp, &*data, outcome)
 }
 
