@@ -231,7 +231,7 @@ impl NetSums {
                     .zip(&self.layers)
                     .map(|(v, s)| Array2::from_shape_vec((s.fan_out, s.augmented_in()), v).expect("checked layout"))
                     .collect();
-                NetFisher::Diagonal(diag_of(&blocks, &self.layers, nf))
+                NetFisher::Diagonal(diag_of(blocks, &self.layers, nf))
             }
             NetForm::Kfac => NetFisher::Kfac(
                 self.layers
@@ -257,7 +257,11 @@ impl NetSums {
 
 /// diag(F) in θ order from the per-layer augmented sums: `(sum / nf) as f32` (the single
 /// run's formula, so that both give the same bits).
-pub(crate) fn diag_of(blocks: &[Array2<f64>], layers: &[SumLayer], nf: f64) -> Array1<f32> {
+///
+/// Each layer's f64 sums are freed once written, and the zeroed result is only touched as it
+/// is written, so the peak is the f64 sums (2× the parameters' bytes) rather than the f64
+/// sums plus the f32 result.
+pub(crate) fn diag_of(blocks: Vec<Array2<f64>>, layers: &[SumLayer], nf: f64) -> Array1<f32> {
     let p: usize = layers.iter().map(|s| s.params()).sum();
     let mut diag = vec![0f32; p];
     let mut offset = 0;

@@ -388,7 +388,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            NetFisher::Diagonal(diag_of(&blocks, &layers, nf))
+            NetFisher::Diagonal(diag_of(blocks, &layers, nf))
         }
         Reduction::Kfac(acc) => NetFisher::Kfac(
             acc.into_iter()
