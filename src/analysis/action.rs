@@ -17,8 +17,12 @@
 //! path was than that straight chord (1 = as short as the chord).
 //!
 //! The checkpoints are streamed: [`measure_stream`] reads them through a loader
-//! ([`Checkpoints`]) in order and keeps at most two at once (θ_t and θ_{t+1}; θ₀ and θ_T for
-//! the chord), so hundreds of checkpoints of a large model never sit in memory together.
+//! ([`Checkpoints`]) in order and keeps at most two at once (θ_t and θ_{t+1} while it takes
+//! their difference; θ₀ and θ_T while it builds a point of the chord), so hundreds of
+//! checkpoints of a large model never sit in memory together. Each quadratic form runs beside
+//! one model and one direction only: θ_{t+1} is dropped once Δθ_t is taken and read again for
+//! the next step, and θ_T once the chord's point is built (in θ₀'s place), so that `fisher
+//! action` holds at most three model-sized vectors at any time.
 //! [`measure`] works on models in memory, [`measure_loaded`] on models read one at a time;
 //! both give the same numbers, bit for bit.
 //!
@@ -33,7 +37,7 @@ use std::borrow::{Borrow, Cow};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::{Array1, ArrayView1};
+use ndarray::{Array1, ArrayView1, Zip};
 
 use crate::backend::gpu::GpuOptions;
 use crate::device::{self, DeviceRequest};
@@ -130,11 +134,12 @@ pub fn measure(
 }
 
 /// [`measure`] of `count` checkpoints read through `load(t)`, which [`measure_stream`] calls
-/// for t = 0, 1, …, T and then 0 once more, holding at most two of them at once: a run of
-/// hundreds of checkpoints needs the memory of two (plus the direction θ_{t+1} − θ_t), not of
-/// all. `load` returns a model or anything that borrows one (`&Mlp` for models in memory).
-/// Each checkpoint is checked to have the architecture of the first.
-pub fn measure_loaded<M: Borrow<Mlp>>(
+/// in order (see [`Checkpoints`] for which twice), holding at most two of them at once and
+/// only one beside each quadratic form: a run of hundreds of checkpoints needs the memory of
+/// about three, not of all. `load` returns a model ([`LoadedModel`]: an `Mlp` read for the
+/// run, or a `&Mlp` in memory). Each checkpoint is checked to have the architecture of the
+/// first.
+pub fn measure_loaded<M: LoadedModel>(
     engine: &Engine,
     count: usize,
     load: impl FnMut(usize) -> Result<M>,
@@ -145,6 +150,26 @@ pub fn measure_loaded<M: Borrow<Mlp>>(
 ) -> Result<ActionReport> {
     let mut run = MlpRun { engine, data, variant, count, load, first: None };
     measure_stream(&mut run, segments, progress)
+}
+
+/// A checkpoint as [`measure_loaded`] receives it: a model read for the run (`Mlp`) or one
+/// borrowed from memory (`&Mlp`). A point of the chord is built in θ₀'s place
+/// ([`Checkpoints::between`]): in its storage when it is owned, in a copy when borrowed.
+pub trait LoadedModel: Borrow<Mlp> {
+    /// The model, owned: moved where it is owned, copied where it is borrowed.
+    fn into_model(self) -> Mlp;
+}
+
+impl LoadedModel for Mlp {
+    fn into_model(self) -> Mlp {
+        self
+    }
+}
+
+impl LoadedModel for &Mlp {
+    fn into_model(self) -> Mlp {
+        self.clone()
+    }
 }
 
 /// An MLP's checkpoints through a loader, measured by `engine` on `data`.
@@ -158,8 +183,9 @@ struct MlpRun<'a, L> {
     first: Option<Shape>,
 }
 
-impl<M: Borrow<Mlp>, L: FnMut(usize) -> Result<M>> Checkpoints for MlpRun<'_, L> {
+impl<M: LoadedModel, L: FnMut(usize) -> Result<M>> Checkpoints for MlpRun<'_, L> {
     type Checkpoint = M;
+    type Point = Mlp;
     type Value = f32;
 
     fn count(&self) -> usize {
@@ -196,28 +222,47 @@ impl<M: Borrow<Mlp>, L: FnMut(usize) -> Result<M>> Checkpoints for MlpRun<'_, L>
         pieces
     }
 
-    fn quadratic(&mut self, checkpoint: &M, at: Option<&[f32]>, delta: &[f32]) -> Result<f64> {
-        let (engine, data, variant, delta) = (self.engine, self.data, self.variant, ArrayView1::from(delta));
-        match at {
-            None => engine.fisher_quadratic(checkpoint.borrow(), data, variant, delta),
-            Some(theta) => {
-                let at = checkpoint.borrow().with_parameters(ArrayView1::from(theta))?;
-                engine.fisher_quadratic(&at, data, variant, delta)
+    fn between(&mut self, from: M, to: &M, s: f64) -> Result<Mlp> {
+        let (mut point, to) = (from.into_model(), to.borrow());
+        // In place, tensor by tensor (`load` checked that the shapes agree).
+        let towards = |a: &mut f32, &b: &f32| *a = between(f64::from(*a), f64::from(b), s);
+        for (a, b) in point.layers.iter_mut().zip(&to.layers) {
+            Zip::from(&mut a.weight).and(&b.weight).for_each(towards);
+            if let (Some(a), Some(b)) = (&mut a.bias, &b.bias) {
+                Zip::from(a).and(b).for_each(towards);
             }
         }
+        point.validate()?;
+        Ok(point)
+    }
+
+    fn quadratic(&mut self, checkpoint: &M, delta: &[f32]) -> Result<f64> {
+        self.engine.fisher_quadratic(checkpoint.borrow(), self.data, self.variant, ArrayView1::from(delta))
+    }
+
+    fn quadratic_between(&mut self, point: &Mlp, delta: &[f32]) -> Result<f64> {
+        self.engine.fisher_quadratic(point, self.data, self.variant, ArrayView1::from(delta))
     }
 }
 
 /// A training run as [`measure_stream`] reads it: T + 1 checkpoints, each loaded when it is
 /// needed, and the quadratic form of the Fisher at each.
 ///
-/// [`measure_stream`] calls `load(0)`, `load(1)`, …, `load(T)` in that order and drops θ_t
-/// once the step θ_t → θ_{t+1} is measured, so at most two loaded checkpoints are alive at
-/// once; the chord then calls `load(0)` once more, beside θ_T. A run of any length thus needs
-/// the memory of two checkpoints and two directions, not of T + 1 checkpoints.
+/// [`measure_stream`] reads the checkpoints in order, and each but θ₀ twice: for the step
+/// θ_t → θ_{t+1} it calls `load(t + 1)`, takes Δθ_t, drops θ_{t+1}, measures the form at θ_t
+/// beside Δθ_t alone, drops both and calls `load(t + 1)` again. For each segment of the
+/// chord it then calls `load(0)` beside θ_T (read again with `load(T)` first after the first
+/// segment), takes δ, builds the segment's point in θ₀'s place ([`Checkpoints::between`])
+/// and drops θ_T. So at most two checkpoints are alive at once, and each form runs beside one
+/// model and one direction. With checkpoints read from files into owned models (as `fisher
+/// action` reads them), at most three model-sized vectors are alive at any time (θ_t with
+/// θ_{t+1} and its file or with Δθ_t; θ_T with θ₀ and its file or with δ): a run of any
+/// length needs the memory of about three checkpoints and one micro-batch, not of T + 1.
 pub trait Checkpoints {
     /// One checkpoint in memory.
     type Checkpoint;
+    /// A point between two checkpoints: a model of their architecture with θ of its own.
+    type Point;
     /// The type of θ's entries: `f32` for models; `f64` for θ vectors given in f64.
     type Value: Copy + Into<f64>;
     /// T + 1.
@@ -227,9 +272,20 @@ pub trait Checkpoints {
     /// θ of `checkpoint` in parameter order, as consecutive pieces (e.g. a model's tensors),
     /// borrowed where it can be.
     fn theta<'c>(&self, checkpoint: &'c Self::Checkpoint) -> Vec<Cow<'c, [Self::Value]>>;
-    /// Δᵀ F(θ) Δ at `checkpoint` (`at` = None), or at a point between checkpoints: the model
-    /// of `checkpoint` (θ₀: its architecture and constants) with θ = `at`.
-    fn quadratic(&mut self, checkpoint: &Self::Checkpoint, at: Option<&[f32]>, delta: &[f32]) -> Result<f64>;
+    /// The model of `from` (its architecture and constants) at θ = θ_from + s·(θ_to − θ_from),
+    /// each entry [`between`] the entries of θ_from and θ_to; built in `from`'s storage where
+    /// it can be.
+    fn between(&mut self, from: Self::Checkpoint, to: &Self::Checkpoint, s: f64) -> Result<Self::Point>;
+    /// Δᵀ F(θ) Δ at `checkpoint`.
+    fn quadratic(&mut self, checkpoint: &Self::Checkpoint, delta: &[f32]) -> Result<f64>;
+    /// Δᵀ F(θ) Δ at a point between checkpoints.
+    fn quadratic_between(&mut self, point: &Self::Point, delta: &[f32]) -> Result<f64>;
+}
+
+/// a + s·(b − a) in f64 (a and b are f32 values, so b − a is exact), rounded once to f32:
+/// one entry of a point between checkpoints.
+fn between(a: f64, b: f64, s: f64) -> f32 {
+    (a + (b - a) * s) as f32
 }
 
 /// The quadratic form Δᵀ F(θ) Δ of a path's model: `(Some(t), θ_t, Δ)` at checkpoint t, or
@@ -256,6 +312,7 @@ struct InMemory<'a, 'q> {
 
 impl<'a> Checkpoints for InMemory<'a, '_> {
     type Checkpoint = (usize, &'a Array1<f64>);
+    type Point = Vec<f32>;
     type Value = f64;
 
     fn count(&self) -> usize {
@@ -273,14 +330,17 @@ impl<'a> Checkpoints for InMemory<'a, '_> {
         }]
     }
 
-    fn quadratic(&mut self, &(t, theta): &(usize, &'a Array1<f64>), at: Option<&[f32]>, delta: &[f32]) -> Result<f64> {
-        match at {
-            None => {
-                let theta: Vec<f32> = theta.iter().map(|&x| x as f32).collect();
-                (self.quadratic)(Some(t), &theta, delta)
-            }
-            Some(at) => (self.quadratic)(None, at, delta),
-        }
+    fn between(&mut self, (_, from): (usize, &'a Array1<f64>), &(_, to): &(usize, &'a Array1<f64>), s: f64) -> Result<Vec<f32>> {
+        Ok(from.iter().zip(to).map(|(&a, &b)| between(a, b, s)).collect())
+    }
+
+    fn quadratic(&mut self, &(t, theta): &(usize, &'a Array1<f64>), delta: &[f32]) -> Result<f64> {
+        let theta: Vec<f32> = theta.iter().map(|&x| x as f32).collect();
+        (self.quadratic)(Some(t), &theta, delta)
+    }
+
+    fn quadratic_between(&mut self, point: &Vec<f32>, delta: &[f32]) -> Result<f64> {
+        (self.quadratic)(None, point, delta)
     }
 }
 
@@ -312,9 +372,14 @@ pub fn measure_stream<C: Checkpoints + ?Sized>(
     let mut current = run.load(0)?;
     let parameters = run.theta(&current).iter().map(|piece| piece.len()).sum();
     for t in 0..count - 1 {
-        let next = run.load(t + 1)?;
-        let (d, squares) = differences(&run.theta(&current), &run.theta(&next), t + 1, |x| x as f32)?;
-        let q = run.quadratic(&current, None, &d)?.max(0.0);
+        // θ_{t+1} only for Δθ_t: dropped before the form, read again below. Δθ_t is made
+        // afresh each step rather than kept, so that it is not alive while a checkpoint is
+        // read (θ_t, the file and θ_{t+1} are three model-sized vectors already).
+        let (delta, squares) = {
+            let next = run.load(t + 1)?;
+            differences(&run.theta(&current), &run.theta(&next), t + 1, |x| x as f32)?
+        };
+        let q = run.quadratic(&current, &delta)?.max(0.0);
         let euclidean = squares.sqrt();
         action += q;
         length += q.sqrt();
@@ -322,21 +387,28 @@ pub fn measure_stream<C: Checkpoints + ?Sized>(
         steps.push(ActionStep { step: t, euclidean, action: q, length: q.sqrt(), cumulative_length: length });
         done += 1;
         progress(done, total);
-        current = next; // θ_t is dropped here
+        drop((delta, current)); // before θ_{t+1} is read again
+        current = run.load(t + 1)?;
     }
-    let last = current;
-    let first = run.load(0)?;
     let m = segments as f64;
-    // whole = θ_T − θ₀ (exact in f64); the chord's direction whole / m, rounded once.
-    let (delta, whole_squares) = differences(&run.theta(&first), &run.theta(&last), count - 1, |w| (w / m) as f32)?;
-    let mut chord = 0.0;
+    let (mut last, mut whole_squares, mut chord) = (Some(current), 0.0, 0.0);
     for j in 0..segments {
         let s = (j as f64 + 0.5) / m;
-        let mid: Vec<f32> = {
-            let (from, to) = (run.theta(&first), run.theta(&last));
-            values(&from).zip(values(&to)).map(|(a, b)| (a + (b - a) * s) as f32).collect()
+        // θ₀ beside θ_T (read again after the first segment), only to take δ and build the
+        // point in θ₀'s place; θ_T is dropped before the form.
+        let (point, delta) = {
+            let last = match last.take() {
+                Some(last) => last,
+                None => run.load(count - 1)?,
+            };
+            let first = run.load(0)?;
+            // whole = θ_T − θ₀ (exact in f64); the chord's direction δ = whole / m, rounded once
+            // (the same each segment).
+            let (delta, squares) = differences(&run.theta(&first), &run.theta(&last), count - 1, |w| (w / m) as f32)?;
+            whole_squares = squares;
+            (run.between(first, &last, s)?, delta)
         };
-        chord += run.quadratic(&first, Some(&mid), &delta)?.max(0.0).sqrt();
+        chord += run.quadratic_between(&point, &delta)?.max(0.0).sqrt();
         done += 1;
         progress(done, total);
     }
@@ -372,14 +444,14 @@ fn differences<V: Copy + Into<f64>>(
         return Err(FisherError::InvalidInput(format!("checkpoint {t} has {q} parameters but checkpoint 0 has {p}")));
     }
     let mut squares = SquareSum::default();
-    let d = values(a)
-        .zip(values(b))
-        .map(|(x, y)| {
-            let w = y - x;
-            squares.push(w);
-            direction(w)
-        })
-        .collect();
+    // Exactly P: the pieces' iterator does not know its length, and collecting it would grow
+    // the vector by doubling (copying it, and leaving it up to twice its size).
+    let mut d = Vec::with_capacity(p);
+    d.extend(values(a).zip(values(b)).map(|(x, y)| {
+        let w = y - x;
+        squares.push(w);
+        direction(w)
+    }));
     Ok((d, squares.total()))
 }
 
@@ -452,6 +524,7 @@ struct GraphRun<'a, L> {
 
 impl<L: FnMut(usize) -> Result<GraphModel>> Checkpoints for GraphRun<'_, L> {
     type Checkpoint = GraphModel;
+    type Point = GraphModel;
     type Value = f32;
 
     fn count(&self) -> usize {
@@ -467,17 +540,18 @@ impl<L: FnMut(usize) -> Result<GraphModel>> Checkpoints for GraphRun<'_, L> {
         checkpoint.graph.params.iter().map(|p| Cow::Borrowed(p.data.as_slice())).collect()
     }
 
-    fn quadratic(&mut self, checkpoint: &GraphModel, at: Option<&[f32]>, delta: &[f32]) -> Result<f64> {
-        let between;
-        let model = match at {
-            None => checkpoint,
-            // Between checkpoints: the first checkpoint's constants (running statistics) with θ.
-            Some(theta) => {
-                between = checkpoint.with_theta(theta)?;
-                &between
-            }
-        };
-        Ok(self.engine.graph_fvp(model, self.data, self.likelihood, self.variant, delta, false)?.quadratic)
+    fn between(&mut self, from: GraphModel, to: &GraphModel, s: f64) -> Result<GraphModel> {
+        // `from`'s constants (running statistics) with θ between.
+        let theta: Vec<f32> = values(&self.theta(&from)).zip(values(&self.theta(to))).map(|(a, b)| between(a, b, s)).collect();
+        from.with_theta(&theta)
+    }
+
+    fn quadratic(&mut self, checkpoint: &GraphModel, delta: &[f32]) -> Result<f64> {
+        Ok(self.engine.graph_fvp(checkpoint, self.data, self.likelihood, self.variant, delta, false)?.quadratic)
+    }
+
+    fn quadratic_between(&mut self, point: &GraphModel, delta: &[f32]) -> Result<f64> {
+        self.quadratic(point, delta)
     }
 }
 

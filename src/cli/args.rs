@@ -113,7 +113,8 @@ quadratic form vᵀFv (no F is formed, so any model size works):
      chord               Σ_j √(δᵀ F(θ₀ + (j+½)δ) δ), δ = (θ_T − θ₀)/M   (midpoint rule, --segments M)
      efficiency          L / chord (1: as short as the straight chord)
 The Euclidean path length Σ‖Δθ_t‖ and ‖θ_T − θ₀‖ are reported for context.
-Every checkpoint must have the first one's architecture; all are held in memory.
+Every checkpoint must have the first one's architecture. They are read one at a time (at
+most two in memory), so a run of any length needs the memory of about three checkpoints.
 --plot writes the per-step action (log scale) and the cumulative length with the chord.
 
 ",

@@ -308,17 +308,22 @@ fn tensor_values(key: &str, dtype: Dtype, bytes: &[u8]) -> std::result::Result<V
         }
         Ok(single)
     };
+    // Allocated at its final size: collecting into a Result grows the vector by doubling, so
+    // that a large tensor would briefly need three times its size (and keep up to twice).
+    fn convert<const W: usize>(
+        bytes: &[u8],
+        value: impl Fn([u8; W]) -> f64,
+        check: impl Fn(usize, f64) -> std::result::Result<f32, String>,
+    ) -> std::result::Result<Vec<f32>, String> {
+        let mut values = Vec::with_capacity(bytes.len() / W);
+        for (i, b) in bytes.chunks_exact(W).enumerate() {
+            values.push(check(i, value(b.try_into().expect("chunks of W bytes")))?);
+        }
+        Ok(values)
+    }
     match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .enumerate()
-            .map(|(i, b)| check(i, f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64))
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .enumerate()
-            .map(|(i, b)| check(i, f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])))
-            .collect(),
+        Dtype::F32 => convert(bytes, |b| f32::from_le_bytes(b) as f64, check),
+        Dtype::F64 => convert(bytes, f64::from_le_bytes, check),
         other => Err(format!(
             "tensor '{key}' has dtype {other:?}; only F32 and F64 are supported \
              (save the model after model.float() or model.double())"

@@ -12,13 +12,15 @@
 //! first chunk), so memory is bounded by the batch scratch ([`CpuBackend::with_batch_bytes`])
 //! whatever K is.
 
+use std::borrow::Cow;
+
 use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
 use super::syrk::SymmetricSum;
 use super::CpuBackend;
-use crate::backend::plan::{BatchCost, Batching, MicroBatchLimits, NetPlan};
+use crate::backend::plan::{BatchCost, Batching, LayerShape, MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
 use crate::fisher::exact::ExactSum;
 use crate::fisher::sums::{diag_of, symmetric_of, NetSums, SumLayer, DEFAULT_BLOCK_SAMPLES};
@@ -92,21 +94,50 @@ fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut
     }
 }
 
-/// [W_l | b_l] (out × augmented_in) of every layer, so that z_l = ã_l [W_l | b_l]ᵀ is one
-/// GEMM over the augmented activations (whose last column is 1 where the layer has a bias).
-fn augmented_weights(mlp: &Mlp) -> Vec<Array2<f32>> {
-    mlp.layers
-        .iter()
-        .map(|layer| match &layer.bias {
-            None => layer.weight.clone(),
-            Some(b) => {
-                let mut w = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
-                w.slice_mut(s![.., ..layer.fan_in()]).assign(&layer.weight);
-                w.column_mut(layer.fan_in()).assign(b);
-                w
-            }
-        })
-        .collect()
+/// A layer's augmented weight [W | b] (out × augmented_in), or a direction's [V | v_b], as
+/// views: the out × in matrix and the bias apart. Nothing model-sized is copied to multiply
+/// by it: z = ã [W | b]ᵀ is the GEMM of ã's first fan_in columns with Wᵀ, then b added to
+/// every row ([`AugmentedWeight::product_into`]).
+#[derive(Clone, Copy)]
+struct AugmentedWeight<'a> {
+    /// W (out × in).
+    weight: ArrayView2<'a, f32>,
+    /// b (out), where the layer has a bias.
+    bias: Option<ArrayView1<'a, f32>>,
+}
+
+impl<'a> AugmentedWeight<'a> {
+    /// A direction's [V | v_b] for the layer `shape`, viewed in place in the θ-ordered `row`
+    /// (weight row-major, then bias: [`Mlp::parameters`]' order).
+    fn of_direction(shape: &LayerShape, row: &'a [f32]) -> Result<Self> {
+        let misfit = || FisherError::InvalidInput(format!("a direction of {} entries does not hold the layer at θ offset {}", row.len(), shape.offset));
+        let weight_end = shape.offset + shape.fan_out * shape.fan_in;
+        let weight = ArrayView2::from_shape((shape.fan_out, shape.fan_in), row.get(shape.offset..weight_end).ok_or_else(misfit)?)
+            .map_err(|_| misfit())?;
+        let bias = match shape.has_bias {
+            true => Some(ArrayView1::from(row.get(weight_end..weight_end + shape.fan_out).ok_or_else(misfit)?)),
+            false => None,
+        };
+        Ok(AugmentedWeight { weight, bias })
+    }
+
+    /// z = ã [W | b]ᵀ (m × out) for augmented activations ã (m × augmented_in, whose bias
+    /// column is 1).
+    ///
+    /// The bias is added after the GEMM, in f32, rather than as the GEMM's last term: the
+    /// same sum up to rounding (the GEMM's blocking over k moves with k), without a copy of
+    /// [W | b] to multiply by.
+    fn product_into(&self, acts: ArrayView2<'_, f32>, mut z: ArrayViewMut2<'_, f32>) {
+        matmul(acts.slice(s![.., ..self.weight.ncols()]), self.weight.t(), z.view_mut());
+        if let Some(bias) = self.bias {
+            z.axis_iter_mut(Axis(0)).into_par_iter().for_each(|mut row| row += &bias);
+        }
+    }
+}
+
+/// [W_l | b_l] of every layer, viewed in the model ([`AugmentedWeight`]).
+fn augmented_weights(mlp: &Mlp) -> Vec<AugmentedWeight<'_>> {
+    mlp.layers.iter().map(|layer| AugmentedWeight { weight: layer.weight.view(), bias: layer.bias.as_ref().map(|b| b.view()) }).collect()
 }
 
 /// ã_l and z_l of every layer for one micro-batch (see [`forward_pass`]).
@@ -115,7 +146,7 @@ type ActsAndZs = (Vec<Array2<f32>>, Vec<Array2<f32>>);
 /// The forward pass of samples s0 .. s0 + m: the augmented activations ã_l (m ×
 /// augmented_in, last column 1 where layer l has a bias) and pre-activations z_l (m × out).
 /// Errors only when the inputs cannot be read (data on disk).
-fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &dyn DataSource, s0: usize, m: usize) -> Result<ActsAndZs> {
+fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, s0: usize, m: usize) -> Result<ActsAndZs> {
     let depth = mlp.layers.len();
     let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
     let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
@@ -125,7 +156,7 @@ fn forward_pass(mlp: &Mlp, waug: &[Array2<f32>], data: &dyn DataSource, s0: usiz
     acts.push(a0);
     for (l, layer) in mlp.layers.iter().enumerate() {
         let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
-        matmul(acts[l].view(), waug[l].t(), z.view_mut());
+        waug[l].product_into(acts[l].view(), z.view_mut());
         if l + 1 < depth {
             let mut a = Array2::<f32>::ones((m, mlp.layers[l + 1].augmented_in()));
             activate(mlp.activations[l], z.view(), a.view_mut());
@@ -643,14 +674,15 @@ pub(crate) fn network_fvp(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, var
 
 /// Bytes of forward pass a [`CpuNetOperator`] keeps between products by default
 /// ([`CpuBackend::with_forward_cache_bytes`]): 256 MiB holds W3's (784-512-512-10,
-/// N = 4096: 64 MiB) and MNIST-sized runs of 10⁴–10⁵ samples; beyond it every product
+/// N = 4096: 44 MiB) and MNIST-sized runs of 10⁴–10⁵ samples; beyond it every product
 /// recomputes its forward pass, as the GPU path does.
 pub(crate) const FORWARD_CACHE_BYTES: u64 = 256 << 20;
 
-/// One micro-batch's forward pass: ã_l, z_l and φ'(z_l) of every layer.
+/// One micro-batch's forward pass: ã_l and φ'(z_l) of every layer, and the output z_{L−1}
+/// (the hidden z_l are dropped once φ'(z_l) is taken: the products need no more of them).
 struct Forward {
     acts: Vec<Array2<f32>>,
-    zs: Vec<Array2<f32>>,
+    output: Array2<f32>,
     derivs: Vec<Array2<f32>>,
 }
 
@@ -674,7 +706,8 @@ pub(crate) struct CpuNetOperator<'a> {
     data: &'a dyn DataSource,
     variant: Variant,
     plan: NetPlan,
-    waug: Vec<Array2<f32>>,
+    /// [W_l | b_l], viewed in `mlp`.
+    waug: Vec<AugmentedWeight<'a>>,
     /// Samples per micro-batch of the forward pass.
     samples: usize,
     /// The forward pass of every micro-batch, once computed, when it fits `cache_bytes`.
@@ -695,13 +728,16 @@ impl<'a> CpuNetOperator<'a> {
     }
 
     fn forward_of(&self, s0: usize, m: usize) -> Result<Forward> {
-        let (acts, zs) = forward_pass(self.mlp, &self.waug, self.data, s0, m)?;
+        let (acts, mut zs) = forward_pass(self.mlp, &self.waug, self.data, s0, m)?;
         let derivs = (0..zs.len() - 1).map(|l| derivative(self.mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
-        Ok(Forward { acts, zs, derivs })
+        let output = zs.pop().expect("a network has a layer");
+        Ok(Forward { acts, output, derivs })
     }
 
+    /// Bytes of [`Forward`] for all N samples: ã_l of every layer, φ'(z_l) of the hidden ones and
+    /// the output z.
     fn forward_bytes(&self) -> u64 {
-        let per_sample: usize = self.mlp.layers.iter().map(|l| l.augmented_in() + 2 * l.fan_out()).sum();
+        let per_sample: usize = self.mlp.layers.iter().map(|l| l.augmented_in() + l.fan_out()).sum();
         (per_sample as u64).saturating_mul(4).saturating_mul(self.data.len() as u64)
     }
 
@@ -713,18 +749,12 @@ impl<'a> CpuNetOperator<'a> {
         }
         let n = self.data.len();
         let depth = self.plan.depth();
-        // Per direction and layer: the direction as an augmented out × ld matrix [V | v_b].
-        let dirs: Vec<Vec<Array2<f32>>> = v
-            .outer_iter()
-            .map(|row| {
-                let row = row.to_vec();
-                self.plan
-                    .shapes
-                    .iter()
-                    .map(|s| Array2::from_shape_vec((s.fan_out, s.ld), s.augment(&row)))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| FisherError::InvalidInput(e.to_string()))
-            })
+        // Per direction and layer: [V | v_b] viewed in the direction's row (copied only when
+        // the row is not contiguous), so that no direction is copied per layer.
+        let rows: Vec<Cow<'_, [f32]>> = v.outer_iter().map(|row| row.to_slice().map_or_else(|| Cow::Owned(row.to_vec()), Cow::Borrowed)).collect();
+        let dirs: Vec<Vec<AugmentedWeight<'_>>> = rows
+            .iter()
+            .map(|row| self.plan.shapes.iter().map(|s| AugmentedWeight::of_direction(s, row)).collect::<Result<Vec<_>>>())
             .collect::<Result<_>>()?;
         let mut acc: Vec<Vec<Array2<f64>>> = if product {
             (0..k).map(|_| self.mlp.layers.iter().map(|l| Array2::zeros((l.fan_out(), l.augmented_in()))).collect()).collect()
@@ -754,7 +784,7 @@ impl<'a> CpuNetOperator<'a> {
                 let kk = chunk.min(k - j0);
                 self.block_pass(fw, s0, m, &dirs[j0..j0 + kk], product, &mut quadratics[j0..j0 + kk], if product { &mut acc[j0..j0 + kk] } else { &mut [] })?;
             }
-            debug_assert_eq!(fw.zs.len(), depth);
+            debug_assert_eq!(fw.derivs.len() + 1, depth);
         }
         let nf = n as f64;
         let quadratics = quadratics.into_iter().map(|q| q / nf).collect();
@@ -773,7 +803,7 @@ impl<'a> CpuNetOperator<'a> {
 
     /// The forward-mode and reverse-mode passes of one micro-batch for kk directions.
     #[allow(clippy::too_many_arguments)]
-    fn block_pass(&self, fw: &Forward, s0: usize, m: usize, dirs: &[Vec<Array2<f32>>], product: bool, quadratics: &mut [f64], acc: &mut [Vec<Array2<f64>>]) -> Result<()> {
+    fn block_pass(&self, fw: &Forward, s0: usize, m: usize, dirs: &[Vec<AugmentedWeight<'_>>], product: bool, quadratics: &mut [f64], acc: &mut [Vec<Array2<f64>>]) -> Result<()> {
         let kk = dirs.len();
         let depth = self.plan.depth();
         let mut tangent: Option<Array2<f32>> = None; // ȧ (kk·m × fan_in); None = 0 for the inputs
@@ -781,20 +811,20 @@ impl<'a> CpuNetOperator<'a> {
         for (l, layer) in self.mlp.layers.iter().enumerate() {
             zdot = Array2::<f32>::zeros((kk * m, layer.fan_out()));
             for (j, dir) in dirs.iter().enumerate() {
-                matmul(fw.acts[l].view(), dir[l].t(), zdot.slice_mut(s![j * m..(j + 1) * m, ..]));
+                dir[l].product_into(fw.acts[l].view(), zdot.slice_mut(s![j * m..(j + 1) * m, ..]));
             }
-            if let Some(t) = &tangent {
+            if let Some(t) = tangent.take() {
                 matmul_add(t.view(), layer.weight.t(), zdot.view_mut());
             }
             if l + 1 < depth {
-                let mut t = zdot.clone();
+                // ȧ_{l+1} = ż_l ∘ φ'(z_l) in ż_l's place: a hidden ż_l is not needed past here.
                 for j in 0..kk {
-                    scale_rows(t.slice_mut(s![j * m..(j + 1) * m, ..]), fw.derivs[l].view(), 1);
+                    scale_rows(zdot.slice_mut(s![j * m..(j + 1) * m, ..]), fw.derivs[l].view(), 1);
                 }
-                tangent = Some(t);
+                tangent = Some(std::mem::take(&mut zdot));
             }
         }
-        let z_out = fw.zs[depth - 1].view();
+        let z_out = fw.output.view();
         let mut w = Array2::<f32>::zeros(zdot.dim());
         for j in 0..kk {
             let rows = s![j * m..(j + 1) * m, ..];
