@@ -167,4 +167,54 @@ pub trait Accumulator {
 
     /// Divides by the number of samples and returns the finished form.
     fn finish(self: Box<Self>) -> Result<FisherMatrix>;
+
+    /// Passes over the samples this reduction needs. It is 1 unless the accumulators of a
+    /// full or block-diagonal result do not fit the backend's memory budget at once; the
+    /// output is then cut into panels, and each pass sums the samples into one group of
+    /// panels ("full F beyond one buffer"). A caller that cannot stream its samples again
+    /// must check this before pushing.
+    fn passes(&self) -> usize {
+        1
+    }
+
+    /// Ends the current pass and starts the next: the caller pushes every sample again, in
+    /// the same order. An error after the last pass, or when this pass did not see as many
+    /// samples as the first.
+    fn next_pass(&mut self) -> Result<()> {
+        Err(crate::FisherError::InvalidInput("this reduction has a single pass over the samples".into()))
+    }
+}
+
+/// Groups consecutive items of `sizes` (bytes each) into passes of at most `budget` bytes,
+/// one item at least per pass: the greedy plan of a reduction whose output panels do not
+/// fit in memory at once. Returns index ranges into `sizes`.
+pub(crate) fn plan_passes(sizes: &[u64], budget: u64) -> Vec<std::ops::Range<usize>> {
+    let mut passes = Vec::new();
+    let (mut start, mut used) = (0usize, 0u64);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && used.saturating_add(size) > budget {
+            passes.push(start..i);
+            (start, used) = (i, 0);
+        }
+        used = used.saturating_add(size);
+    }
+    if start < sizes.len() {
+        passes.push(start..sizes.len());
+    }
+    passes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_passes;
+
+    #[test]
+    fn passes_are_greedy_contiguous_and_never_empty() {
+        assert_eq!(plan_passes(&[4, 4, 4, 4], 8), vec![0..2, 2..4]);
+        assert_eq!(plan_passes(&[4, 4, 4, 4], 100), vec![0..4]);
+        // An item above the budget still gets a pass of its own.
+        assert_eq!(plan_passes(&[3, 10, 3, 3], 6), vec![0..1, 1..2, 2..4]);
+        assert_eq!(plan_passes(&[u64::MAX, u64::MAX], 1), vec![0..1, 1..2]);
+        assert!(plan_passes(&[], 1).is_empty());
+    }
 }
