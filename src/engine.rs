@@ -148,7 +148,13 @@ impl Engine {
             return Ok(FisherMatrix::Gram(self.backend.gram(grads)?));
         }
         let mut acc = self.backend.accumulator(form, grads.ncols())?;
-        acc.push(grads)?;
+        // Output panels beyond the backend's memory take several passes over the rows.
+        for pass in 0..acc.passes() {
+            if pass > 0 {
+                acc.next_pass()?;
+            }
+            acc.push(grads)?;
+        }
         acc.finish()
     }
 
