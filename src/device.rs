@@ -39,6 +39,10 @@ pub const ADAPTER_ENV: &str = "FISHER_ADAPTER";
 /// The environment variable that sets the GPU memory budget, in MiB.
 pub const MEMORY_ENV: &str = "FISHER_GPU_MEMORY_MB";
 
+/// The environment variable that sets the CPU path's budget for the running sums of a full
+/// Fisher, in MiB ([`crate::backend::cpu::CpuBackend::with_accumulator_bytes`]).
+pub const CPU_MEMORY_ENV: &str = "FISHER_CPU_MEMORY_MB";
+
 /// wgpu's `DeviceType::Cpu` as [`AdapterSummary::device_type`] spells it: a software adapter.
 const SOFTWARE_DEVICE_TYPE: &str = "Cpu";
 
@@ -78,13 +82,15 @@ pub struct DeviceRequest {
     pub adapter: Option<AdapterName>,
     /// Limit overrides and the memory budget handed to the GPU backend.
     pub gpu: GpuOptions,
+    /// The CPU path's accumulator budget ([`CPU_MEMORY_ENV`]); `None` for the default.
+    pub cpu_memory_bytes: Option<u64>,
 }
 
 impl DeviceRequest {
     /// A request for `backend` with default GPU options and the environment ignored (what a
     /// test wants). See [`DeviceRequest::from_env`] for what a program wants.
     pub fn new(backend: Backend) -> Self {
-        DeviceRequest { backend, adapter: None, gpu: GpuOptions::default() }
+        DeviceRequest { backend, adapter: None, gpu: GpuOptions::default(), cpu_memory_bytes: None }
     }
 
     /// A request for `backend` with `gpu` options, completed from the environment:
@@ -115,17 +121,18 @@ impl DeviceRequest {
             None if backend != Backend::Cpu => env(ADAPTER_ENV).filter(|s| !s.is_empty()).map(AdapterName::Env),
             None => None,
         };
+        let mib = |name: &str, what: &str| -> Result<Option<u64>> {
+            let Some(text) = env(name) else { return Ok(None) };
+            let mib = text.trim().parse::<u64>().ok().filter(|&m| m > 0 && m < (1 << 44)).ok_or_else(|| {
+                FisherError::InvalidInput(format!("{name}='{text}' is not a positive whole number of MiB ({what})"))
+            })?;
+            Ok(Some(mib << 20))
+        };
         if gpu.memory_budget_bytes.is_none() {
-            if let Some(text) = env(MEMORY_ENV) {
-                let mib = text.trim().parse::<u64>().ok().filter(|&m| m > 0 && m < (1 << 44)).ok_or_else(|| {
-                    FisherError::InvalidInput(format!(
-                        "{MEMORY_ENV}='{text}' is not a positive whole number of MiB (the GPU memory budget)"
-                    ))
-                })?;
-                gpu.memory_budget_bytes = Some(mib << 20);
-            }
+            gpu.memory_budget_bytes = mib(MEMORY_ENV, "the GPU memory budget")?;
         }
-        Ok(DeviceRequest { backend, adapter, gpu })
+        let cpu_memory_bytes = mib(CPU_MEMORY_ENV, "the CPU accumulator budget")?;
+        Ok(DeviceRequest { backend, adapter, gpu, cpu_memory_bytes })
     }
 
     /// The request an [`EngineOptions`] makes (environment included).
@@ -253,10 +260,13 @@ pub struct Opened {
 pub fn open(request: &DeviceRequest) -> Result<Opened> {
     let plan = plan(request);
     // The host result limit travels with the GPU options and applies to either path.
-    let cpu_backend = match request.gpu.max_result_bytes {
+    let mut cpu_backend = match request.gpu.max_result_bytes {
         Some(limit) => crate::backend::cpu::CpuBackend::new().with_result_limit(limit),
         None => crate::backend::cpu::CpuBackend::new(),
     };
+    if let Some(bytes) = request.cpu_memory_bytes {
+        cpu_backend = cpu_backend.with_accumulator_bytes(bytes);
+    }
     let cpu = |reason: String, fallback: Option<String>| Opened {
         engine: Engine::from_cpu_backend(cpu_backend.clone()),
         adapter: None,
@@ -366,6 +376,14 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(MEMORY_ENV), "{err}");
+        }
+        let r = DeviceRequest::with_env(Backend::Cpu, GpuOptions::default(), env(&[(CPU_MEMORY_ENV, "64")])).unwrap();
+        assert_eq!(r.cpu_memory_bytes, Some(64 << 20));
+        for bad in ["x", "0", "99999999999999999999"] {
+            let err = DeviceRequest::with_env(Backend::Cpu, GpuOptions::default(), env(&[(CPU_MEMORY_ENV, bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(CPU_MEMORY_ENV) && err.contains("accumulator"), "{err}");
         }
     }
 

@@ -6,7 +6,7 @@
 //! form against P are checked before any compute; non-finite values are found while
 //! streaming, before anything is written; the write itself goes through a temporary file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -151,21 +151,59 @@ fn open_input(input: &Input, form: &Form, seconds: &mut Seconds) -> Result<(Grad
 
 /// Streams a file through the backend's accumulator: a reader thread reads and checks the
 /// next chunk while the current one is being reduced, and memory stays at a few chunks
-/// whatever N is.
+/// whatever N is. A full F whose sums do not fit the backend's memory at once is summed in
+/// several passes (output panels), each reading the file again from `path`.
 fn reduce_streaming(
     engine: &Engine,
+    path: &Path,
     mut rows: NpyRows,
     what: &str,
     form: &Form,
     chunk_rows: Option<usize>,
     seconds: &mut Seconds,
 ) -> Result<FisherMatrix, FisherError> {
-    let params = rows.cols();
-    rows.set_chunk_rows(chunk_rows.unwrap_or(CHUNK_BYTES / (4 * params)));
+    let (samples, params) = (rows.rows(), rows.cols());
+    let chunk_rows = chunk_rows.unwrap_or(CHUNK_BYTES / (4 * params));
+    rows.set_chunk_rows(chunk_rows);
     let start = Instant::now();
     let mut acc = engine.backend().accumulator(form, params)?;
     seconds.compute += since(start);
+    let passes = acc.passes();
+    let mut rows = Some(rows);
+    for pass in 0..passes {
+        if pass > 0 {
+            acc.next_pass()?;
+        }
+        let this = match rows.take() {
+            Some(rows) => rows,
+            None => {
+                let start = Instant::now();
+                let mut again = NpyRows::open(path, 1)?;
+                if (again.rows(), again.cols()) != (samples, params) {
+                    return Err(FisherError::InvalidInput(format!(
+                        "{}: changed while it was being read (now {}×{}, was {samples}×{params})",
+                        path.display(),
+                        again.rows(),
+                        again.cols()
+                    )));
+                }
+                again.set_chunk_rows(chunk_rows);
+                seconds.load += since(start);
+                again
+            }
+        };
+        stream_pass(acc.as_mut(), this, what, seconds)?;
+    }
 
+    let start = Instant::now();
+    let result = acc.finish()?;
+    seconds.compute += since(start);
+    Ok(result)
+}
+
+/// One pass of [`reduce_streaming`]: every chunk of `rows`, read and checked on a reader
+/// thread, pushed into `acc`.
+fn stream_pass(acc: &mut dyn crate::backend::Accumulator, rows: NpyRows, what: &str, seconds: &mut Seconds) -> Result<(), FisherError> {
     std::thread::scope(|scope| -> Result<(), FisherError> {
         // Capacity 1: one chunk may wait while the next is read; more would only cost memory.
         let (sender, receiver) = mpsc::sync_channel::<crate::Result<Array2<f32>>>(1);
@@ -194,12 +232,7 @@ fn reduce_streaming(
             seconds.compute += since(start);
         }
         Ok(())
-    })?;
-
-    let start = Instant::now();
-    let result = acc.finish()?;
-    seconds.compute += since(start);
-    Ok(result)
+    })
 }
 
 /// Values of the result of `form` over N = `samples` rows of P = `params` (Gram N², full
@@ -270,9 +303,9 @@ pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
     // read the whole matrix. Everything else streams.
     let needs_whole = *form == Form::Gram || request.verify;
     let (samples, params, result, verification) = match grads {
-        Grads::File { rows, .. } if !needs_whole => {
+        Grads::File { path, rows } if !needs_whole => {
             let (samples, params) = (rows.rows(), rows.cols());
-            let result = reduce_streaming(engine, rows, &what, form, request.chunk_rows, &mut seconds)?;
+            let result = reduce_streaming(engine, &path, rows, &what, form, request.chunk_rows, &mut seconds)?;
             (samples, params, result, None)
         }
         grads => {

@@ -32,6 +32,7 @@ mod network;
 mod nn_load;
 mod nn_reference;
 mod shaders;
+mod panels;
 mod shards;
 mod mpi;
 mod streaming;

@@ -28,7 +28,7 @@ use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
 use crate::model::{DataSource, Mlp};
 use crate::validate::check_matrix;
-use syrk::SymmetricSum;
+use syrk::{band_values, plan_bands, SymmetricSum};
 
 /// Multi-threaded f32 CPU backend (see the [module docs](self) for the algorithms).
 ///
@@ -55,7 +55,13 @@ pub struct CpuBackend {
     batch_bytes: u64,
     /// Forward pass an implicit operator keeps between products, bytes.
     forward_cache_bytes: u64,
+    /// Running sums of a full Fisher held at once, bytes; beyond it the output is computed
+    /// in bands of rows, one pass over the samples each.
+    accumulator_bytes: u64,
 }
+
+/// Default of [`CpuBackend::with_accumulator_bytes`]: 2 GiB, the GPU's default budget.
+pub const DEFAULT_ACCUMULATOR_BYTES: u64 = 2 << 30;
 
 impl Default for CpuBackend {
     fn default() -> Self {
@@ -70,6 +76,7 @@ impl CpuBackend {
             result_limit: DEFAULT_RESULT_LIMIT,
             batch_bytes: network::MICRO_BATCH_BYTES,
             forward_cache_bytes: network::FORWARD_CACHE_BYTES,
+            accumulator_bytes: DEFAULT_ACCUMULATOR_BYTES,
         }
     }
 
@@ -104,6 +111,42 @@ impl CpuBackend {
         self
     }
 
+    /// The same backend holding at most `bytes` of running sums for a full Fisher (default
+    /// [`DEFAULT_ACCUMULATOR_BYTES`]; the CLI reads `FISHER_CPU_MEMORY_MB`). The sums of a
+    /// full F take 12 bytes per value (an f32 partial and an f64 total), 45 when the samples
+    /// span several blocks and are combined exactly, against the result's 4. When they do not
+    /// fit, F is computed in bands of rows of the upper triangle, one pass over the samples
+    /// per band, each written into the f32 result as it finishes: peak memory is then the
+    /// result plus this budget, at the cost of recomputing the forward and backward passes
+    /// (or rereading the gradients) once per band. A band holds at least 256 rows, so a
+    /// budget below that is exceeded rather than refused. The bands' values are bitwise
+    /// those of a single pass.
+    ///
+    /// ```
+    /// use fisher_engine::{backend::cpu::CpuBackend, FisherBackend, FisherMatrix, Form};
+    /// let g = fisher_engine::synthetic::normal_matrix(300, 600, 3);
+    /// let banded = CpuBackend::new().with_accumulator_bytes(1 << 20);
+    /// let mut acc = banded.accumulator(&Form::Full, 600)?;
+    /// assert_eq!(acc.passes(), 3); // bands of 256, 256 and 88 rows
+    /// for pass in 0..acc.passes() {
+    ///     if pass > 0 { acc.next_pass()?; }
+    ///     acc.push(g.view())?;
+    /// }
+    /// let FisherMatrix::Full(f) = acc.finish()? else { unreachable!() };
+    /// let FisherMatrix::Full(whole) = fisher_engine::Engine::cpu().fisher_from_grads(g.view(), &Form::Full)? else { unreachable!() };
+    /// assert_eq!(f, whole);
+    /// # Ok::<(), fisher_engine::FisherError>(())
+    /// ```
+    pub fn with_accumulator_bytes(mut self, bytes: u64) -> Self {
+        self.accumulator_bytes = bytes;
+        self
+    }
+
+    /// The accumulator budget in bytes ([`CpuBackend::with_accumulator_bytes`]).
+    pub fn accumulator_bytes(&self) -> u64 {
+        self.accumulator_bytes
+    }
+
     /// The same backend keeping at most `bytes` of a network's forward pass (activations,
     /// pre-activations and φ' of every sample) between the products of one implicit operator
     /// ([`FisherBackend::network_operator`]; default 256 MiB). A larger forward pass, or 0,
@@ -131,12 +174,15 @@ impl FisherBackend for CpuBackend {
         if params == 0 {
             return Err(FisherError::InvalidInput("an accumulator needs at least one parameter".into()));
         }
+        let mut bands = Vec::new();
         let sums = match form {
             Form::Full => {
                 check_result(params.checked_mul(params), self.result_limit, || {
                     format!("the full Fisher matrix ({params}×{params} f32)")
                 })?;
-                Sums::Full(SymmetricSum::new(params))
+                // 12 bytes per value of a band: the f32 partial and the f64 total.
+                bands = plan_bands(params, self.accumulator_bytes, |r0, r1| band_values(params, r0, r1).saturating_mul(12));
+                Sums::Full(SymmetricSum::band(params, bands[0].clone()))
             }
             Form::BlockDiagonal(sizes) => {
                 // Checked here rather than by `Form::validate`, whose sum may overflow.
@@ -168,6 +214,10 @@ impl FisherBackend for CpuBackend {
             sums,
             stage: Array2::zeros((staged_rows, params)),
             staged: 0,
+            bands,
+            pass: 0,
+            first_pass_samples: 0,
+            banded: None,
         }))
     }
 
@@ -272,6 +322,15 @@ struct CpuAccumulator {
     stage: Array2<f32>,
     /// Rows of `stage` in use.
     staged: usize,
+    /// Bands of rows of a full F, one pass each (see [`CpuBackend::with_accumulator_bytes`]);
+    /// empty for the other forms.
+    bands: Vec<std::ops::Range<usize>>,
+    /// The pass under way.
+    pass: usize,
+    /// Samples of the first pass, which every later pass must repeat.
+    first_pass_samples: usize,
+    /// The f32 result the finished bands are written into (P×P, row-major), after the first.
+    banded: Option<Vec<f32>>,
 }
 
 impl CpuAccumulator {
@@ -280,6 +339,33 @@ impl CpuAccumulator {
             self.sums.add(self.stage.slice(s![..self.staged, ..]));
             self.staged = 0;
         }
+    }
+
+    /// Checks that the pass under way saw samples, as many as the first.
+    fn check_pass(&self) -> Result<()> {
+        if self.samples == 0 {
+            return Err(FisherError::Empty { what: "gradients".into(), rows: 0, cols: self.params });
+        }
+        if self.pass > 0 && self.samples != self.first_pass_samples {
+            return Err(FisherError::InvalidInput(format!(
+                "pass {} of {} over the gradients saw {} samples, the first saw {}: every pass must push the same samples",
+                self.pass + 1,
+                self.bands.len(),
+                self.samples,
+                self.first_pass_samples
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the finished band of this pass into the banded result.
+    fn finish_band(&mut self) {
+        let p = self.params;
+        let band = self.bands[self.pass].clone();
+        let out = self.banded.get_or_insert_with(|| vec![0f32; p * p]);
+        let Sums::Full(sum) = &self.sums else { unreachable!("bands belong to a full Fisher") };
+        let (head, below) = out.split_at_mut(band.end * p);
+        sum.finish_band_into(self.samples as f64, &mut head[band.start * p..], below);
     }
 }
 
@@ -322,11 +408,47 @@ impl Accumulator for CpuAccumulator {
         self.samples
     }
 
-    fn finish(mut self: Box<Self>) -> Result<FisherMatrix> {
-        if self.samples == 0 {
-            return Err(FisherError::Empty { what: "gradients".into(), rows: 0, cols: self.params });
+    fn passes(&self) -> usize {
+        self.bands.len().max(1)
+    }
+
+    fn next_pass(&mut self) -> Result<()> {
+        if self.pass + 1 >= self.passes() {
+            return Err(FisherError::InvalidInput(format!(
+                "next_pass after the last of {} passes over the gradients",
+                self.passes()
+            )));
         }
         self.flush_stage();
+        self.check_pass()?;
+        self.finish_band();
+        if self.pass == 0 {
+            self.first_pass_samples = self.samples;
+        }
+        self.pass += 1;
+        self.samples = 0;
+        self.sums = Sums::Full(SymmetricSum::band(self.params, self.bands[self.pass].clone()));
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<FisherMatrix> {
+        if self.pass + 1 < self.passes() {
+            return Err(FisherError::InvalidInput(format!(
+                "the full Fisher of {} parameters takes {} passes over the gradients within the accumulator budget, \
+                 and finish came after pass {} (call next_pass and push the samples again)",
+                self.params,
+                self.passes(),
+                self.pass + 1
+            )));
+        }
+        self.flush_stage();
+        self.check_pass()?;
+        if self.bands.len() > 1 {
+            self.finish_band();
+            let p = self.params;
+            let out = self.banded.take().expect("written by finish_band");
+            return Ok(FisherMatrix::Full(Array2::from_shape_vec((p, p), out).expect("p·p values")));
+        }
         let n = self.samples as f64;
         Ok(match self.sums {
             Sums::Full(sum) => FisherMatrix::Full(sum.finish(n)),

@@ -18,12 +18,12 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
-use super::syrk::SymmetricSum;
+use super::syrk::{band_packed, band_values, plan_bands, write_band, SymmetricSum};
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, LayerShape, MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
 use crate::fisher::exact::ExactSum;
-use crate::fisher::sums::{diag_of, symmetric_of, NetSums, SumLayer, DEFAULT_BLOCK_SAMPLES};
+use crate::fisher::sums::{diag_of, packed_row, symmetric_of, NetSums, SumLayer, DEFAULT_BLOCK_SAMPLES};
 use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{DataSource, Mlp, TargetRows};
 
@@ -197,7 +197,12 @@ impl BlockSum {
     }
 
     fn sym(m: usize) -> Self {
-        BlockSum { live: Live::Sym(SymmetricSum::new(m)), dirty: false, exact: None }
+        Self::sym_band(m, 0..m)
+    }
+
+    /// The rows `rows` of the upper triangle of an m×m symmetric sum.
+    fn sym_band(m: usize, rows: std::ops::Range<usize>) -> Self {
+        BlockSum { live: Live::Sym(SymmetricSum::band(m, rows)), dirty: false, exact: None }
     }
 
     fn dense_mut(&mut self) -> &mut Array2<f64> {
@@ -245,7 +250,7 @@ impl BlockSum {
         self.end_block()?;
         let len = match &self.live {
             Live::Dense(a) => a.len(),
-            Live::Sym(s) => crate::fisher::sums::packed_len(s.size()),
+            Live::Sym(s) => s.packed_count(),
         };
         Ok(self.exact.unwrap_or_else(|| ExactSum::new(len)))
     }
@@ -389,9 +394,15 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
     let n = data.len();
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, n, be.result_limit)?;
-    let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES)?;
-    let nf = n as f64;
+    if form == NetForm::Full {
+        let bands = full_bands(be, plan.params, n);
+        if bands.len() > 1 {
+            return full_in_bands(be, mlp, data, variant, &bands).map(NetFisher::Full);
+        }
+    }
     let p = plan.params;
+    let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, 0..p)?;
+    let nf = n as f64;
     let layers = SumLayer::of(mlp);
     // After one block, the block sums finish as they always did; after several, their exact
     // sum finishes with the formulas of `NetSums::finish`, which are the same.
@@ -452,7 +463,7 @@ pub(crate) fn network_sums(
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, 1, be.result_limit)?;
     let samples = range.len();
-    let reduction = reduce(be, mlp, data, variant, form, range, block)?;
+    let reduction = reduce(be, mlp, data, variant, form, range, block, 0..plan.params)?;
     let parts = match reduction {
         Reduction::Syrk { sums, .. } | Reduction::Diag(sums) => sums.into_iter().map(BlockSum::into_exact).collect::<Result<Vec<_>>>()?,
         Reduction::Kfac(pairs) => {
@@ -468,9 +479,49 @@ pub(crate) fn network_sums(
     Ok(NetSums { form, layers, samples, parts })
 }
 
+/// The bands of rows in which [`network_fisher`] computes a full F of `p` parameters over `n`
+/// samples within the backend's accumulator budget (one band 0..p when it fits): 12 bytes
+/// per value of a band's sums, and 33 more per packed value when the samples span several
+/// blocks (the block's packed copy and the exact sum).
+fn full_bands(be: &CpuBackend, p: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+    let blocks = n > DEFAULT_BLOCK_SAMPLES;
+    plan_bands(p, be.accumulator_bytes, |r0, r1| {
+        let exact = if blocks { band_packed(p, r0, r1).saturating_mul(33) } else { 0 };
+        band_values(p, r0, r1).saturating_mul(12).saturating_add(exact)
+    })
+}
+
+/// A full F computed band by band (see [`SymmetricSum::band`]), one pass over the samples
+/// per band, each band written into the f32 result when its pass ends. Bitwise equal to
+/// the single pass: each band's `gemm` calls and block sums are the single pass's.
+fn full_in_bands(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, bands: &[std::ops::Range<usize>]) -> Result<Array2<f32>> {
+    let (n, p) = (data.len(), mlp.num_params());
+    let nf = n as f64;
+    let mut out = vec![0f32; p * p];
+    for band in bands {
+        let reduction = reduce(be, mlp, data, variant, NetForm::Full, 0..n, DEFAULT_BLOCK_SAMPLES, band.clone())?;
+        let Reduction::Syrk { sums, .. } = reduction else { unreachable!("a full reduction") };
+        let sum = sums.into_iter().next().expect("one sum");
+        let (head, below) = out.split_at_mut(band.end * p);
+        let rows = &mut head[band.start * p..];
+        match sum.combined()? {
+            // Several blocks: the exact sum's values, scaled as `symmetric_of` scales them.
+            Ok(values) => {
+                let (base, scale) = (packed_row(band.start, p), 1.0 / nf);
+                write_band(p, band.clone(), rows, below, |i, j| (values[packed_row(i, p) - base + j - i] * scale) as f32);
+            }
+            Err(Live::Sym(s)) => s.finish_band_into(nf, rows, below),
+            Err(Live::Dense(_)) => unreachable!("a symmetric block sum"),
+        }
+    }
+    Ok(Array2::from_shape_vec((p, p), out).expect("p·p values form a p×p array"))
+}
+
 /// The reduction of `form` over the samples `range` of `data`: micro-batches walked from
 /// the start of every block of `block` samples (counted from sample 0), the block sums
-/// combined exactly when there are several.
+/// combined exactly when there are several. A full F sums only the rows `band` of its
+/// upper triangle (0..P for all of it).
+#[allow(clippy::too_many_arguments)]
 fn reduce(
     be: &CpuBackend,
     mlp: &Mlp,
@@ -479,6 +530,7 @@ fn reduce(
     form: NetForm,
     range: std::ops::Range<usize>,
     block: usize,
+    band: std::ops::Range<usize>,
 ) -> Result<Reduction> {
     let n = data.len();
     if range.end > n || range.start > range.end || block == 0 {
@@ -496,7 +548,7 @@ fn reduce(
     let waug = augmented_weights(mlp);
 
     let mut reduction = match form {
-        NetForm::Full => Reduction::Syrk { sums: vec![BlockSum::sym(p)], full: true },
+        NetForm::Full => Reduction::Syrk { sums: vec![BlockSum::sym_band(p, band.clone())], full: true },
         NetForm::Layer => Reduction::Syrk { sums: ranges.iter().map(|x| BlockSum::sym(x.1)).collect(), full: false },
         NetForm::Diagonal => {
             Reduction::Diag(mlp.layers.iter().map(|l| BlockSum::dense(l.fan_out(), l.augmented_in())).collect())
@@ -551,7 +603,10 @@ fn reduce(
                         if *full {
                             let rows = grad_rows.as_mut().expect("rows");
                             let (off, len) = ranges[l];
-                            outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
+                            // A band from column band.start on reads no column left of it.
+                            if off + len > band.start {
+                                outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
+                            }
                         } else {
                             let mut rows = Array2::<f32>::zeros((m * d, ranges[l].1));
                             outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.view_mut());

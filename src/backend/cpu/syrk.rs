@@ -21,6 +21,15 @@
 //! # Layout
 //!
 //! `pending` and `flushed` are row-major M×M; only entries (i, j ≥ i) are meaningful.
+//!
+//! # Bands
+//!
+//! A sum may hold only the rows [r₀, r₁) of the upper triangle ([`SymmetricSum::band`]),
+//! r₀ a multiple of [`PANEL`]: its buffers are then (r₁ − r₀) × (M − r₀), row t holding
+//! columns r₀ .. M of row r₀ + t. The `gemm` calls of a band are exactly those the whole
+//! sum makes for its panels, so a band's values are bitwise those of the whole sum; a full
+//! Fisher too large for memory is computed band by band, one pass over the samples each
+//! ([`plan_bands`]), and written into one f32 matrix ([`SymmetricSum::finish_band_into`]).
 
 use ndarray::{s, Array2, ArrayView2};
 use rayon::prelude::*;
@@ -51,6 +60,10 @@ const PARALLELISM: gemm::Parallelism = gemm::Parallelism::Rayon(0);
 #[derive(Debug)]
 pub(crate) struct SymmetricSum {
     m: usize,
+    /// First row of the band held (0 for the whole matrix; a multiple of [`PANEL`]).
+    r0: usize,
+    /// One past its last row (m for the whole matrix).
+    r1: usize,
     /// f32 sum of the rows added since the last flush (upper triangle).
     pending: Vec<f32>,
     /// Rows summed in `pending` since the last flush.
@@ -63,7 +76,30 @@ pub(crate) struct SymmetricSum {
 impl SymmetricSum {
     /// An empty sum of M×M outer products.
     pub(crate) fn new(m: usize) -> Self {
-        SymmetricSum { m, pending: vec![0.0; m * m], pending_rows: 0, flushed: None }
+        Self::band(m, 0..m)
+    }
+
+    /// An empty sum of the rows `rows` of the upper triangle of M×M outer products (see
+    /// [Bands](self#bands)); `rows.start` must be a multiple of [`PANEL`].
+    pub(crate) fn band(m: usize, rows: std::ops::Range<usize>) -> Self {
+        assert!(rows.start % PANEL == 0 && rows.start <= rows.end && rows.end <= m, "band {rows:?} of {m}");
+        let len = (rows.end - rows.start) * (m - rows.start);
+        SymmetricSum { m, r0: rows.start, r1: rows.end, pending: vec![0.0; len], pending_rows: 0, flushed: None }
+    }
+
+    /// Row length of the buffers: the columns r₀ .. M.
+    fn stride(&self) -> usize {
+        self.m - self.r0
+    }
+
+    /// Values of the packed upper triangle in the rows held (see [`SymmetricSum::packed_upper`]).
+    pub(crate) fn packed_count(&self) -> usize {
+        (self.r0..self.r1).map(|i| self.m - i).sum()
+    }
+
+    /// Whether this sum holds the whole upper triangle.
+    pub(crate) fn is_whole(&self) -> bool {
+        self.r0 == 0 && self.r1 == self.m
     }
 
     /// M, the side of the matrix.
@@ -104,11 +140,13 @@ impl SymmetricSum {
         }
         let (row_stride, col_stride) = (a.strides()[0], a.strides()[1]);
         let accumulate = self.pending_rows > 0;
-        for (p, rows) in self.pending.chunks_mut(PANEL * m).enumerate() {
-            let i0 = p * PANEL;
-            let panel_rows = rows.len() / m;
-            // SAFETY: dst covers rows [i0, i0 + panel_rows) × columns [i0, m) of `pending`,
-            // all inside `rows` (offset i0 + (panel_rows − 1)·m + (m − i0 − 1) < rows.len()).
+        let (r0, stride) = (self.r0, self.stride());
+        for (p, rows) in self.pending.chunks_mut(PANEL * stride).enumerate() {
+            let i0 = r0 + p * PANEL;
+            let panel_rows = rows.len() / stride;
+            // SAFETY: dst covers the band's rows [i0, i0 + panel_rows) × columns [i0, m),
+            // stored at row offsets t·stride + (i0 − r0) .. t·stride + stride, all inside
+            // `rows` (offset (i0 − r0) + (panel_rows − 1)·stride + (m − i0 − 1) < rows.len()).
             // lhs(r, kk) = A[kk, i0 + r] and rhs(kk, c) = A[kk, i0 + c] with
             // r < panel_rows, c < m − i0, kk < k: elements of the view `a`, which is valid
             // for reads and has positive strides; dst does not overlap `a`.
@@ -118,9 +156,9 @@ impl SymmetricSum {
                     panel_rows,
                     m - i0,
                     k,
-                    rows.as_mut_ptr().add(i0),
+                    rows.as_mut_ptr().add(i0 - r0),
                     1,
-                    m as isize,
+                    stride as isize,
                     accumulate,
                     panel,
                     row_stride,
@@ -141,18 +179,22 @@ impl SymmetricSum {
 
     /// The upper triangle of the sum in f64, packed row by row ((i, j ≥ i) at
     /// i·m − i(i−1)/2 + j − i): `pending + flushed`, the value [`SymmetricSum::finish`] scales.
+    ///
+    /// For a band, only its rows: a contiguous part of the whole packed triangle, from
+    /// `packed_row(r₀)`.
     pub(crate) fn packed_upper(&self) -> Vec<f64> {
-        let m = self.m;
-        let mut out = vec![0.0f64; crate::fisher::sums::packed_len(m)];
-        let mut runs: Vec<(usize, &mut [f64])> = Vec::with_capacity(m);
+        let (m, r0, stride) = (self.m, self.r0, self.stride());
+        let len: usize = (self.r0..self.r1).map(|i| m - i).sum();
+        let mut out = vec![0.0f64; len];
+        let mut runs: Vec<(usize, &mut [f64])> = Vec::with_capacity(self.r1 - r0);
         let mut rest = out.as_mut_slice();
-        for i in 0..m {
+        for i in self.r0..self.r1 {
             let (run, tail) = rest.split_at_mut(m - i);
-            runs.push((i, run));
+            runs.push((i - r0, run));
             rest = tail;
         }
-        runs.into_par_iter().for_each(|(i, run)| {
-            let range = i * m + i..(i + 1) * m;
+        runs.into_par_iter().for_each(|(t, run)| {
+            let range = t * stride + t..(t + 1) * stride;
             let pending = &self.pending[range.clone()];
             match &self.flushed {
                 None => run.iter_mut().zip(pending).for_each(|(o, &p)| *o = f64::from(p)),
@@ -173,11 +215,12 @@ impl SymmetricSum {
 
     /// `flushed` += `pending` (upper triangle), in f64.
     fn flush(&mut self) {
-        let m = self.m;
-        let flushed = self.flushed.get_or_insert_with(|| vec![0.0; m * m]);
-        flushed.par_chunks_mut(m).zip(self.pending.par_chunks(m)).enumerate().for_each(
-            |(i, (acc, part))| {
-                for (a, &p) in acc[i..].iter_mut().zip(&part[i..]) {
+        let (len, stride) = (self.pending.len(), self.stride());
+        let flushed = self.flushed.get_or_insert_with(|| vec![0.0; len]);
+        flushed.par_chunks_mut(stride).zip(self.pending.par_chunks(stride)).enumerate().for_each(
+            |(t, (acc, part))| {
+                // Row r₀ + t starts at its diagonal, column offset t.
+                for (a, &p) in acc[t..].iter_mut().zip(&part[t..]) {
                     *a += f64::from(p);
                 }
             },
@@ -192,6 +235,7 @@ impl SymmetricSum {
     /// (vdivpd would make this pass several times slower): the two differ by at most one
     /// f64 ulp, 10⁻¹⁶ relative, before the rounding to f32.
     pub(crate) fn finish(&self, divisor: f64) -> Array2<f32> {
+        assert!(self.is_whole(), "finish of a band; use finish_band_into");
         let m = self.m;
         let scale = 1.0 / divisor;
         let mut out = vec![0.0f32; m * m];
@@ -233,6 +277,25 @@ impl SymmetricSum {
         Array2::from_shape_vec((m, m), out).expect("m·m values form an m×m array")
     }
 
+    /// Writes this band's rows of S / `divisor` (f32, the values [`SymmetricSum::finish`]
+    /// gives, bit for bit) into the m×m result: `band` is the result's rows r₀ .. r₁ (full
+    /// width) and `below` its rows r₁ .. m, whose columns r₀ .. r₁ are the band's mirror.
+    /// The columns left of r₀ in the band's rows are the mirror of earlier bands, written by
+    /// them.
+    pub(crate) fn finish_band_into(&self, divisor: f64, band: &mut [f32], below: &mut [f32]) {
+        let (r0, stride, scale) = (self.r0, self.stride(), 1.0 / divisor);
+        let pending = &self.pending;
+        match &self.flushed {
+            None => write_band(self.m, self.r0..self.r1, band, below, |i, j| {
+                (f64::from(pending[(i - r0) * stride + j - r0]) * scale) as f32
+            }),
+            Some(flushed) => write_band(self.m, self.r0..self.r1, band, below, |i, j| {
+                let at = (i - r0) * stride + j - r0;
+                ((f64::from(pending[at]) + flushed[at]) * scale) as f32
+            }),
+        }
+    }
+
     /// `out[c] = (pending[i, j] + flushed[i, j]) · scale` for j = cols.start + c, j ≥ i.
     ///
     /// `pending` is valid here: it is zero until the first `gemm`, and every flush is
@@ -253,4 +316,69 @@ impl SymmetricSum {
             }
         }
     }
+}
+
+/// Writes rows `rows` = [r₀, r₁) of a symmetric m×m f32 matrix whose upper entries (i, j ≥ i)
+/// are `value(i, j)`: into `band` (those rows, full width, from column r₀ on) and into
+/// `below` (rows r₁ .. m, columns r₀ .. r₁, the mirror). Both are row-major with row length m.
+pub(crate) fn write_band(
+    m: usize,
+    rows: std::ops::Range<usize>,
+    band: &mut [f32],
+    below: &mut [f32],
+    value: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    let (r0, r1) = (rows.start, rows.end);
+    debug_assert_eq!((band.len(), below.len()), ((r1 - r0) * m, (m - r1) * m));
+    if m == 0 {
+        return;
+    }
+    band.par_chunks_mut(m).enumerate().for_each(|(t, row)| {
+        let i = r0 + t;
+        for (j, o) in row.iter_mut().enumerate().take(i).skip(r0) {
+            *o = value(j, i);
+        }
+        for (j, o) in row.iter_mut().enumerate().skip(i) {
+            *o = value(i, j);
+        }
+    });
+    // FINISH_ROWS rows of `below` per task, walked band row by band row: the reads run
+    // along row i of the band and the writes touch FINISH_ROWS output rows at a time.
+    below.par_chunks_mut(FINISH_ROWS * m).enumerate().for_each(|(b, block)| {
+        let j0 = r1 + b * FINISH_ROWS;
+        let count = block.len() / m;
+        for i in r0..r1 {
+            for t in 0..count {
+                block[t * m + i] = value(i, j0 + t);
+            }
+        }
+    });
+}
+
+/// The bands of rows of an m×m symmetric sum for passes within `budget` bytes, where
+/// `cost(r₀, r₁)` is what a band's sums hold: bands start at multiples of [`PANEL`] and hold
+/// at least [`PANEL`] rows (or the rest), so a budget below one panel gives panel-wide bands
+/// rather than an error. One band 0..m when the whole triangle fits.
+pub(crate) fn plan_bands(m: usize, budget: u64, cost: impl Fn(usize, usize) -> u64) -> Vec<std::ops::Range<usize>> {
+    let mut bands = Vec::new();
+    let mut r0 = 0;
+    while r0 < m {
+        let mut r1 = (r0 + PANEL).min(m);
+        while r1 < m && cost(r0, (r1 + PANEL).min(m)) <= budget {
+            r1 = (r1 + PANEL).min(m);
+        }
+        bands.push(r0..r1);
+        r0 = r1;
+    }
+    bands
+}
+
+/// Values a band [r₀, r₁) of an m×m sum stores: (r₁ − r₀) × (m − r₀).
+pub(crate) fn band_values(m: usize, r0: usize, r1: usize) -> u64 {
+    (r1 - r0) as u64 * (m - r0) as u64
+}
+
+/// Values of the packed upper triangle in the rows [r₀, r₁) of an m×m matrix.
+pub(crate) fn band_packed(m: usize, r0: usize, r1: usize) -> u64 {
+    (r0..r1).map(|i| (m - i) as u64).sum()
 }
