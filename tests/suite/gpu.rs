@@ -10,6 +10,11 @@ use fisher_engine::synthetic::gradient_like;
 use crate::common;
 use crate::common::verify::{assert_agrees, assert_psd, assert_symmetric, assert_trace_matches_mean_norm, Tolerance};
 use fisher_engine::{Backend, Engine, FisherError, FisherMatrix, Form};
+use fisher_engine::fisher::{NetFisher, NetForm, Variant};
+use fisher_engine::model::Activation;
+use fisher_engine::reference::network as net_reference;
+use fisher_engine::synthetic::SplitMix64;
+use crate::common::problems::{likelihood, seeded_dataset, seeded_mlp};
 use ndarray::{s, Array2};
 
 /// Number of summed products per entry, which sets the tolerance.
@@ -167,14 +172,17 @@ fn over_budget_requests_are_clear_errors() {
     let options = GpuOptions { memory_budget_bytes: Some(1 << 20), ..Default::default() };
     let Some(engine) = common::gpu_engine_with("over_budget_requests_are_clear_errors", &options) else { return };
     let g = gradient_like(4, 1000, 1);
-    // Full F of 1000 parameters needs 8 MB of accumulators (sum + compensation).
-    match engine.fisher_from_grads(g.view(), &Form::Full) {
-        Err(FisherError::DoesNotFit { needed, limit, .. }) => {
-            assert_eq!(limit, 1 << 20);
-            assert!(needed >= 8_000_000, "needed {needed}");
-        }
-        other => panic!("expected DoesNotFit, got {other:?}"),
-    }
+    // Full F of 1000 parameters needs 8 MB of accumulators (sum + compensation): beyond the
+    // 1 MiB budget it is summed in passes of 256-column panel pairs, not refused.
+    assert!(engine.backend().accumulator(&Form::Full, 1000).unwrap().passes() >= 2);
+    check(&engine, &g, &Form::Full);
+    // Refused only when one 64×64 pair (32 KiB) and one sample (twice 4 kB) cannot fit.
+    let options = GpuOptions { memory_budget_bytes: Some(32 << 10), ..Default::default() };
+    let Some(engine) = common::gpu_engine_with("over_budget_requests_are_clear_errors", &options) else { return };
+    let err = engine.fisher_from_grads(g.view(), &Form::Full).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, FisherError::DoesNotFit { needed: 40_768, limit: 32_768, .. }), "{text}");
+    assert!(text.contains("64×64") && text.contains("FISHER_GPU_MEMORY_MB"), "{text}");
     // One sample wider than the binding limit.
     let options = GpuOptions { max_binding_bytes: Some(16 << 10), ..Default::default() };
     let Some(engine) = common::gpu_engine_with("over_budget_requests_are_clear_errors", &options) else { return };
@@ -245,4 +253,181 @@ fn dispatch_grid_covers_more_than_65535_groups() {
     let (x, y) = grid(200_000, 65_535).unwrap();
     assert!(x as u64 * y as u64 >= 200_000 && x <= 65_535 && y <= 65_535);
     assert!(grid(65_536u64 * 65_536, 65_535).is_err());
+}
+
+// ---- Full F beyond one buffer: output panels summed in several passes (issue 11) --------
+
+/// A 16 KiB binding limit (64-column panels, chunks of ≤ 13 samples of 300 parameters) and
+/// `budget`: at 64 KiB the pairs of a pass get 32 KiB, one 64×64 pair, and the chunk keeps
+/// its 13 rows, so a pass-by-pass result has the panels and chunks of the one-pass run.
+fn pass_options(budget: Option<u64>) -> GpuOptions {
+    GpuOptions { max_binding_bytes: Some(16 << 10), memory_budget_bytes: budget, ..Default::default() }
+}
+
+fn pass_forms() -> [Form; 2] {
+    [Form::Full, Form::BlockDiagonal(vec![100, 157, 43])]
+}
+
+/// `form` of `g` through the streaming API, every pass pushing the rows in `pieces`; also
+/// returns the number of passes.
+fn streamed(engine: &Engine, g: &Array2<f32>, form: &Form, pieces: &[(usize, usize)]) -> (FisherMatrix, usize) {
+    let mut acc = engine.backend().accumulator(form, g.ncols()).unwrap();
+    let passes = acc.passes();
+    for pass in 0..passes {
+        if pass > 0 {
+            acc.next_pass().unwrap_or_else(|e| panic!("{form:?} pass {pass}: {e}"));
+        }
+        for &(a, b) in pieces {
+            acc.push(g.slice(s![a..b, ..])).unwrap();
+        }
+        assert_eq!(acc.samples(), g.nrows(), "samples are those of the current pass");
+    }
+    (acc.finish().unwrap(), passes)
+}
+
+fn assert_bitwise(a: &FisherMatrix, b: &FisherMatrix, what: &str) {
+    let values = |m: &FisherMatrix| -> Vec<u32> {
+        match m {
+            FisherMatrix::Full(f) => f.iter().map(|v| v.to_bits()).collect(),
+            FisherMatrix::BlockDiagonal(blocks) => blocks.iter().flat_map(|b| b.iter().map(|v| v.to_bits())).collect(),
+            other => panic!("{what}: unexpected {other:?}"),
+        }
+    };
+    assert!(values(a) == values(b), "{what}: multi-pass values differ from the one-pass run");
+}
+
+#[test]
+fn full_f_beyond_the_budget_is_summed_in_passes() {
+    let name = "full_f_beyond_the_budget_is_summed_in_passes";
+    let Some(small) = common::gpu_engine_with(name, &pass_options(Some(64 << 10))) else { return };
+    let Some(roomy) = common::gpu_engine_with(name, &pass_options(None)) else { return };
+    let (n, p) = (200, 300);
+    let g = gradient_like(n, p, 21);
+    let pieces = [(0, 1), (1, 8), (8, 120), (120, 200)];
+    for form in pass_forms() {
+        let passes = small.backend().accumulator(&form, p).unwrap().passes();
+        assert!(passes >= 3, "{form:?}: {passes} passes");
+        assert_eq!(roomy.backend().accumulator(&form, p).unwrap().passes(), 1, "{form:?}");
+        let want = reference::reduce(g.view(), &form).unwrap();
+        let tol = Tolerance::for_sum(n);
+        // Through the engine (one push per pass) and the streaming API (four per pass).
+        let t = std::time::Instant::now();
+        let got = check(&small, &g, &form);
+        println!("{form:?} {n}×{p}: {passes} passes in {:.2?}", t.elapsed());
+        let (got_streamed, streamed_passes) = streamed(&small, &g, &form, &pieces);
+        assert_eq!(streamed_passes, passes);
+        assert_agrees(&got_streamed, &want, tol);
+        // The same panels and chunks in one pass: the same values, bit for bit.
+        assert_bitwise(&got, &roomy.fisher_from_grads(g.view(), &form).unwrap(), &format!("{form:?} engine"));
+        assert_bitwise(&got_streamed, &streamed(&roomy, &g, &form, &pieces).0, &format!("{form:?} streamed"));
+    }
+}
+
+#[test]
+fn passes_with_narrower_panels_than_one_pass_match_reference() {
+    // The adapter's binding limit (wide panels in one pass) and a 256 KiB budget: passes of
+    // 128-column pairs, unlike the one-pass panels, so only the reference can judge.
+    let options = GpuOptions { memory_budget_bytes: Some(256 << 10), ..Default::default() };
+    let Some(engine) = common::gpu_engine_with("passes_with_narrower_panels_than_one_pass_match_reference", &options) else { return };
+    let (n, p) = (150, 300);
+    let g = gradient_like(n, p, 22);
+    for form in pass_forms() {
+        let passes = engine.backend().accumulator(&form, p).unwrap().passes();
+        assert!(passes >= 3, "{form:?}: {passes} passes");
+        check(&engine, &g, &form);
+        let (got, _) = streamed(&engine, &g, &form, &[(0, 70), (70, 71), (71, 150)]);
+        assert_agrees(&got, &reference::reduce(g.view(), &form).unwrap(), Tolerance::for_sum(n));
+    }
+}
+
+#[test]
+fn multi_pass_misuse_is_a_clear_error() {
+    let Some(engine) = common::gpu_engine_with("multi_pass_misuse_is_a_clear_error", &pass_options(Some(64 << 10))) else { return };
+    let g = gradient_like(30, 300, 23);
+    let message = |e: FisherError| match e {
+        FisherError::InvalidInput(m) => m,
+        other => panic!("expected InvalidInput, got {other:?}"),
+    };
+    // finish() before the last pass.
+    let mut acc = engine.backend().accumulator(&Form::Full, 300).unwrap();
+    let passes = acc.passes();
+    assert!(passes >= 3);
+    acc.push(g.view()).unwrap();
+    let text = message(acc.finish().unwrap_err());
+    assert!(text.contains(&format!("pass 1 of {passes}")) && text.contains("next_pass"), "{text}");
+    // next_pass() after the last; finish() still works after that refusal.
+    let mut acc = engine.backend().accumulator(&Form::Full, 300).unwrap();
+    for pass in 0..passes {
+        if pass > 0 {
+            acc.next_pass().unwrap();
+        }
+        acc.push(g.view()).unwrap();
+    }
+    let text = message(acc.next_pass().unwrap_err());
+    assert!(text.contains("last") && text.contains(&passes.to_string()), "{text}");
+    assert_agrees(&acc.finish().unwrap(), &reference::reduce(g.view(), &Form::Full).unwrap(), Tolerance::for_sum(30));
+    // A later pass with fewer samples than the first, caught by next_pass() and by finish().
+    let mut acc = engine.backend().accumulator(&Form::Full, 300).unwrap();
+    acc.push(g.view()).unwrap();
+    acc.next_pass().unwrap();
+    acc.push(g.slice(s![..29, ..])).unwrap();
+    let text = message(acc.next_pass().unwrap_err());
+    assert!(text.contains("29") && text.contains("30"), "{text}");
+    let mut acc = engine.backend().accumulator(&Form::Full, 300).unwrap();
+    for pass in 0..passes {
+        if pass > 0 {
+            acc.next_pass().unwrap();
+        }
+        acc.push(g.slice(s![..if pass + 1 == passes { 12 } else { 30 }, ..])).unwrap();
+    }
+    let text = message(acc.finish().unwrap_err());
+    assert!(text.contains("12") && text.contains("30"), "{text}");
+    // A pass with no samples at all.
+    let mut acc = engine.backend().accumulator(&Form::Full, 300).unwrap();
+    assert!(message(acc.next_pass().unwrap_err()).contains("no samples"));
+    // A single-pass form refuses next_pass().
+    let mut acc = engine.backend().accumulator(&Form::Diagonal, 300).unwrap();
+    assert_eq!(acc.passes(), 1);
+    acc.push(g.view()).unwrap();
+    assert!(acc.next_pass().is_err());
+}
+
+#[test]
+fn network_full_and_layer_beyond_the_budget_are_summed_in_passes() {
+    // 6-16-10-4 with biases: 326 parameters, layer blocks of 112, 170 and 44. A 64 KiB budget
+    // holds one 64×64 pair per pass; a 16 KiB binding limit gives the one-pass run the same
+    // 64-column panels and a 16 KiB micro-batch target the same micro-batches.
+    let name = "network_full_and_layer_beyond_the_budget_are_summed_in_passes";
+    let options = |budget| GpuOptions { micro_batch_bytes: Some(16 << 10), ..pass_options(budget) };
+    let Some(small) = common::gpu_engine_with(name, &options(Some(64 << 10))) else { return };
+    let Some(roomy) = common::gpu_engine_with(name, &options(None)) else { return };
+    let widths = [6, 16, 10, 4];
+    for (c, (act, gaussian)) in [(Activation::Tanh, false), (Activation::Gelu, true)].into_iter().enumerate() {
+        let net = seeded_mlp(&widths, &[act; 2], &[true; 3], 1.5, 0.3, &mut SplitMix64::new(40 + c as u64));
+        let data = seeded_dataset(45, widths[0], widths[3], likelihood(gaussian), &mut SplitMix64::new(50 + c as u64));
+        let p = net.num_params();
+        assert_eq!(p, 326);
+        for (form, as_grads) in [(NetForm::Full, Form::Full), (NetForm::Layer, Form::BlockDiagonal(vec![112, 170, 44]))] {
+            // The network reduction plans its pairs as this accumulator does.
+            let passes = small.backend().accumulator(&as_grads, p).unwrap().passes();
+            assert!(passes >= 3, "{form:?}: {passes} passes");
+            for variant in [Variant::Empirical, Variant::MonteCarlo { samples: 3, seed: 0x5eed_0000_0002 }] {
+                let want = net_reference::fisher(&net, &data, data.likelihood(), variant, form).expect("reference");
+                let t = std::time::Instant::now();
+                let got = small.fisher(&net, &data, variant, form).unwrap_or_else(|e| panic!("{act:?} {variant:?} {form:?}: {e}"));
+                println!("{act:?} {variant:?} {form:?}: {passes} passes in {:.2?}", t.elapsed());
+                let a = got.agreement(&want).expect("same form");
+                assert!(a.frobenius_rel <= 1e-5 && a.max_rel <= 4e-5, "{act:?} {variant:?} {form:?}: {a:?}");
+                let one = roomy.fisher(&net, &data, variant, form).unwrap();
+                let bits = |f: &NetFisher| -> Vec<u32> {
+                    match f {
+                        NetFisher::Full(m) => m.iter().map(|v| v.to_bits()).collect(),
+                        NetFisher::Layer(blocks) => blocks.iter().flat_map(|b| b.iter().map(|v| v.to_bits())).collect(),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                };
+                assert!(bits(&got) == bits(&one), "{act:?} {variant:?} {form:?}: multi-pass differs from one pass");
+            }
+        }
+    }
 }

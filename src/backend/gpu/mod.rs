@@ -9,8 +9,17 @@
 //!   waits for the previous one, so at most two chunks are in flight (bounded staging memory).
 //! * **Output panels.** A symmetric result over a column range is split into panels of at most
 //!   `panel` columns (`panel² · 4 ≤ binding_limit`, a multiple of the 64-wide SYRK tile); each
-//!   panel pair I ≤ J owns a running-sum and a compensation buffer. Diagonal pairs dispatch only
-//!   the tiles on or above the diagonal; the host mirrors on read-back.
+//!   panel pair I ≤ J owns a running-sum and a compensation buffer (8 B per value). Diagonal
+//!   pairs dispatch only the tiles on or above the diagonal; the host mirrors on read-back.
+//! * **Passes.** When the pairs plus one sample's chunk do not fit the memory budget, the
+//!   output is summed in several passes over the samples ([`Accumulator::passes`]): the pairs
+//!   are re-planned with a smaller panel edge (the largest multiple of 64 whose pair fits what
+//!   a modest chunk leaves of the budget, at most `panel`) and grouped, in order, into passes
+//!   that each fit; only the current pass's pairs exist on the device. Each pair still sees
+//!   every row in the same order, so its values are those of a single pass with the same
+//!   panels; what is repeated is the upload (network: the forward and backward pass) of the
+//!   samples, never a pair's SYRK. Between passes the finished pairs are read into the host
+//!   result and freed. Only a budget below one 64×64 pair plus one sample is refused.
 //! * **Finalize.** The host reads (S, c) and forms (S − c)/N in f64.
 
 mod buffers;
@@ -22,10 +31,12 @@ mod network;
 pub use buffers::{read_f32, storage_f32};
 pub use context::{list_adapters, AdapterSummary, GpuContext, GpuOptions};
 
+use std::ops::Range;
+
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 
 use crate::backend::plan::{block_layout, check_result, squares_total, MicroBatchLimits};
-use crate::backend::{Accumulator, FisherBackend, DEFAULT_RESULT_LIMIT};
+use crate::backend::{plan_passes, Accumulator, FisherBackend, DEFAULT_RESULT_LIMIT};
 use crate::error::{FisherError, Result};
 use crate::fisher::{FisherMatrix, Form, Fvp, NetFisher, NetForm, Variant};
 use crate::model::{DataSource, Mlp};
@@ -44,6 +55,10 @@ const MAX_MICRO_BATCH: usize = 1024;
 /// once a dispatch covers thousands of invocations, and on integrated or software adapters
 /// device memory is host memory, so this keeps the process footprint small.
 const MICRO_BATCH_BYTES: u64 = 64 << 20;
+/// Samples per chunk a multi-pass reduction keeps room for beside its panel pairs (at most
+/// half the budget): every pass uploads all samples again, but a chunk beyond about a
+/// thousand rows no longer amortizes anything, while budget given to the pairs saves passes.
+const PASS_CHUNK_ROWS: u64 = 1024;
 
 /// The GPU implementation of [`FisherBackend`].
 pub struct GpuBackend {
@@ -155,11 +170,6 @@ impl GpuBackend {
         (edge / SYRK_TILE as usize).max(1) * SYRK_TILE as usize
     }
 
-    /// Splits [start, start + len) into panels of at most `panel_max` columns.
-    fn panels(&self, start: usize, len: usize) -> Vec<(usize, usize)> {
-        let step = self.panel_max();
-        (0..len.div_ceil(step)).map(|i| (start + i * step, step.min(len - i * step))).collect()
-    }
 
     /// Samples per uploaded chunk for `p` columns, given `reserved` bytes of accumulators.
     pub fn chunk_rows(&self, p: usize, reserved: u64) -> Result<usize> {
@@ -344,14 +354,165 @@ pub(crate) struct PanelPair {
     comp: wgpu::Buffer,
 }
 
+/// A planned panel pair: (block, rows (start, len), cols (start, len)).
+type PairPlan = (usize, (usize, usize), (usize, usize));
+
+/// Bytes of a pair's accumulators (sum and compensation, f32 each).
+fn pair_bytes(&(_, rows, cols): &PairPlan) -> u64 {
+    8 * rows.1 as u64 * cols.1 as u64
+}
+
+/// Splits [start, start + len) into panels of at most `step` columns.
+fn panels(start: usize, len: usize, step: usize) -> Vec<(usize, usize)> {
+    (0..len.div_ceil(step)).map(|i| (start + i * step, step.min(len - i * step))).collect()
+}
+
+/// The panel pairs I ≤ J of every block, for panels of at most `edge` columns.
+fn pair_plan(blocks: &[(usize, usize)], edge: usize) -> Vec<PairPlan> {
+    let mut plan = Vec::new();
+    for (b, &(start, len)) in blocks.iter().enumerate() {
+        let panels = panels(start, len, edge);
+        for (i, &pi) in panels.iter().enumerate() {
+            for &pj in &panels[i..] {
+                plan.push((b, pi, pj));
+            }
+        }
+    }
+    plan
+}
+
+/// Where a symmetric reduction's accumulators go.
+#[derive(Debug, PartialEq)]
+struct SyrkLayout {
+    /// Every pair, in pass order.
+    pairs: Vec<PairPlan>,
+    /// The index ranges of `pairs` summed by each pass, consecutive.
+    passes: Vec<Range<usize>>,
+    /// Bytes of the largest pass's pairs (what the chunk must fit beside).
+    reserved: u64,
+}
+
+/// Plans the panel pairs of `blocks` for rows of `row_bytes`, within `budget`: the pairs of
+/// `panel_max`-column panels in one pass when they fit with one sample's chunk (and its
+/// staging copy), else narrower panels grouped into passes; `what` names the result.
+fn plan_syrk(blocks: &[(usize, usize)], panel_max: usize, budget: u64, row_bytes: u64, what: &str) -> Result<SyrkLayout> {
+    let pairs = pair_plan(blocks, panel_max);
+    let total = pairs.iter().map(pair_bytes).fold(0u64, u64::saturating_add);
+    let one_sample = row_bytes.saturating_mul(2);
+    if total.saturating_add(one_sample) <= budget {
+        return Ok(SyrkLayout { passes: vec![0..pairs.len()], reserved: total, pairs });
+    }
+    // The pairs of a pass get what a chunk of PASS_CHUNK_ROWS samples leaves, and at least
+    // half the budget; the chunk shrinks towards one sample before one 64×64 pair is refused.
+    let tile = SYRK_TILE as u64;
+    let smallest = 8 * tile * tile;
+    let chunk = one_sample.saturating_mul(PASS_CHUNK_ROWS).min(budget / 2).max(one_sample);
+    let pass_budget = budget.saturating_sub(chunk).max(smallest.min(budget.saturating_sub(one_sample)));
+    if pass_budget < smallest {
+        return Err(does_not_fit(
+            format!("one 64×64 panel pair of the {what} accumulators plus one sample ({} bytes)", row_bytes),
+            smallest.saturating_add(one_sample),
+            budget,
+            "GPU memory budget (set FISHER_GPU_MEMORY_MB to change it)".into(),
+        ));
+    }
+    // The widest panel whose pair fits a pass: edge² · 8 ≤ pass_budget, a multiple of the tile.
+    let mut edge = ((pass_budget / 8) as f64).sqrt() as u64 / tile * tile;
+    while edge > tile && edge * edge * 8 > pass_budget {
+        edge -= tile;
+    }
+    let edge = (edge.max(tile) as usize).min(panel_max);
+    let pairs = pair_plan(blocks, edge);
+    let sizes: Vec<u64> = pairs.iter().map(pair_bytes).collect();
+    let passes = plan_passes(&sizes, pass_budget);
+    let reserved = passes.iter().map(|r| sizes[r.clone()].iter().sum::<u64>()).max().unwrap_or(0);
+    Ok(SyrkLayout { pairs, passes, reserved })
+}
+
 enum Kind {
     Syrk { blocks: Vec<(usize, usize)>, full: bool },
     Diag,
     Norms,
 }
 
+/// A full or block-diagonal reduction, summed into one group of panel pairs per pass.
+pub(crate) struct Syrk {
+    blocks: Vec<(usize, usize)>,
+    full: bool,
+    layout: SyrkLayout,
+    /// The current pass (index into `layout.passes`).
+    pass: usize,
+    /// Accumulators of the current pass's pairs; the other passes' exist only on the host.
+    pairs: Vec<PanelPair>,
+    /// The host result, filled as passes finish (allocated at the first read-back).
+    out: Option<Vec<Array2<f32>>>,
+    /// Samples of the first pass, which every later pass must repeat.
+    first: usize,
+}
+
+impl Syrk {
+    fn allocate(be: &GpuBackend, plan: &[PairPlan]) -> Result<Vec<PanelPair>> {
+        be.ctx.scoped("allocating accumulators", || {
+            plan.iter()
+                .map(|&(block, rows, cols)| PanelPair {
+                    block,
+                    rows,
+                    cols,
+                    sum: storage_f32(&be.ctx, "fisher sum", rows.1 * cols.1),
+                    comp: storage_f32(&be.ctx, "fisher comp", rows.1 * cols.1),
+                })
+                .collect()
+        })
+    }
+
+    /// Checks that the current pass saw `n` samples, as many as the first.
+    fn check_count(&self, n: usize) -> Result<()> {
+        let (k, passes) = (self.pass + 1, self.layout.passes.len());
+        if n == 0 {
+            return Err(FisherError::InvalidInput(format!("pass {k} of {passes} over the samples saw no samples")));
+        }
+        if self.pass > 0 && n != self.first {
+            return Err(FisherError::InvalidInput(format!(
+                "pass {k} of {passes} saw {n} samples but the first pass saw {}; every pass must push the same samples in the same order",
+                self.first
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the current pass's pairs (the GPU has finished them) into the host result as
+    /// (S − c)/n, mirrored.
+    fn read_back(&mut self, be: &GpuBackend, n: usize) -> Result<()> {
+        let finalize = |s: &[f32], c: &[f32]| -> Vec<f32> {
+            s.iter().zip(c).map(|(&s, &c)| ((s as f64 - c as f64) / n as f64) as f32).collect()
+        };
+        let blocks = &self.blocks;
+        // The host result limit was checked when the reduction started.
+        let out = self.out.get_or_insert_with(|| blocks.iter().map(|&(_, len)| Array2::zeros((len, len))).collect());
+        for pair in &self.pairs {
+            let len = pair.rows.1 * pair.cols.1;
+            let v = finalize(&read_f32(&be.ctx, &pair.sum, len)?, &read_f32(&be.ctx, &pair.comp, len)?);
+            let start = blocks[pair.block].0;
+            let m = &mut out[pair.block];
+            for r in 0..pair.rows.1 {
+                let gr = pair.rows.0 + r - start;
+                for c in 0..pair.cols.1 {
+                    let gc = pair.cols.0 + c - start;
+                    // Only the upper triangle is trusted; mirroring makes F exactly symmetric.
+                    if gc >= gr {
+                        let x = v[r * pair.cols.1 + c];
+                        m[[gr, gc]] = x;
+                        m[[gc, gr]] = x;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(crate) enum State {
-    Syrk { blocks: Vec<(usize, usize)>, full: bool, pairs: Vec<PanelPair> },
+    Syrk(Syrk),
     Diag { sum: wgpu::Buffer, comp: wgpu::Buffer },
     Norms { out: Option<wgpu::Buffer>, norms: Vec<f32> },
 }
@@ -373,36 +534,13 @@ impl<'a> GpuAccumulator<'a> {
     fn new(be: &'a GpuBackend, kind: Kind, p: usize) -> Result<Self> {
         let (state, reserved) = match kind {
             Kind::Syrk { blocks, full } => {
-                let mut plan = Vec::new();
-                for (b, &(start, len)) in blocks.iter().enumerate() {
-                    let panels = be.panels(start, len);
-                    for (i, &pi) in panels.iter().enumerate() {
-                        for &pj in &panels[i..] {
-                            plan.push((b, pi, pj));
-                        }
-                    }
-                }
-                let reserved: u64 = plan.iter().map(|(_, pi, pj)| 8 * (pi.1 * pj.1) as u64).sum();
-                if reserved > be.budget {
-                    return Err(does_not_fit(
-                        format!("{} accumulators for {p} parameters", if full { "full Fisher" } else { "block" }),
-                        reserved,
-                        be.budget,
-                        "GPU memory budget (set FISHER_GPU_MEMORY_MB to change it)".into(),
-                    ));
-                }
-                let pairs = be.ctx.scoped("allocating accumulators", || {
-                    plan.iter()
-                        .map(|&(block, rows, cols)| PanelPair {
-                            block,
-                            rows,
-                            cols,
-                            sum: storage_f32(&be.ctx, "fisher sum", rows.1 * cols.1),
-                            comp: storage_f32(&be.ctx, "fisher comp", rows.1 * cols.1),
-                        })
-                        .collect()
-                })?;
-                (State::Syrk { blocks, full, pairs }, reserved)
+                // A sample wider than a binding is refused as such, before any planning.
+                be.chunk_rows(p, 0)?;
+                let what = if full { "full Fisher" } else { "block" };
+                let layout = plan_syrk(&blocks, be.panel_max(), be.budget, 4 * p as u64, what)?;
+                let pairs = Syrk::allocate(be, &layout.pairs[layout.passes[0].clone()])?;
+                let reserved = layout.reserved;
+                (State::Syrk(Syrk { blocks, full, layout, pass: 0, pairs, out: None, first: 0 }), reserved)
             }
             Kind::Diag => {
                 let state = be.ctx.scoped("allocating accumulators", || State::Diag {
@@ -437,8 +575,8 @@ impl<'a> GpuAccumulator<'a> {
         let be = self.be;
         let p = self.p;
         match &mut self.state {
-            State::Syrk { pairs, .. } => {
-                for pair in pairs.iter() {
+            State::Syrk(syrk) => {
+                for pair in syrk.pairs.iter() {
                     let params = SyrkParams {
                         k: rows as u32,
                         m: pair.rows.1 as u32,
@@ -537,8 +675,53 @@ impl Accumulator for GpuAccumulator<'_> {
         self.samples
     }
 
+    fn passes(&self) -> usize {
+        match &self.state {
+            State::Syrk(syrk) => syrk.layout.passes.len(),
+            _ => 1,
+        }
+    }
+
+    fn next_pass(&mut self) -> Result<()> {
+        let be = self.be;
+        let n = self.samples;
+        let State::Syrk(syrk) = &mut self.state else {
+            return Err(FisherError::InvalidInput("this reduction has a single pass over the samples".into()));
+        };
+        let passes = syrk.layout.passes.len();
+        if syrk.pass + 1 >= passes {
+            return Err(FisherError::InvalidInput(format!(
+                "next_pass() after the last of {passes} passes over the samples; call finish()"
+            )));
+        }
+        syrk.check_count(n)?;
+        be.ctx.wait("next pass")?;
+        syrk.read_back(be, n)?;
+        // The cached bind groups of this reduction's pushes hold the finished pairs: dropping
+        // both frees their device memory before the next group is allocated.
+        self.bindings = Bindings::default();
+        self.in_flight = None;
+        syrk.pairs = Vec::new();
+        if syrk.pass == 0 {
+            syrk.first = n;
+        }
+        syrk.pass += 1;
+        syrk.pairs = Syrk::allocate(be, &syrk.layout.pairs[syrk.layout.passes[syrk.pass].clone()])?;
+        self.samples = 0;
+        Ok(())
+    }
+
     fn finish(self: Box<Self>) -> Result<FisherMatrix> {
         let n = self.samples;
+        if let State::Syrk(syrk) = &self.state {
+            let passes = syrk.layout.passes.len();
+            if syrk.pass + 1 < passes {
+                return Err(FisherError::InvalidInput(format!(
+                    "finish() in pass {} of {passes}: the output is summed in {passes} passes over the samples; call next_pass() and push every sample again until the last",
+                    syrk.pass + 1
+                )));
+            }
+        }
         if n == 0 {
             return Err(FisherError::Empty { what: "gradients".into(), rows: 0, cols: self.p });
         }
@@ -548,27 +731,11 @@ impl Accumulator for GpuAccumulator<'_> {
             s.iter().zip(c).map(|(&s, &c)| ((s as f64 - c as f64) / n as f64) as f32).collect()
         };
         match self.state {
-            State::Syrk { blocks, full, pairs } => {
-                let mut out: Vec<Array2<f32>> = blocks.iter().map(|&(_, len)| Array2::zeros((len, len))).collect();
-                for pair in &pairs {
-                    let len = pair.rows.1 * pair.cols.1;
-                    let v = finalize(&read_f32(&be.ctx, &pair.sum, len)?, &read_f32(&be.ctx, &pair.comp, len)?);
-                    let start = blocks[pair.block].0;
-                    let m = &mut out[pair.block];
-                    for r in 0..pair.rows.1 {
-                        let gr = pair.rows.0 + r - start;
-                        for c in 0..pair.cols.1 {
-                            let gc = pair.cols.0 + c - start;
-                            // Only the upper triangle is trusted; mirroring makes F exactly symmetric.
-                            if gc >= gr {
-                                let x = v[r * pair.cols.1 + c];
-                                m[[gr, gc]] = x;
-                                m[[gc, gr]] = x;
-                            }
-                        }
-                    }
-                }
-                if full {
+            State::Syrk(mut syrk) => {
+                syrk.check_count(n)?;
+                syrk.read_back(be, n)?;
+                let mut out = syrk.out.take().expect("read back");
+                if syrk.full {
                     Ok(FisherMatrix::Full(out.pop().expect("one block")))
                 } else {
                     Ok(FisherMatrix::BlockDiagonal(out))
@@ -579,6 +746,63 @@ impl Accumulator for GpuAccumulator<'_> {
                 Ok(FisherMatrix::Diagonal(Array1::from(v)))
             }
             State::Norms { norms, .. } => Ok(FisherMatrix::SampleNorms(Array1::from(norms))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EDGE: usize = 1024;
+
+    #[test]
+    fn a_plan_that_fits_is_one_pass_of_the_widest_panels() {
+        // 1000 columns in one panel: 8 MB of pairs and a 4 kB sample (twice) fit 9 MB.
+        let layout = plan_syrk(&[(0, 1000)], EDGE, 9 << 20, 4000, "full").unwrap();
+        assert_eq!(layout.passes, vec![0..1]);
+        assert_eq!(layout.pairs, vec![(0, (0, 1000), (0, 1000))]);
+        assert_eq!(layout.reserved, 8_000_000);
+        // Blocks keep their own panels: 3 pairs for 1 + 2 panels.
+        let layout = plan_syrk(&[(0, 10), (10, 1500)], EDGE, 1 << 30, 6040, "block").unwrap();
+        assert_eq!(layout.passes, vec![0..4]);
+        assert_eq!(layout.pairs[1..], [(1, (10, 1024), (10, 1024)), (1, (10, 1024), (1034, 476)), (1, (1034, 476), (1034, 476))]);
+    }
+
+    #[test]
+    fn an_oversized_plan_takes_passes_of_narrower_panels_within_the_budget() {
+        let budget = 1 << 20;
+        let layout = plan_syrk(&[(0, 1000)], EDGE, budget, 4000, "full").unwrap();
+        // A 1024-row chunk of 4 kB rows would take 8 MB: the chunk gets half the budget and
+        // the pairs the other half, edge² · 8 ≤ 512 KiB → 256 columns, 4 panels, 10 pairs.
+        assert_eq!(layout.pairs[0], (0, (0, 256), (0, 256)));
+        assert_eq!(layout.pairs.len(), 10);
+        assert!(layout.passes.len() >= 10, "{:?}", layout.passes);
+        assert_eq!(layout.passes.first().unwrap().start, 0);
+        assert_eq!(layout.passes.last().unwrap().end, layout.pairs.len());
+        assert!(layout.passes.windows(2).all(|w| w[0].end == w[1].start && !w[1].is_empty()));
+        assert!(layout.reserved <= budget / 2 && layout.reserved + 2 * 4000 <= budget);
+        // Never wider than the binding allows.
+        let narrow = plan_syrk(&[(0, 1000)], 128, budget, 4000, "full").unwrap();
+        assert!(narrow.pairs.iter().all(|&(_, r, c)| r.1 <= 128 && c.1 <= 128));
+    }
+
+    #[test]
+    fn only_a_budget_below_one_tile_pair_and_one_sample_is_refused() {
+        let smallest = 8 * 64 * 64;
+        // Just enough: one 64×64 pair per pass, the chunk one sample.
+        let layout = plan_syrk(&[(0, 200)], EDGE, smallest + 2 * 800, 800, "full").unwrap();
+        assert!(layout.pairs.iter().all(|&(_, r, c)| r.1 <= 64 && c.1 <= 64));
+        // Panels 64, 64, 64, 8: ten pairs, the last two (64×8 and 8×8) share a pass.
+        assert_eq!(layout.pairs.len(), 10);
+        assert_eq!(layout.passes.len(), 9);
+        assert_eq!(layout.reserved, smallest);
+        match plan_syrk(&[(0, 200)], EDGE, smallest + 2 * 800 - 1, 800, "full") {
+            Err(FisherError::DoesNotFit { needed, limit, which, .. }) => {
+                assert_eq!((needed, limit), (smallest + 1600, smallest + 1599));
+                assert!(which.contains("FISHER_GPU_MEMORY_MB"), "{which}");
+            }
+            other => panic!("expected DoesNotFit, got {other:?}"),
         }
     }
 }

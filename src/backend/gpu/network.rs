@@ -387,6 +387,23 @@ impl<'a> Reduction<'a> {
         Ok(())
     }
 
+    /// Passes over the samples the reduction needs: more than one only for a SYRK whose
+    /// panel pairs do not fit the memory budget at once.
+    fn passes(&self) -> usize {
+        match self {
+            Reduction::Syrk { acc, .. } => acc.passes(),
+            _ => 1,
+        }
+    }
+
+    /// Ends a pass of a multi-pass SYRK (see [`GpuAccumulator`]'s `next_pass`).
+    fn next_pass(&mut self) -> Result<()> {
+        match self {
+            Reduction::Syrk { acc, .. } => acc.next_pass(),
+            _ => Err(FisherError::InvalidInput("this network reduction has a single pass over the samples".into())),
+        }
+    }
+
     /// Host side of a submitted micro-batch of samples s0..s0+m (read-backs).
     fn collect(&mut self, be: &GpuBackend, s0: usize, m: usize, r: usize) -> Result<()> {
         match self {
@@ -519,29 +536,41 @@ pub(crate) fn network_fisher_over(
     let mut in_flight: Option<wgpu::SubmissionIndex> = None;
 
     // ---- encode per layer, per chunk of draws, per micro-batch ---------------------------
-    for (s0, m) in batch.sample_ranges(n) {
-        let s0 = first + s0;
-        net.upload(data, s0, m)?;
-        let mut forward = be.kernels.recorder();
-        net.encode_forward(&mut forward, m)?;
-        let mut pending = Some(forward);
-        for (q0, d) in batch.draw_ranges(r) {
-            let mut rec = pending.take().unwrap_or_else(|| be.kernels.recorder());
-            let p_head = head_params(data, variant, classes, (s0, m), (q0, d), scale)?;
-            rec.mlp(Entry::Head, p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, (m * d) as u64)?;
-            for l in (0..depth).rev() {
-                reduction.encode_layer(&mut rec, (l, &shapes[l]), (m, d, q0), (&delta_cur, &net.acts[l]))?;
-                if l > 0 {
-                    net.encode_backprop(&mut rec, l, m, d, &delta_cur, &delta_next)?;
-                    std::mem::swap(&mut delta_cur, &mut delta_next);
+    // A Full or Layer result whose panel pairs do not fit the budget at once is summed in
+    // passes, each one group of pairs; every pass recomputes the same gradient rows (Monte
+    // Carlo draws are keyed by sample and draw), so each pair sees the rows of a single pass.
+    for pass in 0..reduction.passes() {
+        if pass > 0 {
+            // The cached bind groups hold the finished pass's accumulators: drop them before
+            // next_pass frees those and allocates the next group, or both would be resident.
+            bindings = Bindings::default();
+            in_flight = None;
+            reduction.next_pass()?;
+        }
+        for (s0, m) in batch.sample_ranges(n) {
+            let s0 = first + s0;
+            net.upload(data, s0, m)?;
+            let mut forward = be.kernels.recorder();
+            net.encode_forward(&mut forward, m)?;
+            let mut pending = Some(forward);
+            for (q0, d) in batch.draw_ranges(r) {
+                let mut rec = pending.take().unwrap_or_else(|| be.kernels.recorder());
+                let p_head = head_params(data, variant, classes, (s0, m), (q0, d), scale)?;
+                rec.mlp(Entry::Head, p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, (m * d) as u64)?;
+                for l in (0..depth).rev() {
+                    reduction.encode_layer(&mut rec, (l, &shapes[l]), (m, d, q0), (&delta_cur, &net.acts[l]))?;
+                    if l > 0 {
+                        net.encode_backprop(&mut rec, l, m, d, &delta_cur, &delta_next)?;
+                        std::mem::swap(&mut delta_cur, &mut delta_next);
+                    }
                 }
+                reduction.encode_end(&mut rec, m, d, q0 == 0)?;
+                let index = bindings.submit(&be.ctx, "network micro-batch", rec)?;
+                if let Some(previous) = in_flight.replace(index) {
+                    be.wait_for("network micro-batch", previous)?;
+                }
+                reduction.collect(be, s0 - first, m, d)?;
             }
-            reduction.encode_end(&mut rec, m, d, q0 == 0)?;
-            let index = bindings.submit(&be.ctx, "network micro-batch", rec)?;
-            if let Some(previous) = in_flight.replace(index) {
-                be.wait_for("network micro-batch", previous)?;
-            }
-            reduction.collect(be, s0 - first, m, d)?;
         }
     }
     be.ctx.wait("network finish")?;
