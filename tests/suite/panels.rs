@@ -161,3 +161,26 @@ fn cli_reduce_in_bands_writes_the_same_values() {
     assert!(stderr.contains("FISHER_CPU_MEMORY_MB") && stderr.trim().lines().count() == 1, "{stderr}");
     assert!(!bad.exists());
 }
+
+#[test]
+fn gpu_reduce_beyond_its_budget_rereads_the_file_per_pass() {
+    if !crate::common::gpu_available("gpu_reduce_beyond_its_budget_rereads_the_file_per_pass") {
+        return;
+    }
+    let dir = temp();
+    let g = gradient_like(300, 700, 6);
+    let input = dir.path().join("g.npy");
+    write_npy_matrix(&input, g.view()).unwrap();
+    let out = dir.path().join("F.safetensors");
+    // 1 MiB of accumulators for 700² values (3.9 MB at 8 bytes each): several passes.
+    let run = Command::new(FISHER)
+        .args(["reduce", "--grads", s(&input), "--backend", "gpu", "--form", "full", "--chunk-rows", "64", "--out", s(&out)])
+        .env("FISHER_GPU_MEMORY_MB", "1")
+        .env_remove("FISHER_ADAPTER")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let want = fisher_engine::reference::grads::reduce(g.view(), &Form::Full).unwrap();
+    let agreement = FisherMatrix::Full(read_safetensors(&out).matrix("fisher")).agreement(&want).unwrap();
+    assert!(agreement.max_abs <= 2e-6 * agreement.max_ref, "{agreement:?}");
+}
