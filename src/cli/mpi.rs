@@ -136,6 +136,12 @@ mod with_mpi {
         let world = SimpleCommunicator::world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         let mut request = cfg.request.clone();
+        // The ranks of one node (those sharing memory), numbered 0.. on it, spread over its
+        // equally good GPUs unless an adapter is named (collective: every rank calls it).
+        let local = world.split_shared(world.rank()).rank() as usize;
+        if request.gpu.local_index.is_none() {
+            request.gpu.local_index = Some(local);
+        }
         if rank != 0 {
             request.out = None; // only rank 0 checks and writes the output
         }

@@ -88,3 +88,33 @@ fn an_error_on_the_ranks_stops_them_all_with_one_line() {
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
     assert_dir_holds(dir.path(), &["F.safetensors", "data", "m.safetensors"]);
 }
+
+#[test]
+fn two_ranks_on_the_gpu_agree_with_the_single_gpu_run() {
+    if !crate::common::gpu_available("two_ranks_on_the_gpu_agree_with_the_single_gpu_run") {
+        return;
+    }
+    // Each rank opens the GPU of its index on the node among the equally good adapters
+    // (one here, so both share it); the merge is within the GPU's tolerance of one process.
+    let dir = temp();
+    let mut base = problem(dir.path());
+    let backend = base.iter().position(|a| a == "cpu").expect("--backend cpu");
+    base[backend] = "gpu".into();
+    let (single, ranks) = (dir.path().join("single.safetensors"), dir.path().join("mpi.safetensors"));
+    let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+    args.extend_from_slice(&["--form", "kfac", "--variant", "true", "--quiet", "--out"]);
+    let mut one = args.clone();
+    one.push(s(&single));
+    succeeds(&fisher(&one));
+    args.extend_from_slice(&[s(&ranks), "--mpi"]);
+    let run = mpirun(2, &args);
+    succeeds(&run);
+    let (a, b) = (read_safetensors(&single), read_safetensors(&ranks));
+    assert_eq!(a.names(), b.names());
+    for name in a.names() {
+        let (x, y) = (&a.tensors[&name].1, &b.tensors[&name].1);
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(worst <= 1e-5 * scale, "{name}: max |Δ| {worst} of max {scale}");
+    }
+}

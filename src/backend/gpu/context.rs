@@ -29,6 +29,11 @@ pub struct GpuOptions {
     /// micro-batch, and the Monte Carlo draws of a sample when one sample's rows do not
     /// fit, are split to stay near it; tests lower it to force many chunks.
     pub micro_batch_bytes: Option<u64>,
+    /// Without an adapter name: among the adapters that tie for the best choice (the same
+    /// device type and API, e.g. the eight GPUs of a node), take the one at this index modulo
+    /// their count, in wgpu's enumeration order. `fisher compute --mpi` sets it to the rank's
+    /// index on its node, so that the ranks of one node spread over its GPUs. `None` is 0.
+    pub local_index: Option<usize>,
 }
 
 /// A summary of one adapter, as `fisher devices` prints it.
@@ -109,7 +114,7 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
     let instance = make_instance(wgpu::Backends::all());
     let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     let filter = std::env::var("FISHER_ADAPTER").ok();
-    let pick = choose(&adapters, filter.as_deref()).ok();
+    let pick = choose(&adapters, filter.as_deref(), None).ok();
     adapters
         .iter()
         .enumerate()
@@ -131,9 +136,18 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
         .collect()
 }
 
+/// Among adapters ranked by `keys` (`None`: not usable; lower is better), the index of the
+/// `local`-th (modulo their count) of those tied for the best rank, in order.
+fn pick_best<K: Ord + Copy>(keys: &[Option<K>], local: usize) -> Option<usize> {
+    let best = keys.iter().flatten().min()?;
+    let tied: Vec<usize> = keys.iter().enumerate().filter(|(_, k)| k.as_ref() == Some(best)).map(|(i, _)| i).collect();
+    Some(tied[local % tied.len()])
+}
+
 /// Index of the adapter to use: the first whose name contains `filter` (case-insensitive),
-/// else the best by device type then API.
-fn choose(adapters: &[wgpu::Adapter], filter: Option<&str>) -> Result<usize> {
+/// else the best by device type then API (the `local`-th of equally good ones, see
+/// [`GpuOptions::local_index`]).
+fn choose(adapters: &[wgpu::Adapter], filter: Option<&str>, local: Option<usize>) -> Result<usize> {
     if adapters.is_empty() {
         return Err(FisherError::NoAdapter("wgpu found no adapter on any backend".into()));
     }
@@ -158,15 +172,14 @@ fn choose(adapters: &[wgpu::Adapter], filter: Option<&str>) -> Result<usize> {
                 ))
             });
     }
-    adapters
+    let keys: Vec<Option<(u8, u8)>> = adapters
         .iter()
-        .enumerate()
-        .filter(|(_, a)| compute_capable(a))
-        .min_by_key(|(_, a)| {
+        .map(|a| {
             let info = a.get_info();
-            (type_rank(info.device_type), backend_rank(info.backend))
+            compute_capable(a).then(|| (type_rank(info.device_type), backend_rank(info.backend)))
         })
-        .map(|(i, _)| i)
+        .collect();
+    pick_best(&keys, local.unwrap_or(0))
         .ok_or_else(|| FisherError::NoAdapter("no adapter supports compute storage buffers".into()))
 }
 
@@ -183,7 +196,7 @@ impl GpuContext {
         for backends in [wgpu::Backends::PRIMARY, wgpu::Backends::SECONDARY] {
             let instance = make_instance(backends);
             let adapters = pollster::block_on(instance.enumerate_adapters(backends));
-            match choose(&adapters, filter.as_deref()) {
+            match choose(&adapters, filter.as_deref(), options.local_index) {
                 Ok(i) => {
                     let adapter = adapters.into_iter().nth(i).expect("index from choose");
                     found = Some((instance, adapter));
@@ -196,7 +209,7 @@ impl GpuContext {
             // Re-run the choice over everything for the most informative message.
             let instance = make_instance(wgpu::Backends::all());
             let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-            let err = choose(&adapters, filter.as_deref())
+            let err = choose(&adapters, filter.as_deref(), options.local_index)
                 .err()
                 .unwrap_or_else(|| FisherError::NoAdapter("no usable adapter".into()));
             return Err(err);
@@ -262,4 +275,20 @@ fn one_line(e: &wgpu::Error) -> String {
         source = s.source();
     }
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_best;
+
+    #[test]
+    fn ranks_of_a_node_spread_over_the_tied_best_adapters() {
+        // Two discrete Vulkan GPUs (rank (0, 0)) at 1 and 3, a software adapter, an unusable one.
+        let keys = [Some((4, 0)), Some((0, 0)), None, Some((0, 0)), Some((0, 1))];
+        let picks: Vec<usize> = (0..5).map(|local| pick_best(&keys, local).unwrap()).collect();
+        assert_eq!(picks, vec![1, 3, 1, 3, 1]);
+        assert_eq!(pick_best(&[Some(2), Some(1)], 7), Some(1));
+        assert_eq!(pick_best::<u8>(&[None, None], 0), None);
+        assert_eq!(pick_best::<u8>(&[], 3), None);
+    }
 }
