@@ -96,22 +96,30 @@ fn misuse_of_passes_is_a_clear_error() {
     assert!(matches!(acc.next_pass(), Err(FisherError::Empty { .. })));
 }
 
+fn values(f: &NetFisher) -> Vec<u64> {
+    f.values().into_iter().map(f64::to_bits).collect()
+}
+
 #[test]
-fn network_full_in_bands_equals_the_single_pass_and_the_reference() {
+fn network_full_and_layer_in_bands_equal_the_single_pass_and_the_reference() {
     let mut rng = SplitMix64::new(41);
     // P = 12·40 + 40 + 40·30 + 30·5 + 5 = 1,875 parameters: 8 bands of 256 rows at 1 byte.
     let widths = [12, 40, 30, 5];
     let net = seeded_mlp(&widths, &[Activation::Tanh, Activation::Relu], &[true, false, true], 1.0, 0.3, &mut rng);
     let data = seeded_dataset(300, 12, 5, Likelihood::Categorical, &mut rng);
+    // Layer blocks of 520, 1,200 and 155 parameters: several bands of the first two, grouped
+    // into passes with the third.
     let whole = Engine::cpu();
-    for (variant, budget) in [(Variant::Empirical, 1), (Variant::True, 20 << 20), (Variant::MonteCarlo { samples: 2, seed: 9 }, 1)] {
-        let banded = Engine::from_cpu_backend(CpuBackend::new().with_accumulator_bytes(budget));
-        let NetFisher::Full(a) = whole.fisher(&net, &data, variant, NetForm::Full).unwrap() else { unreachable!() };
-        let NetFisher::Full(b) = banded.fisher(&net, &data, variant, NetForm::Full).unwrap() else { unreachable!() };
-        assert_eq!(bits(&b), bits(&a), "{variant:?} at {budget} bytes");
-        let want = reference::fisher(&net, &data, data.likelihood(), variant, NetForm::Full).unwrap();
-        let agreement = NetFisher::Full(b).agreement(&want).unwrap();
-        assert!(agreement.frobenius_rel <= 1e-5, "{variant:?}: {agreement:?}");
+    for form in [NetForm::Full, NetForm::Layer] {
+        for (variant, budget) in [(Variant::Empirical, 1), (Variant::True, 20 << 20), (Variant::MonteCarlo { samples: 2, seed: 9 }, 1)] {
+            let banded = Engine::from_cpu_backend(CpuBackend::new().with_accumulator_bytes(budget));
+            let a = whole.fisher(&net, &data, variant, form).unwrap();
+            let b = banded.fisher(&net, &data, variant, form).unwrap();
+            assert_eq!(values(&b), values(&a), "{form:?} {variant:?} at {budget} bytes");
+            let want = reference::fisher(&net, &data, data.likelihood(), variant, form).unwrap();
+            let agreement = b.agreement(&want).unwrap();
+            assert!(agreement.frobenius_rel <= 1e-5, "{form:?} {variant:?}: {agreement:?}");
+        }
     }
 }
 
@@ -120,16 +128,19 @@ fn network_full_in_bands_over_several_blocks_equals_the_single_pass() {
     // More samples than one block: the bands' block sums are combined exactly, as the
     // single pass combines them.
     let mut rng = SplitMix64::new(43);
-    let widths = [3, 40, 5]; // P = 3·40 + 40 + 40·5 + 5 = 365: bands of 256 and 109 rows
+    // P = 3·40 + 40 + 40·5 + 5 = 365: bands of 256 and 109 rows; layers of 160 and 205.
+    let widths = [3, 40, 5];
     let net = seeded_mlp(&widths, &[Activation::Tanh], &[true, true], 1.0, 0.3, &mut rng);
     let n = DEFAULT_BLOCK_SAMPLES + 700;
     let data = seeded_dataset(n, 3, 5, Likelihood::Categorical, &mut rng);
     let p = net.num_params();
     assert!(p > 256, "two bands need more than one panel of rows, P = {p}");
-    let NetFisher::Full(a) = Engine::cpu().fisher(&net, &data, Variant::Empirical, NetForm::Full).unwrap() else { unreachable!() };
     let banded = Engine::from_cpu_backend(CpuBackend::new().with_accumulator_bytes(1));
-    let NetFisher::Full(b) = banded.fisher(&net, &data, Variant::Empirical, NetForm::Full).unwrap() else { unreachable!() };
-    assert_eq!(bits(&b), bits(&a));
+    for form in [NetForm::Full, NetForm::Layer] {
+        let a = Engine::cpu().fisher(&net, &data, Variant::Empirical, form).unwrap();
+        let b = banded.fisher(&net, &data, Variant::Empirical, form).unwrap();
+        assert_eq!(values(&b), values(&a), "{form:?}");
+    }
 }
 
 #[test]

@@ -168,7 +168,9 @@ fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, 
 }
 
 enum Reduction {
-    Syrk { sums: Vec<BlockSum>, full: bool },
+    /// Full (one sum over θ) or layer blocks (one per layer); `owners[k]` is the layer of
+    /// `sums[k]` (for a pass over some bands of some layers, see [`Unit`]).
+    Syrk { sums: Vec<BlockSum>, full: bool, owners: Vec<usize> },
     Diag(Vec<BlockSum>),
     Kfac(Vec<(BlockSum, BlockSum)>),
     Grads(Vec<f32>),
@@ -210,6 +212,14 @@ impl BlockSum {
         match &mut self.live {
             Live::Dense(a) => a,
             Live::Sym(_) => unreachable!("a dense block sum"),
+        }
+    }
+
+    /// The first row of the band a symmetric sum holds.
+    fn first_row(&self) -> usize {
+        match &self.live {
+            Live::Sym(s) => s.first_row(),
+            Live::Dense(_) => 0,
         }
     }
 
@@ -394,14 +404,14 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
     let n = data.len();
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, n, be.result_limit)?;
-    if form == NetForm::Full {
-        let bands = full_bands(be, plan.params, n);
-        if bands.len() > 1 {
-            return full_in_bands(be, mlp, data, variant, &bands).map(NetFisher::Full);
+    if matches!(form, NetForm::Full | NetForm::Layer) {
+        let passes = symmetric_passes(be, &plan, form, n);
+        if passes.len() > 1 || passes.iter().flatten().any(|u| u.rows.len() < u.size) {
+            return symmetric_in_passes(be, mlp, data, variant, form, &passes);
         }
     }
     let p = plan.params;
-    let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, 0..p)?;
+    let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, None)?;
     let nf = n as f64;
     let layers = SumLayer::of(mlp);
     // After one block, the block sums finish as they always did; after several, their exact
@@ -414,7 +424,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
         })
     };
     Ok(match reduction {
-        Reduction::Syrk { sums, full: true } => NetFisher::Full(symmetric(sums.into_iter().next().expect("one sum"), p)?),
+        Reduction::Syrk { sums, full: true, .. } => NetFisher::Full(symmetric(sums.into_iter().next().expect("one sum"), p)?),
         Reduction::Syrk { sums, .. } => NetFisher::Layer(
             sums.into_iter().zip(&layers).map(|(s, l)| symmetric(s, l.params())).collect::<Result<_>>()?,
         ),
@@ -463,7 +473,7 @@ pub(crate) fn network_sums(
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, 1, be.result_limit)?;
     let samples = range.len();
-    let reduction = reduce(be, mlp, data, variant, form, range, block, 0..plan.params)?;
+    let reduction = reduce(be, mlp, data, variant, form, range, block, None)?;
     let parts = match reduction {
         Reduction::Syrk { sums, .. } | Reduction::Diag(sums) => sums.into_iter().map(BlockSum::into_exact).collect::<Result<Vec<_>>>()?,
         Reduction::Kfac(pairs) => {
@@ -479,48 +489,82 @@ pub(crate) fn network_sums(
     Ok(NetSums { form, layers, samples, parts })
 }
 
-/// The bands of rows in which [`network_fisher`] computes a full F of `p` parameters over `n`
-/// samples within the backend's accumulator budget (one band 0..p when it fits): 12 bytes
-/// per value of a band's sums, and 33 more per packed value when the samples span several
-/// blocks (the block's packed copy and the exact sum).
-fn full_bands(be: &CpuBackend, p: usize, n: usize) -> Vec<std::ops::Range<usize>> {
-    let blocks = n > DEFAULT_BLOCK_SAMPLES;
-    plan_bands(p, be.accumulator_bytes, |r0, r1| {
-        let exact = if blocks { band_packed(p, r0, r1).saturating_mul(33) } else { 0 };
-        band_values(p, r0, r1).saturating_mul(12).saturating_add(exact)
-    })
+/// One band of rows of one symmetric sum: the whole F (layer 0 standing for θ) or the block
+/// of a layer, of side `size`.
+#[derive(Debug, Clone, PartialEq)]
+struct Unit {
+    layer: usize,
+    size: usize,
+    rows: std::ops::Range<usize>,
 }
 
-/// A full F computed band by band (see [`SymmetricSum::band`]), one pass over the samples
-/// per band, each band written into the f32 result when its pass ends. Bitwise equal to
-/// the single pass: each band's `gemm` calls and block sums are the single pass's.
-fn full_in_bands(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, bands: &[std::ops::Range<usize>]) -> Result<Array2<f32>> {
-    let (n, p) = (data.len(), mlp.num_params());
+/// The passes in which [`network_fisher`] computes a full F or the layer blocks over `n`
+/// samples within the backend's accumulator budget: each sum cut into bands of rows
+/// ([`plan_bands`]), the bands grouped in order into passes that fit. 12 bytes per value of
+/// a band's sums, and 33 more per packed value when the samples span several blocks (the
+/// block's packed copy and the exact sum). One pass of whole sums when everything fits.
+fn symmetric_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Vec<Vec<Unit>> {
+    let blocks = n > DEFAULT_BLOCK_SAMPLES;
+    let sides: Vec<usize> = match form {
+        NetForm::Full => vec![plan.params],
+        _ => plan.shapes.iter().map(|s| s.params).collect(),
+    };
+    let cost = |m: usize, r0: usize, r1: usize| {
+        let exact = if blocks { band_packed(m, r0, r1).saturating_mul(33) } else { 0 };
+        band_values(m, r0, r1).saturating_mul(12).saturating_add(exact)
+    };
+    let units: Vec<Unit> = sides
+        .iter()
+        .enumerate()
+        .flat_map(|(layer, &m)| {
+            plan_bands(m, be.accumulator_bytes, |r0, r1| cost(m, r0, r1)).into_iter().map(move |rows| Unit { layer, size: m, rows })
+        })
+        .collect();
+    let sizes: Vec<u64> = units.iter().map(|u| cost(u.size, u.rows.start, u.rows.end)).collect();
+    crate::backend::plan_passes(&sizes, be.accumulator_bytes).into_iter().map(|r| units[r].to_vec()).collect()
+}
+
+/// A full F or the layer blocks computed in `passes` over the samples, each summing its
+/// bands of rows (see [`SymmetricSum::band`]) and writing them into the f32 result when it
+/// ends. Bitwise equal to the single pass: each band's `gemm` calls and block sums are the
+/// single pass's.
+fn symmetric_in_passes(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, passes: &[Vec<Unit>]) -> Result<NetFisher> {
+    let n = data.len();
     let nf = n as f64;
-    let mut out = vec![0f32; p * p];
-    for band in bands {
-        let reduction = reduce(be, mlp, data, variant, NetForm::Full, 0..n, DEFAULT_BLOCK_SAMPLES, band.clone())?;
-        let Reduction::Syrk { sums, .. } = reduction else { unreachable!("a full reduction") };
-        let sum = sums.into_iter().next().expect("one sum");
-        let (head, below) = out.split_at_mut(band.end * p);
-        let rows = &mut head[band.start * p..];
-        match sum.combined()? {
-            // Several blocks: the exact sum's values, scaled as `symmetric_of` scales them.
-            Ok(values) => {
-                let (base, scale) = (packed_row(band.start, p), 1.0 / nf);
-                write_band(p, band.clone(), rows, below, |i, j| (values[packed_row(i, p) - base + j - i] * scale) as f32);
+    let sides: Vec<usize> = match form {
+        NetForm::Full => vec![mlp.num_params()],
+        _ => mlp.layers.iter().map(|l| l.num_params()).collect(),
+    };
+    let mut out: Vec<Vec<f32>> = sides.iter().map(|&m| vec![0f32; m * m]).collect();
+    for units in passes {
+        let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, Some(units))?;
+        let Reduction::Syrk { sums, .. } = reduction else { unreachable!("a symmetric reduction") };
+        for (unit, sum) in units.iter().zip(sums) {
+            let (m, band) = (unit.size, unit.rows.clone());
+            let (head, below) = out[unit.layer].split_at_mut(band.end * m);
+            let rows = &mut head[band.start * m..];
+            match sum.combined()? {
+                // Several blocks: the exact sum's values, scaled as `symmetric_of` scales them.
+                Ok(values) => {
+                    let (base, scale) = (packed_row(band.start, m), 1.0 / nf);
+                    write_band(m, band, rows, below, |i, j| (values[packed_row(i, m) - base + j - i] * scale) as f32);
+                }
+                Err(Live::Sym(s)) => s.finish_band_into(nf, rows, below),
+                Err(Live::Dense(_)) => unreachable!("a symmetric block sum"),
             }
-            Err(Live::Sym(s)) => s.finish_band_into(nf, rows, below),
-            Err(Live::Dense(_)) => unreachable!("a symmetric block sum"),
         }
     }
-    Ok(Array2::from_shape_vec((p, p), out).expect("p·p values form a p×p array"))
+    let mut blocks = out.into_iter().zip(&sides).map(|(v, &m)| Array2::from_shape_vec((m, m), v).expect("m·m values"));
+    Ok(match form {
+        NetForm::Full => NetFisher::Full(blocks.next().expect("one block")),
+        _ => NetFisher::Layer(blocks.collect()),
+    })
 }
 
 /// The reduction of `form` over the samples `range` of `data`: micro-batches walked from
 /// the start of every block of `block` samples (counted from sample 0), the block sums
-/// combined exactly when there are several. A full F sums only the rows `band` of its
-/// upper triangle (0..P for all of it).
+/// combined exactly when there are several. A full F or the layer blocks sum only the bands
+/// of `units` when given (one pass of [`symmetric_in_passes`]), every row otherwise.
 #[allow(clippy::too_many_arguments)]
 fn reduce(
     be: &CpuBackend,
@@ -530,7 +574,7 @@ fn reduce(
     form: NetForm,
     range: std::ops::Range<usize>,
     block: usize,
-    band: std::ops::Range<usize>,
+    units: Option<&[Unit]>,
 ) -> Result<Reduction> {
     let n = data.len();
     if range.end > n || range.start > range.end || block == 0 {
@@ -548,8 +592,18 @@ fn reduce(
     let waug = augmented_weights(mlp);
 
     let mut reduction = match form {
-        NetForm::Full => Reduction::Syrk { sums: vec![BlockSum::sym_band(p, band.clone())], full: true },
-        NetForm::Layer => Reduction::Syrk { sums: ranges.iter().map(|x| BlockSum::sym(x.1)).collect(), full: false },
+        NetForm::Full | NetForm::Layer => {
+            let whole: Vec<Unit> = match form {
+                NetForm::Full => vec![Unit { layer: 0, size: p, rows: 0..p }],
+                _ => ranges.iter().enumerate().map(|(layer, x)| Unit { layer, size: x.1, rows: 0..x.1 }).collect(),
+            };
+            let units = units.unwrap_or(&whole);
+            Reduction::Syrk {
+                sums: units.iter().map(|u| BlockSum::sym_band(u.size, u.rows.clone())).collect(),
+                full: form == NetForm::Full,
+                owners: units.iter().map(|u| u.layer).collect(),
+            }
+        }
         NetForm::Diagonal => {
             Reduction::Diag(mlp.layers.iter().map(|l| BlockSum::dense(l.fan_out(), l.augmented_in())).collect())
         }
@@ -599,18 +653,20 @@ fn reduce(
                         }
                         acc[l].1.sym_mut().add(delta.view());
                     }
-                    Reduction::Syrk { sums, full } => {
+                    Reduction::Syrk { sums, full, owners } => {
                         if *full {
                             let rows = grad_rows.as_mut().expect("rows");
                             let (off, len) = ranges[l];
-                            // A band from column band.start on reads no column left of it.
-                            if off + len > band.start {
+                            // A band from column r₀ on reads no column left of it.
+                            if off + len > sums[0].first_row() {
                                 outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.slice_mut(s![.., off..off + len]));
                             }
-                        } else {
+                        } else if owners.contains(&l) {
                             let mut rows = Array2::<f32>::zeros((m * d, ranges[l].1));
                             outer_rows(delta.view(), act.view(), d, layer.fan_in(), layer.bias.is_some(), rows.view_mut());
-                            sums[l].sym_mut().add(rows.view());
+                            for (sum, _) in sums.iter_mut().zip(owners.iter()).filter(|(_, &o)| o == l) {
+                                sum.sym_mut().add(rows.view());
+                            }
                         }
                     }
                     Reduction::Grads(_) => {
@@ -634,7 +690,7 @@ fn reduce(
                 }
             }
             match &mut reduction {
-                Reduction::Syrk { sums, full: true } => sums[0].sym_mut().add(grad_rows.as_ref().expect("rows").view()),
+                Reduction::Syrk { sums, full: true, .. } => sums[0].sym_mut().add(grad_rows.as_ref().expect("rows").view()),
                 // Either d = R or m = 1 (see `Batching`), so chunks append in sample-major order.
                 Reduction::Grads(out) => out.extend(grad_rows.expect("rows").iter().copied()),
                 _ => {}

@@ -97,6 +97,11 @@ impl SymmetricSum {
         (self.r0..self.r1).map(|i| self.m - i).sum()
     }
 
+    /// The first row of the band held (0 for the whole matrix).
+    pub(crate) fn first_row(&self) -> usize {
+        self.r0
+    }
+
     /// Whether this sum holds the whole upper triangle.
     pub(crate) fn is_whole(&self) -> bool {
         self.r0 == 0 && self.r1 == self.m
