@@ -55,8 +55,8 @@ pub struct CpuBackend {
     batch_bytes: u64,
     /// Forward pass an implicit operator keeps between products, bytes.
     forward_cache_bytes: u64,
-    /// Running sums of a full Fisher held at once, bytes; beyond it the output is computed
-    /// in bands of rows, one pass over the samples each.
+    /// Running sums of a full Fisher (or of a network's layer blocks) held at once, bytes;
+    /// beyond it the output is computed in bands of rows, in several passes over the samples.
     accumulator_bytes: u64,
 }
 
@@ -111,9 +111,9 @@ impl CpuBackend {
         self
     }
 
-    /// The same backend holding at most `bytes` of running sums for a full Fisher (default
-    /// [`DEFAULT_ACCUMULATOR_BYTES`]; the CLI reads `FISHER_CPU_MEMORY_MB`). The sums of a
-    /// full F take 12 bytes per value (an f32 partial and an f64 total), 45 when the samples
+    /// The same backend holding at most `bytes` of running sums for a full Fisher or a
+    /// network's layer blocks (default [`DEFAULT_ACCUMULATOR_BYTES`]; the CLI reads
+    /// `FISHER_CPU_MEMORY_MB`). The sums of a full F take 12 bytes per value (an f32 partial and an f64 total), 45 when the samples
     /// span several blocks and are combined exactly, against the result's 4. When they do not
     /// fit, F is computed in bands of rows of the upper triangle, one pass over the samples
     /// per band, each written into the f32 result as it finishes: peak memory is then the
