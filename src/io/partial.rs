@@ -159,7 +159,7 @@ fn encode(part: &PartialFile) -> Result<(Vec<u8>, Vec<(String, Vec<usize>, Data<
         offset += bytes;
     }
     let header = Metadata::new(Some(metadata_of(part)), infos)
-        .and_then(|m| serde_json::to_string(&m).map_err(Into::into))
+        .and_then(|m| crate::io::safetensors::header_json(&m).map_err(Into::into))
         .map_err(|e| FisherError::InvalidInput(format!("cannot build the safetensors header of a partial file: {e}")))?;
     let mut header = header.into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');

@@ -33,6 +33,15 @@ pub fn write_safetensors_atomic(
     write_tensor_refs(path, &refs, metadata)
 }
 
+/// The JSON header of a safetensors file with its keys sorted (tensor names, and the
+/// metadata's keys): `Metadata` keeps the metadata in a `HashMap`, whose order changes from
+/// run to run, so serializing it directly made two runs with equal results write different
+/// bytes. Going through `serde_json::Value` (a `BTreeMap` object) makes outputs
+/// byte-reproducible.
+pub(crate) fn header_json(metadata: &::safetensors::tensor::Metadata) -> serde_json::Result<String> {
+    serde_json::to_string(&serde_json::to_value(metadata)?)
+}
+
 /// A tensor to write: name, shape (row-major), values (borrowed where possible).
 pub type TensorRef<'a> = (String, Vec<usize>, Cow<'a, [f32]>);
 
@@ -69,7 +78,7 @@ pub fn write_tensor_refs(
         offset += bytes;
     }
     let header = Metadata::new(metadata, infos)
-        .and_then(|m| serde_json::to_string(&m).map_err(Into::into))
+        .and_then(|m| header_json(&m).map_err(Into::into))
         .map_err(|e| io_error(path, format!("cannot build the safetensors header: {e}")))?;
     // The format pads the JSON header with spaces to a multiple of 8 bytes, so that the data
     // that follows is aligned.

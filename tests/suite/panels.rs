@@ -164,6 +164,8 @@ fn cli_reduce_in_bands_writes_the_same_values() {
     let out = run(Some("1"), &banded);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(read_safetensors(&banded).matrix("fisher"), read_safetensors(&one).matrix("fisher"));
+    // Byte for byte, header included (its keys are sorted, so equal results write equal files).
+    assert!(std::fs::read(&banded).unwrap() == std::fs::read(&one).unwrap(), "the files differ");
     // A bad budget is one line naming the variable, exit 2, and nothing written.
     let bad = dir.path().join("bad.safetensors");
     let out = run(Some("lots"), &bad);
