@@ -262,7 +262,11 @@ impl Engine {
     ) -> Result<NetFisher> {
         check_variant(variant)?;
         let mut exec = self.backend.program_exec(std::sync::Arc::clone(&model.program))?;
-        let limits = crate::graph::fisher::RunLimits { result_bytes: self.backend.result_limit(), ..Default::default() };
+        let limits = crate::graph::fisher::RunLimits {
+            result_bytes: self.backend.result_limit(),
+            accumulator_bytes: self.backend.accumulator_bytes(),
+            ..Default::default()
+        };
         crate::graph::fisher::fisher(exec.as_mut(), model, data, likelihood, variant, form, selection, &limits)
     }
 
@@ -280,7 +284,11 @@ impl Engine {
     ) -> Result<(NetFisher, crate::graph::fisher::RunStats)> {
         check_variant(variant)?;
         let mut exec = self.backend.program_exec(std::sync::Arc::clone(&model.program))?;
-        let limits = crate::graph::fisher::RunLimits { result_bytes: self.backend.result_limit(), ..Default::default() };
+        let limits = crate::graph::fisher::RunLimits {
+            result_bytes: self.backend.result_limit(),
+            accumulator_bytes: self.backend.accumulator_bytes(),
+            ..Default::default()
+        };
         let mut stats = crate::graph::fisher::RunStats::default();
         let result = crate::graph::fisher::fisher_with_stats(exec.as_mut(), model, data, likelihood, variant, form, selection, &limits, &mut stats)?;
         Ok((result, stats))

@@ -104,6 +104,13 @@ pub trait FisherBackend {
 
     /// The largest result this backend holds in host memory, bytes.
     fn result_limit(&self) -> u64;
+
+    /// Host memory for the running sums of a full Fisher or of layer blocks summed on the
+    /// host (the graph path on any backend), bytes; beyond it they are computed in passes
+    /// ([`cpu::CpuBackend::with_accumulator_bytes`]).
+    fn accumulator_bytes(&self) -> u64 {
+        cpu::DEFAULT_ACCUMULATOR_BYTES
+    }
 }
 
 /// F·V and the quadratic forms of a block of k directions ([`NetworkOperator::apply`]).

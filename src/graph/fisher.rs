@@ -14,7 +14,7 @@ use super::exec::ProgramExec;
 use super::ir::Graph;
 use super::prim::{Backward, Program, Rows};
 use crate::backend::cpu::network::{lambda_times, output_rows};
-use crate::backend::cpu::syrk::SymmetricSum;
+use crate::backend::cpu::syrk::{is_single_whole_pass, plan_units, SymmetricSum, Unit};
 use crate::error::{FisherError, Result};
 use crate::fisher::{rows_per_sample, Fvp, KfacFactors, NetFisher, NetForm, Variant};
 use crate::model::{Dataset, Likelihood, Targets};
@@ -142,11 +142,19 @@ pub struct RunLimits {
     pub batch_bytes: u64,
     /// Largest result held in host memory, bytes.
     pub result_bytes: u64,
+    /// Host memory for the running sums of a full F or the layer blocks, bytes; beyond it
+    /// they are computed in bands of rows, in several passes over the samples (as on the
+    /// MLP path: [`crate::backend::cpu::CpuBackend::with_accumulator_bytes`]).
+    pub accumulator_bytes: u64,
 }
 
 impl Default for RunLimits {
     fn default() -> Self {
-        RunLimits { batch_bytes: DEFAULT_BATCH_BYTES, result_bytes: crate::backend::DEFAULT_RESULT_LIMIT }
+        RunLimits {
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            result_bytes: crate::backend::DEFAULT_RESULT_LIMIT,
+            accumulator_bytes: crate::backend::cpu::DEFAULT_ACCUMULATOR_BYTES,
+        }
     }
 }
 
@@ -315,8 +323,18 @@ pub fn fisher_with_stats(
     exec.begin(batch, r, which)?;
 
     let mut diag = vec![0f64; if form == NetForm::Diagonal { p_all } else { 0 }];
-    let mut full = (form == NetForm::Full).then(|| SymmetricSum::new(p));
-    let mut blocks: Vec<SymmetricSum> = if form == NetForm::Layer { modules.iter().map(|(_, len, _)| SymmetricSum::new(*len)).collect() } else { Vec::new() };
+    // A full F or layer blocks whose sums exceed the accumulator budget: bands of rows, one
+    // group per pass over the samples, each written into the f32 result when its pass ends
+    // (bitwise the values of one pass). Every other form takes one pass.
+    let sides: Vec<usize> = match form {
+        NetForm::Full => vec![p],
+        NetForm::Layer => modules.iter().map(|(_, len, _)| *len).collect(),
+        _ => Vec::new(),
+    };
+    let passes = if sides.is_empty() { vec![Vec::new()] } else { plan_units(&sides, limits.accumulator_bytes, 0) };
+    let whole = is_single_whole_pass(&passes);
+    let mut banded: Vec<Vec<f32>> = if whole { Vec::new() } else { sides.iter().map(|&m| vec![0f32; m * m]).collect() };
+    let mut whole_sums: Vec<SymmetricSum> = Vec::new();
     let mut grads: Vec<f32> = Vec::new();
     let mut norms: Vec<f64> = Vec::new();
     let mut kfac: Vec<(Vec<f64>, Vec<f64>)> = sites
@@ -329,59 +347,77 @@ pub fn fisher_with_stats(
         .collect();
     let d = graph.tensors[graph.input].len();
     let mut rows_buf: Vec<f32> = Vec::new();
-    let mut s0 = 0;
-    while s0 < n {
-        let m = batch.min(n - s0);
-        let x = data.inputs.slice(ndarray::s![s0..s0 + m, ..]);
-        let x: Vec<f32> = x.iter().copied().collect();
-        debug_assert_eq!(x.len(), m * d);
-        let z = exec.forward(&x, m)?;
-        let z = Array2::from_shape_vec((m, c), z).map_err(|e| FisherError::InvalidInput(e.to_string()))?;
-        if !z.iter().all(|v| v.is_finite()) {
-            return Err(FisherError::InvalidInput(format!("the model's output is not finite for a sample in rows {s0}..{}", s0 + m)));
-        }
-        let rows = output_rows(z.view(), data, s0, variant, (0, r))?;
-        exec.backward(rows.as_slice().expect("standard layout"), which)?;
-        match form {
-            NetForm::Diagonal => exec.add_diag(&mut diag)?,
-            NetForm::Kfac => {
-                for (slot, &k) in kfac.iter_mut().zip(&sites) {
-                    exec.add_kfac(k, &mut slot.0, &mut slot.1)?;
-                }
-            }
-            _ => {
-                rows_buf.resize(m * r * p_all, 0.0);
-                exec.param_grads(&mut rows_buf)?;
-                // The selected columns, row by row.
-                let mut sel = Array2::<f32>::zeros((m * r, p));
-                for (q, mut row) in sel.rows_mut().into_iter().enumerate() {
-                    let src = &rows_buf[q * p_all..][..p_all];
-                    let mut at = 0;
-                    for &(off, len) in &ranges {
-                        row.as_slice_mut().expect("row")[at..at + len].copy_from_slice(&src[off..off + len]);
-                        at += len;
-                    }
-                }
-                match form {
-                    NetForm::Full => full.as_mut().expect("full").add(sel.view()),
-                    NetForm::Layer => {
-                        for ((_, len, start), sum) in modules.iter().zip(&mut blocks) {
-                            sum.add(sel.slice(ndarray::s![.., *start..*start + *len]));
-                        }
-                    }
-                    NetForm::Grads => grads.extend(sel.iter().copied()),
-                    NetForm::Norms => {
-                        for i in 0..m {
-                            norms.push((0..r).map(|q| sel.row(i * r + q).iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()).sum());
-                        }
-                    }
-                    _ => unreachable!(),
-                }
-            }
-        }
-        s0 += m;
-    }
     let nf = n as f64;
+    for units in &passes {
+        let mut sums: Vec<(&Unit, SymmetricSum)> = units.iter().map(|u| (u, SymmetricSum::band(u.size, u.rows.clone()))).collect();
+        let mut s0 = 0;
+        while s0 < n {
+            let m = batch.min(n - s0);
+            let x = data.inputs.slice(ndarray::s![s0..s0 + m, ..]);
+            let x: Vec<f32> = x.iter().copied().collect();
+            debug_assert_eq!(x.len(), m * d);
+            let z = exec.forward(&x, m)?;
+            let z = Array2::from_shape_vec((m, c), z).map_err(|e| FisherError::InvalidInput(e.to_string()))?;
+            if !z.iter().all(|v| v.is_finite()) {
+                return Err(FisherError::InvalidInput(format!("the model's output is not finite for a sample in rows {s0}..{}", s0 + m)));
+            }
+            let rows = output_rows(z.view(), data, s0, variant, (0, r))?;
+            exec.backward(rows.as_slice().expect("standard layout"), which)?;
+            match form {
+                NetForm::Diagonal => exec.add_diag(&mut diag)?,
+                NetForm::Kfac => {
+                    for (slot, &k) in kfac.iter_mut().zip(&sites) {
+                        exec.add_kfac(k, &mut slot.0, &mut slot.1)?;
+                    }
+                }
+                _ => {
+                    rows_buf.resize(m * r * p_all, 0.0);
+                    exec.param_grads(&mut rows_buf)?;
+                    // The selected columns, row by row.
+                    let mut sel = Array2::<f32>::zeros((m * r, p));
+                    for (q, mut row) in sel.rows_mut().into_iter().enumerate() {
+                        let src = &rows_buf[q * p_all..][..p_all];
+                        let mut at = 0;
+                        for &(off, len) in &ranges {
+                            row.as_slice_mut().expect("row")[at..at + len].copy_from_slice(&src[off..off + len]);
+                            at += len;
+                        }
+                    }
+                    match form {
+                        NetForm::Full => {
+                            for (_, sum) in &mut sums {
+                                sum.add(sel.view());
+                            }
+                        }
+                        NetForm::Layer => {
+                            for (unit, sum) in &mut sums {
+                                let (_, len, start) = &modules[unit.layer];
+                                sum.add(sel.slice(ndarray::s![.., *start..*start + *len]));
+                            }
+                        }
+                        NetForm::Grads => grads.extend(sel.iter().copied()),
+                        NetForm::Norms => {
+                            for i in 0..m {
+                                norms.push((0..r).map(|q| sel.row(i * r + q).iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()).sum());
+                            }
+                        }
+                        _ => unreachable!(),
+                    }
+                }
+            }
+            s0 += m;
+        }
+        if whole {
+            whole_sums = sums.into_iter().map(|(_, sum)| sum).collect();
+        } else {
+            for (unit, sum) in &sums {
+                let m = unit.size;
+                let (head, below) = banded[unit.layer].split_at_mut(unit.rows.end * m);
+                sum.finish_band_into(nf, &mut head[unit.rows.start * m..], below);
+            }
+        }
+    }
+    let square = |v: Vec<f32>, m: usize| Array2::from_shape_vec((m, m), v).expect("m·m values");
     Ok(match form {
         NetForm::Diagonal => {
             let mut out = Vec::with_capacity(p);
@@ -390,8 +426,10 @@ pub fn fisher_with_stats(
             }
             NetFisher::Diagonal(Array1::from(out))
         }
-        NetForm::Full => NetFisher::Full(full.expect("full").finish(nf)),
-        NetForm::Layer => NetFisher::Layer(blocks.iter().map(|s| s.finish(nf)).collect()),
+        NetForm::Full if whole => NetFisher::Full(whole_sums[0].finish(nf)),
+        NetForm::Full => NetFisher::Full(square(banded.pop().expect("one side"), p)),
+        NetForm::Layer if whole => NetFisher::Layer(whole_sums.iter().map(|s| s.finish(nf)).collect()),
+        NetForm::Layer => NetFisher::Layer(banded.into_iter().zip(&sides).map(|(v, &m)| square(v, m)).collect()),
         NetForm::Grads => NetFisher::Grads(Array2::from_shape_vec((n * r, p), grads).map_err(|e| FisherError::InvalidInput(e.to_string()))?),
         NetForm::Norms => NetFisher::Norms(norms.into_iter().map(|v| v as f32).collect()),
         NetForm::Kfac => NetFisher::Kfac(

@@ -197,3 +197,20 @@ fn gpu_reduce_beyond_its_budget_rereads_the_file_per_pass() {
     let agreement = FisherMatrix::Full(read_safetensors(&out).matrix("fisher")).agreement(&want).unwrap();
     assert!(agreement.max_abs <= 2e-6 * agreement.max_ref, "{agreement:?}");
 }
+
+#[test]
+fn onnx_full_and_layer_in_bands_equal_the_single_pass() {
+    use fisher_engine::graph::fisher::Selection;
+    let (model, data, likelihood, _) = crate::graph_fixtures::load("resmlp");
+    let all = Selection::all(&model.graph);
+    let p = all.count(&model.graph);
+    assert!(p > 256, "bands need more than one panel of rows, P = {p}");
+    let banded = Engine::from_cpu_backend(CpuBackend::new().with_accumulator_bytes(1));
+    for form in [NetForm::Full, NetForm::Layer] {
+        for variant in [Variant::Empirical, Variant::True] {
+            let a = Engine::cpu().graph_fisher(&model, &data, likelihood, variant, form, &all).unwrap();
+            let b = banded.graph_fisher(&model, &data, likelihood, variant, form, &all).unwrap();
+            assert_eq!(values(&b), values(&a), "{form:?} {variant:?}");
+        }
+    }
+}

@@ -166,6 +166,10 @@ impl FisherBackend for CpuBackend {
         self.result_limit
     }
 
+    fn accumulator_bytes(&self) -> u64 {
+        self.accumulator_bytes
+    }
+
     fn label(&self) -> String {
         format!("cpu: {} threads", rayon::current_num_threads())
     }

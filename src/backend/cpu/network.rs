@@ -18,7 +18,7 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
-use super::syrk::{band_packed, band_values, plan_bands, write_band, SymmetricSum};
+use super::syrk::{is_single_whole_pass, plan_units, write_band, SymmetricSum, Unit};
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, LayerShape, MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
@@ -406,7 +406,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
     plan.check_result(form, n, be.result_limit)?;
     if matches!(form, NetForm::Full | NetForm::Layer) {
         let passes = symmetric_passes(be, &plan, form, n);
-        if passes.len() > 1 || passes.iter().flatten().any(|u| u.rows.len() < u.size) {
+        if !is_single_whole_pass(&passes) {
             return symmetric_in_passes(be, mlp, data, variant, form, &passes);
         }
     }
@@ -489,39 +489,15 @@ pub(crate) fn network_sums(
     Ok(NetSums { form, layers, samples, parts })
 }
 
-/// One band of rows of one symmetric sum: the whole F (layer 0 standing for θ) or the block
-/// of a layer, of side `size`.
-#[derive(Debug, Clone, PartialEq)]
-struct Unit {
-    layer: usize,
-    size: usize,
-    rows: std::ops::Range<usize>,
-}
-
 /// The passes in which [`network_fisher`] computes a full F or the layer blocks over `n`
-/// samples within the backend's accumulator budget: each sum cut into bands of rows
-/// ([`plan_bands`]), the bands grouped in order into passes that fit. 12 bytes per value of
-/// a band's sums, and 33 more per packed value when the samples span several blocks (the
-/// block's packed copy and the exact sum). One pass of whole sums when everything fits.
+/// samples within the backend's accumulator budget ([`plan_units`]; 33 more bytes per packed
+/// value when the samples span several blocks: the block's packed copy and the exact sum).
 fn symmetric_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Vec<Vec<Unit>> {
-    let blocks = n > DEFAULT_BLOCK_SAMPLES;
     let sides: Vec<usize> = match form {
         NetForm::Full => vec![plan.params],
         _ => plan.shapes.iter().map(|s| s.params).collect(),
     };
-    let cost = |m: usize, r0: usize, r1: usize| {
-        let exact = if blocks { band_packed(m, r0, r1).saturating_mul(33) } else { 0 };
-        band_values(m, r0, r1).saturating_mul(12).saturating_add(exact)
-    };
-    let units: Vec<Unit> = sides
-        .iter()
-        .enumerate()
-        .flat_map(|(layer, &m)| {
-            plan_bands(m, be.accumulator_bytes, |r0, r1| cost(m, r0, r1)).into_iter().map(move |rows| Unit { layer, size: m, rows })
-        })
-        .collect();
-    let sizes: Vec<u64> = units.iter().map(|u| cost(u.size, u.rows.start, u.rows.end)).collect();
-    crate::backend::plan_passes(&sizes, be.accumulator_bytes).into_iter().map(|r| units[r].to_vec()).collect()
+    plan_units(&sides, be.accumulator_bytes, if n > DEFAULT_BLOCK_SAMPLES { 33 } else { 0 })
 }
 
 /// A full F or the layer blocks computed in `passes` over the samples, each summing its

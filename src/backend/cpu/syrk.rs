@@ -387,3 +387,35 @@ pub(crate) fn band_values(m: usize, r0: usize, r1: usize) -> u64 {
 pub(crate) fn band_packed(m: usize, r0: usize, r1: usize) -> u64 {
     (r0..r1).map(|i| (m - i) as u64).sum()
 }
+
+/// One band of rows of one symmetric sum among several: the sum of `layer` (an index the
+/// caller gives meaning to: 0 for a whole F, a layer or module for blocks), of side `size`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Unit {
+    pub layer: usize,
+    pub size: usize,
+    pub rows: std::ops::Range<usize>,
+}
+
+/// The passes over the samples in which symmetric sums of sides `sides` are computed within
+/// `budget` bytes: each cut into bands of rows ([`plan_bands`]), the bands grouped in order
+/// into passes that fit. A band costs 12 bytes per value (the f32 partial and the f64 total)
+/// and `per_packed` more per packed value (the exact sums across blocks of the network path).
+/// One pass of whole sums when everything fits.
+pub(crate) fn plan_units(sides: &[usize], budget: u64, per_packed: u64) -> Vec<Vec<Unit>> {
+    let cost = |m: usize, r0: usize, r1: usize| {
+        band_values(m, r0, r1).saturating_mul(12).saturating_add(band_packed(m, r0, r1).saturating_mul(per_packed))
+    };
+    let units: Vec<Unit> = sides
+        .iter()
+        .enumerate()
+        .flat_map(|(layer, &m)| plan_bands(m, budget, |r0, r1| cost(m, r0, r1)).into_iter().map(move |rows| Unit { layer, size: m, rows }))
+        .collect();
+    let sizes: Vec<u64> = units.iter().map(|u| cost(u.size, u.rows.start, u.rows.end)).collect();
+    crate::backend::plan_passes(&sizes, budget).into_iter().map(|r| units[r].to_vec()).collect()
+}
+
+/// Whether `passes` is the single pass of whole sums (the unbanded path).
+pub(crate) fn is_single_whole_pass(passes: &[Vec<Unit>]) -> bool {
+    passes.len() == 1 && passes[0].iter().all(|u| u.rows.start == 0 && u.rows.end == u.size)
+}

@@ -19,7 +19,9 @@
 //!   every row in the same order, so its values are those of a single pass with the same
 //!   panels; what is repeated is the upload (network: the forward and backward pass) of the
 //!   samples, never a pair's SYRK. Between passes the finished pairs are read into the host
-//!   result and freed. Only a budget below one 64×64 pair plus one sample is refused.
+//!   result and freed. Only a budget below one 64×64 pair plus one sample is refused. A
+//!   network's full or layer reduction plans its pairs within what its weights and
+//!   micro-batch leave of the budget, so the three together stay within it.
 //! * **Finalize.** The host reads (S, c) and forms (S − c)/N in f64.
 
 mod buffers;
@@ -532,12 +534,19 @@ pub(crate) struct GpuAccumulator<'a> {
 
 impl<'a> GpuAccumulator<'a> {
     fn new(be: &'a GpuBackend, kind: Kind, p: usize) -> Result<Self> {
+        Self::new_within(be, kind, p, be.budget)
+    }
+
+    /// [`GpuAccumulator::new`] within `budget` bytes of the backend's budget (the rest is
+    /// taken by the caller's own buffers, e.g. a network's weights and micro-batch).
+    fn new_within(be: &'a GpuBackend, kind: Kind, p: usize, budget: u64) -> Result<Self> {
+        let budget = budget.min(be.budget);
         let (state, reserved) = match kind {
             Kind::Syrk { blocks, full } => {
                 // A sample wider than a binding is refused as such, before any planning.
                 be.chunk_rows(p, 0)?;
                 let what = if full { "full Fisher" } else { "block" };
-                let layout = plan_syrk(&blocks, be.panel_max(), be.budget, 4 * p as u64, what)?;
+                let layout = plan_syrk(&blocks, be.panel_max(), budget, 4 * p as u64, what)?;
                 let pairs = Syrk::allocate(be, &layout.pairs[layout.passes[0].clone()])?;
                 let reserved = layout.reserved;
                 (State::Syrk(Syrk { blocks, full, layout, pass: 0, pairs, out: None, first: 0 }), reserved)
@@ -551,7 +560,8 @@ impl<'a> GpuAccumulator<'a> {
             }
             Kind::Norms => (State::Norms { out: None, norms: Vec::new() }, 0),
         };
-        let rows_per_chunk = be.chunk_rows(p, reserved)?;
+        // The chunk fits beside the accumulators within the same budget.
+        let rows_per_chunk = be.chunk_rows(p, reserved.saturating_add(be.budget - budget))?;
         Ok(GpuAccumulator {
             be,
             p,
@@ -566,8 +576,9 @@ impl<'a> GpuAccumulator<'a> {
 
     /// A SYRK accumulator over column `blocks` ((start, len) pairs) of `p`-column rows, for
     /// reductions fed from device buffers ([`GpuAccumulator::encode_device`]).
-    pub(crate) fn syrk(be: &'a GpuBackend, blocks: Vec<(usize, usize)>, full: bool, p: usize) -> Result<Self> {
-        Self::new(be, Kind::Syrk { blocks, full }, p)
+    /// `budget` bytes are what the caller leaves of the backend's budget for them.
+    pub(crate) fn syrk(be: &'a GpuBackend, blocks: Vec<(usize, usize)>, full: bool, p: usize, budget: u64) -> Result<Self> {
+        Self::new_within(be, Kind::Syrk { blocks, full }, p, budget)
     }
 
     /// Records the reduction of `rows` rows (of `p` columns) held in `src`.

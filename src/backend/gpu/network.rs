@@ -299,7 +299,9 @@ enum Reduction<'a> {
 
 impl<'a> Reduction<'a> {
     /// Accumulators and scratch of `form` for micro-batches of `batch`.
-    fn new(be: &'a GpuBackend, plan: &NetPlan, form: NetForm, n: usize, batch: Batching) -> Result<Self> {
+    /// `syrk_budget`: the bytes of the backend's budget left for the panel pairs of a full or
+    /// layer result beside the weights and the micro-batch.
+    fn new(be: &'a GpuBackend, plan: &NetPlan, form: NetForm, n: usize, batch: Batching, syrk_budget: u64) -> Result<Self> {
         let ctx = &be.ctx;
         let (shapes, p, mb, mr) = (&plan.shapes, plan.params, batch.samples, batch.rows());
         let max_out = shapes.iter().map(|s| s.fan_out).max().unwrap_or(1);
@@ -309,10 +311,10 @@ impl<'a> Reduction<'a> {
         };
         Ok(match form {
             NetForm::Full => {
-                Reduction::Syrk { acc: Box::new(GpuAccumulator::syrk(be, vec![(0, p)], true, p)?), rows: grad_rows()? }
+                Reduction::Syrk { acc: Box::new(GpuAccumulator::syrk(be, vec![(0, p)], true, p, syrk_budget)?), rows: grad_rows()? }
             }
             NetForm::Layer => Reduction::Syrk {
-                acc: Box::new(GpuAccumulator::syrk(be, shapes.iter().map(|s| (s.offset, s.params)).collect(), false, p)?),
+                acc: Box::new(GpuAccumulator::syrk(be, shapes.iter().map(|s| (s.offset, s.params)).collect(), false, p, syrk_budget)?),
                 rows: grad_rows()?,
             },
             NetForm::Grads => {
@@ -530,7 +532,11 @@ pub(crate) fn network_fisher_over(
     let mut net = Net::new(be, mlp, &plan, batch.samples, rows)?;
     let mut delta_cur = storage_f32(&be.ctx, "δ", rows * max_w as usize);
     let mut delta_next = storage_f32(&be.ctx, "δ next", rows * max_w as usize);
-    let mut reduction = Reduction::new(be, &plan, form, n, batch)?;
+    // The panel pairs of a full or layer result get what the weights and the micro-batch
+    // leave of the budget, so that the three together stay within it.
+    let scratch = cost.per_sample.saturating_mul(batch.samples as u64).saturating_add(cost.per_row.saturating_mul(rows as u64));
+    let syrk_budget = be.budget.saturating_sub(cost.fixed.saturating_add(scratch));
+    let mut reduction = Reduction::new(be, &plan, form, n, batch, syrk_budget)?;
     let mut bindings = Bindings::default();
     let scale = (1.0 / (variant_params(variant).2 as f64).sqrt()) as f32;
     let mut in_flight: Option<wgpu::SubmissionIndex> = None;
