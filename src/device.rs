@@ -280,7 +280,11 @@ pub fn open(request: &DeviceRequest) -> Result<Opened> {
         // (already resolved into the request).
         Target::Best | Target::BestHardware => String::new(),
     };
-    let options = GpuOptions { adapter: Some(filter), ..request.gpu.clone() };
+    let options = GpuOptions {
+        adapter: Some(filter),
+        host_accumulator_bytes: request.gpu.host_accumulator_bytes.or(request.cpu_memory_bytes),
+        ..request.gpu.clone()
+    };
     let ctx = match GpuContext::new(&options) {
         Ok(ctx) => ctx,
         Err(FisherError::NoAdapter(why)) if plan.target == Target::BestHardware => {

@@ -333,6 +333,9 @@ pub fn fisher_with_stats(
     };
     let passes = if sides.is_empty() { vec![Vec::new()] } else { plan_units(&sides, limits.accumulator_bytes, 0) };
     let whole = is_single_whole_pass(&passes);
+    if !whole {
+        log::info!("{form:?}: {} passes over the samples (accumulator budget {} bytes)", passes.len(), limits.accumulator_bytes);
+    }
     let mut banded: Vec<Vec<f32>> = if whole { Vec::new() } else { sides.iter().map(|&m| vec![0f32; m * m]).collect() };
     let mut whole_sums: Vec<SymmetricSum> = Vec::new();
     let mut grads: Vec<f32> = Vec::new();

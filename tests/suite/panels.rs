@@ -214,3 +214,49 @@ fn onnx_full_and_layer_in_bands_equal_the_single_pass() {
         }
     }
 }
+
+#[test]
+fn gpu_budgets_buy_passes_for_networks_and_onnx_host_sums() {
+    if !crate::common::gpu_available("gpu_budgets_buy_passes_for_networks_and_onnx_host_sums") {
+        return;
+    }
+    let dir = temp();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(FISHER);
+        cmd.args(args).env_remove("FISHER_ADAPTER").env_remove("FISHER_CPU_MEMORY_MB").env_remove("FISHER_GPU_MEMORY_MB");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{args:?} {env:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // An MLP's full F (P = 3,904, 122 MB of accumulators) in an 8 MiB GPU budget: the
+    // micro-batch leaves the panel pairs room, and the passes agree with the CPU.
+    let out = |name: &str| dir.path().join(name);
+    let mlp = ["compute", "--synthetic-model", "8,300,4", "--activation", "tanh", "--synthetic-samples", "100", "--form", "full", "--force", "--quiet"];
+    let with = |backend: &str, file: &std::path::Path| {
+        let mut a: Vec<String> = mlp.iter().map(|s| s.to_string()).collect();
+        a.extend(["--backend".into(), backend.into(), "--out".into(), s(file).into()]);
+        a
+    };
+    let (gpu, cpu) = (out("gpu.safetensors"), out("cpu.safetensors"));
+    let args = with("gpu", &gpu);
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[("FISHER_GPU_MEMORY_MB", "8")]);
+    let args = with("cpu", &cpu);
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let (a, b) = (read_safetensors(&gpu).matrix("fisher"), read_safetensors(&cpu).matrix("fisher"));
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst <= 2e-6 * scale, "max |Δ| {worst} of {scale}");
+    // An ONNX model's full F is summed on the host under the GPU backend too, within
+    // FISHER_CPU_MEMORY_MB: the same bytes in four passes as in one.
+    let case = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/resmlp");
+    let (one, banded) = (out("one.safetensors"), out("banded.safetensors"));
+    for (file, env) in [(&one, vec![]), (&banded, vec![("FISHER_CPU_MEMORY_MB", "1")])] {
+        let model = case.join("model.onnx");
+        let (x, y) = (case.join("x.npy"), case.join("y.npy"));
+        let args = ["compute", "--model", s(&model), "--inputs", s(&x), "--labels", s(&y), "--form", "full", "--backend", "gpu", "--quiet", "--out", s(file)];
+        run(&args, &env);
+    }
+    assert!(std::fs::read(&one).unwrap() == std::fs::read(&banded).unwrap(), "the ONNX results differ");
+}

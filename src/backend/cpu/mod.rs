@@ -186,6 +186,9 @@ impl FisherBackend for CpuBackend {
                 })?;
                 // 12 bytes per value of a band: the f32 partial and the f64 total.
                 bands = plan_bands(params, self.accumulator_bytes, |r0, r1| band_values(params, r0, r1).saturating_mul(12));
+                if bands.len() > 1 {
+                    log::info!("full F of {params} parameters: {} passes over the gradients (accumulator budget {} bytes)", bands.len(), self.accumulator_bytes);
+                }
                 Sums::Full(SymmetricSum::band(params, bands[0].clone()))
             }
             Form::BlockDiagonal(sizes) => {

@@ -511,6 +511,12 @@ fn symmetric_in_passes(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, varian
         NetForm::Full => vec![mlp.num_params()],
         _ => mlp.layers.iter().map(|l| l.num_params()).collect(),
     };
+    log::info!(
+        "{form:?}: {} bands of rows in {} passes over the samples (accumulator budget {} bytes, FISHER_CPU_MEMORY_MB)",
+        passes.iter().map(Vec::len).sum::<usize>(),
+        passes.len(),
+        be.accumulator_bytes
+    );
     let mut out: Vec<Vec<f32>> = sides.iter().map(|&m| vec![0f32; m * m]).collect();
     for units in passes {
         let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, Some(units))?;

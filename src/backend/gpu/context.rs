@@ -34,6 +34,11 @@ pub struct GpuOptions {
     /// their count, in wgpu's enumeration order. `fisher compute --mpi` sets it to the rank's
     /// index on its node, so that the ranks of one node spread over its GPUs. `None` is 0.
     pub local_index: Option<usize>,
+    /// Host memory for the running sums of a graph (ONNX) network's full F or layer blocks,
+    /// which are summed on the host on every backend (default
+    /// [`crate::backend::cpu::DEFAULT_ACCUMULATOR_BYTES`]; the CLI sets it from
+    /// `FISHER_CPU_MEMORY_MB`).
+    pub host_accumulator_bytes: Option<u64>,
 }
 
 /// A summary of one adapter, as `fisher devices` prints it.

@@ -72,6 +72,8 @@ pub struct GpuBackend {
     result_limit: u64,
     /// Target scratch of a network micro-batch ([`GpuOptions::micro_batch_bytes`]).
     micro_batch_bytes: u64,
+    /// Host running sums of a graph network ([`GpuOptions::host_accumulator_bytes`]).
+    host_accumulator_bytes: u64,
 }
 
 impl std::fmt::Debug for GpuBackend {
@@ -130,6 +132,7 @@ impl GpuBackend {
             budget,
             result_limit: options.max_result_bytes.unwrap_or(DEFAULT_RESULT_LIMIT),
             micro_batch_bytes: options.micro_batch_bytes.unwrap_or(MICRO_BATCH_BYTES).max(1),
+            host_accumulator_bytes: options.host_accumulator_bytes.unwrap_or(crate::backend::cpu::DEFAULT_ACCUMULATOR_BYTES),
         })
     }
 
@@ -215,6 +218,10 @@ impl FisherBackend for GpuBackend {
 
     fn result_limit(&self) -> u64 {
         self.result_limit
+    }
+
+    fn accumulator_bytes(&self) -> u64 {
+        self.host_accumulator_bytes
     }
 
     fn label(&self) -> String {
@@ -428,6 +435,7 @@ fn plan_syrk(blocks: &[(usize, usize)], panel_max: usize, budget: u64, row_bytes
     let sizes: Vec<u64> = pairs.iter().map(pair_bytes).collect();
     let passes = plan_passes(&sizes, pass_budget);
     let reserved = passes.iter().map(|r| sizes[r.clone()].iter().sum::<u64>()).max().unwrap_or(0);
+    log::info!("{what}: {} panel pairs of ≤ {edge} columns in {} passes over the samples (budget {budget} bytes, FISHER_GPU_MEMORY_MB)", pairs.len(), passes.len());
     Ok(SyrkLayout { pairs, passes, reserved })
 }
 
@@ -546,7 +554,19 @@ impl<'a> GpuAccumulator<'a> {
                 // A sample wider than a binding is refused as such, before any planning.
                 be.chunk_rows(p, 0)?;
                 let what = if full { "full Fisher" } else { "block" };
-                let layout = plan_syrk(&blocks, be.panel_max(), budget, 4 * p as u64, what)?;
+                let layout = plan_syrk(&blocks, be.panel_max(), budget, 4 * p as u64, what).map_err(|e| match e {
+                    // Name the whole budget when the caller's buffers took part of it.
+                    FisherError::DoesNotFit { what, needed, limit, .. } if budget < be.budget => FisherError::DoesNotFit {
+                        what,
+                        needed,
+                        limit,
+                        which: format!(
+                            "what the network's weights and micro-batch leave of the GPU memory budget of {} bytes; set FISHER_GPU_MEMORY_MB to change it",
+                            be.budget
+                        ),
+                    },
+                    e => e,
+                })?;
                 let pairs = Syrk::allocate(be, &layout.pairs[layout.passes[0].clone()])?;
                 let reserved = layout.reserved;
                 (State::Syrk(Syrk { blocks, full, layout, pass: 0, pairs, out: None, first: 0 }), reserved)

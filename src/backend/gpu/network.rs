@@ -504,7 +504,17 @@ pub(crate) fn network_fisher_over(
     let accum_bytes = match form {
         NetForm::Diagonal => sum(&|s| 8u64.saturating_mul(s.fan_out as u64).saturating_mul(s.ld as u64)),
         NetForm::Kfac => sum(&|s| 8u64.saturating_mul((s.ld as u64).saturating_pow(2).saturating_add((s.fan_out as u64).saturating_pow(2)))),
-        _ => 0, // the SYRK planner checks its own accumulators against the budget
+        // The panel pairs are planned after the micro-batch, within what it leaves (see
+        // below); the micro-batch is planned leaving them all they need, up to half the
+        // budget, so that a small budget buys passes rather than a refusal.
+        NetForm::Full | NetForm::Layer => {
+            let pairs = match form {
+                NetForm::Full => 8u64.saturating_mul((p as u64).saturating_pow(2)),
+                _ => sum(&|s| 8u64.saturating_mul((s.params as u64).saturating_pow(2))),
+            };
+            pairs.saturating_add(8u64.saturating_mul(p as u64)).min(be.budget / 2)
+        }
+        _ => 0,
     };
     let depth64 = depth as u64;
     // Per sample: ã_l and z_l of every layer, targets, Σ_R δ² and ã² (diag), ‖ã‖² (norms).
@@ -535,7 +545,7 @@ pub(crate) fn network_fisher_over(
     // The panel pairs of a full or layer result get what the weights and the micro-batch
     // leave of the budget, so that the three together stay within it.
     let scratch = cost.per_sample.saturating_mul(batch.samples as u64).saturating_add(cost.per_row.saturating_mul(rows as u64));
-    let syrk_budget = be.budget.saturating_sub(cost.fixed.saturating_add(scratch));
+    let syrk_budget = be.budget.saturating_sub(weights_bytes.saturating_add(scratch));
     let mut reduction = Reduction::new(be, &plan, form, n, batch, syrk_budget)?;
     let mut bindings = Bindings::default();
     let scale = (1.0 / (variant_params(variant).2 as f64).sqrt()) as f32;
