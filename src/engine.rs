@@ -180,6 +180,34 @@ impl Engine {
         self.backend.network_fisher(mlp, data, variant, form)
     }
 
+    /// [`Engine::fisher`] put into `sink` piece by piece (tensors in the order of
+    /// [`crate::fisher::sink`]) rather than returned, for the forms that sum over samples
+    /// (full, diag, layer, kfac). On the CPU, sums larger than the accumulator budget are
+    /// computed in passes over the samples and each band is put as its pass ends, so that
+    /// with a sink that writes to a file (what `fisher compute` does) the result is never
+    /// whole in memory; the values are bitwise those of [`Engine::fisher`].
+    ///
+    /// ```
+    /// use fisher_engine::backend::cpu::CpuBackend;
+    /// use fisher_engine::fisher::{MemorySink, NetForm, SumLayer, Variant};
+    /// use fisher_engine::model::{problem::synthetic_problem, ActivationSpec, Likelihood};
+    /// let (mlp, data) = synthetic_problem(&[20, 600, 4], 64, 1, &ActivationSpec::parse("tanh")?, Likelihood::Categorical)?;
+    /// let whole = fisher_engine::Engine::cpu().fisher(&mlp, &data, Variant::True, NetForm::Diagonal)?;
+    /// // 64 KiB of running sums: the 600 rows of the first layer take two passes.
+    /// let small = fisher_engine::Engine::from_cpu_backend(CpuBackend::new().with_accumulator_bytes(64 << 10));
+    /// let mut sink = MemorySink::new(NetForm::Diagonal, &SumLayer::of(&mlp))?;
+    /// small.fisher_into(&mlp, &data, Variant::True, NetForm::Diagonal, &mut sink)?;
+    /// assert_eq!(sink.into_fisher(), whole);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn fisher_into(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, sink: &mut dyn crate::fisher::ResultSink) -> Result<()> {
+        check_network(mlp, data, variant)?;
+        if u32::try_from(data.len()).is_err() {
+            return Err(FisherError::InvalidInput(format!("{} samples exceed the 2³²−1 supported", data.len())));
+        }
+        self.backend.network_fisher_into(mlp, data, variant, form, sink)
+    }
+
     /// The sums of a network's Fisher over the samples `range` of `data`, in blocks of
     /// `block` samples counted from sample 0: one shard of a run (see
     /// [`crate::fisher::sums`]). [`crate::fisher::NetSums::merge`] combines shards and

@@ -14,7 +14,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 use crate::error::Result;
 use crate::fisher::{FisherMatrix, Form};
 use crate::model::{DataSource, Mlp};
-use crate::fisher::{Fvp, NetFisher, NetForm, NetSums, Variant};
+use crate::fisher::{Fvp, NetFisher, NetForm, NetSums, ResultSink, Variant};
 
 /// Default limit of a result held in host memory, bytes: 2 GiB, the default of the CLI's
 /// `--max-result-gib`. Backends refuse ([`crate::FisherError::DoesNotFit`]) a result above
@@ -42,6 +42,20 @@ pub trait FisherBackend {
     /// backward) and their reduction to `form`, streamed in micro-batches. Inputs have been
     /// validated by the caller ([`crate::Engine::fisher`]).
     fn network_fisher(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher>;
+
+    /// [`FisherBackend::network_fisher`] put into `sink` (tensors in the order of
+    /// [`crate::fisher::sink`]) instead of returned, for the forms that sum over samples
+    /// (full, diag, layer, kfac; the per-sample forms are refused). A backend that computes
+    /// the sums in passes puts each band as its pass ends, so that with a sink that writes
+    /// to a file the result is never whole in memory: the CPU backend does, beyond its
+    /// accumulator budget ([`cpu::CpuBackend::with_accumulator_bytes`]). This default
+    /// computes the result whole and puts it.
+    fn network_fisher_into(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, sink: &mut dyn ResultSink) -> Result<()> {
+        if matches!(form, NetForm::Grads | NetForm::Norms) {
+            return Err(crate::FisherError::InvalidInput(format!("--form {form} is per sample, not a sum to write in pieces")));
+        }
+        self.network_fisher(mlp, data, variant, form)?.put_into(sink)
+    }
 
     /// The sums of a network's Fisher of `form` over the samples `range` of `data`, with
     /// blocks of `block` samples counted from sample 0: what one shard of a run computes

@@ -135,6 +135,22 @@ pub fn network_metadata(form: NetForm, mlp: &Mlp, samples: usize, likelihood: Li
     metadata
 }
 
+/// The tensors (name, shape) of the file [`FisherFile::of_network`] writes for a result of
+/// `form` of `mlp`, in the order of [`crate::fisher::sink`] (so that a result put piece by
+/// piece lands in the same file); `None` for the per-sample forms.
+pub fn network_tensors(form: NetForm, mlp: &Mlp) -> Option<Vec<(String, Vec<usize>)>> {
+    let shapes = crate::fisher::sink::tensor_shapes(form, &crate::fisher::SumLayer::of(mlp))?;
+    let indices: Vec<usize> = mlp.layers.iter().map(|l| l.index).collect();
+    let names: Vec<String> = match form {
+        NetForm::Full => vec!["fisher".into()],
+        NetForm::Diagonal => vec!["diag".into()],
+        NetForm::Layer => indices.iter().map(|i| format!("block.{i}")).collect(),
+        NetForm::Kfac => indices.iter().flat_map(|i| [format!("kfac.{i}.A"), format!("kfac.{i}.G")]).collect(),
+        NetForm::Grads | NetForm::Norms => return None,
+    };
+    Some(names.into_iter().zip(shapes).collect())
+}
+
 impl FisherFile {
     /// The file of a reduction of per-sample gradients (`fisher reduce`) of `form` over
     /// N = `samples` rows of P = `parameters`, computed on `backend` (its label).

@@ -13,7 +13,7 @@ use crate::io::output::{output_dir, Target};
 use crate::backend::gpu::GpuOptions;
 use crate::device::{self, DeviceRequest};
 use crate::error::FisherError;
-use crate::fisher::{rows_per_sample, NetForm, Variant};
+use crate::fisher::{rows_per_sample, NetForm, ResultSink, TraceOf, Variant};
 use crate::fisher::DEFAULT_BLOCK_SAMPLES;
 use crate::io::fisher_file::{self, FisherFile};
 use crate::io::partial::{self, PartialFile};
@@ -312,6 +312,34 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     let engine = &device.engine;
     let backend = engine.device_info();
 
+    // The forms that sum over samples go to the output file piece by piece: a result
+    // computed in passes (sums beyond the accumulator budget) is then never whole in memory.
+    // Not under --verify (which compares the whole result) or another --block-samples, and
+    // not for a device or FIFO (which takes the file in order).
+    let default_blocks = request.block_samples.is_none_or(|b| b == DEFAULT_BLOCK_SAMPLES);
+    if !request.verify && default_blocks {
+        if let Some(tensors) = fisher_file::network_tensors(form, &mlp) {
+            let metadata = fisher_file::network_metadata(form, &mlp, samples, request.likelihood, request.variant, &backend);
+            if let Some(stream) = io::safetensors::SafetensorsStream::create(out, &tensors, Some(metadata))? {
+                let shapes: Vec<Vec<usize>> = tensors.iter().map(|(_, s)| s.clone()).collect();
+                let mut sink = TracedStream { stream, trace: TraceOf::new(form, &shapes) };
+                let start = Instant::now();
+                engine.fisher_into(&mlp, &*data, request.variant, form, &mut sink)?;
+                outcome.seconds.compute = since(start);
+                let start = Instant::now();
+                outcome.trace = Some(sink.trace.trace());
+                sink.stream.commit()?;
+                outcome.seconds.write = since(start);
+                outcome.tensors = tensors;
+                outcome.out = Some((out.clone(), file_size(out)));
+                outcome.backend = Some(backend);
+                outcome.adapter = device.adapter.map(|a| a.name);
+                outcome.fallback = device.fallback;
+                return Ok(outcome);
+            }
+        }
+    }
+
     let start = Instant::now();
     let result = match request.block_samples {
         // Another block than the default: the exact sums over that block, finished.
@@ -347,6 +375,20 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     outcome.adapter = device.adapter.map(|a| a.name);
     outcome.fallback = device.fallback;
     Ok(outcome)
+}
+
+/// The output file of a result put piece by piece, with the trace taken on the way.
+struct TracedStream {
+    stream: io::safetensors::SafetensorsStream,
+    trace: TraceOf,
+}
+
+impl ResultSink for TracedStream {
+    fn put(&mut self, tensor: usize, at: usize, values: &[f32]) -> crate::Result<()> {
+        self.stream.put(tensor, at, values)?;
+        self.trace.observe(tensor, at, values);
+        Ok(())
+    }
 }
 
 /// The flag rules of a shard run: a form that sums over samples, a partial file and no

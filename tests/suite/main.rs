@@ -36,3 +36,4 @@ mod panels;
 mod shards;
 mod mpi;
 mod streaming;
+mod streamed;

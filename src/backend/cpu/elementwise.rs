@@ -178,7 +178,7 @@ pub(crate) fn row_square_sums(delta: ArrayView2<'_, f32>, d: usize) -> Array2<f3
 pub(crate) const F32_TERMS: usize = 64;
 
 /// `acc += part` element-wise, f32 into f64, both standard layout and the same shape.
-pub(crate) fn add_into_f64(acc: &mut Array2<f64>, part: ArrayView2<'_, f32>) {
+pub(crate) fn add_into_f64(mut acc: ArrayViewMut2<'_, f64>, part: ArrayView2<'_, f32>) {
     assert_eq!(acc.dim(), part.dim(), "add_into_f64 shapes");
     let acc = acc.as_slice_mut().expect("standard layout");
     let part = part.as_slice().expect("standard layout");
@@ -246,7 +246,7 @@ mod tests {
         }
         let x = grid(m, w, 0.2);
         let mut acc = Array2::<f64>::from_elem((m, w), 0.5);
-        add_into_f64(&mut acc, x.view());
+        add_into_f64(acc.view_mut(), x.view());
         let sq = squares(x.view());
         for i in 0..m {
             for j in 0..w {

@@ -232,6 +232,13 @@ impl FisherBackend for CpuBackend {
         network::network_fisher(self, mlp, data, variant, form)
     }
 
+    fn network_fisher_into(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, sink: &mut dyn crate::fisher::ResultSink) -> Result<()> {
+        if matches!(form, NetForm::Grads | NetForm::Norms) {
+            return Err(crate::FisherError::InvalidInput(format!("--form {form} is per sample, not a sum to write in pieces")));
+        }
+        network::network_fisher_into(self, mlp, data, variant, form, sink)
+    }
+
     fn network_fisher_over(&self, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, range: std::ops::Range<usize>) -> Result<NetFisher> {
         let sums = network::network_sums(self, mlp, data, variant, form, range.clone(), crate::fisher::DEFAULT_BLOCK_SAMPLES)?;
         sums.finish(range.len())

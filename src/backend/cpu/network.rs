@@ -18,13 +18,13 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
-use super::syrk::{is_single_whole_pass, plan_units, write_band, SymmetricSum, Unit};
+use super::syrk::{is_single_whole_pass, plan_units, put_band, SymmetricSum, Unit};
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, LayerShape, MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
 use crate::fisher::exact::ExactSum;
 use crate::fisher::sums::{diag_of, packed_row, symmetric_of, NetSums, SumLayer, DEFAULT_BLOCK_SAMPLES};
-use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, NetFisher, NetForm, Variant};
+use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, MemorySink, NetFisher, NetForm, ResultSink, Variant};
 use crate::model::{DataSource, Mlp, TargetRows};
 
 /// Default scratch of one micro-batch, bytes ([`CpuBackend::with_batch_bytes`]): large
@@ -171,8 +171,12 @@ enum Reduction {
     /// Full (one sum over θ) or layer blocks (one per layer); `owners[k]` is the layer of
     /// `sums[k]` (for a pass over some bands of some layers, see [`Unit`]).
     Syrk { sums: Vec<BlockSum>, full: bool, owners: Vec<usize> },
-    Diag(Vec<BlockSum>),
-    Kfac(Vec<(BlockSum, BlockSum)>),
+    /// diag: `sums[k]` holds the rows `units[k].rows` of layer `units[k].layer`'s
+    /// fan_out × (in+1) sums Σ (Σ_R δ²)(ã∘ã).
+    Diag { sums: Vec<BlockSum>, units: Vec<Unit> },
+    /// KFAC: `sums[k]` holds the band `units[k].rows` of A_l (`units[k].layer` = 2l) or G_l
+    /// (2l + 1): the order of [`crate::fisher::sink`]'s tensors.
+    Kfac { sums: Vec<BlockSum>, units: Vec<Unit> },
     Grads(Vec<f32>),
     Norms(Vec<f64>),
 }
@@ -196,10 +200,6 @@ struct BlockSum {
 impl BlockSum {
     fn dense(rows: usize, cols: usize) -> Self {
         BlockSum { live: Live::Dense(Array2::zeros((rows, cols))), dirty: false, exact: None }
-    }
-
-    fn sym(m: usize) -> Self {
-        Self::sym_band(m, 0..m)
     }
 
     /// The rows `rows` of the upper triangle of an m×m symmetric sum.
@@ -279,11 +279,9 @@ impl Reduction {
     /// Ends the current block of every sum.
     fn end_block(&mut self) -> Result<()> {
         match self {
-            Reduction::Syrk { sums, .. } | Reduction::Diag(sums) => sums.iter_mut().try_for_each(BlockSum::end_block),
-            Reduction::Kfac(pairs) => pairs.iter_mut().try_for_each(|(a, g)| {
-                a.end_block()?;
-                g.end_block()
-            }),
+            Reduction::Syrk { sums, .. } | Reduction::Diag { sums, .. } | Reduction::Kfac { sums, .. } => {
+                sums.iter_mut().try_for_each(BlockSum::end_block)
+            }
             Reduction::Grads(_) | Reduction::Norms(_) => Ok(()),
         }
     }
@@ -404,11 +402,10 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
     let n = data.len();
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, n, be.result_limit)?;
-    if matches!(form, NetForm::Full | NetForm::Layer) {
-        let passes = symmetric_passes(be, &plan, form, n);
-        if !is_single_whole_pass(&passes) {
-            return symmetric_in_passes(be, mlp, data, variant, form, &passes);
-        }
+    if let Some(passes) = sum_passes(be, &plan, form, n) {
+        let mut sink = MemorySink::new(form, &SumLayer::of(mlp))?;
+        sums_in_passes(be, mlp, data, variant, form, &passes, &mut sink)?;
+        return Ok(sink.into_fisher());
     }
     let p = plan.params;
     let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, None)?;
@@ -428,8 +425,8 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
         Reduction::Syrk { sums, .. } => NetFisher::Layer(
             sums.into_iter().zip(&layers).map(|(s, l)| symmetric(s, l.params())).collect::<Result<_>>()?,
         ),
-        Reduction::Diag(acc) => {
-            let blocks = acc
+        Reduction::Diag { sums, .. } => {
+            let blocks = sums
                 .into_iter()
                 .zip(&layers)
                 .map(|(sum, l)| {
@@ -442,12 +439,15 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
                 .collect::<Result<Vec<_>>>()?;
             NetFisher::Diagonal(diag_of(blocks, &layers, nf))
         }
-        Reduction::Kfac(acc) => NetFisher::Kfac(
-            acc.into_iter()
-                .zip(&layers)
-                .map(|((a, g), l)| Ok(KfacFactors { a: symmetric(a, l.augmented_in())?, g: symmetric(g, l.fan_out)? }))
-                .collect::<Result<_>>()?,
-        ),
+        Reduction::Kfac { sums, .. } => {
+            let mut sums = sums.into_iter();
+            let mut factors = Vec::with_capacity(layers.len());
+            for l in &layers {
+                let (a, g) = (sums.next().expect("A of every layer"), sums.next().expect("G of every layer"));
+                factors.push(KfacFactors { a: symmetric(a, l.augmented_in())?, g: symmetric(g, l.fan_out)? });
+            }
+            NetFisher::Kfac(factors)
+        }
         Reduction::Grads(rows) => {
             let total = rows.len() / p.max(1);
             NetFisher::Grads(Array2::from_shape_vec((total, p), rows).map_err(|e| FisherError::InvalidInput(e.to_string()))?)
@@ -475,72 +475,158 @@ pub(crate) fn network_sums(
     let samples = range.len();
     let reduction = reduce(be, mlp, data, variant, form, range, block, None)?;
     let parts = match reduction {
-        Reduction::Syrk { sums, .. } | Reduction::Diag(sums) => sums.into_iter().map(BlockSum::into_exact).collect::<Result<Vec<_>>>()?,
-        Reduction::Kfac(pairs) => {
-            let mut parts = Vec::with_capacity(2 * pairs.len());
-            for (a, g) in pairs {
-                parts.push(a.into_exact()?);
-                parts.push(g.into_exact()?);
-            }
-            parts
+        // Whole sums (no units), in the parts' order: A₀, G₀, A₁, … for KFAC.
+        Reduction::Syrk { sums, .. } | Reduction::Diag { sums, .. } | Reduction::Kfac { sums, .. } => {
+            sums.into_iter().map(BlockSum::into_exact).collect::<Result<Vec<_>>>()?
         }
         Reduction::Grads(_) | Reduction::Norms(_) => unreachable!("refused above"),
     };
     Ok(NetSums { form, layers, samples, parts })
 }
 
-/// The passes in which [`network_fisher`] computes a full F or the layer blocks over `n`
-/// samples within the backend's accumulator budget ([`plan_units`]; 33 more bytes per packed
-/// value when the samples span several blocks: the block's packed copy and the exact sum).
-fn symmetric_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Vec<Vec<Unit>> {
-    let sides: Vec<usize> = match form {
-        NetForm::Full => vec![plan.params],
-        _ => plan.shapes.iter().map(|s| s.params).collect(),
+/// The passes in which [`network_fisher`] computes the sums of `form` over `n` samples within
+/// the backend's accumulator budget, or `None` when one pass of whole sums fits (the
+/// unbanded path) or the form is per sample. Full F, the layer blocks and the KFAC factors
+/// are cut into bands of rows of their symmetric sums ([`plan_units`]); diag into bands of
+/// [`DIAG_ROWS`] rows of each layer's fan_out × (in+1) sums ([`plan_diag`]). When the samples
+/// span several blocks, every value also costs its exact sum (33 bytes: the block's copy
+/// and the exact state).
+fn sum_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Option<Vec<Vec<Unit>>> {
+    let exact = if n > DEFAULT_BLOCK_SAMPLES { 33 } else { 0 };
+    let budget = be.accumulator_bytes;
+    let passes = match form {
+        NetForm::Full => plan_units(&[plan.params], budget, exact),
+        NetForm::Layer => plan_units(&plan.shapes.iter().map(|s| s.params).collect::<Vec<_>>(), budget, exact),
+        NetForm::Kfac => plan_units(&plan.shapes.iter().flat_map(|s| [s.ld, s.fan_out]).collect::<Vec<_>>(), budget, exact),
+        NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 8 + exact),
+        NetForm::Grads | NetForm::Norms => return None,
     };
-    plan_units(&sides, be.accumulator_bytes, if n > DEFAULT_BLOCK_SAMPLES { 33 } else { 0 })
+    (!is_single_whole_pass(&passes)).then_some(passes)
 }
 
-/// A full F or the layer blocks computed in `passes` over the samples, each summing its
-/// bands of rows (see [`SymmetricSum::band`]) and writing them into the f32 result when it
-/// ends. Bitwise equal to the single pass: each band's `gemm` calls and block sums are the
-/// single pass's.
-fn symmetric_in_passes(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm, passes: &[Vec<Unit>]) -> Result<NetFisher> {
+/// Rows of a layer's diag sums reduced by one `gemm` call: the micro-batch's (Σ_R δ²)ᵀ(ã∘ã)
+/// is computed in row chunks of this many outputs, aligned to multiples of it, in every
+/// plan; so a diag computed in passes ([`plan_diag`]) is bitwise the single pass's.
+pub(crate) const DIAG_ROWS: usize = 512;
+
+/// The passes of a diag within `budget` bytes for layers of (fan_out, in+1) = `shapes`, at
+/// `per_value` bytes per value: each layer cut into bands of rows that start at multiples
+/// of [`DIAG_ROWS`] (at least that many rows each, or the rest), grouped in order into
+/// passes. One pass of whole layers when everything fits.
+pub(crate) fn plan_diag(shapes: &[(usize, usize)], budget: u64, per_value: u64) -> Vec<Vec<Unit>> {
+    let cost = |rows: usize, width: usize| (rows as u64).saturating_mul(width as u64).saturating_mul(per_value);
+    let mut units = Vec::new();
+    for (layer, &(out, width)) in shapes.iter().enumerate() {
+        let mut r0 = 0;
+        while r0 < out {
+            let mut r1 = (r0 + DIAG_ROWS).min(out);
+            while r1 < out && cost((r1 + DIAG_ROWS).min(out) - r0, width) <= budget {
+                r1 = (r1 + DIAG_ROWS).min(out);
+            }
+            units.push(Unit { layer, size: out, rows: r0..r1 });
+            r0 = r1;
+        }
+        if out == 0 {
+            units.push(Unit { layer, size: 0, rows: 0..0 });
+        }
+    }
+    let sizes: Vec<u64> = units.iter().map(|u| cost(u.rows.len(), shapes[u.layer].1)).collect();
+    crate::backend::plan_passes(&sizes, budget).into_iter().map(|r| units[r].to_vec()).collect()
+}
+
+/// The sums of `form` computed in `passes` over the samples, each pass summing its units
+/// (bands of rows, see [`Unit`]) and putting them into `sink` as it ends (tensors in the
+/// order of [`crate::fisher::sink`]). Bitwise equal to the single pass: each band's `gemm`
+/// calls and block sums are the single pass's.
+pub(crate) fn sums_in_passes(
+    be: &CpuBackend,
+    mlp: &Mlp,
+    data: &dyn DataSource,
+    variant: Variant,
+    form: NetForm,
+    passes: &[Vec<Unit>],
+    sink: &mut dyn ResultSink,
+) -> Result<()> {
     let n = data.len();
     let nf = n as f64;
-    let sides: Vec<usize> = match form {
-        NetForm::Full => vec![mlp.num_params()],
-        _ => mlp.layers.iter().map(|l| l.num_params()).collect(),
-    };
     log::info!(
         "{form:?}: {} bands of rows in {} passes over the samples (accumulator budget {} bytes, FISHER_CPU_MEMORY_MB)",
         passes.iter().map(Vec::len).sum::<usize>(),
         passes.len(),
         be.accumulator_bytes
     );
-    let mut out: Vec<Vec<f32>> = sides.iter().map(|&m| vec![0f32; m * m]).collect();
+    let layers = SumLayer::of(mlp);
+    let offsets: Vec<usize> = layers.iter().scan(0, |at, l| Some(std::mem::replace(at, *at + l.params()))).collect();
     for units in passes {
         let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, Some(units))?;
-        let Reduction::Syrk { sums, .. } = reduction else { unreachable!("a symmetric reduction") };
+        let sums = match reduction {
+            Reduction::Syrk { sums, .. } | Reduction::Diag { sums, .. } | Reduction::Kfac { sums, .. } => sums,
+            Reduction::Grads(_) | Reduction::Norms(_) => unreachable!("a form of sums"),
+        };
         for (unit, sum) in units.iter().zip(sums) {
+            if form == NetForm::Diagonal {
+                let l = &layers[unit.layer];
+                let values = match sum.combined()? {
+                    Ok(values) => values,
+                    Err(Live::Dense(a)) => a.into_raw_vec_and_offset().0,
+                    Err(Live::Sym(_)) => unreachable!("a dense block sum"),
+                };
+                put_diag_rows(sink, l, offsets[unit.layer], unit.rows.clone(), &values, nf)?;
+                continue;
+            }
             let (m, band) = (unit.size, unit.rows.clone());
-            let (head, below) = out[unit.layer].split_at_mut(band.end * m);
-            let rows = &mut head[band.start * m..];
             match sum.combined()? {
                 // Several blocks: the exact sum's values, scaled as `symmetric_of` scales them.
                 Ok(values) => {
                     let (base, scale) = (packed_row(band.start, m), 1.0 / nf);
-                    write_band(m, band, rows, below, |i, j| (values[packed_row(i, m) - base + j - i] * scale) as f32);
+                    put_band(sink, unit.layer, m, band, |i, j| (values[packed_row(i, m) - base + j - i] * scale) as f32)?;
                 }
-                Err(Live::Sym(s)) => s.finish_band_into(nf, rows, below),
+                Err(Live::Sym(s)) => s.put_band_into(nf, sink, unit.layer)?,
                 Err(Live::Dense(_)) => unreachable!("a symmetric block sum"),
             }
         }
     }
-    let mut blocks = out.into_iter().zip(&sides).map(|(v, &m)| Array2::from_shape_vec((m, m), v).expect("m·m values"));
-    Ok(match form {
-        NetForm::Full => NetFisher::Full(blocks.next().expect("one block")),
-        _ => NetFisher::Layer(blocks.collect()),
-    })
+    Ok(())
+}
+
+/// Puts the diag of the rows `rows` of layer `l` (θ offset `offset`) from their sums
+/// `values` ((rows × (in+1)), row-major, the bias last) into tensor 0 of `sink`: runs of the
+/// weights' values (a group of whole rows, about 64 K values, at a time) and the biases' run,
+/// each value (sum / N) as f32 as [`diag_of`] gives it.
+fn put_diag_rows(sink: &mut dyn ResultSink, l: &SumLayer, offset: usize, rows: std::ops::Range<usize>, values: &[f64], nf: f64) -> Result<()> {
+    let width = l.augmented_in().max(1);
+    let group = ((1 << 16) / width).max(1);
+    let mut run = Vec::new();
+    for (g, chunk) in values.chunks(group * width).enumerate() {
+        run.clear();
+        run.extend(chunk.chunks(width).flat_map(|row| row[..l.fan_in].iter().map(|&v| (v / nf) as f32)));
+        sink.put(0, offset + (rows.start + g * group) * l.fan_in, &run)?;
+    }
+    if l.bias {
+        let biases: Vec<f32> = values.chunks(width).map(|row| (row[l.fan_in] / nf) as f32).collect();
+        sink.put(0, offset + l.fan_out * l.fan_in + rows.start, &biases)?;
+    }
+    Ok(())
+}
+
+/// The network Fisher of `form` put into `sink` (see [`crate::FisherBackend::network_fisher_into`]):
+/// in passes, band by band, when the sums exceed the accumulator budget; otherwise computed
+/// whole and put.
+pub(crate) fn network_fisher_into(
+    be: &CpuBackend,
+    mlp: &Mlp,
+    data: &dyn DataSource,
+    variant: Variant,
+    form: NetForm,
+    sink: &mut dyn ResultSink,
+) -> Result<()> {
+    let n = data.len();
+    let plan = NetPlan::new(mlp, variant)?;
+    plan.check_result(form, n, be.result_limit)?;
+    match sum_passes(be, &plan, form, n) {
+        Some(passes) => sums_in_passes(be, mlp, data, variant, form, &passes, sink),
+        None => network_fisher(be, mlp, data, variant, form)?.put_into(sink),
+    }
 }
 
 /// The reduction of `form` over the samples `range` of `data`: micro-batches walked from
@@ -587,13 +673,40 @@ fn reduce(
             }
         }
         NetForm::Diagonal => {
-            Reduction::Diag(mlp.layers.iter().map(|l| BlockSum::dense(l.fan_out(), l.augmented_in())).collect())
+            let whole: Vec<Unit> =
+                plan.shapes.iter().enumerate().map(|(layer, s)| Unit { layer, size: s.fan_out, rows: 0..s.fan_out }).collect();
+            let units = units.map_or(whole, <[Unit]>::to_vec);
+            let sums = units.iter().map(|u| BlockSum::dense(u.rows.len(), plan.shapes[u.layer].ld)).collect();
+            Reduction::Diag { sums, units }
         }
-        NetForm::Kfac => Reduction::Kfac(
-            mlp.layers.iter().map(|l| (BlockSum::sym(l.augmented_in()), BlockSum::sym(l.fan_out()))).collect(),
-        ),
+        NetForm::Kfac => {
+            let whole: Vec<Unit> = plan
+                .shapes
+                .iter()
+                .enumerate()
+                .flat_map(|(l, s)| [Unit { layer: 2 * l, size: s.ld, rows: 0..s.ld }, Unit { layer: 2 * l + 1, size: s.fan_out, rows: 0..s.fan_out }])
+                .collect();
+            let units = units.map_or(whole, <[Unit]>::to_vec);
+            Reduction::Kfac { sums: units.iter().map(|u| BlockSum::sym_band(u.size, u.rows.clone())).collect(), units }
+        }
         NetForm::Grads => Reduction::Grads(Vec::with_capacity(plan.grads_len(range.len())?)),
         NetForm::Norms => Reduction::Norms(vec![0.0; range.len()]),
+    };
+    // The lowest layer this reduction reads: the backward pass stops there (a pass over the
+    // bands of the upper layers skips the layers below them).
+    let lowest = match &reduction {
+        Reduction::Syrk { sums, full: true, .. } => {
+            let r0 = sums.iter().map(BlockSum::first_row).min().unwrap_or(0);
+            ranges.iter().position(|&(off, len)| off + len > r0).unwrap_or(0)
+        }
+        Reduction::Syrk { owners, .. } => owners.iter().copied().min().unwrap_or(0),
+        Reduction::Diag { units, .. } => units.iter().map(|u| u.layer).min().unwrap_or(0),
+        Reduction::Kfac { units, .. } => units.iter().map(|u| u.layer / 2).min().unwrap_or(0),
+        Reduction::Grads(_) | Reduction::Norms(_) => 0,
+    };
+    let diag_layers: Vec<bool> = match &reduction {
+        Reduction::Diag { units, .. } => (0..depth).map(|l| units.iter().any(|u| u.layer == l)).collect(),
+        _ => vec![false; depth],
     };
     let first = range.start;
     let blocks = (range.start / block..range.end.div_ceil(block)).map(|b| (b * block).max(range.start)..((b + 1) * block).min(range.end));
@@ -609,7 +722,7 @@ fn reduce(
         let derivs: Vec<Array2<f32>> =
             (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
         let act_squares: Vec<Array2<f32>> =
-            if matches!(reduction, Reduction::Diag(_)) { acts.iter().map(|a| squares(a.view())).collect() } else { Vec::new() };
+            acts.iter().zip(&diag_layers).map(|(a, &used)| if used { squares(a.view()) } else { Array2::zeros((0, 0)) }).collect();
         // Output rows and backward, d draws (rows per sample) at a time.
         for (q0, d) in batch.draw_ranges(r) {
             let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d))?;
@@ -617,23 +730,37 @@ fn reduce(
                 Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
                 _ => None,
             };
-            for l in (0..depth).rev() {
+            for l in (lowest..depth).rev() {
                 let layer = &mlp.layers[l];
                 let act = &acts[l];
                 match &mut reduction {
-                    Reduction::Diag(acc) => {
-                        // Σ_d δ² per sample (f64 past 64 draws), then (Σ_d δ²)ᵀ (ã∘ã).
-                        let dsq = row_square_sums(delta.view(), d);
-                        let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
-                        matmul(dsq.t(), act_squares[l].view(), part.view_mut());
-                        add_into_f64(acc[l].dense_mut(), part.view());
-                    }
-                    Reduction::Kfac(acc) => {
-                        // A is a sum over samples, not rows: once per sample, with its first chunk.
-                        if q0 == 0 {
-                            acc[l].0.sym_mut().add(act.view());
+                    Reduction::Diag { sums, units } => {
+                        if diag_layers[l] {
+                            // Σ_d δ² per sample (f64 past 64 draws), then (Σ_d δ²)ᵀ (ã∘ã),
+                            // DIAG_ROWS output rows per `gemm`, aligned the same in every plan.
+                            let dsq = row_square_sums(delta.view(), d);
+                            for (sum, unit) in sums.iter_mut().zip(units.iter()).filter(|(_, u)| u.layer == l) {
+                                let acc = sum.dense_mut();
+                                for c0 in unit.rows.clone().step_by(DIAG_ROWS) {
+                                    let c1 = (c0 + DIAG_ROWS).min(unit.rows.end);
+                                    let mut part = Array2::<f32>::zeros((c1 - c0, layer.augmented_in()));
+                                    matmul(dsq.slice(s![.., c0..c1]).t(), act_squares[l].view(), part.view_mut());
+                                    let at = c0 - unit.rows.start;
+                                    add_into_f64(acc.slice_mut(s![at..at + c1 - c0, ..]), part.view());
+                                }
+                            }
                         }
-                        acc[l].1.sym_mut().add(delta.view());
+                    }
+                    Reduction::Kfac { sums, units } => {
+                        for (sum, unit) in sums.iter_mut().zip(units.iter()) {
+                            // A is a sum over samples, not rows: once per sample, with its
+                            // first chunk.
+                            if unit.layer == 2 * l && q0 == 0 {
+                                sum.sym_mut().add(act.view());
+                            } else if unit.layer == 2 * l + 1 {
+                                sum.sym_mut().add(delta.view());
+                            }
+                        }
                     }
                     Reduction::Syrk { sums, full, owners } => {
                         if *full {
@@ -664,7 +791,7 @@ fn reduce(
                         }
                     }
                 }
-                if l > 0 {
+                if l > lowest {
                     let mut back = Array2::<f32>::zeros((m * d, layer.fan_in()));
                     matmul(delta.view(), layer.weight.view(), back.view_mut());
                     scale_rows(back.view_mut(), derivs[l - 1].view(), d);
@@ -672,7 +799,11 @@ fn reduce(
                 }
             }
             match &mut reduction {
-                Reduction::Syrk { sums, full: true, .. } => sums[0].sym_mut().add(grad_rows.as_ref().expect("rows").view()),
+                // Every band of F in this pass reads the same rows.
+                Reduction::Syrk { sums, full: true, .. } => {
+                    let rows = grad_rows.as_ref().expect("rows");
+                    sums.iter_mut().for_each(|sum| sum.sym_mut().add(rows.view()));
+                }
                 // Either d = R or m = 1 (see `Batching`), so chunks append in sample-major order.
                 Reduction::Grads(out) => out.extend(grad_rows.expect("rows").iter().copied()),
                 _ => {}
@@ -934,7 +1065,7 @@ impl<'a> CpuNetOperator<'a> {
             let mut part = Array2::<f32>::zeros((layer.fan_out(), layer.augmented_in()));
             for (j, acc) in acc.iter_mut().enumerate() {
                 matmul(delta.slice(s![j * m..(j + 1) * m, ..]).t(), fw.acts[l].view(), part.view_mut());
-                add_into_f64(&mut acc[l], part.view());
+                add_into_f64(acc[l].view_mut(), part.view());
             }
             if l > 0 {
                 let mut back = Array2::<f32>::zeros((kk * m, layer.fan_in()));
@@ -1083,5 +1214,54 @@ impl crate::backend::NetworkOperator for CpuGramOperator {
             products.row_mut(j).iter_mut().zip(&ku).for_each(|(o, &x)| *o = x as f32);
         }
         Ok(crate::backend::BlockFvp { products: product.then_some(products), quadratics })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::problem::synthetic_problem;
+    use crate::model::{ActivationSpec, Likelihood};
+
+    fn bits(f: &NetFisher) -> Vec<u64> {
+        f.values().into_iter().map(f64::to_bits).collect()
+    }
+
+    #[test]
+    fn diag_bands_start_at_multiples_of_the_gemm_rows_and_cover_every_row() {
+        // Layers of 1,300 × 21 and 4 × 1,301 values at 8 bytes each.
+        let shapes = [(1300, 21), (4, 1301)];
+        let whole = plan_diag(&shapes, 1 << 30, 8);
+        assert_eq!(whole, vec![vec![Unit { layer: 0, size: 1300, rows: 0..1300 }, Unit { layer: 1, size: 4, rows: 0..4 }]]);
+        for budget in [1u64, 100 << 10, 200 << 10] {
+            let passes = plan_diag(&shapes, budget, 8);
+            assert!(passes.len() >= 2, "{budget}: {passes:?}");
+            let units: Vec<&Unit> = passes.iter().flatten().collect();
+            for layer in 0..2 {
+                let rows: Vec<_> = units.iter().filter(|u| u.layer == layer).map(|u| u.rows.clone()).collect();
+                assert_eq!(rows.first().unwrap().start, 0);
+                assert_eq!(rows.last().unwrap().end, shapes[layer].0);
+                assert!(rows.windows(2).all(|w| w[0].end == w[1].start && w[1].start % DIAG_ROWS == 0), "{rows:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pass_holding_two_bands_of_full_sums_both() {
+        // Search a budget whose plan puts two bands of F into one pass (a maximal band and
+        // the narrow rest), the case where only the first band used to get the rows.
+        let (mlp, data) = synthetic_problem(&[9, 60, 4], 50, 3, &ActivationSpec::parse("tanh").unwrap(), Likelihood::Categorical).unwrap();
+        let plan = NetPlan::new(&mlp, Variant::True).unwrap();
+        let p = plan.params;
+        let budget = (1..400u64)
+            .map(|k| k * (16 << 10))
+            .find(|&b| {
+                let be = CpuBackend::new().with_accumulator_bytes(b);
+                sum_passes(&be, &plan, NetForm::Full, 50).is_some_and(|passes| passes.iter().any(|units| units.len() >= 2))
+            })
+            .unwrap_or_else(|| panic!("no budget puts two bands of {p} rows into one pass"));
+        let banded = network_fisher(&CpuBackend::new().with_accumulator_bytes(budget), &mlp, &data, Variant::True, NetForm::Full).unwrap();
+        let whole = network_fisher(&CpuBackend::new(), &mlp, &data, Variant::True, NetForm::Full).unwrap();
+        assert_eq!(bits(&banded), bits(&whole), "budget {budget}");
     }
 }

@@ -34,6 +34,9 @@
 use ndarray::{s, Array2, ArrayView2};
 use rayon::prelude::*;
 
+use crate::error::Result;
+use crate::fisher::ResultSink;
+
 /// Rows per panel (one `gemm` call per panel and chunk). On the 2-core AVX-512 development
 /// machine at M = 2048, K = 4096 (best of 12, interleaved, machine shared): 256 → 101 ms,
 /// 192 → 108 ms, 128 → 128 ms; thinner panels repack the wide right-hand side more often,
@@ -301,6 +304,20 @@ impl SymmetricSum {
         }
     }
 
+    /// Puts this band's rows of S / `divisor` (the values of [`SymmetricSum::finish`], bit
+    /// for bit) into tensor `tensor` of `sink` (see [`put_band`]).
+    pub(crate) fn put_band_into(&self, divisor: f64, sink: &mut dyn ResultSink, tensor: usize) -> Result<()> {
+        let (r0, stride, scale) = (self.r0, self.stride(), 1.0 / divisor);
+        let pending = &self.pending;
+        match &self.flushed {
+            None => put_band(sink, tensor, self.m, self.r0..self.r1, |i, j| (f64::from(pending[(i - r0) * stride + j - r0]) * scale) as f32),
+            Some(flushed) => put_band(sink, tensor, self.m, self.r0..self.r1, |i, j| {
+                let at = (i - r0) * stride + j - r0;
+                ((f64::from(pending[at]) + flushed[at]) * scale) as f32
+            }),
+        }
+    }
+
     /// `out[c] = (pending[i, j] + flushed[i, j]) · scale` for j = cols.start + c, j ≥ i.
     ///
     /// `pending` is valid here: it is zero until the first `gemm`, and every flush is
@@ -358,6 +375,70 @@ pub(crate) fn write_band(
             }
         }
     });
+}
+
+/// Values per run handed to a sink by [`put_band`] (4 MiB of f32).
+const PUT_VALUES: usize = 1 << 20;
+
+/// Puts rows `rows` = [r₀, r₁) of a symmetric m×m f32 matrix whose upper entries (i, j ≥ i)
+/// are `value(i, j)` into tensor `tensor` of `sink`: each of those rows from column r₀ on,
+/// and the mirror, columns r₀ .. r₁ of the rows r₁ .. m. Columns left of r₀ are the mirror
+/// of earlier bands, which put them; so the bands 0..m of a plan put every value once.
+/// A sink that keeps the matrix in memory is filled in place ([`write_band`], in
+/// parallel); any other gets runs of at most [`PUT_VALUES`] values, computed in parallel.
+pub(crate) fn put_band(
+    sink: &mut dyn ResultSink,
+    tensor: usize,
+    m: usize,
+    rows: std::ops::Range<usize>,
+    value: impl Fn(usize, usize) -> f32 + Sync,
+) -> Result<()> {
+    let (r0, r1) = (rows.start, rows.end);
+    if r0 >= r1 {
+        return Ok(());
+    }
+    if let Some(buffers) = sink.buffers() {
+        let out = buffers.get_mut(tensor).filter(|b| b.len() == m * m).ok_or_else(|| {
+            crate::error::FisherError::InvalidInput(format!("tensor {tensor} is not an m×m matrix of side {m}"))
+        })?;
+        let (head, below) = out.split_at_mut(r1 * m);
+        write_band(m, rows, &mut head[r0 * m..], below, value);
+        return Ok(());
+    }
+    // The band's rows, columns r₀ .. m, a group of whole rows per run.
+    let width = m - r0;
+    let group = (PUT_VALUES / width.max(1)).max(1);
+    let mut buf = Vec::new();
+    for g0 in (r0..r1).step_by(group) {
+        let g1 = (g0 + group).min(r1);
+        buf.resize((g1 - g0) * width, 0f32);
+        buf.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+            let i = g0 + t;
+            for (c, o) in row.iter_mut().enumerate() {
+                let j = r0 + c;
+                *o = if j < i { value(j, i) } else { value(i, j) };
+            }
+        });
+        for (t, row) in buf.chunks(width).enumerate() {
+            sink.put(tensor, (g0 + t) * m + r0, row)?;
+        }
+    }
+    // The mirror: rows r₁ .. m, columns r₀ .. r₁.
+    let width = r1 - r0;
+    let group = (PUT_VALUES / width.max(1)).max(1);
+    for g0 in (r1..m).step_by(group) {
+        let g1 = (g0 + group).min(m);
+        buf.resize((g1 - g0) * width, 0f32);
+        buf.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = value(r0 + c, g0 + t);
+            }
+        });
+        for (t, row) in buf.chunks(width).enumerate() {
+            sink.put(tensor, (g0 + t) * m + r0, row)?;
+        }
+    }
+    Ok(())
 }
 
 /// The bands of rows of an m×m symmetric sum for passes within `budget` bytes, where
