@@ -204,6 +204,22 @@ pub trait Accumulator {
     fn next_pass(&mut self) -> Result<()> {
         Err(crate::FisherError::InvalidInput("this reduction has a single pass over the samples".into()))
     }
+
+    /// [`Accumulator::next_pass`] for a result written to a sink: the band of rows of a full
+    /// F that the ending pass summed is put into tensor 0 of `sink` (F, P×P row-major)
+    /// instead of being kept, so that with [`Accumulator::finish_into`] the result is never
+    /// whole in memory (the CPU backend does this; `fisher reduce --form full` writes the
+    /// bands into its output file). This default keeps the band, which `finish_into` puts.
+    fn next_pass_into(&mut self, sink: &mut dyn ResultSink) -> Result<()> {
+        let _ = sink;
+        self.next_pass()
+    }
+
+    /// [`Accumulator::finish`] put into `sink` (see [`FisherMatrix::put_into`] for the
+    /// tensors): after [`Accumulator::next_pass_into`], only the last band is left to put.
+    fn finish_into(self: Box<Self>, sink: &mut dyn ResultSink) -> Result<()> {
+        self.finish()?.put_into(sink)
+    }
 }
 
 /// Groups consecutive items of `sizes` (bytes each) into passes of at most `budget` bytes,

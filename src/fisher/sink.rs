@@ -142,6 +142,25 @@ impl NetFisher {
     }
 }
 
+impl crate::fisher::FisherMatrix {
+    /// Writes this reduction's tensors whole into `sink`: F, diag(F), K or the norms as
+    /// tensor 0, the blocks as tensors 0, 1, … in parameter order.
+    pub fn put_into(&self, sink: &mut dyn ResultSink) -> Result<()> {
+        use crate::fisher::FisherMatrix;
+        fn put<D: ndarray::Dimension>(sink: &mut dyn ResultSink, t: usize, a: &ndarray::Array<f32, D>) -> Result<()> {
+            match a.as_slice() {
+                Some(values) => sink.put(t, 0, values),
+                None => sink.put(t, 0, &a.iter().copied().collect::<Vec<_>>()),
+            }
+        }
+        match self {
+            FisherMatrix::Full(m) | FisherMatrix::Gram(m) => put(sink, 0, m),
+            FisherMatrix::Diagonal(d) | FisherMatrix::SampleNorms(d) => put(sink, 0, d),
+            FisherMatrix::BlockDiagonal(blocks) => blocks.iter().enumerate().try_for_each(|(t, b)| put(sink, t, b)),
+        }
+    }
+}
+
 /// The trace of a result as its pieces pass through (what [`NetFisher::trace`] gives for
 /// the whole result): the diagonal entries of the square tensors and every value of `diag`,
 /// combined per form (Σ_l tr(A_l)·tr(G_l) for kfac). Each value must be put once.

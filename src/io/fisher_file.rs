@@ -135,6 +135,24 @@ pub fn network_metadata(form: NetForm, mlp: &Mlp, samples: usize, likelihood: Li
     metadata
 }
 
+/// The metadata of the file of a reduction ([`FisherFile::of_reduction`]) of `form` over
+/// N = `samples` rows of P = `parameters` on `backend`: known before the result, so that a
+/// full F can be written band by band.
+pub fn reduction_metadata(form: &Form, samples: usize, parameters: usize, backend: &str) -> HashMap<String, String> {
+    let normalization = match form {
+        Form::SampleNorms => "none: squared norms of the per-sample gradients",
+        _ => "1/N (mean over samples)",
+    };
+    HashMap::from([
+        ("form".to_string(), form.to_string()),
+        ("samples".to_string(), samples.to_string()),
+        ("parameters".to_string(), parameters.to_string()),
+        ("normalization".to_string(), normalization.to_string()),
+        ("backend".to_string(), backend.to_string()),
+        ("fisher_engine_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ])
+}
+
 /// The tensors (name, shape) of the file [`FisherFile::of_network`] writes for a result of
 /// `form` of `mlp`, in the order of [`crate::fisher::sink`] (so that a result put piece by
 /// piece lands in the same file); `None` for the per-sample forms.
@@ -155,10 +173,6 @@ impl FisherFile {
     /// The file of a reduction of per-sample gradients (`fisher reduce`) of `form` over
     /// N = `samples` rows of P = `parameters`, computed on `backend` (its label).
     pub fn of_reduction(result: FisherMatrix, form: &Form, samples: usize, parameters: usize, backend: &str) -> Self {
-        let normalization = match form {
-            Form::SampleNorms => "none: squared norms of the per-sample gradients",
-            _ => "1/N (mean over samples)",
-        };
         let tensors = match result {
             FisherMatrix::Full(m) => Tensors::Full(m),
             FisherMatrix::Diagonal(d) => Tensors::Diagonal(d),
@@ -166,14 +180,7 @@ impl FisherFile {
             FisherMatrix::SampleNorms(n) => Tensors::Norms(n),
             FisherMatrix::BlockDiagonal(blocks) => Tensors::Blocks(blocks.into_iter().enumerate().collect()),
         };
-        let metadata = HashMap::from([
-            ("form".to_string(), form.to_string()),
-            ("samples".to_string(), samples.to_string()),
-            ("parameters".to_string(), parameters.to_string()),
-            ("normalization".to_string(), normalization.to_string()),
-            ("backend".to_string(), backend.to_string()),
-            ("fisher_engine_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ]);
+        let metadata = reduction_metadata(form, samples, parameters, backend);
         FisherFile { tensors, metadata, form: form.to_string() }
     }
 

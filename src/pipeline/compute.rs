@@ -8,12 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{with_limit, file_size, load_problem, since, ResultTooLarge, RunError, Seconds, Source};
+use super::{with_limit, file_size, load_problem, since, ResultTooLarge, RunError, Seconds, Source, TracedStream};
 use crate::io::output::{output_dir, Target};
 use crate::backend::gpu::GpuOptions;
 use crate::device::{self, DeviceRequest};
 use crate::error::FisherError;
-use crate::fisher::{rows_per_sample, NetForm, ResultSink, TraceOf, Variant};
+use crate::fisher::{rows_per_sample, NetForm, TraceOf, Variant};
 use crate::fisher::DEFAULT_BLOCK_SAMPLES;
 use crate::io::fisher_file::{self, FisherFile};
 use crate::io::partial::{self, PartialFile};
@@ -375,20 +375,6 @@ pub fn run(request: &ComputeRequest) -> Result<ComputeOutcome, RunError> {
     outcome.adapter = device.adapter.map(|a| a.name);
     outcome.fallback = device.fallback;
     Ok(outcome)
-}
-
-/// The output file of a result put piece by piece, with the trace taken on the way.
-struct TracedStream {
-    stream: io::safetensors::SafetensorsStream,
-    trace: TraceOf,
-}
-
-impl ResultSink for TracedStream {
-    fn put(&mut self, tensor: usize, at: usize, values: &[f32]) -> crate::Result<()> {
-        self.stream.put(tensor, at, values)?;
-        self.trace.observe(tensor, at, values);
-        Ok(())
-    }
 }
 
 /// The flag rules of a shard run: a form that sums over samples, a partial file and no

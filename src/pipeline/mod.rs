@@ -192,3 +192,18 @@ pub(crate) fn with_limit(gpu: &crate::backend::gpu::GpuOptions, max_result_bytes
     }
 }
 
+
+/// The output file of a result put piece by piece
+/// ([`crate::io::safetensors::SafetensorsStream`]), with the trace taken on the way.
+pub(crate) struct TracedStream {
+    pub stream: crate::io::safetensors::SafetensorsStream,
+    pub trace: crate::fisher::TraceOf,
+}
+
+impl crate::fisher::ResultSink for TracedStream {
+    fn put(&mut self, tensor: usize, at: usize, values: &[f32]) -> crate::Result<()> {
+        self.stream.put(tensor, at, values)?;
+        self.trace.observe(tensor, at, values);
+        Ok(())
+    }
+}

@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use ndarray::Array2;
 
-use super::{with_limit, file_size, since, RunError, Seconds};
+use super::{with_limit, file_size, since, RunError, Seconds, TracedStream};
+use crate::fisher::{NetForm, ResultSink, TraceOf};
 use crate::io::output::Target;
 use crate::backend::gpu::GpuOptions;
 use crate::compare::{compare_paths, Comparison};
@@ -152,7 +153,10 @@ fn open_input(input: &Input, form: &Form, seconds: &mut Seconds) -> Result<(Grad
 /// Streams a file through the backend's accumulator: a reader thread reads and checks the
 /// next chunk while the current one is being reduced, and memory stays at a few chunks
 /// whatever N is. A full F whose sums do not fit the backend's memory at once is summed in
-/// several passes (output panels), each reading the file again from `path`.
+/// several passes (output panels), each reading the file again from `path`. With a `sink`,
+/// each pass's band goes into it as the pass ends ([`crate::Accumulator::next_pass_into`]),
+/// then the rest ([`crate::Accumulator::finish_into`]), and nothing is returned.
+#[allow(clippy::too_many_arguments)]
 fn reduce_streaming(
     engine: &Engine,
     path: &Path,
@@ -161,7 +165,8 @@ fn reduce_streaming(
     form: &Form,
     chunk_rows: Option<usize>,
     seconds: &mut Seconds,
-) -> Result<FisherMatrix, FisherError> {
+    mut sink: Option<&mut dyn ResultSink>,
+) -> Result<Option<FisherMatrix>, FisherError> {
     let (samples, params) = (rows.rows(), rows.cols());
     let chunk_rows = chunk_rows.unwrap_or(CHUNK_BYTES / (4 * params));
     rows.set_chunk_rows(chunk_rows);
@@ -172,7 +177,10 @@ fn reduce_streaming(
     let mut rows = Some(rows);
     for pass in 0..passes {
         if pass > 0 {
-            acc.next_pass()?;
+            match sink.as_deref_mut() {
+                Some(sink) => acc.next_pass_into(sink)?,
+                None => acc.next_pass()?,
+            }
         }
         let this = match rows.take() {
             Some(rows) => rows,
@@ -196,7 +204,13 @@ fn reduce_streaming(
     }
 
     let start = Instant::now();
-    let result = acc.finish()?;
+    let result = match sink {
+        Some(sink) => {
+            acc.finish_into(sink)?;
+            None
+        }
+        None => Some(acc.finish()?),
+    };
     seconds.compute += since(start);
     Ok(result)
 }
@@ -303,10 +317,45 @@ pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
     // read the whole matrix. Everything else streams.
     let needs_whole = *form == Form::Gram || request.verify;
     let (samples, params, result, verification) = match grads {
+        // A full F into a regular file: band by band into the file as the passes end (a full
+        // F beyond host memory), never whole in memory.
+        Grads::File { path, rows } if *form == Form::Full && !request.verify && request.out.is_some() => {
+            let (samples, params) = (rows.rows(), rows.cols());
+            let out = request.out.as_ref().expect("checked");
+            let tensors = vec![("fisher".to_string(), vec![params, params])];
+            let metadata = fisher_file::reduction_metadata(form, samples, params, &engine.device_info());
+            match io::safetensors::SafetensorsStream::create(out, &tensors, Some(metadata))? {
+                Some(stream) => {
+                    let mut sink = TracedStream { stream, trace: TraceOf::new(NetForm::Full, &[vec![params, params]]) };
+                    reduce_streaming(engine, &path, rows, &what, form, request.chunk_rows, &mut seconds, Some(&mut sink))?;
+                    let start = Instant::now();
+                    sink.stream.commit()?;
+                    seconds.write = since(start);
+                    return Ok(ReduceOutcome {
+                        input,
+                        samples,
+                        params,
+                        form: form.clone(),
+                        backend: engine.device_info(),
+                        adapter: device.adapter.map(|a| a.name),
+                        fallback: device.fallback,
+                        tensors,
+                        trace: sink.trace.trace(),
+                        verification: None,
+                        out: Some((out.clone(), file_size(out))),
+                        seconds,
+                    });
+                }
+                None => {
+                    let result = reduce_streaming(engine, &path, rows, &what, form, request.chunk_rows, &mut seconds, None)?;
+                    (samples, params, result.expect("no sink"), None)
+                }
+            }
+        }
         Grads::File { path, rows } if !needs_whole => {
             let (samples, params) = (rows.rows(), rows.cols());
-            let result = reduce_streaming(engine, &path, rows, &what, form, request.chunk_rows, &mut seconds)?;
-            (samples, params, result, None)
+            let result = reduce_streaming(engine, &path, rows, &what, form, request.chunk_rows, &mut seconds, None)?;
+            (samples, params, result.expect("no sink"), None)
         }
         grads => {
             let start = Instant::now();

@@ -164,8 +164,25 @@ fn cli_reduce_in_bands_writes_the_same_values() {
     let out = run(Some("1"), &banded);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(read_safetensors(&banded).matrix("fisher"), read_safetensors(&one).matrix("fisher"));
-    // Byte for byte, header included (its keys are sorted, so equal results write equal files).
+    // Byte for byte, header included (its keys are sorted, so equal results write equal files):
+    // the bands went straight into the file as their passes ended.
     assert!(std::fs::read(&banded).unwrap() == std::fs::read(&one).unwrap(), "the files differ");
+    // The trace taken as the bands went by is the whole result's (which a device, taking
+    // the result in order, gets).
+    let trace = |file: &std::path::Path, env: Option<&str>| {
+        let mut cmd = Command::new(FISHER);
+        cmd.args(["reduce", "--grads", s(&input), "--backend", "cpu", "--form", "full", "--json", "--force", "--out", s(file)]);
+        cmd.env_remove("FISHER_ADAPTER").env_remove("FISHER_CPU_MEMORY_MB");
+        if let Some(mib) = env {
+            cmd.env("FISHER_CPU_MEMORY_MB", mib);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["trace"].as_f64().unwrap()
+    };
+    let (streamed, whole) = (trace(&banded, Some("1")), trace(std::path::Path::new("/dev/null"), Some("1")));
+    assert!((streamed - whole).abs() <= 1e-12 * whole.abs(), "trace {streamed} vs {whole}");
     // A bad budget is one line naming the variable, exit 2, and nothing written.
     let bad = dir.path().join("bad.safetensors");
     let out = run(Some("lots"), &bad);

@@ -121,3 +121,55 @@ fn cli_compute_in_passes_writes_the_same_file_piece_by_piece() {
     let left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(left.iter().all(|n| n.ends_with(".safetensors") && !n.starts_with('.')), "{left:?}");
 }
+
+/// A sink that keeps one P×P tensor and counts the values put (no `buffers`: the bands
+/// arrive as runs, as they do in a file).
+struct Runs {
+    values: Vec<f32>,
+    put: usize,
+}
+
+impl fisher_engine::fisher::ResultSink for Runs {
+    fn put(&mut self, tensor: usize, at: usize, values: &[f32]) -> fisher_engine::Result<()> {
+        assert_eq!(tensor, 0);
+        self.values[at..at + values.len()].copy_from_slice(values);
+        self.put += values.len();
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_reduction_put_band_by_band_equals_finish_and_misuse_is_an_error() {
+    use fisher_engine::{FisherBackend, FisherMatrix, Form};
+    let g = fisher_engine::synthetic::gradient_like(300, 600, 4);
+    let backend = CpuBackend::new().with_accumulator_bytes(1);
+    let FisherMatrix::Full(want) = Engine::cpu().fisher_from_grads(g.view(), &Form::Full).unwrap() else { unreachable!() };
+    let mut acc = backend.accumulator(&Form::Full, 600).unwrap();
+    assert_eq!(acc.passes(), 3);
+    let mut sink = Runs { values: vec![f32::NAN; 600 * 600], put: 0 };
+    for pass in 0..3 {
+        if pass > 0 {
+            acc.next_pass_into(&mut sink).unwrap();
+        }
+        acc.push(g.view()).unwrap();
+    }
+    acc.finish_into(&mut sink).unwrap();
+    assert_eq!(sink.put, 600 * 600, "every value put once");
+    let got: Vec<u32> = sink.values.iter().map(|v| v.to_bits()).collect();
+    assert!(got == want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "the bands differ from one pass");
+    // finish after next_pass_into, and the two kinds of next_pass mixed: errors.
+    let mut acc = backend.accumulator(&Form::Full, 600).unwrap();
+    acc.push(g.view()).unwrap();
+    acc.next_pass_into(&mut sink).unwrap();
+    acc.push(g.view()).unwrap();
+    assert!(acc.next_pass().unwrap_err().to_string().contains("mixed"));
+    let err = acc.finish().unwrap_err().to_string();
+    assert!(err.contains("finish_into"), "{err}");
+    // A single-pass form into a sink: the whole result.
+    let whole = CpuBackend::new();
+    let mut acc = whole.accumulator(&Form::Full, 600).unwrap();
+    acc.push(g.view()).unwrap();
+    let mut sink = Runs { values: vec![f32::NAN; 600 * 600], put: 0 };
+    acc.finish_into(&mut sink).unwrap();
+    assert_eq!(sink.put, 600 * 600);
+}

@@ -225,6 +225,7 @@ impl FisherBackend for CpuBackend {
             pass: 0,
             first_pass_samples: 0,
             banded: None,
+            streamed: false,
         }))
     }
 
@@ -345,6 +346,8 @@ struct CpuAccumulator {
     first_pass_samples: usize,
     /// The f32 result the finished bands are written into (P×P, row-major), after the first.
     banded: Option<Vec<f32>>,
+    /// Whether the finished bands went to a sink ([`Accumulator::next_pass_into`]) instead.
+    streamed: bool,
 }
 
 impl CpuAccumulator {
@@ -369,6 +372,51 @@ impl CpuAccumulator {
                 self.first_pass_samples
             )));
         }
+        Ok(())
+    }
+
+    /// An error unless the pass under way is the last.
+    fn check_last_pass(&self) -> Result<()> {
+        if self.pass + 1 < self.passes() {
+            return Err(FisherError::InvalidInput(format!(
+                "the full Fisher of {} parameters takes {} passes over the gradients within the accumulator budget, \
+                 and finish came after pass {} (call next_pass and push the samples again)",
+                self.params,
+                self.passes(),
+                self.pass + 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends the pass under way: its band goes into `sink` when given (tensor 0), into the
+    /// banded result otherwise (the two cannot be mixed); then the next band starts.
+    fn end_pass(&mut self, sink: Option<&mut dyn crate::fisher::ResultSink>) -> Result<()> {
+        if self.pass + 1 >= self.passes() {
+            return Err(FisherError::InvalidInput(format!(
+                "next_pass after the last of {} passes over the gradients",
+                self.passes()
+            )));
+        }
+        if self.streamed != sink.is_some() && self.pass > 0 {
+            return Err(FisherError::InvalidInput("next_pass and next_pass_into cannot be mixed in one reduction".into()));
+        }
+        self.flush_stage();
+        self.check_pass()?;
+        match sink {
+            Some(sink) => {
+                let Sums::Full(sum) = &self.sums else { unreachable!("bands belong to a full Fisher") };
+                sum.put_band_into(self.samples as f64, sink, 0)?;
+                self.streamed = true;
+            }
+            None => self.finish_band(),
+        }
+        if self.pass == 0 {
+            self.first_pass_samples = self.samples;
+        }
+        self.pass += 1;
+        self.samples = 0;
+        self.sums = Sums::Full(SymmetricSum::band(self.params, self.bands[self.pass].clone()));
         Ok(())
     }
 
@@ -427,34 +475,31 @@ impl Accumulator for CpuAccumulator {
     }
 
     fn next_pass(&mut self) -> Result<()> {
-        if self.pass + 1 >= self.passes() {
-            return Err(FisherError::InvalidInput(format!(
-                "next_pass after the last of {} passes over the gradients",
-                self.passes()
-            )));
+        self.end_pass(None)
+    }
+
+    fn next_pass_into(&mut self, sink: &mut dyn crate::fisher::ResultSink) -> Result<()> {
+        self.end_pass(Some(sink))
+    }
+
+    fn finish_into(mut self: Box<Self>, sink: &mut dyn crate::fisher::ResultSink) -> Result<()> {
+        if !self.streamed {
+            return self.finish()?.put_into(sink);
         }
+        self.check_last_pass()?;
         self.flush_stage();
         self.check_pass()?;
-        self.finish_band();
-        if self.pass == 0 {
-            self.first_pass_samples = self.samples;
-        }
-        self.pass += 1;
-        self.samples = 0;
-        self.sums = Sums::Full(SymmetricSum::band(self.params, self.bands[self.pass].clone()));
-        Ok(())
+        let Sums::Full(sum) = &self.sums else { unreachable!("bands belong to a full Fisher") };
+        sum.put_band_into(self.samples as f64, sink, 0)
     }
 
     fn finish(mut self: Box<Self>) -> Result<FisherMatrix> {
-        if self.pass + 1 < self.passes() {
-            return Err(FisherError::InvalidInput(format!(
-                "the full Fisher of {} parameters takes {} passes over the gradients within the accumulator budget, \
-                 and finish came after pass {} (call next_pass and push the samples again)",
-                self.params,
-                self.passes(),
-                self.pass + 1
-            )));
+        if self.streamed {
+            return Err(FisherError::InvalidInput(
+                "the earlier bands of this full Fisher went to a sink (next_pass_into): finish it with finish_into".into(),
+            ));
         }
+        self.check_last_pass()?;
         self.flush_stage();
         self.check_pass()?;
         if self.bands.len() > 1 {

@@ -497,7 +497,17 @@ fn sum_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Optio
     let passes = match form {
         NetForm::Full => plan_units(&[plan.params], budget, exact),
         NetForm::Layer => plan_units(&plan.shapes.iter().map(|s| s.params).collect::<Vec<_>>(), budget, exact),
-        NetForm::Kfac => plan_units(&plan.shapes.iter().flat_map(|s| [s.ld, s.fan_out]).collect::<Vec<_>>(), budget, exact),
+        NetForm::Kfac => {
+            // The A factors first (their passes need no backward pass), then the G factors
+            // from the top layer down (each pass's backward stops at its lowest layer); the
+            // units keep their tensor's index (A_l = 2l, G_l = 2l + 1).
+            let depth = plan.shapes.len();
+            let order: Vec<usize> = (0..depth).map(|l| 2 * l).chain((0..depth).rev().map(|l| 2 * l + 1)).collect();
+            let sides: Vec<usize> = order.iter().map(|&t| if t % 2 == 0 { plan.shapes[t / 2].ld } else { plan.shapes[t / 2].fan_out }).collect();
+            let mut passes = plan_units(&sides, budget, exact);
+            passes.iter_mut().flatten().for_each(|u| u.layer = order[u.layer]);
+            passes
+        }
         NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 8 + exact),
         NetForm::Grads | NetForm::Norms => return None,
     };
@@ -704,6 +714,14 @@ fn reduce(
         Reduction::Kfac { units, .. } => units.iter().map(|u| u.layer / 2).min().unwrap_or(0),
         Reduction::Grads(_) | Reduction::Norms(_) => 0,
     };
+    // The lowest layer whose δ this reduction reads: the backward products stop there. Only
+    // a KFAC pass differs from `lowest`: its A factors read the forward pass alone, so a
+    // pass of A bands only needs no backward pass at all (`depth`: none) and one chunk of
+    // draws.
+    let lowest_delta = match &reduction {
+        Reduction::Kfac { units, .. } => units.iter().filter(|u| u.layer % 2 == 1).map(|u| u.layer / 2).min().unwrap_or(depth),
+        _ => lowest,
+    };
     let diag_layers: Vec<bool> = match &reduction {
         Reduction::Diag { units, .. } => (0..depth).map(|l| units.iter().any(|u| u.layer == l)).collect(),
         _ => vec![false; depth],
@@ -725,6 +743,10 @@ fn reduce(
             acts.iter().zip(&diag_layers).map(|(a, &used)| if used { squares(a.view()) } else { Array2::zeros((0, 0)) }).collect();
         // Output rows and backward, d draws (rows per sample) at a time.
         for (q0, d) in batch.draw_ranges(r) {
+            // A KFAC pass of A bands only reads the forward pass: the first chunk adds them.
+            if q0 > 0 && lowest_delta == depth {
+                break;
+            }
             let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d))?;
             let mut grad_rows = match &reduction {
                 Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
@@ -791,7 +813,7 @@ fn reduce(
                         }
                     }
                 }
-                if l > lowest {
+                if l > lowest && l > lowest_delta {
                     let mut back = Array2::<f32>::zeros((m * d, layer.fan_in()));
                     matmul(delta.view(), layer.weight.view(), back.view_mut());
                     scale_rows(back.view_mut(), derivs[l - 1].view(), d);
