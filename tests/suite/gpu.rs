@@ -431,3 +431,37 @@ fn network_full_and_layer_beyond_the_budget_are_summed_in_passes() {
         }
     }
 }
+
+#[test]
+fn network_diag_and_kfac_beyond_the_budget_take_a_group_of_layers_per_pass() {
+    // 6-120-120-120-4 with biases: P = 30,364 (121 kB of weights). Diag's Kahan pairs take
+    // 243 kB in all (at most 116 kB a layer), KFAC's 697 kB (at most 232 kB): neither fits
+    // its budget below beside the weights at once, so each is summed in passes of whole
+    // layers (before, both were refused). The same 16 KiB micro-batches as the roomy run,
+    // each layer's pair sees the same products: the results are bitwise equal.
+    let name = "network_diag_and_kfac_beyond_the_budget_take_a_group_of_layers_per_pass";
+    let options = |budget| GpuOptions { micro_batch_bytes: Some(16 << 10), memory_budget_bytes: budget, ..Default::default() };
+    let Some(roomy) = common::gpu_engine_with(name, &options(None)) else { return };
+    let widths = [6, 120, 120, 120, 4];
+    let net = seeded_mlp(&widths, &[Activation::Tanh; 3], &[true; 4], 1.5, 0.3, &mut SplitMix64::new(61));
+    let data = seeded_dataset(40, widths[0], widths[4], likelihood(false), &mut SplitMix64::new(62));
+    let weights = 4 * net.num_params() as u64;
+    for (form, budget, accumulators) in [(NetForm::Diagonal, 320u64 << 10, 242_912u64), (NetForm::Kfac, 448 << 10, 697_504)] {
+        assert!(weights + accumulators > budget, "{form:?} would fit in one pass");
+        let Some(small) = common::gpu_engine_with(name, &options(Some(budget))) else { return };
+        for variant in [Variant::True, Variant::MonteCarlo { samples: 2, seed: 0x5eed_0000_0003 }] {
+            let got = small.fisher(&net, &data, variant, form).unwrap_or_else(|e| panic!("{form:?} {variant:?}: {e}"));
+            let want = net_reference::fisher(&net, &data, data.likelihood(), variant, form).expect("reference");
+            let a = got.agreement(&want).expect("same form");
+            assert!(a.frobenius_rel <= 1e-5 && a.max_rel <= 4e-5, "{form:?} {variant:?}: {a:?}");
+            let one = roomy.fisher(&net, &data, variant, form).unwrap();
+            let bits = |f: &NetFisher| f.values().into_iter().map(f64::to_bits).collect::<Vec<_>>();
+            assert!(bits(&got) == bits(&one), "{form:?} {variant:?}: the passes differ from one pass");
+        }
+    }
+    // One layer's pairs beyond what the budget leaves: refused, naming the budget.
+    let Some(tiny) = common::gpu_engine_with(name, &options(Some(200 << 10))) else { return };
+    let err = tiny.fisher(&net, &data, Variant::True, NetForm::Kfac).unwrap_err();
+    assert!(matches!(err, FisherError::DoesNotFit { .. }), "{err}");
+    assert!(err.to_string().contains("FISHER_GPU_MEMORY_MB"), "{err}");
+}

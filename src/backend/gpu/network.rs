@@ -282,6 +282,46 @@ struct GradRows {
     width: usize,
 }
 
+/// Diag and KFAC beyond the budget: groups of whole layers whose accumulators fit at once,
+/// one pass over the samples each; the means of the layers of the passes done wait on the
+/// host (diag: [D_l]; KFAC: [A_l, G_l]).
+struct LayerPasses {
+    groups: Vec<std::ops::Range<usize>>,
+    pass: usize,
+    done: Vec<Vec<Vec<f32>>>,
+    samples: usize,
+}
+
+impl LayerPasses {
+    fn current(&self) -> std::ops::Range<usize> {
+        self.groups[self.pass].clone()
+    }
+}
+
+/// Diag or KFAC accumulators of the layers `layers` (the others `None`).
+fn diag_pairs(be: &GpuBackend, shapes: &[LayerShape], layers: std::ops::Range<usize>) -> Vec<Option<KahanPair>> {
+    shapes.iter().enumerate().map(|(l, s)| layers.contains(&l).then(|| KahanPair::new(be, "diag", s.fan_out * s.ld))).collect()
+}
+
+fn kfac_pairs(be: &GpuBackend, shapes: &[LayerShape], layers: std::ops::Range<usize>) -> Vec<Option<(KahanPair, KahanPair)>> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(l, s)| layers.contains(&l).then(|| (KahanPair::new(be, "kfac A", s.ld * s.ld), KahanPair::new(be, "kfac G", s.fan_out * s.fan_out))))
+        .collect()
+}
+
+/// Device bytes of the diag or KFAC accumulators (Kahan pairs) of each layer.
+fn layer_accumulator_bytes(shapes: &[LayerShape], form: NetForm) -> Vec<u64> {
+    shapes
+        .iter()
+        .map(|s| match form {
+            NetForm::Diagonal => 8u64.saturating_mul(s.fan_out as u64).saturating_mul(s.ld as u64),
+            _ => 8u64.saturating_mul((s.ld as u64).saturating_pow(2).saturating_add((s.fan_out as u64).saturating_pow(2))),
+        })
+        .collect()
+}
+
 /// The reduction of one network form: its accumulators and the micro-batch scratch it
 /// needs, which exist by construction (no optional buffers to unwrap).
 enum Reduction<'a> {
@@ -289,18 +329,20 @@ enum Reduction<'a> {
     Syrk { acc: Box<GpuAccumulator<'a>>, rows: GradRows },
     /// Grads: the same rows, read back every micro-batch.
     Grads { rows: GradRows, out: Vec<f32> },
-    /// Diagonal: D_l per layer, with Σ_R δ² (m × max out) and ã² (m × max ld) scratch.
-    Diag { acc: Vec<KahanPair>, dsq: wgpu::Buffer, asq: wgpu::Buffer },
-    /// KFAC: (A_l, G_l) per layer.
-    Kfac { acc: Vec<(KahanPair, KahanPair)> },
+    /// Diagonal: D_l per layer of the pass under way (`None` for the others), with Σ_R δ²
+    /// (m × max out) and ã² (m × max ld) scratch.
+    Diag { acc: Vec<Option<KahanPair>>, dsq: wgpu::Buffer, asq: wgpu::Buffer, passes: LayerPasses },
+    /// KFAC: (A_l, G_l) per layer of the pass under way.
+    Kfac { acc: Vec<Option<(KahanPair, KahanPair)>>, passes: LayerPasses },
     /// Norms: ‖δ_r‖² (m·R) and ‖ã‖² (m) per layer, combined on the host in f64.
     Norms { rows: Vec<(wgpu::Buffer, wgpu::Buffer)>, out: Vec<f64> },
 }
 
 impl<'a> Reduction<'a> {
     /// Accumulators and scratch of `form` for micro-batches of `batch`.
-    /// `syrk_budget`: the bytes of the backend's budget left for the panel pairs of a full or
-    /// layer result beside the weights and the micro-batch.
+    /// `syrk_budget`: the bytes of the backend's budget left for the accumulators (the panel
+    /// pairs of a full or layer result, the layers' pairs of diag and KFAC) beside the
+    /// weights and the micro-batch.
     fn new(be: &'a GpuBackend, plan: &NetPlan, form: NetForm, n: usize, batch: Batching, syrk_budget: u64) -> Result<Self> {
         let ctx = &be.ctx;
         let (shapes, p, mb, mr) = (&plan.shapes, plan.params, batch.samples, batch.rows());
@@ -321,17 +363,34 @@ impl<'a> Reduction<'a> {
                 let len = plan.grads_len(n)?;
                 Reduction::Grads { rows: grad_rows()?, out: Vec::with_capacity(len) }
             }
-            NetForm::Diagonal => ctx.scoped("allocating accumulators", || Reduction::Diag {
-                acc: shapes.iter().map(|s| KahanPair::new(be, "diag", s.fan_out * s.ld)).collect(),
-                dsq: storage_f32(ctx, "Σδ²", mb * max_out),
-                asq: storage_f32(ctx, "ã²", mb * max_ld),
-            })?,
-            NetForm::Kfac => ctx.scoped("allocating accumulators", || Reduction::Kfac {
-                acc: shapes
-                    .iter()
-                    .map(|s| (KahanPair::new(be, "kfac A", s.ld * s.ld), KahanPair::new(be, "kfac G", s.fan_out * s.fan_out)))
-                    .collect(),
-            })?,
+            NetForm::Diagonal | NetForm::Kfac => {
+                let sizes = layer_accumulator_bytes(shapes, form);
+                let largest = sizes.iter().copied().max().unwrap_or(0);
+                if largest > syrk_budget {
+                    return Err(FisherError::DoesNotFit {
+                        what: format!("the {form:?} accumulators of one layer"),
+                        needed: largest,
+                        limit: syrk_budget,
+                        which: format!("what the GPU budget of {} bytes (FISHER_GPU_MEMORY_MB) leaves beside the weights and one micro-batch", be.budget),
+                    });
+                }
+                let groups = crate::backend::plan_passes(&sizes, syrk_budget);
+                if groups.len() > 1 {
+                    log::info!("{form:?}: {} passes over the samples, a group of layers each (GPU budget {} bytes, FISHER_GPU_MEMORY_MB)", groups.len(), be.budget);
+                }
+                let passes = LayerPasses { pass: 0, done: vec![Vec::new(); shapes.len()], samples: n, groups };
+                let first = passes.current();
+                if form == NetForm::Diagonal {
+                    ctx.scoped("allocating accumulators", || Reduction::Diag {
+                        acc: diag_pairs(be, shapes, first),
+                        dsq: storage_f32(ctx, "Σδ²", mb * max_out),
+                        asq: storage_f32(ctx, "ã²", mb * max_ld),
+                        passes,
+                    })?
+                } else {
+                    ctx.scoped("allocating accumulators", || Reduction::Kfac { acc: kfac_pairs(be, shapes, first), passes })?
+                }
+            }
             NetForm::Norms => ctx.scoped("allocating norms", || Reduction::Norms {
                 rows: shapes.iter().map(|_| (storage_f32(ctx, "‖δ‖²", mr), storage_f32(ctx, "‖ã‖²", mb))).collect(),
                 out: vec![0.0; n],
@@ -344,19 +403,21 @@ impl<'a> Reduction<'a> {
     fn encode_layer(&mut self, rec: &mut Recorder<'_>, (l, s): (usize, &LayerShape), (m, r, q0): (usize, usize, usize), (delta, act): (&wgpu::Buffer, &wgpu::Buffer)) -> Result<()> {
         let rows = m * r;
         match self {
-            Reduction::Diag { acc, dsq, asq } => {
+            Reduction::Diag { acc, dsq, asq, .. } => {
+                let Some(pair) = &acc[l] else { return Ok(()) };
                 let p_sq = MlpParams { rows: m as u32, cols: s.fan_out as u32, r: r as u32, ..Default::default() };
                 rec.mlp(Entry::SampleSq, p_sq, [Some(delta), None, None], dsq, (m * s.fan_out) as u64)?;
                 let p_a2 = MlpParams { rows: m as u32, cols: s.ld as u32, ..Default::default() };
                 rec.mlp(Entry::Square, p_a2, [Some(act), None, None], asq, (m * s.ld) as u64)?;
-                acc[l].add_product(rec, gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false), dsq, asq)
+                pair.add_product(rec, gemm(m, s.fan_out, s.ld, (s.fan_out, 1), (s.ld, 1), false), dsq, asq)
             }
-            Reduction::Kfac { acc } => {
+            Reduction::Kfac { acc, .. } => {
+                let Some((a, g)) = &acc[l] else { return Ok(()) };
                 // A is a sum over samples, not rows: once per sample, with its first chunk.
                 if q0 == 0 {
-                    acc[l].0.add_product(rec, gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true), act, act)?;
+                    a.add_product(rec, gemm(m, s.ld, s.ld, (s.ld, 1), (s.ld, 1), true), act, act)?;
                 }
-                acc[l].1.add_product(rec, gemm(rows, s.fan_out, s.fan_out, (s.fan_out, 1), (s.fan_out, 1), true), delta, delta)
+                g.add_product(rec, gemm(rows, s.fan_out, s.fan_out, (s.fan_out, 1), (s.fan_out, 1), true), delta, delta)
             }
             Reduction::Syrk { rows: grads, .. } | Reduction::Grads { rows: grads, .. } => {
                 let p_outer = MlpParams {
@@ -394,14 +455,51 @@ impl<'a> Reduction<'a> {
     fn passes(&self) -> usize {
         match self {
             Reduction::Syrk { acc, .. } => acc.passes(),
+            Reduction::Diag { passes, .. } | Reduction::Kfac { passes, .. } => passes.groups.len(),
             _ => 1,
         }
     }
 
-    /// Ends a pass of a multi-pass SYRK (see [`GpuAccumulator`]'s `next_pass`).
-    fn next_pass(&mut self) -> Result<()> {
+    /// The lowest layer the pass under way reads: its backward pass stops there.
+    fn lowest_layer(&self) -> usize {
+        match self {
+            Reduction::Diag { passes, .. } | Reduction::Kfac { passes, .. } => passes.current().start,
+            _ => 0,
+        }
+    }
+
+    /// Ends a pass of a multi-pass reduction (see [`GpuAccumulator`]'s `next_pass`): for diag
+    /// and KFAC, the means of the pass's layers are read back and its pairs freed before the
+    /// next group's are allocated.
+    fn next_pass(&mut self, be: &GpuBackend, plan: &NetPlan) -> Result<()> {
+        let more = |p: &LayerPasses| {
+            if p.pass + 1 >= p.groups.len() {
+                return Err(FisherError::InvalidInput("next_pass after the last pass of this network reduction".into()));
+            }
+            Ok(())
+        };
         match self {
             Reduction::Syrk { acc, .. } => acc.next_pass(),
+            Reduction::Diag { acc, passes, .. } => {
+                more(passes)?;
+                for l in passes.current() {
+                    let pair = acc[l].take().expect("a pair of the pass");
+                    passes.done[l] = vec![pair.mean(be, passes.samples)?];
+                }
+                passes.pass += 1;
+                *acc = be.ctx.scoped("allocating accumulators", || diag_pairs(be, &plan.shapes, passes.current()))?;
+                Ok(())
+            }
+            Reduction::Kfac { acc, passes } => {
+                more(passes)?;
+                for l in passes.current() {
+                    let (a, g) = acc[l].take().expect("a pair of the pass");
+                    passes.done[l] = vec![a.mean(be, passes.samples)?, g.mean(be, passes.samples)?];
+                }
+                passes.pass += 1;
+                *acc = be.ctx.scoped("allocating accumulators", || kfac_pairs(be, &plan.shapes, passes.current()))?;
+                Ok(())
+            }
             _ => Err(FisherError::InvalidInput("this network reduction has a single pass over the samples".into())),
         }
     }
@@ -439,18 +537,30 @@ impl<'a> Reduction<'a> {
                     })
                 }
             },
-            Reduction::Diag { acc, .. } => {
+            Reduction::Diag { acc, mut passes, .. } => {
                 let mut diag = vec![0f32; p];
-                for (s, pair) in plan.shapes.iter().zip(&acc) {
-                    let d = pair.mean(be, n)?;
+                for (l, s) in plan.shapes.iter().enumerate() {
+                    let d = match &acc[l] {
+                        Some(pair) => pair.mean(be, n)?,
+                        None => passes.done[l].pop().ok_or_else(|| FisherError::InvalidInput("finish before the last pass".into()))?,
+                    };
                     s.scatter(&mut diag, |o, i| d[o * s.ld + i]);
                 }
                 NetFisher::Diagonal(Array1::from(diag))
             }
-            Reduction::Kfac { acc } => {
+            Reduction::Kfac { acc, mut passes } => {
                 let mut factors = Vec::with_capacity(acc.len());
-                for (s, (a, g)) in plan.shapes.iter().zip(&acc) {
-                    let (a, g) = (a.mean(be, n)?, g.mean(be, n)?);
+                for (l, s) in plan.shapes.iter().enumerate() {
+                    let (a, g) = match &acc[l] {
+                        Some((a, g)) => (a.mean(be, n)?, g.mean(be, n)?),
+                        None => {
+                            let mut done = std::mem::take(&mut passes.done[l]).into_iter();
+                            match (done.next(), done.next()) {
+                                (Some(a), Some(g)) => (a, g),
+                                _ => return Err(FisherError::InvalidInput("finish before the last pass".into())),
+                            }
+                        }
+                    };
                     factors.push(KfacFactors { a: mirror_upper(&a, s.ld), g: mirror_upper(&g, s.fan_out) });
                 }
                 NetFisher::Kfac(factors)
@@ -502,8 +612,14 @@ pub(crate) fn network_fisher_over(
     let sum = |f: &dyn Fn(&LayerShape) -> u64| shapes.iter().fold(0u64, |acc, s| acc.saturating_add(f(s)));
     let weights_bytes = sum(&|s| (s.params as u64).saturating_mul(4));
     let accum_bytes = match form {
-        NetForm::Diagonal => sum(&|s| 8u64.saturating_mul(s.fan_out as u64).saturating_mul(s.ld as u64)),
-        NetForm::Kfac => sum(&|s| 8u64.saturating_mul((s.ld as u64).saturating_pow(2).saturating_add((s.fan_out as u64).saturating_pow(2)))),
+        // Diag and KFAC: all layers' pairs when they fit, else groups of layers in passes;
+        // the micro-batch is planned leaving them up to half the budget, and at least the
+        // largest layer's pairs.
+        NetForm::Diagonal | NetForm::Kfac => {
+            let sizes = layer_accumulator_bytes(shapes, form);
+            let largest = sizes.iter().copied().max().unwrap_or(0);
+            sizes.iter().fold(0u64, |a, &b| a.saturating_add(b)).min((be.budget / 2).max(largest))
+        }
         // The panel pairs are planned after the micro-batch, within what it leaves (see
         // below); the micro-batch is planned leaving them all they need, up to half the
         // budget, so that a small budget buys passes rather than a refusal.
@@ -561,8 +677,11 @@ pub(crate) fn network_fisher_over(
             // next_pass frees those and allocates the next group, or both would be resident.
             bindings = Bindings::default();
             in_flight = None;
-            reduction.next_pass()?;
+            be.ctx.wait("network pass")?;
+            reduction.next_pass(be, &plan)?;
         }
+        // The backward pass stops at the lowest layer this pass reads.
+        let lowest = reduction.lowest_layer();
         for (s0, m) in batch.sample_ranges(n) {
             let s0 = first + s0;
             net.upload(data, s0, m)?;
@@ -573,9 +692,9 @@ pub(crate) fn network_fisher_over(
                 let mut rec = pending.take().unwrap_or_else(|| be.kernels.recorder());
                 let p_head = head_params(data, variant, classes, (s0, m), (q0, d), scale)?;
                 rec.mlp(Entry::Head, p_head, [Some(&net.zs[depth - 1]), Some(&net.targets), None], &delta_cur, (m * d) as u64)?;
-                for l in (0..depth).rev() {
+                for l in (lowest..depth).rev() {
                     reduction.encode_layer(&mut rec, (l, &shapes[l]), (m, d, q0), (&delta_cur, &net.acts[l]))?;
-                    if l > 0 {
+                    if l > lowest {
                         net.encode_backprop(&mut rec, l, m, d, &delta_cur, &delta_next)?;
                         std::mem::swap(&mut delta_cur, &mut delta_next);
                     }
