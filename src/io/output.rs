@@ -112,8 +112,12 @@ impl Target {
     /// module docs. `inputs` are every file the command reads; `force` allows replacing an
     /// existing regular file. Nothing is created.
     pub fn check(path: &Path, flag: &str, force: bool, inputs: &[Input<'_>]) -> Result<Target> {
-        let resolved = resolve_links(path)?;
-        let existing = fs::metadata(&resolved).ok();
+        // A device, FIFO or socket reached through links the kernel resolves itself
+        // (`/dev/stdout` → `/proc/self/fd/1` → `pipe:[…]`, which names no path) is opened as
+        // named; resolving such a link by hand would end at a path that does not exist.
+        let through = fs::metadata(path).ok().filter(|m| !m.file_type().is_file() && !m.file_type().is_dir());
+        let resolved = if through.is_some() { path.to_path_buf() } else { resolve_links(path)? };
+        let existing = through.or_else(|| fs::metadata(&resolved).ok());
         if let Some(meta) = &existing {
             let id = identity(meta);
             for (input_flag, input) in inputs {

@@ -430,3 +430,25 @@ fn sigterm_during_train_leaves_no_staged_directory() {
     sigterm_at(dir.path(), &args, &[20, 60, 120, 200, 300], check_and_reset);
     check_and_reset();
 }
+
+#[test]
+fn out_to_dev_stdout_through_a_pipe_writes_the_file_to_the_pipe() {
+    // /dev/stdout → /proc/self/fd/1 → pipe:[…]: the last link names no path; the output is
+    // written through the pipe (here the test's capture), whole, and nothing is created.
+    let dir = temp();
+    let g = grads(dir.path(), "g.npy", 40, 300);
+    let before = snapshot(dir.path());
+    for env in [None, Some("1")] {
+        let mut cmd = Command::new(FISHER);
+        cmd.args(["reduce", "--grads", s(&g), "--backend", "cpu", "--form", "full", "--out", "/dev/stdout", "--quiet"]);
+        cmd.env_remove("FISHER_ADAPTER").env_remove("FISHER_CPU_MEMORY_MB").current_dir(dir.path());
+        if let Some(mib) = env {
+            cmd.env("FISHER_CPU_MEMORY_MB", mib);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{:?}: {}", env, String::from_utf8_lossy(&out.stderr));
+        let header = u64::from_le_bytes(out.stdout[..8].try_into().unwrap()) as usize;
+        assert_eq!(out.stdout.len(), 8 + header + 300 * 300 * 4, "{env:?}: a whole safetensors file on stdout");
+    }
+    assert_eq!(snapshot(dir.path()), before);
+}
