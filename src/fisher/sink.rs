@@ -114,18 +114,19 @@ impl ResultSink for MemorySink {
     }
 }
 
+/// Puts the whole array `a` as tensor `t`: borrowed when it is one contiguous row-major
+/// buffer (every result this crate computes), copied otherwise.
+fn put<D: ndarray::Dimension>(sink: &mut dyn ResultSink, t: usize, a: &ndarray::Array<f32, D>) -> Result<()> {
+    match a.as_slice() {
+        Some(values) => sink.put(t, 0, values),
+        None => sink.put(t, 0, &a.iter().copied().collect::<Vec<_>>()),
+    }
+}
+
 impl NetFisher {
     /// Writes every tensor of this result whole into `sink` (in the sink's order; see the
     /// [module docs](self)). The per-sample forms are refused.
     pub fn put_into(&self, sink: &mut dyn ResultSink) -> Result<()> {
-        // Every result this crate computes is one contiguous row-major buffer; a view
-        // that is not is copied.
-        fn put<D: ndarray::Dimension>(sink: &mut dyn ResultSink, t: usize, a: &ndarray::Array<f32, D>) -> Result<()> {
-            match a.as_slice() {
-                Some(values) => sink.put(t, 0, values),
-                None => sink.put(t, 0, &a.iter().copied().collect::<Vec<_>>()),
-            }
-        }
         match self {
             NetFisher::Full(m) => put(sink, 0, m),
             NetFisher::Diagonal(d) => put(sink, 0, d),
@@ -147,12 +148,6 @@ impl crate::fisher::FisherMatrix {
     /// tensor 0, the blocks as tensors 0, 1, … in parameter order.
     pub fn put_into(&self, sink: &mut dyn ResultSink) -> Result<()> {
         use crate::fisher::FisherMatrix;
-        fn put<D: ndarray::Dimension>(sink: &mut dyn ResultSink, t: usize, a: &ndarray::Array<f32, D>) -> Result<()> {
-            match a.as_slice() {
-                Some(values) => sink.put(t, 0, values),
-                None => sink.put(t, 0, &a.iter().copied().collect::<Vec<_>>()),
-            }
-        }
         match self {
             FisherMatrix::Full(m) | FisherMatrix::Gram(m) => put(sink, 0, m),
             FisherMatrix::Diagonal(d) | FisherMatrix::SampleNorms(d) => put(sink, 0, d),

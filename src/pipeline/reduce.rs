@@ -316,7 +316,7 @@ pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
     // Gram pairs every sample with every other, and the reference needs all of G: both
     // read the whole matrix. Everything else streams.
     let needs_whole = *form == Form::Gram || request.verify;
-    let (samples, params, result, verification) = match grads {
+    let (samples, params, done, verification) = match grads {
         // A full F into a regular file: band by band into the file as the passes end (a full
         // F beyond host memory), never whole in memory.
         Grads::File { path, rows } if *form == Form::Full && !request.verify && request.out.is_some() => {
@@ -331,31 +331,18 @@ pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
                     let start = Instant::now();
                     sink.stream.commit()?;
                     seconds.write = since(start);
-                    return Ok(ReduceOutcome {
-                        input,
-                        samples,
-                        params,
-                        form: form.clone(),
-                        backend: engine.device_info(),
-                        adapter: device.adapter.map(|a| a.name),
-                        fallback: device.fallback,
-                        tensors,
-                        trace: sink.trace.trace(),
-                        verification: None,
-                        out: Some((out.clone(), file_size(out))),
-                        seconds,
-                    });
+                    (samples, params, Done::Written { trace: sink.trace.trace(), tensors }, None)
                 }
                 None => {
                     let result = reduce_streaming(engine, &path, rows, &what, form, request.chunk_rows, &mut seconds, None)?;
-                    (samples, params, result.expect("no sink"), None)
+                    (samples, params, Done::Result(result.expect("no sink")), None)
                 }
             }
         }
         Grads::File { path, rows } if !needs_whole => {
             let (samples, params) = (rows.rows(), rows.cols());
             let result = reduce_streaming(engine, &path, rows, &what, form, request.chunk_rows, &mut seconds, None)?;
-            (samples, params, result.expect("no sink"), None)
+            (samples, params, Done::Result(result.expect("no sink")), None)
         }
         grads => {
             let start = Instant::now();
@@ -381,21 +368,29 @@ pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
             } else {
                 None
             };
-            (g.nrows(), g.ncols(), result, verification)
+            (g.nrows(), g.ncols(), Done::Result(result), verification)
         }
     };
 
-    let trace = result.trace();
-    let file = FisherFile::of_reduction(result, form, samples, params, &engine.device_info());
-    let tensors = file.tensor_shapes();
-    let out = match &request.out {
-        Some(path) => {
-            let start = Instant::now();
-            fisher_file::write(path, &file)?;
-            seconds.write = since(start);
-            Some((path.clone(), file_size(path)))
+    let (trace, tensors, out) = match done {
+        Done::Written { trace, tensors } => {
+            let path = request.out.as_ref().expect("a written result has an output file");
+            (trace, tensors, Some((path.clone(), file_size(path))))
         }
-        None => None,
+        Done::Result(result) => {
+            let trace = result.trace();
+            let file = FisherFile::of_reduction(result, form, samples, params, &engine.device_info());
+            let out = match &request.out {
+                Some(path) => {
+                    let start = Instant::now();
+                    fisher_file::write(path, &file)?;
+                    seconds.write = since(start);
+                    Some((path.clone(), file_size(path)))
+                }
+                None => None,
+            };
+            (trace, file.tensor_shapes(), out)
+        }
     };
 
     Ok(ReduceOutcome {
@@ -412,6 +407,13 @@ pub fn run(request: &ReduceRequest) -> Result<ReduceOutcome, RunError> {
         out,
         seconds,
     })
+}
+
+/// What a reduction left: its result in memory, or already written band by band (with the
+/// trace taken on the way and the tensors written).
+enum Done {
+    Result(FisherMatrix),
+    Written { trace: f64, tensors: Vec<(String, Vec<usize>)> },
 }
 
 /// The built-in comparison: reduce `gradient_like(samples, params, seed)` to `form` on the
