@@ -77,6 +77,26 @@ backend_test!(many_micro_batches_match_reference, |engine| {
     }
 });
 
+/// Full F and the layer blocks over R ≥ 2 rows per sample are reduced without forming the
+/// gradient rows (the CPU's Kronecker reduction, one rank-R sum per sample): over ~80
+/// micro-batches, past the f32 → f64 flush at 4,096 samples, with a layer without bias,
+/// against the f64 reference.
+#[test]
+fn cpu_full_and_layer_over_r_rows_and_many_micro_batches_match_reference() {
+    use fisher_engine::backend::cpu::CpuBackend;
+    use fisher_engine::Engine;
+    let net = mlp(&[12, 16, 5], Activation::Tanh, &[false, true], 31);
+    let data = dataset(5000, 12, 5, false, 32);
+    let engine = Engine::from_cpu_backend(CpuBackend::new().with_batch_bytes(64 << 10));
+    for variant in [Variant::True, Variant::MonteCarlo { samples: 3, seed: 5 }] {
+        for form in [NetForm::Full, NetForm::Layer] {
+            let want = reference::fisher(&net, &data, data.likelihood(), variant, form).expect("reference");
+            let a = engine.fisher(&net, &data, variant, form).expect("fisher").agreement(&want).unwrap();
+            assert!(a.frobenius_rel <= FROBENIUS_REL && a.max_rel <= 4.0 * FROBENIUS_REL, "{variant:?} {form:?}: {a:?}");
+        }
+    }
+}
+
 backend_test!(forms_are_consistent_with_each_other, |engine| {
     let net = mlp(&[5, 7, 3], Activation::Tanh, &[true, true], 8);
     let data = dataset(23, 5, 3, false, 9);

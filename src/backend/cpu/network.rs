@@ -50,8 +50,13 @@ fn matmul_add(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'
     gemm_into(a, b, c, true)
 }
 
-/// C = A·B, or C += A·B when `accumulate`.
-fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>, accumulate: bool) {
+/// C = A·B, or C += A·B when `accumulate`, on every thread.
+fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>, accumulate: bool) {
+    gemm_with(a, b, c, accumulate, gemm::Parallelism::Rayon(0))
+}
+
+/// C = A·B, or C += A·B when `accumulate`, with `gemm`'s `parallelism`.
+fn gemm_with(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>, accumulate: bool, parallelism: gemm::Parallelism) {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
     assert!(k == k2 && c.dim() == (m, n), "matmul shapes");
@@ -89,7 +94,7 @@ fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            parallelism,
         );
     }
 }
@@ -372,6 +377,177 @@ fn outer_rows(delta: ArrayView2<'_, f32>, act: ArrayView2<'_, f32>, r: usize, fa
             }
         }
     });
+}
+
+/// Bytes of one thread's slab of Xⱼ in the Kronecker reduction ([`kron_add`]): a chunk of
+/// samples that stays in L2 between being written and being packed by `gemm`.
+const KRON_X_BYTES: usize = 1 << 20;
+
+/// Fewest samples per `gemm` of the Kronecker reduction (for very wide rows of F, where
+/// [`KRON_X_BYTES`] would allow fewer).
+const KRON_MIN_CHUNK: usize = 32;
+
+/// Largest scratch of one thread of the Kronecker reduction, bytes: the ld × width partial
+/// rows of F and the chunk of Xⱼ. Wider problems keep the gradient rows.
+const KRON_SCRATCH_BYTES: u64 = 64 << 20;
+
+/// Whether full F or the layer blocks over `r` ≥ 2 output rows per sample are reduced by
+/// [`kron_add`] (the rank-R sum of each sample collapsed before the O(P²) work) rather than
+/// as the SYRK of the N·R gradient rows: always when R ≥ 2, unless one thread's scratch
+/// would pass [`KRON_SCRATCH_BYTES`]. With R = 1 (empirical, one draw) the two do the same
+/// multiply-adds and the SYRK does them faster.
+fn kron_applies(plan: &NetPlan, form: NetForm) -> bool {
+    let width = match form {
+        NetForm::Full => plan.params,
+        NetForm::Layer => plan.shapes.iter().map(|s| s.params).max().unwrap_or(0),
+        _ => return false,
+    };
+    let ld = plan.shapes.iter().map(|s| s.ld).max().unwrap_or(0);
+    let scratch = ((ld + KRON_MIN_CHUNK) as u64).saturating_mul(width as u64).saturating_mul(4);
+    plan.r >= 2 && scratch <= KRON_SCRATCH_BYTES
+}
+
+/// The micro-batch cost of the Kronecker reduction: [`batch_cost`] without the gradient row
+/// of P per output row, with the δ of every layer kept per row instead.
+fn kron_cost(plan: &NetPlan) -> BatchCost {
+    let mut cost = batch_cost(plan, NetForm::Kfac);
+    let kept: u64 = plan.shapes.iter().map(|s| s.fan_out as u64).sum();
+    cost.per_row = cost.per_row.saturating_add(kept.saturating_mul(4));
+    cost
+}
+
+/// A pointer to the f32 buffer that the tasks of [`kron_add`] write disjoint rows of.
+#[derive(Clone, Copy)]
+struct RowsPtr(*mut f32);
+// SAFETY: shared between rayon tasks that write disjoint rows only (see `kron_add`).
+unsafe impl Send for RowsPtr {}
+unsafe impl Sync for RowsPtr {}
+impl RowsPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Adds one micro-batch's Σᵢ Σ_q g_iq g_iqᵀ (upper triangle) to the bands `sums` of full F
+/// (`full`) or of the layer blocks (`owners[k]` the layer of `sums[k]`), without forming the
+/// gradient rows g_iq = δ_iq ⊗ ã_i.
+///
+/// Row (l, j, k) of F (layer l, output j, augmented input k, θ order: weight row-major, then
+/// bias) is
+///
+///   F[(l,j,k), ·] = Σᵢ ã_li[k] · Xⱼ[i, ·],   Xⱼ[i, (l',j',k')] = C_i^{ll'}[j, j'] · ã_l'i[k'],
+///
+/// with C_i^{ll'} = Σ_q δ_l,iq δ_l',iqᵀ: the R output rows of a sample collapse into C before
+/// the O(P²) work, so the micro-batch costs m·P²/2 multiply-adds instead of the SYRK's
+/// m·R·P²/2. Per output j of layer l, `gemm`s of Ã_lᵀ (ld × chunk) by Xⱼ (chunk × width)
+/// over chunks of samples sum the rows (j, 0..ld) of F from column (l, j, 0) on into an f32
+/// slab, bias row (k = ld − 1, whose ã is 1) included; the slab's rows inside the band are
+/// then added, from their diagonal on, into the band's f32 `pending`. The outputs j of a
+/// layer run in parallel, one thread each, each writing only its own rows.
+///
+/// The calls do not depend on the band, so a band's values are bitwise those of the whole
+/// sum, as for the SYRK. `deltas[l]` holds δ_l (m·R × fan_out_l, sample-major) for every layer
+/// a band's rows or columns reach.
+fn kron_add(sums: &mut [BlockSum], owners: &[usize], full: bool, shapes: &[LayerShape], acts: &[Array2<f32>], deltas: &[Option<Array2<f32>>], r: usize) {
+    let m = acts[0].nrows();
+    let depth = shapes.len();
+    let all: Vec<usize> = (0..depth).collect();
+    let total: usize = shapes.iter().map(|s| s.params).sum();
+    for (sum, &owner) in sums.iter_mut().zip(owners) {
+        let sym = sum.sym_mut();
+        sym.begin_direct(m);
+        let (rows, stride, pending) = sym.direct_rows();
+        let target = RowsPtr(pending.as_mut_ptr());
+        let row_layers: &[usize] = if full { &all } else { std::slice::from_ref(&owner) };
+        for &l in row_layers {
+            let s = &shapes[l];
+            // Where layer l's θ range sits in the sum's coordinates, and the sum's side.
+            let (base, end) = if full { (s.offset, total) } else { (0, s.params) };
+            if base + s.params <= rows.start || base >= rows.end {
+                continue;
+            }
+            let cols: &[usize] = if full { &all[l..] } else { std::slice::from_ref(&all[l]) };
+            let c_len: usize = cols.iter().map(|&c| shapes[c].fan_out).sum();
+            let (fin, ld, fout) = (s.fan_in, s.ld, s.fan_out);
+            let bias_row = |j: usize| base + fout * fin + j;
+            let block_rows = |j: usize| {
+                let w = base + j * fin;
+                (w < rows.end && w + fin > rows.start) || (s.has_bias && rows.contains(&bias_row(j)))
+            };
+            let dl = deltas[l].as_ref().expect("δ of every layer a band reaches");
+            let (rows, tasks): (std::ops::Range<usize>, Vec<usize>) = (rows.clone(), (0..fout).filter(|&j| block_rows(j)).collect());
+            tasks.into_par_iter().for_each_init(
+                || (Vec::<f32>::new(), Vec::<f32>::new(), Vec::<f32>::new()),
+                |(x, slab, c), j| {
+                    let c0 = base + j * fin;
+                    let width = end - c0;
+                    let chunk = (KRON_X_BYTES / (4 * width.max(1))).max(KRON_MIN_CHUNK).min(m.max(1));
+                    x.resize(x.len().max(chunk * width), 0.0);
+                    slab.resize(slab.len().max(ld * width), 0.0);
+                    c.resize(c_len, 0.0);
+                    for k0 in (0..m).step_by(chunk) {
+                        let kn = chunk.min(m - k0);
+                        for t in 0..kn {
+                            let i = k0 + t;
+                            // C_i[j, ·] over the column layers, then Xⱼ's row i.
+                            c.fill(0.0);
+                            for q in 0..r {
+                                let a = dl[[i * r + q, j]];
+                                let mut at = 0;
+                                for &l2 in cols {
+                                    let d2 = deltas[l2].as_ref().expect("δ of every column layer");
+                                    for (cv, &dv) in c[at..at + shapes[l2].fan_out].iter_mut().zip(d2.row(i * r + q)) {
+                                        *cv += a * dv;
+                                    }
+                                    at += shapes[l2].fan_out;
+                                }
+                            }
+                            let row = &mut x[t * width..(t + 1) * width];
+                            let (mut pos, mut at) = (0, 0);
+                            for &l2 in cols {
+                                let s2 = &shapes[l2];
+                                let a2 = acts[l2].row(i);
+                                let a2 = &a2.as_slice().expect("contiguous activations")[..s2.fan_in];
+                                let first = if l2 == l { j } else { 0 };
+                                for j2 in first..s2.fan_out {
+                                    let cv = c[at + j2];
+                                    for (o, &av) in row[pos..pos + s2.fan_in].iter_mut().zip(a2) {
+                                        *o = cv * av;
+                                    }
+                                    pos += s2.fan_in;
+                                }
+                                if s2.has_bias {
+                                    row[pos..pos + s2.fan_out].copy_from_slice(&c[at..at + s2.fan_out]);
+                                    pos += s2.fan_out;
+                                }
+                                at += s2.fan_out;
+                            }
+                            debug_assert_eq!(pos, width);
+                        }
+                        let xs = ArrayView2::from_shape((kn, width), &x[..kn * width]).expect("chunk layout");
+                        let out = ndarray::ArrayViewMut2::from_shape((ld, width), &mut slab[..ld * width]).expect("slab layout");
+                        gemm_with(acts[l].slice(s![k0..k0 + kn, ..ld]).t(), xs, out, k0 > 0, gemm::Parallelism::None);
+                    }
+                    for k in 0..ld {
+                        let i = if k < fin { c0 + k } else { bias_row(j) };
+                        if !rows.contains(&i) {
+                            continue;
+                        }
+                        let src = &slab[k * width + (i - c0)..(k + 1) * width];
+                        // SAFETY: row i − r₀ of `pending` (stride values from column r₀)
+                        // belongs to output j of layer l alone: the weight rows
+                        // [base + j·fin, base + (j + 1)·fin) and the bias row base + fout·fin + j
+                        // of different j are different rows, and every task has its own j.
+                        // Columns i .. end lie in the row: i ≥ r₀ and end − r₀ = stride.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(target.get().add((i - rows.start) * stride + (i - rows.start)), end - i) };
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                },
+            );
+        }
+    }
 }
 
 /// The cost of one micro-batch of the CPU network path (see [`BatchCost`]), in bytes:
@@ -666,7 +842,17 @@ fn reduce(
     let ranges: Vec<(usize, usize)> = plan.shapes.iter().map(|s| (s.offset, s.params)).collect();
     // The micro-batch depends on the block and the whole data, not on the range, so that a
     // shard walks its blocks exactly as the single run does.
-    let batch = batching(be, n.min(block), r, &batch_cost(&plan, form))?;
+    // Full F and the layer blocks over R ≥ 2 rows per sample take the Kronecker reduction
+    // (`kron_add`) when a micro-batch holds whole samples (all R rows at once).
+    let kron_batch = match kron_applies(&plan, form) {
+        true => batching(be, n.min(block), r, &kron_cost(&plan)).ok().filter(|b| b.draws == r),
+        false => None,
+    };
+    let kron = kron_batch.is_some();
+    let batch = match kron_batch {
+        Some(b) => b,
+        None => batching(be, n.min(block), r, &batch_cost(&plan, form))?,
+    };
     let waug = augmented_weights(mlp);
 
     let mut reduction = match form {
@@ -749,9 +935,12 @@ fn reduce(
             }
             let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d))?;
             let mut grad_rows = match &reduction {
+                Reduction::Syrk { .. } if kron => None,
                 Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
                 _ => None,
             };
+            // δ of every layer reached, for the Kronecker reduction.
+            let mut kept: Vec<Option<Array2<f32>>> = vec![None; if kron { depth } else { 0 }];
             for l in (lowest..depth).rev() {
                 let layer = &mlp.layers[l];
                 let act = &acts[l];
@@ -784,6 +973,7 @@ fn reduce(
                             }
                         }
                     }
+                    Reduction::Syrk { .. } if kron => kept[l] = Some(delta.clone()),
                     Reduction::Syrk { sums, full, owners } => {
                         if *full {
                             let rows = grad_rows.as_mut().expect("rows");
@@ -821,6 +1011,7 @@ fn reduce(
                 }
             }
             match &mut reduction {
+                Reduction::Syrk { sums, full, owners } if kron => kron_add(sums, owners, *full, &plan.shapes, &acts, &kept, d),
                 // Every band of F in this pass reads the same rows.
                 Reduction::Syrk { sums, full: true, .. } => {
                     let rows = grad_rows.as_ref().expect("rows");

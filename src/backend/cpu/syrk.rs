@@ -130,6 +130,29 @@ impl SymmetricSum {
         }
     }
 
+    /// Starts a micro-batch of `samples` samples whose contribution the caller adds into the
+    /// band itself ([`SymmetricSum::direct_rows`]) instead of handing rows to
+    /// [`SymmetricSum::add`]: flushes `pending` to f64 first when those samples would take
+    /// it past [`FLUSH_ROWS`] summands, and zeroes it when it starts afresh. (The network
+    /// path's Kronecker reduction counts one summand per sample, each a rank-R sum.)
+    pub(crate) fn begin_direct(&mut self, samples: usize) {
+        if self.pending_rows > 0 && self.pending_rows + samples > FLUSH_ROWS {
+            self.flush();
+        }
+        if self.pending_rows == 0 {
+            self.pending.fill(0.0);
+        }
+        self.pending_rows += samples;
+    }
+
+    /// The rows held, the row length (columns r₀ .. M) and the f32 `pending` buffer, for
+    /// adding into after [`SymmetricSum::begin_direct`]: row i ∈ [r₀, r₁), column j ≥ r₀ is
+    /// `pending[(i − r₀)·stride + j − r₀]`; only entries j ≥ i are read back.
+    pub(crate) fn direct_rows(&mut self) -> (std::ops::Range<usize>, usize, &mut [f32]) {
+        let stride = self.stride();
+        (self.r0..self.r1, stride, &mut self.pending)
+    }
+
     /// `pending` (+)= upper triangle of AᵀA, one `gemm` call per row panel.
     fn gemm_upper(&mut self, a: ArrayView2<'_, f32>) {
         // gemm takes arbitrary element strides, so row- and column-major input are used in
