@@ -245,6 +245,27 @@ impl BlockSum {
         }
     }
 
+    /// Adds `other`'s block sums (the same sums over other samples) into this block's, in
+    /// f64 (this + other, entry by entry), and empties `other`'s.
+    fn absorb(&mut self, other: &mut BlockSum) {
+        if !other.dirty {
+            return;
+        }
+        match (&mut self.live, &mut other.live) {
+            (Live::Dense(a), Live::Dense(b)) => {
+                ndarray::Zip::from(a.view_mut()).and(b.view()).par_for_each(|x, &y| *x += y);
+                b.fill(0.0);
+            }
+            (Live::Sym(a), Live::Sym(b)) => {
+                a.absorb(b);
+                b.clear();
+            }
+            _ => unreachable!("lanes of the same sums"),
+        }
+        self.dirty = true;
+        other.dirty = false;
+    }
+
     /// Moves the block's sums into the exact sum and empties the block.
     fn end_block(&mut self) -> Result<()> {
         if !self.dirty {
@@ -281,6 +302,19 @@ impl BlockSum {
 }
 
 impl Reduction {
+    /// Adds the sums of `other` (a second lane of the same reduction, see [`LANES`]) into
+    /// these, and empties `other`'s.
+    fn absorb(&mut self, other: &mut Reduction) {
+        match (self, other) {
+            (Reduction::Diag { sums: a, .. }, Reduction::Diag { sums: b, .. })
+            | (Reduction::Kfac { sums: a, .. }, Reduction::Kfac { sums: b, .. })
+            | (Reduction::Syrk { sums: a, .. }, Reduction::Syrk { sums: b, .. }) => {
+                a.iter_mut().zip(b.iter_mut()).for_each(|(x, y)| x.absorb(y))
+            }
+            _ => unreachable!("lanes of the diag and KFAC sums"),
+        }
+    }
+
     /// Ends the current block of every sum.
     fn end_block(&mut self) -> Result<()> {
         match self {
@@ -570,9 +604,22 @@ fn batch_cost(plan: &NetPlan, form: NetForm) -> BatchCost {
 
 /// How the CPU path walks `n` samples of R rows (scratch bounded by `be.batch_bytes`).
 fn batching(be: &CpuBackend, n: usize, r: usize, cost: &BatchCost) -> Result<Batching> {
-    MicroBatchLimits::host(be.batch_bytes, MAX_MICRO_BATCH)
-        .batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))
+    batching_within(be.batch_bytes, n, r, cost)
 }
+
+/// How the CPU path walks `n` samples of R rows with `bytes` of scratch per micro-batch.
+fn batching_within(bytes: u64, n: usize, r: usize, cost: &BatchCost) -> Result<Batching> {
+    MicroBatchLimits::host(bytes.max(1), MAX_MICRO_BATCH).batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))
+}
+
+/// Lanes of the diag and KFAC sums: micro-batches 2k and 2k + 1 of every block are summed
+/// into two copies of the sums at the same time (each `gemm` then runs on a thread of its
+/// own more often than on threads that wait for each other: 1.5× on two cores rather than
+/// 2× for KFAC with one lane), and the copies are added in f64, lane 0 + lane 1, at the end
+/// of the block ([`Reduction::absorb`]). Fixed, not the thread count, so that the values do
+/// not depend on the machine; each lane gets half the micro-batch scratch and the planner
+/// counts the sums twice ([`sum_passes`]).
+const LANES: usize = 2;
 
 pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher> {
     let n = data.len();
@@ -680,11 +727,12 @@ fn sum_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Optio
             let depth = plan.shapes.len();
             let order: Vec<usize> = (0..depth).map(|l| 2 * l).chain((0..depth).rev().map(|l| 2 * l + 1)).collect();
             let sides: Vec<usize> = order.iter().map(|&t| if t % 2 == 0 { plan.shapes[t / 2].ld } else { plan.shapes[t / 2].fan_out }).collect();
-            let mut passes = plan_units(&sides, budget, exact);
+            // Two lanes of each band (see `LANES`): half the budget for one copy.
+            let mut passes = plan_units(&sides, budget / LANES as u64, exact.div_ceil(LANES as u64));
             passes.iter_mut().flatten().for_each(|u| u.layer = order[u.layer]);
             passes
         }
-        NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 8 + exact),
+        NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 8 * LANES as u64 + exact),
         NetForm::Grads | NetForm::Norms => return None,
     };
     (!is_single_whole_pass(&passes)).then_some(passes)
@@ -849,13 +897,15 @@ fn reduce(
         false => None,
     };
     let kron = kron_batch.is_some();
+    // Diag and KFAC sum in LANES lanes (see `LANES`), each with its share of the scratch.
+    let lanes = if matches!(form, NetForm::Diagonal | NetForm::Kfac) { LANES } else { 1 };
     let batch = match kron_batch {
         Some(b) => b,
-        None => batching(be, n.min(block), r, &batch_cost(&plan, form))?,
+        None => batching_within(be.batch_bytes / lanes as u64, n.min(block), r, &batch_cost(&plan, form))?,
     };
     let waug = augmented_weights(mlp);
 
-    let mut reduction = match form {
+    let make = || -> Result<Reduction> { Ok(match form {
         NetForm::Full | NetForm::Layer => {
             let whole: Vec<Unit> = match form {
                 NetForm::Full => vec![Unit { layer: 0, size: p, rows: 0..p }],
@@ -887,7 +937,9 @@ fn reduce(
         }
         NetForm::Grads => Reduction::Grads(Vec::with_capacity(plan.grads_len(range.len())?)),
         NetForm::Norms => Reduction::Norms(vec![0.0; range.len()]),
-    };
+    }) };
+    let mut reduction = make()?;
+    let mut second_lane = if lanes > 1 { Some(make()?) } else { None };
     // The lowest layer this reduction reads: the backward pass stops there (a pass over the
     // bands of the upper layers skips the layers below them).
     let lowest = match &reduction {
@@ -914,12 +966,9 @@ fn reduce(
     };
     let first = range.start;
     let blocks = (range.start / block..range.end.div_ceil(block)).map(|b| (b * block).max(range.start)..((b + 1) * block).min(range.end));
-    let micro_batches = blocks.flat_map(|blk| batch.sample_ranges(blk.len()).map(move |(s, m)| (blk.start + s, m, s == 0)));
 
-    for (s0, m, block_start) in micro_batches {
-        if block_start && s0 > first {
-            reduction.end_block()?;
-        }
+    // One micro-batch of samples s0 .. s0 + m summed into `reduction`.
+    let step = |reduction: &mut Reduction, s0: usize, m: usize| -> Result<()> {
         // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
         // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
         let (acts, zs) = forward_pass(mlp, &waug, data, s0, m)?;
@@ -934,7 +983,7 @@ fn reduce(
                 break;
             }
             let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d))?;
-            let mut grad_rows = match &reduction {
+            let mut grad_rows = match &*reduction {
                 Reduction::Syrk { .. } if kron => None,
                 Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
                 _ => None,
@@ -944,7 +993,7 @@ fn reduce(
             for l in (lowest..depth).rev() {
                 let layer = &mlp.layers[l];
                 let act = &acts[l];
-                match &mut reduction {
+                match &mut *reduction {
                     Reduction::Diag { sums, units } => {
                         if diag_layers[l] {
                             // Σ_d δ² per sample (f64 past 64 draws), then (Σ_d δ²)ᵀ (ã∘ã),
@@ -1010,7 +1059,7 @@ fn reduce(
                     delta = back;
                 }
             }
-            match &mut reduction {
+            match &mut *reduction {
                 Reduction::Syrk { sums, full, owners } if kron => kron_add(sums, owners, *full, &plan.shapes, &acts, &kept, d),
                 // Every band of F in this pass reads the same rows.
                 Reduction::Syrk { sums, full: true, .. } => {
@@ -1022,8 +1071,38 @@ fn reduce(
                 _ => {}
             }
         }
-    }
+        Ok(())
+    };
 
+    for blk in blocks {
+        if blk.start > first {
+            if let Some(lane) = second_lane.as_mut() {
+                reduction.absorb(lane);
+            }
+            reduction.end_block()?;
+        }
+        let micro_batches: Vec<(usize, usize)> = batch.sample_ranges(blk.len()).map(|(s, m)| (blk.start + s, m)).collect();
+        match second_lane.as_mut() {
+            None => micro_batches.iter().try_for_each(|&(s0, m)| step(&mut reduction, s0, m))?,
+            // Micro-batches 2k and 2k + 1 of the block, one per lane, at the same time.
+            Some(lane) => {
+                for pair in micro_batches.chunks(2) {
+                    match *pair {
+                        [(s0, m), (s1, m1)] => {
+                            let (a, b) = rayon::join(|| step(&mut reduction, s0, m), || step(lane, s1, m1));
+                            a?;
+                            b?;
+                        }
+                        [(s0, m)] => step(&mut reduction, s0, m)?,
+                        _ => unreachable!("chunks of two"),
+                    }
+                }
+            }
+        }
+    }
+    if let Some(lane) = second_lane.as_mut() {
+        reduction.absorb(lane);
+    }
     Ok(reduction)
 }
 

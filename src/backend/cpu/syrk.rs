@@ -237,6 +237,29 @@ impl SymmetricSum {
         out
     }
 
+    /// Adds `other` (the same band, summed over other rows) into this sum: every upper entry
+    /// becomes (pending + flushed) + (other's pending + flushed) in f64, held in `flushed`,
+    /// and `pending` starts again from zero. `other` is left as it was.
+    pub(crate) fn absorb(&mut self, other: &SymmetricSum) {
+        assert!((self.m, self.r0, self.r1) == (other.m, other.r0, other.r1), "absorb of another band");
+        let (len, stride) = (self.pending.len(), self.stride());
+        if len == 0 {
+            return;
+        }
+        let flushed = self.flushed.get_or_insert_with(|| vec![0.0; len]);
+        flushed.par_chunks_mut(stride).zip(self.pending.par_chunks_mut(stride)).enumerate().for_each(|(t, (acc, part))| {
+            let theirs = &other.pending[t * stride..(t + 1) * stride];
+            let theirs_flushed = other.flushed.as_ref().map(|f| &f[t * stride..(t + 1) * stride]);
+            // Row r₀ + t starts at its diagonal, column offset t.
+            for c in t..stride {
+                let other_value = f64::from(theirs[c]) + theirs_flushed.map_or(0.0, |f| f[c]);
+                acc[c] = (f64::from(part[c]) + acc[c]) + other_value;
+            }
+            part.fill(0.0);
+        });
+        self.pending_rows = 0;
+    }
+
     /// Empties the sum, keeping its buffers (a new block of samples starts).
     pub(crate) fn clear(&mut self) {
         self.pending.fill(0.0);
@@ -522,4 +545,45 @@ pub(crate) fn plan_units(sides: &[usize], budget: u64, per_packed: u64) -> Vec<V
 /// Whether `passes` is the single pass of whole sums (the unbanded path).
 pub(crate) fn is_single_whole_pass(passes: &[Vec<Unit>]) -> bool {
     passes.len() == 1 && passes[0].iter().all(|u| u.rows.start == 0 && u.rows.end == u.size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Σ aₖaₖᵀ over the rows of `parts`, in f64.
+    fn reference(parts: &[&Array2<f32>], m: usize) -> Array2<f64> {
+        let mut out = Array2::<f64>::zeros((m, m));
+        for a in parts {
+            let a = a.mapv(f64::from);
+            out += &a.t().dot(&a);
+        }
+        out
+    }
+
+    #[test]
+    fn absorb_adds_two_sums_past_their_flushes_and_the_sum_goes_on() {
+        // Both sums past FLUSH_ROWS (f32 pending and f64 flushed parts on both sides), then
+        // more rows into the absorbing sum.
+        let m = 37;
+        let (a, b, c) = (
+            crate::synthetic::normal_matrix(FLUSH_ROWS + 900, m, 1),
+            crate::synthetic::normal_matrix(FLUSH_ROWS + 77, m, 2),
+            crate::synthetic::normal_matrix(300, m, 3),
+        );
+        let (mut x, mut y) = (SymmetricSum::new(m), SymmetricSum::new(m));
+        x.add(a.view());
+        y.add(b.view());
+        x.absorb(&y);
+        let check = |got: &Array2<f32>, want: &Array2<f64>| {
+            let scale = want.iter().fold(0f64, |s, v| s.max(v.abs()));
+            let err = got.iter().zip(want.iter()).fold(0f64, |e, (&g, &w)| e.max((f64::from(g) - w).abs()));
+            assert!(err <= 1e-6 * scale, "max error {err} of {scale}");
+        };
+        check(&x.finish(1.0), &reference(&[&a, &b], m));
+        x.add(c.view());
+        check(&x.finish(1.0), &reference(&[&a, &b, &c], m));
+        // The absorbed sum is left as it was.
+        check(&y.finish(1.0), &reference(&[&b], m));
+    }
 }
