@@ -241,8 +241,6 @@ fn install_panic_report() {
 ///   drivers look for a Wayland display while adapters are enumerated and otherwise print
 ///   "XDG_RUNTIME_DIR is invalid or not set" on every headless run. Compute needs no display;
 ///   the connection attempt then fails silently.
-/// * glibc's allocator kept from returning the CPU path's micro-batch arrays to the kernel
-///   after every micro-batch (see below).
 fn quiet_headless_environment() {
     #[cfg(unix)]
     // SAFETY: restoring the default disposition of a signal has no preconditions.
@@ -251,17 +249,5 @@ fn quiet_headless_environment() {
     }
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
-    }
-    // glibc maps blocks above a threshold that only grows to 32 MiB and trims the heap above
-    // twice that, so the CPU path's per-micro-batch arrays (up to its 32 MiB scratch) were
-    // mapped, faulted in page by page and unmapped again on every micro-batch: a tenth of a
-    // KFAC run went to page faults. Blocks up to 64 MiB now come from the heap and 128 MiB of
-    // freed heap is kept for reuse. A freed block is reused before the heap grows, so peak
-    // memory stays that of the largest set of live arrays.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
     }
 }

@@ -612,14 +612,31 @@ fn batching_within(bytes: u64, n: usize, r: usize, cost: &BatchCost) -> Result<B
     MicroBatchLimits::host(bytes.max(1), MAX_MICRO_BATCH).batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))
 }
 
-/// Lanes of the diag and KFAC sums: micro-batches 2k and 2k + 1 of every block are summed
-/// into two copies of the sums at the same time (each `gemm` then runs on a thread of its
-/// own more often than on threads that wait for each other: 1.5× on two cores rather than
-/// 2× for KFAC with one lane), and the copies are added in f64, lane 0 + lane 1, at the end
-/// of the block ([`Reduction::absorb`]). Fixed, not the thread count, so that the values do
-/// not depend on the machine; each lane gets half the micro-batch scratch and the planner
-/// counts the sums twice ([`sum_passes`]).
+/// Lanes of the diag and KFAC sums of a model whose second copy of the sums is small
+/// ([`LANE_SUMS_BYTES`]): micro-batches 2k and 2k + 1 of every block are summed into two
+/// copies of the sums at the same time, and the copies are added in f64, lane 0 + lane 1, at
+/// the end of the block ([`Reduction::absorb`]). Their `gemm` calls then keep the cores busy
+/// rather than waiting for each other (one lane reached 1.5× of one core on two for KFAC).
+/// Each lane gets half the micro-batch scratch, and the planner counts the sums twice
+/// ([`sum_passes`]). Two, not the thread count, so that the values do not depend on the
+/// machine.
 const LANES: usize = 2;
+
+/// Largest second copy of the sums that buys lanes, bytes: about one micro-batch. Beyond it
+/// (a model of millions of parameters, whose micro-batches are large GEMMs anyway) memory
+/// matters more than the lanes' speed.
+const LANE_SUMS_BYTES: u64 = 32 << 20;
+
+/// The lanes of `form`'s sums for `plan` ([`LANES`] or 1): a function of the model and the
+/// form only, so that every pass plan and every shard of a model sums the same way.
+fn lanes_of(plan: &NetPlan, form: NetForm) -> usize {
+    let sums = match form {
+        NetForm::Diagonal => plan.shapes.iter().map(|s| (s.fan_out as u64) * (s.ld as u64) * 8).sum::<u64>(),
+        NetForm::Kfac => plan.shapes.iter().map(|s| ((s.ld as u64).pow(2) + (s.fan_out as u64).pow(2)) * 12).sum::<u64>(),
+        _ => return 1,
+    };
+    if sums <= LANE_SUMS_BYTES { LANES } else { 1 }
+}
 
 pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, variant: Variant, form: NetForm) -> Result<NetFisher> {
     let n = data.len();
@@ -727,12 +744,13 @@ fn sum_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Optio
             let depth = plan.shapes.len();
             let order: Vec<usize> = (0..depth).map(|l| 2 * l).chain((0..depth).rev().map(|l| 2 * l + 1)).collect();
             let sides: Vec<usize> = order.iter().map(|&t| if t % 2 == 0 { plan.shapes[t / 2].ld } else { plan.shapes[t / 2].fan_out }).collect();
-            // Two lanes of each band (see `LANES`): half the budget for one copy.
-            let mut passes = plan_units(&sides, budget / LANES as u64, exact.div_ceil(LANES as u64));
+            // With lanes, two copies of each band (see `LANES`): the budget shared by them.
+            let lanes = lanes_of(plan, form) as u64;
+            let mut passes = plan_units(&sides, budget / lanes, exact.div_ceil(lanes));
             passes.iter_mut().flatten().for_each(|u| u.layer = order[u.layer]);
             passes
         }
-        NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 8 * LANES as u64 + exact),
+        NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 8 * lanes_of(plan, form) as u64 + exact),
         NetForm::Grads | NetForm::Norms => return None,
     };
     (!is_single_whole_pass(&passes)).then_some(passes)
@@ -898,7 +916,7 @@ fn reduce(
     };
     let kron = kron_batch.is_some();
     // Diag and KFAC sum in LANES lanes (see `LANES`), each with its share of the scratch.
-    let lanes = if matches!(form, NetForm::Diagonal | NetForm::Kfac) { LANES } else { 1 };
+    let lanes = lanes_of(&plan, form);
     let batch = match kron_batch {
         Some(b) => b,
         None => batching_within(be.batch_bytes / lanes as u64, n.min(block), r, &batch_cost(&plan, form))?,
