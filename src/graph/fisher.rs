@@ -364,7 +364,7 @@ pub fn fisher_with_stats(
             if !z.iter().all(|v| v.is_finite()) {
                 return Err(FisherError::InvalidInput(format!("the model's output is not finite for a sample in rows {s0}..{}", s0 + m)));
             }
-            let rows = output_rows(z.view(), data, s0, variant, (0, r))?;
+            let rows = output_rows(z.view(), data, s0, variant, (0, r), false)?;
             exec.backward(rows.as_slice().expect("standard layout"), which)?;
             match form {
                 NetForm::Diagonal => exec.add_diag(&mut diag)?,

@@ -330,7 +330,10 @@ impl Reduction {
 /// rows q0 .. q0 + d of each sample (draws for MC, classes for `true`), sample-major. The MC
 /// weight is 1/√K of the whole K, so chunks of draws sum to the unchunked result. The
 /// targets of the m = z.nrows() samples from s0 are read from `data` here.
-pub(crate) fn output_rows(z: ArrayView2<'_, f32>, data: &dyn DataSource, s0: usize, variant: Variant, (q0, r): (usize, usize)) -> Result<Array2<f32>> {
+///
+/// With `compact` (only for the true Fisher of class labels, see [`compact_rows`]) the rows
+/// are the C − 1 rows of [`softmax_factor`] instead of the C rows √p_q (e_q − p).
+pub(crate) fn output_rows(z: ArrayView2<'_, f32>, data: &dyn DataSource, s0: usize, variant: Variant, (q0, r): (usize, usize), compact: bool) -> Result<Array2<f32>> {
     let (m, c) = z.dim();
     let targets = data.targets(s0, m)?;
     let mut out = Array2::<f32>::zeros((m * r, c));
@@ -369,6 +372,14 @@ pub(crate) fn output_rows(z: ArrayView2<'_, f32>, data: &dyn DataSource, s0: usi
                             rows[[0, j]] = (j == y) as u8 as f32 - p[j];
                         }
                     }
+                    Variant::True if compact => {
+                        let factor = softmax_factor(&p);
+                        for q in 0..r {
+                            for j in 0..c {
+                                rows[[q, j]] = factor[(q0 + q) * c + j] as f32;
+                            }
+                        }
+                    }
                     Variant::True => {
                         for q in 0..r {
                             let sq = p[q0 + q].sqrt();
@@ -391,6 +402,60 @@ pub(crate) fn output_rows(z: ArrayView2<'_, f32>, data: &dyn DataSource, s0: usi
         }
     });
     Ok(out)
+}
+
+/// Most classes for which the CPU path uses the C − 1 rows of [`softmax_factor`]: its f64
+/// Cholesky costs C³/6 per sample, small beside the backward pass up to here, and the saving
+/// (1/C of the backward pass and of the sums) is small beyond.
+const COMPACT_MAX_CLASSES: usize = 64;
+
+/// The output rows per sample of the CPU reductions of `form`: C − 1 rather than C for the
+/// true Fisher of class labels (C ≤ [`COMPACT_MAX_CLASSES`]), whose per-sample matrix
+/// Λ = diag(p) − ppᵀ has rank C − 1 (its rows sum to zero), so that the backward pass and
+/// the sums over rows do 1/C less work; `grads` keeps its documented C rows per sample. The
+/// Fisher is the same: only the factor B with BᵀB = Λ changes.
+fn compact_rows(plan: &NetPlan, data: &dyn DataSource, variant: Variant, form: NetForm) -> Option<usize> {
+    let classes = matches!(data.likelihood(), crate::model::Likelihood::Categorical);
+    (variant == Variant::True && classes && form != NetForm::Grads && (2..=COMPACT_MAX_CLASSES).contains(&plan.r)).then(|| plan.r - 1)
+}
+
+/// The C − 1 rows b_q (row-major, (C − 1) × C, f64) of a factor of the softmax's
+/// Λ = diag(p) − ppᵀ: Σ_q b_q b_qᵀ = Λ.
+///
+/// With k = argmax p and the other classes a = 0 .. C − 2, Λ' = diag(p_a) − p_a p_aᵀ is
+/// positive definite and Λ = Q Λ' Qᵀ with Q[a, a] = 1, Q[k, a] = −1 (every row of Λ sums to
+/// zero); with Λ' = L Lᵀ (Cholesky, f64), B = Q L: b_q[a] = L[a, q], b_q[k] = −Σ_a L[a, q].
+/// A zero pivot (a probability that underflowed) gives a zero column.
+fn softmax_factor(p: &[f32]) -> Vec<f64> {
+    let c = p.len();
+    let k = (0..c).fold(0, |best, i| if p[i] > p[best] { i } else { best });
+    let others: Vec<usize> = (0..c).filter(|&i| i != k).collect();
+    let n = c - 1;
+    let mut l = vec![0f64; n * n];
+    for a in 0..n {
+        let pa = f64::from(p[others[a]]);
+        for b in 0..=a {
+            let pb = f64::from(p[others[b]]);
+            let mut v = if a == b { pa } else { 0.0 } - pa * pb;
+            for t in 0..b {
+                v -= l[a * n + t] * l[b * n + t];
+            }
+            l[a * n + b] = match a == b {
+                true => v.max(0.0).sqrt(),
+                false if l[b * n + b] > 0.0 => v / l[b * n + b],
+                false => 0.0,
+            };
+        }
+    }
+    let mut rows = vec![0f64; n * c];
+    for q in 0..n {
+        let row = &mut rows[q * c..(q + 1) * c];
+        for a in q..n {
+            row[others[a]] = l[a * n + q];
+            row[k] -= l[a * n + q];
+        }
+    }
+    rows
 }
 
 /// Writes the rows δ ⊗ ã of one layer (weight row-major, then bias) into `dst` (rows × P_l).
@@ -430,7 +495,7 @@ const KRON_SCRATCH_BYTES: u64 = 64 << 20;
 /// as the SYRK of the N·R gradient rows: always when R ≥ 2, unless one thread's scratch
 /// would pass [`KRON_SCRATCH_BYTES`]. With R = 1 (empirical, one draw) the two do the same
 /// multiply-adds and the SYRK does them faster.
-fn kron_applies(plan: &NetPlan, form: NetForm) -> bool {
+fn kron_applies(plan: &NetPlan, form: NetForm, r: usize) -> bool {
     let width = match form {
         NetForm::Full => plan.params,
         NetForm::Layer => plan.shapes.iter().map(|s| s.params).max().unwrap_or(0),
@@ -438,7 +503,7 @@ fn kron_applies(plan: &NetPlan, form: NetForm) -> bool {
     };
     let ld = plan.shapes.iter().map(|s| s.ld).max().unwrap_or(0);
     let scratch = ((ld + KRON_MIN_CHUNK) as u64).saturating_mul(width as u64).saturating_mul(4);
-    plan.r >= 2 && scratch <= KRON_SCRATCH_BYTES
+    r >= 2 && scratch <= KRON_SCRATCH_BYTES
 }
 
 /// The micro-batch cost of the Kronecker reduction: [`batch_cost`] without the gradient row
@@ -904,13 +969,15 @@ fn reduce(
         )));
     }
     let plan = NetPlan::new(mlp, variant)?;
-    let (depth, r, p) = (plan.depth(), plan.r, plan.params);
+    let compact_r = compact_rows(&plan, data, variant, form);
+    let compact = compact_r.is_some();
+    let (depth, r, p) = (plan.depth(), compact_r.unwrap_or(plan.r), plan.params);
     let ranges: Vec<(usize, usize)> = plan.shapes.iter().map(|s| (s.offset, s.params)).collect();
     // The micro-batch depends on the block and the whole data, not on the range, so that a
     // shard walks its blocks exactly as the single run does.
     // Full F and the layer blocks over R ≥ 2 rows per sample take the Kronecker reduction
     // (`kron_add`) when a micro-batch holds whole samples (all R rows at once).
-    let kron_batch = match kron_applies(&plan, form) {
+    let kron_batch = match kron_applies(&plan, form, r) {
         true => batching(be, n.min(block), r, &kron_cost(&plan)).ok().filter(|b| b.draws == r),
         false => None,
     };
@@ -1000,7 +1067,7 @@ fn reduce(
             if q0 > 0 && lowest_delta == depth {
                 break;
             }
-            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d))?;
+            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d), compact)?;
             let mut grad_rows = match &*reduction {
                 Reduction::Syrk { .. } if kron => None,
                 Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
@@ -1450,7 +1517,7 @@ impl CpuGramOperator {
             let m = m_max.min(n - s0);
             let (a, zs) = forward_pass(mlp, &waug, data, s0, m)?;
             let derivs: Vec<Array2<f32>> = (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), a[l + 1].view())).collect();
-            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (0, r))?;
+            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (0, r), false)?;
             for l in (0..depth).rev() {
                 acts[l].slice_mut(s![s0..s0 + m, ..]).assign(&a[l]);
                 deltas[l].slice_mut(s![s0 * r..(s0 + m) * r, ..]).assign(&delta);
@@ -1535,6 +1602,25 @@ mod tests {
 
     fn bits(f: &NetFisher) -> Vec<u64> {
         f.values().into_iter().map(f64::to_bits).collect()
+    }
+
+    #[test]
+    fn softmax_factor_rows_sum_to_the_softmax_covariance() {
+        // Σ_q b_q b_qᵀ = diag(p) − ppᵀ, including two classes, a dominant class, an
+        // underflowed probability and ties for the largest (dyadic p, so that Σ p = 1 exactly).
+        let cases: [&[f32]; 5] = [&[0.25, 0.75], &[0.125, 0.25, 0.125, 0.5], &[0.0, 0.5, 0.5], &[1.0 - 1.0 / 1024.0, 1.0 / 2048.0, 1.0 / 2048.0], &[0.0625; 16]];
+        for p in cases {
+            let c = p.len();
+            let b = softmax_factor(p);
+            assert_eq!(b.len(), (c - 1) * c);
+            for i in 0..c {
+                for j in 0..c {
+                    let got: f64 = (0..c - 1).map(|q| b[q * c + i] * b[q * c + j]).sum();
+                    let want = if i == j { f64::from(p[i]) } else { 0.0 } - f64::from(p[i]) * f64::from(p[j]);
+                    assert!((got - want).abs() <= 1e-12, "p = {p:?}: ({i}, {j}) {got} vs {want}");
+                }
+            }
+        }
     }
 
     #[test]
