@@ -7,8 +7,12 @@
 //! Only the upper triangle is computed. The M columns are cut into row panels of
 //! [`PANEL`] rows; panel I = [i₀, i₁) multiplies A[:, i₀..i₁]ᵀ by A[:, i₀..M] with one
 //! `gemm` call (the diagonal block in full, everything right of it), so the whole update
-//! costs K·M²/2·(1 + PANEL/M) multiply-adds instead of K·M². The lower triangle is a copy
-//! made at the end, which makes the result exactly symmetric.
+//! costs K·M²/2·(1 + PANEL/M) multiply-adds instead of K·M². Below M = [`SPLIT_FROM`], where
+//! that waste is large (1.5× at M = 512, KFAC's factors), a panel is one call for the
+//! rectangle right of its diagonal block and one per [`SUB_PANEL`] rows of the block: K·M²/2·
+//! (1 + SUB_PANEL/M). (At M = 2048 the extra calls cost more than the multiply-adds they save:
+//! 88 → 113 ms.) The lower triangle is a copy made at the end, which makes the result exactly
+//! symmetric.
 //!
 //! # Precision
 //!
@@ -42,6 +46,13 @@ use crate::fisher::ResultSink;
 /// 192 → 108 ms, 128 → 128 ms; thinner panels repack the wide right-hand side more often,
 /// wider ones waste more of the lower half of each diagonal block (PANEL/(2M) of the work).
 pub(crate) const PANEL: usize = 256;
+
+/// Rows per `gemm` call inside a panel's diagonal block, for sums of side below
+/// [`SPLIT_FROM`] (see [`SymmetricSum::add`]).
+const SUB_PANEL: usize = 64;
+
+/// Side from which a panel is one `gemm` call.
+const SPLIT_FROM: usize = 1536;
 
 /// Most rows summed in f32 before the partial sum moves to f64. Long enough that the
 /// O(M²) flush costs < 3% of the O(K·M²) products, short enough that the f32 error stays
@@ -172,29 +183,28 @@ impl SymmetricSum {
         let (row_stride, col_stride) = (a.strides()[0], a.strides()[1]);
         let accumulate = self.pending_rows > 0;
         let (r0, stride) = (self.r0, self.stride());
-        for (p, rows) in self.pending.chunks_mut(PANEL * stride).enumerate() {
-            let i0 = r0 + p * PANEL;
-            let panel_rows = rows.len() / stride;
-            // SAFETY: dst covers the band's rows [i0, i0 + panel_rows) × columns [i0, m),
-            // stored at row offsets t·stride + (i0 − r0) .. t·stride + stride, all inside
-            // `rows` (offset (i0 − r0) + (panel_rows − 1)·stride + (m − i0 − 1) < rows.len()).
-            // lhs(r, kk) = A[kk, i0 + r] and rhs(kk, c) = A[kk, i0 + c] with
-            // r < panel_rows, c < m − i0, kk < k: elements of the view `a`, which is valid
-            // for reads and has positive strides; dst does not overlap `a`.
+        let lhs_base = a.as_ptr();
+        // One `gemm` call: dst(t, c) (+)= Σ_kk A[kk, row0 + t] · A[kk, col0 + c] for t < rows,
+        // c < cols, dst(t, c) at `dst` + t·stride + c.
+        let call = |dst: *mut f32, row0: usize, col0: usize, rows: usize, cols: usize| {
+            // SAFETY: the caller's dst covers rows × cols values at row stride `stride` inside
+            // `pending`; lhs(r, kk) = A[kk, row0 + r] and rhs(kk, c) = A[kk, col0 + c] with
+            // r < rows, c < cols, row0 + rows ≤ m and col0 + cols ≤ m, kk < k: elements of the
+            // view `a`, which is valid for reads and has positive strides; dst does not
+            // overlap `a`.
             unsafe {
-                let panel = a.as_ptr().offset(i0 as isize * col_stride);
                 gemm::gemm(
-                    panel_rows,
-                    m - i0,
+                    rows,
+                    cols,
                     k,
-                    rows.as_mut_ptr().add(i0 - r0),
+                    dst,
                     1,
                     stride as isize,
                     accumulate,
-                    panel,
+                    lhs_base.offset(row0 as isize * col_stride),
                     row_stride,
                     col_stride,
-                    panel,
+                    lhs_base.offset(col0 as isize * col_stride),
                     col_stride,
                     row_stride,
                     if accumulate { 1.0 } else { 0.0 },
@@ -204,6 +214,31 @@ impl SymmetricSum {
                     false,
                     PARALLELISM,
                 );
+            }
+        };
+        for (p, rows) in self.pending.chunks_mut(PANEL * stride).enumerate() {
+            let i0 = r0 + p * PANEL;
+            let panel_rows = rows.len() / stride;
+            let i1 = i0 + panel_rows;
+            // Row t of the panel (row i0 + t) holds column c at t·stride + c − r₀.
+            let base = rows.as_mut_ptr();
+            if m >= SPLIT_FROM {
+                // One call for the panel: its diagonal block in full, and everything right of it.
+                call(unsafe { base.add(i0 - r0) }, i0, i0, panel_rows, m - i0);
+                continue;
+            }
+            // The rectangle right of the panel's diagonal block: rows i0..i1, columns i1..m.
+            if i1 < m {
+                // SAFETY (offset): column i1 of row 0 of the panel, inside `rows`.
+                call(unsafe { base.add(i1 - r0) }, i0, i1, panel_rows, m - i1);
+            }
+            // The diagonal block, in sub-panels of SUB_PANEL rows from their diagonal on:
+            // the block's lower half costs SUB_PANEL/PANEL of what one call for the whole
+            // block would waste there.
+            for s0 in (0..panel_rows).step_by(SUB_PANEL) {
+                let sub = SUB_PANEL.min(panel_rows - s0);
+                // SAFETY (offset): row s0 of the panel, column i0 + s0, inside `rows`.
+                call(unsafe { base.add(s0 * stride + i0 + s0 - r0) }, i0 + s0, i0 + s0, sub, panel_rows - s0);
             }
         }
     }
@@ -559,6 +594,27 @@ mod tests {
             out += &a.t().dot(&a);
         }
         out
+    }
+
+    #[test]
+    fn split_panels_match_the_reference_and_a_band_matches_the_whole() {
+        // M = 700 < SPLIT_FROM: three panels (256, 256, 188 rows), each a rectangle and
+        // diagonal sub-panels (the last of 60 rows); a band of the middle panel.
+        let (k, m) = (300, 700);
+        let a = crate::synthetic::normal_matrix(k, m, 7);
+        let mut whole = SymmetricSum::new(m);
+        whole.add(a.view());
+        let got = whole.finish(1.0);
+        let want = reference(&[&a], m);
+        let scale = want.iter().fold(0f64, |s, v| s.max(v.abs()));
+        let err = got.iter().zip(want.iter()).fold(0f64, |e, (&g, &w)| e.max((f64::from(g) - w).abs()));
+        assert!(err <= 1e-6 * scale, "max error {err} of {scale}");
+        let mut band = SymmetricSum::band(m, PANEL..2 * PANEL);
+        band.add(a.view());
+        let whole_rows = whole.packed_upper();
+        let from = (0..PANEL).map(|i| m - i).sum::<usize>();
+        let band_rows = band.packed_upper();
+        assert!(band_rows.iter().zip(&whole_rows[from..]).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]
