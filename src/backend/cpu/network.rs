@@ -669,12 +669,16 @@ fn batch_cost(plan: &NetPlan, form: NetForm) -> BatchCost {
 
 /// How the CPU path walks `n` samples of R rows (scratch bounded by `be.batch_bytes`).
 fn batching(be: &CpuBackend, n: usize, r: usize, cost: &BatchCost) -> Result<Batching> {
-    batching_within(be.batch_bytes, n, r, cost)
+    batching_within(be, 1, n, r, cost)
 }
 
-/// How the CPU path walks `n` samples of R rows with `bytes` of scratch per micro-batch.
-fn batching_within(bytes: u64, n: usize, r: usize, cost: &BatchCost) -> Result<Batching> {
-    MicroBatchLimits::host(bytes.max(1), MAX_MICRO_BATCH).batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))
+/// How each of `lanes` lanes walks `n` samples of R rows: the lanes share one micro-batch's
+/// scratch (`be.batch_bytes`) and its [`MAX_MICRO_BATCH`] samples, so that memory does not
+/// grow with them.
+fn batching_within(be: &CpuBackend, lanes: usize, n: usize, r: usize, cost: &BatchCost) -> Result<Batching> {
+    let lanes = lanes.max(1);
+    MicroBatchLimits::host((be.batch_bytes / lanes as u64).max(1), MAX_MICRO_BATCH / lanes)
+        .batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))
 }
 
 /// Lanes of the diag and KFAC sums of a model whose second copy of the sums is small
@@ -986,7 +990,7 @@ fn reduce(
     let lanes = lanes_of(&plan, form);
     let batch = match kron_batch {
         Some(b) => b,
-        None => batching_within(be.batch_bytes / lanes as u64, n.min(block), r, &batch_cost(&plan, form))?,
+        None => batching_within(be, lanes, n.min(block), r, &batch_cost(&plan, form))?,
     };
     let waug = augmented_weights(mlp);
 
