@@ -97,6 +97,21 @@ fn cpu_full_and_layer_over_r_rows_and_many_micro_batches_match_reference() {
     }
 }
 
+/// Two classes: the CPU's true Fisher of class labels then backpropagates one row per sample
+/// (C − 1 = 1, a factor of diag(p) − ppᵀ), every form against the f64 reference.
+#[test]
+fn cpu_true_fisher_of_two_classes_matches_reference() {
+    use fisher_engine::Engine;
+    let net = mlp(&[5, 7, 2], Activation::Tanh, &[true, true], 41);
+    let data = dataset(53, 5, 2, false, 42);
+    let engine = Engine::cpu();
+    for form in FORMS {
+        let want = reference::fisher(&net, &data, data.likelihood(), Variant::True, form).expect("reference");
+        let a = engine.fisher(&net, &data, Variant::True, form).expect("fisher").agreement(&want).unwrap();
+        assert!(a.frobenius_rel <= FROBENIUS_REL && a.max_rel <= 4.0 * FROBENIUS_REL, "{form:?}: {a:?}");
+    }
+}
+
 backend_test!(forms_are_consistent_with_each_other, |engine| {
     let net = mlp(&[5, 7, 3], Activation::Tanh, &[true, true], 8);
     let data = dataset(23, 5, 3, false, 9);
