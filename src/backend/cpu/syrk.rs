@@ -185,7 +185,8 @@ impl SymmetricSum {
         let (r0, stride) = (self.r0, self.stride());
         let lhs_base = a.as_ptr();
         // One `gemm` call: dst(t, c) (+)= Σ_kk A[kk, row0 + t] · A[kk, col0 + c] for t < rows,
-        // c < cols, dst(t, c) at `dst` + t·stride + c.
+        // c < cols, dst(t, c) at `dst` + t·stride + c. Called only below, with `dst` a row of
+        // this panel at the column of its first value, and rows × cols inside the band.
         let call = |dst: *mut f32, row0: usize, col0: usize, rows: usize, cols: usize| {
             // SAFETY: the caller's dst covers rows × cols values at row stride `stride` inside
             // `pending`; lhs(r, kk) = A[kk, row0 + r] and rhs(kk, c) = A[kk, col0 + c] with
@@ -224,6 +225,7 @@ impl SymmetricSum {
             let base = rows.as_mut_ptr();
             if m >= SPLIT_FROM {
                 // One call for the panel: its diagonal block in full, and everything right of it.
+                // SAFETY (offset): column i0 of row 0 of the panel, inside `rows`.
                 call(unsafe { base.add(i0 - r0) }, i0, i0, panel_rows, m - i0);
                 continue;
             }
