@@ -119,6 +119,8 @@ fn main() -> ExitCode {
         }
     };
 
+    keep_freed_scratch();
+
     // A panic is a bug; it is reported on one line like any error (by the hook) and mapped
     // to exit code 1. Unwinding, rather than aborting, lets a pending temporary output file
     // be removed by its destructor.
@@ -133,6 +135,22 @@ fn main() -> ExitCode {
         }
         Err(_) => ExitCode::from(Exit::Failure as u8),
     }
+}
+
+/// Lets glibc keep the CPU path's freed scratch for the next micro-batch (see
+/// `fisher_engine::backend::cpu::allocator`) unless `FISHER_CPU_MEMORY_MB` asks for a budget
+/// under 256 MiB. A value that does not parse changes nothing here: the command reports it.
+fn keep_freed_scratch() {
+    use fisher_engine::backend::cpu::{allocator, DEFAULT_ACCUMULATOR_BYTES};
+    let budget = match std::env::var(fisher_engine::device::CPU_MEMORY_ENV) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(mib) => mib.saturating_mul(1 << 20),
+            Err(_) => return,
+        },
+        Err(_) => DEFAULT_ACCUMULATOR_BYTES,
+    };
+    let retention = allocator::keep_freed_scratch(budget);
+    log::debug!("allocator: {retention:?} (CPU budget {budget} bytes)");
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@
 //! Every division by N is done in f64 and rounded once to f32. Work runs on rayon's global
 //! thread pool.
 
+pub mod allocator;
 pub(crate) mod elementwise;
 pub(crate) mod network;
 pub(crate) mod syrk;
