@@ -14,8 +14,11 @@
 //! [`keep_freed_scratch`] fixes both thresholds (`mallopt`): blocks below
 //! [`MMAP_THRESHOLD`] come from the heap rather than from their own mapping, and a heap
 //! keeps up to [`TRIM_THRESHOLD`] free at its top. A micro-batch's scratch is then reused
-//! from one to the next. The price is memory: up to `TRIM_THRESHOLD` of freed pages per
-//! malloc arena (one per thread that allocates, at most 8 per core) stays resident. So it is
+//! from one to the next, and the running sums of one call from the last. (A page fault
+//! cost about 8 µs on the development VM, timed on the first touches of a fresh 4.9 MB
+//! buffer: fresh memory is written at about 0.5 GB/s there.) The price is memory: up to
+//! `TRIM_THRESHOLD` of freed pages per malloc arena (one per thread that allocates, at most
+//! 8 per core) may stay resident. So it is
 //! done only when the budget the user gave the CPU path is large
 //! ([`MIN_BUDGET_BYTES`]; the default budget is); under a small `FISHER_CPU_MEMORY_MB`, where
 //! memory matters more than speed, glibc's defaults stay.
@@ -25,13 +28,16 @@
 
 /// Largest block that still comes from the heap when [`keep_freed_scratch`] applies, bytes.
 /// Above every scratch block of a default micro-batch (≤ 3 MiB measured) with room to spare;
-/// 4 MiB was measured too tight (no gain), 8 MiB gives the whole gain.
+/// 4 MiB (with a trim threshold of 8 MiB) gave no gain; 8 MiB the whole gain.
 pub const MMAP_THRESHOLD: usize = 8 << 20;
 
-/// Free bytes a heap keeps at its top when [`keep_freed_scratch`] applies: half of one
-/// micro-batch's scratch (`CpuBackend::with_batch_bytes`, 32 MiB), which the lanes of the
-/// diag and KFAC sums share.
-pub const TRIM_THRESHOLD: usize = 16 << 20;
+/// Free bytes a heap keeps at its top when [`keep_freed_scratch`] applies: two micro-batches'
+/// scratch (`CpuBackend::with_batch_bytes`, 32 MiB each). 16 MiB (one lane's share) took the
+/// empirical diag from 71 to 48 ms but left the running sums of each call (KFAC's f64 sums
+/// are 11 MB at 784-512-512-10) on fresh pages: with 64 MiB, and micro-batches in even pairs
+/// of lanes, the MC KFAC went 61 → 54 ms (with 16 MiB the even pairs were slower, 90 ms:
+/// their sums' f64 copy at the end of the block came from fresh pages).
+pub const TRIM_THRESHOLD: usize = 64 << 20;
 
 /// Smallest CPU budget (`CpuBackend::with_accumulator_bytes`, `FISHER_CPU_MEMORY_MB`) for
 /// which [`keep_freed_scratch`] changes anything, bytes: 256 MiB. The default budget is
