@@ -26,10 +26,13 @@
 //! Only glibc on Linux; elsewhere (musl, macOS, Windows) the call does nothing. A user who
 //! sets `GLIBC_TUNABLES` with a `glibc.malloc.` entry keeps their own settings.
 
-/// Largest block that still comes from the heap when [`keep_freed_scratch`] applies, bytes.
-/// Above every scratch block of a default micro-batch (≤ 3 MiB measured) with room to spare;
-/// 4 MiB (with a trim threshold of 8 MiB) gave no gain; 8 MiB the whole gain.
-pub const MMAP_THRESHOLD: usize = 8 << 20;
+/// Largest block that still comes from the heap when [`keep_freed_scratch`] applies, bytes:
+/// 32 MiB, the most glibc's own dynamic threshold reaches on 64-bit systems. Above every
+/// scratch block of a default micro-batch (≤ 3 MiB measured) and the 16 MB f32 partial sum
+/// and result of a 2048-wide full F (W1: 77 → 70 ms once they stopped coming from fresh
+/// mappings). (4 MiB, with a trim threshold of 8 MiB, gave none of the network gain; 8 MiB
+/// all of it.)
+pub const MMAP_THRESHOLD: usize = 32 << 20;
 
 /// Free bytes a heap keeps at its top when [`keep_freed_scratch`] applies: two micro-batches'
 /// scratch (`CpuBackend::with_batch_bytes`, 32 MiB each). 16 MiB (one lane's share) took the
@@ -82,8 +85,8 @@ pub fn keep_freed_scratch(budget_bytes: u64) -> Retention {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn set_thresholds() -> Retention {
     // Both fit a c_int. Setting either turns glibc's dynamic thresholds off, so both are set.
-    let mmap = i32::try_from(MMAP_THRESHOLD).expect("8 MiB fits");
-    let trim = i32::try_from(TRIM_THRESHOLD).expect("16 MiB fits");
+    let mmap = i32::try_from(MMAP_THRESHOLD).expect("32 MiB fits");
+    let trim = i32::try_from(TRIM_THRESHOLD).expect("64 MiB fits");
     // SAFETY: mallopt only reads its two integer arguments; it is thread-safe in glibc
     // (it takes the arena locks itself).
     let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1 };

@@ -19,6 +19,8 @@ pub mod allocator;
 pub(crate) mod elementwise;
 pub(crate) mod network;
 pub(crate) mod syrk;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod syrk_avx512;
 
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, Zip};
 use rayon::prelude::*;

@@ -664,7 +664,16 @@ fn batch_cost(plan: &NetPlan, form: NetForm) -> BatchCost {
         _ => 0,
     };
     let per_row = (2 * max_w).saturating_add(row_extra);
-    BatchCost { per_sample: per_sample.saturating_mul(4), per_row: per_row.saturating_mul(4), sample_binding: 1, row_binding: 1, fixed: 0 }
+    // The symmetric sums' own scratch while they add a micro-batch (the widest whole sum's;
+    // a band's is no larger), so that it comes out of the micro-batch's bytes.
+    let sides: Vec<usize> = match form {
+        NetForm::Kfac => plan.shapes.iter().flat_map(|s| [s.ld, s.fan_out]).collect(),
+        NetForm::Full => vec![plan.params],
+        NetForm::Layer => plan.shapes.iter().map(|s| s.params).collect(),
+        _ => Vec::new(),
+    };
+    let fixed = sides.into_iter().map(|m| super::syrk::add_scratch_bytes(m, 0..m)).max().unwrap_or(0);
+    BatchCost { per_sample: per_sample.saturating_mul(4), per_row: per_row.saturating_mul(4), sample_binding: 1, row_binding: 1, fixed }
 }
 
 /// How the CPU path walks `n` samples of R rows (scratch bounded by `be.batch_bytes`).
@@ -673,11 +682,13 @@ fn batching(be: &CpuBackend, n: usize, r: usize, cost: &BatchCost) -> Result<Bat
 }
 
 /// How each of `lanes` lanes walks `n` samples of R rows: the lanes share one micro-batch's
-/// scratch (`be.batch_bytes`) and its [`MAX_MICRO_BATCH`] samples, so that memory does not
-/// grow with them.
+/// scratch (`be.batch_bytes`, of which each lane's sums' own scratch, `cost.fixed`, is a
+/// part) and its [`MAX_MICRO_BATCH`] samples, so that memory does not grow with them.
 fn batching_within(be: &CpuBackend, lanes: usize, n: usize, r: usize, cost: &BatchCost) -> Result<Batching> {
     let lanes = lanes.max(1);
-    let batch = MicroBatchLimits::host((be.batch_bytes / lanes as u64).max(1), MAX_MICRO_BATCH / lanes)
+    // Each lane's share of the scratch, less what its sums allocate while they add it.
+    let target = (be.batch_bytes / lanes as u64).saturating_sub(cost.fixed).max(1);
+    let batch = MicroBatchLimits::host(target, MAX_MICRO_BATCH / lanes)
         .batching(n, r, cost, || format!("one output row of {} bytes", cost.per_row))?;
     Ok(balanced(batch, n, r, lanes))
 }

@@ -85,6 +85,47 @@ pub(crate) struct SymmetricSum {
     /// f64 sum of every flushed `pending`; allocated on the first flush only, so that a
     /// reduction of ≤ FLUSH_ROWS rows never pays for it.
     flushed: Option<Vec<f64>>,
+    /// Who computes the products.
+    kernel: Kernel,
+}
+
+/// The code behind [`SymmetricSum::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// `gemm` calls per panel (any CPU).
+    Gemm,
+    /// The AVX-512 micro-kernel of [`super::syrk_avx512`] (CPUs with AVX-512F).
+    Avx512,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs for sums of side `m`.
+    pub(crate) fn best(m: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if m >= AVX512_FROM && super::syrk_avx512::available() {
+            return Kernel::Avx512;
+        }
+        let _ = m;
+        Kernel::Gemm
+    }
+}
+
+/// Side from which the AVX-512 kernel computes a sum (where the CPU has it).
+const AVX512_FROM: usize = 1;
+
+/// Scratch that [`SymmetricSum::add`] allocates while it runs, for a band `rows` of a sum of
+/// side `m`, bytes: the AVX-512 kernel's packed columns (≤ 8 MiB), none for `gemm` (whose own
+/// packing buffers are part of every GEMM's cost). Memory plans count it beside a
+/// micro-batch's scratch.
+pub(crate) fn add_scratch_bytes(m: usize, rows: std::ops::Range<usize>) -> u64 {
+    match Kernel::best(m) {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => super::syrk_avx512::scratch_bytes(m, rows.start),
+        _ => {
+            let _ = rows;
+            0
+        }
+    }
 }
 
 impl SymmetricSum {
@@ -96,9 +137,14 @@ impl SymmetricSum {
     /// An empty sum of the rows `rows` of the upper triangle of M×M outer products (see
     /// [Bands](self#bands)); `rows.start` must be a multiple of [`PANEL`].
     pub(crate) fn band(m: usize, rows: std::ops::Range<usize>) -> Self {
+        Self::band_with(m, rows, Kernel::best(m))
+    }
+
+    /// [`SymmetricSum::band`] computed by `kernel` (which the CPU must run).
+    pub(crate) fn band_with(m: usize, rows: std::ops::Range<usize>, kernel: Kernel) -> Self {
         assert!(rows.start % PANEL == 0 && rows.start <= rows.end && rows.end <= m, "band {rows:?} of {m}");
         let len = (rows.end - rows.start) * (m - rows.start);
-        SymmetricSum { m, r0: rows.start, r1: rows.end, pending: vec![0.0; len], pending_rows: 0, flushed: None }
+        SymmetricSum { m, r0: rows.start, r1: rows.end, pending: vec![0.0; len], pending_rows: 0, flushed: None, kernel }
     }
 
     /// Row length of the buffers: the columns r₀ .. M.
@@ -180,8 +226,14 @@ impl SymmetricSum {
         if k == 0 || m == 0 {
             return;
         }
-        let (row_stride, col_stride) = (a.strides()[0], a.strides()[1]);
         let accumulate = self.pending_rows > 0;
+        #[cfg(target_arch = "x86_64")]
+        if self.kernel == Kernel::Avx512 {
+            let stride = self.stride();
+            super::syrk_avx512::syrk_upper(a, self.r0..self.r1, stride, &mut self.pending, accumulate);
+            return;
+        }
+        let (row_stride, col_stride) = (a.strides()[0], a.strides()[1]);
         let (r0, stride) = (self.r0, self.stride());
         let lhs_base = a.as_ptr();
         // One `gemm` call: dst(t, c) (+)= Σ_kk A[kk, row0 + t] · A[kk, col0 + c] for t < rows,
@@ -617,6 +669,78 @@ mod tests {
         let from = (0..PANEL).map(|i| m - i).sum::<usize>();
         let band_rows = band.packed_upper();
         assert!(band_rows.iter().zip(&whole_rows[from..]).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    /// The kernels this CPU runs.
+    fn kernels() -> Vec<Kernel> {
+        let mut all = vec![Kernel::Gemm];
+        #[cfg(target_arch = "x86_64")]
+        if crate::backend::cpu::syrk_avx512::available() {
+            all.push(Kernel::Avx512);
+        }
+        all
+    }
+
+    #[test]
+    fn every_kernel_matches_the_reference_in_bands_over_strided_input_and_flushes() {
+        // Sides around the tile sizes (8 × 48) and the panel (256): ragged tiles, a band
+        // whose rows end inside a tile, column-major and strided input, and more rows than
+        // FLUSH_ROWS (f32 partials moved to f64) in chunks of different lengths.
+        if kernels().len() == 1 {
+            eprintln!("only the gemm kernel on this CPU: its own tests cover it");
+        }
+        for kernel in kernels() {
+            for m in [1usize, 7, 47, 48, 49, 300, 531] {
+                let k = FLUSH_ROWS + 613;
+                let a = crate::synthetic::normal_matrix(k, m, m as u64);
+                let want = reference(&[&a], m);
+                let scale = want.iter().fold(0f64, |s, v| s.max(v.abs()));
+                let check = |sum: &SymmetricSum, what: &str| {
+                    let got = sum.packed_upper();
+                    let r0 = sum.first_row();
+                    let mut at = 0;
+                    for i in r0..sum.r1 {
+                        for j in i..m {
+                            let err = (got[at] - want[[i, j]]).abs();
+                            assert!(err <= 2e-6 * scale, "{kernel:?} m {m} {what}: ({i}, {j}) off by {err} of {scale}");
+                            at += 1;
+                        }
+                    }
+                };
+                // Row-major, in three uneven chunks.
+                let mut whole = SymmetricSum::band_with(m, 0..m, kernel);
+                for (s0, s1) in [(0, 1000), (1000, 1003), (1003, k)] {
+                    whole.add(a.slice(s![s0..s1, ..]));
+                }
+                check(&whole, "whole");
+                // Column-major (a transposed copy viewed back), and every other row (strided).
+                let t = a.t().as_standard_layout().into_owned();
+                let mut cm = SymmetricSum::band_with(m, 0..m, kernel);
+                cm.add(t.t());
+                check(&cm, "column-major");
+                let mut strided = SymmetricSum::band_with(m, 0..m, kernel);
+                strided.add(a.slice(s![..;2, ..]));
+                let half = reference(&[&a.slice(s![..;2, ..]).to_owned()], m);
+                let got = strided.finish(1.0);
+                let err = got.iter().zip(half.iter()).fold(0f64, |e, (&g, &w)| e.max((f64::from(g) - w).abs()));
+                assert!(err <= 2e-6 * scale, "{kernel:?} m {m} strided: {err}");
+                // A band of the second panel: bitwise the whole. Bands end at a panel's end
+                // (`plan_bands`), which `gemm`'s calls need; the AVX-512 kernel's sums do not
+                // depend on the tiling at all, so for it the band also ends inside a tile.
+                let ends: &[usize] = if kernel == Kernel::Gemm { &[2 * PANEL] } else { &[2 * PANEL, PANEL + 13] };
+                for rows in ends.iter().filter(|_| m > PANEL).map(|&end| PANEL..end.min(m)) {
+                    let mut band = SymmetricSum::band_with(m, rows.clone(), kernel);
+                    for (s0, s1) in [(0, 1000), (1000, 1003), (1003, k)] {
+                        band.add(a.slice(s![s0..s1, ..]));
+                    }
+                    check(&band, "band");
+                    let from = (0..PANEL).map(|i| m - i).sum::<usize>();
+                    let whole_rows = whole.packed_upper();
+                    let band_rows = band.packed_upper();
+                    assert!(band_rows.iter().zip(&whole_rows[from..]).all(|(x, y)| x.to_bits() == y.to_bits()), "{kernel:?} m {m}: band ≠ whole");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,212 @@
+//! The upper triangle of AᵀA with an AVX-512 micro-kernel of its own, for
+//! [`SymmetricSum`](super::syrk::SymmetricSum) on CPUs that have AVX-512F.
+//!
+//! `gemm` computes a triangle as panels (see the [`syrk`](super::syrk) module docs): each
+//! panel's diagonal block in full (12.5 % more multiply-adds than the triangle at M = 2048)
+//! and its right-hand side packed again for every panel. Here A is packed once per depth
+//! block and only the tiles that touch the upper triangle are computed:
+//!
+//! * **Packing.** For each depth block [k₀, k₀ + KC) the columns r₀ .. M of A are copied into
+//!   panels of [`NR`] = 48 columns, KC rows of 48 contiguous values each (zero past M).
+//!   The same panels feed both sides of the product: a tile's [`MR`] = 8 rows i₀ .. i₀ + 8
+//!   are 8 consecutive values of a panel's rows (8 divides 48).
+//! * **Micro-kernel.** An 8 × 48 tile of C, 24 zmm accumulators: for each depth step, three
+//!   vector loads of the column panel and eight broadcasts of the row values, 24 FMAs.
+//! * **Order.** Blocks of [`BLOCK_PANELS`] column panels (144 columns, KC = 1024: 576 KiB,
+//!   kept in L2) run in parallel, the widest first; inside one, the row tiles i₀ < the
+//!   block's end in order, each over the block's panels right of i₀ − 48.
+//! * **Memory.** The packed columns take (M − r₀) · KC · 4 bytes, at most [`PACKED_BYTES`]
+//!   (KC shrinks for wider sums and for narrow bands).
+//! * **Sums.** Each entry is Σ over depth blocks (in order) of an FMA chain over the block
+//!   (in order), added to `pending`: the same for a band as for the whole sum, whatever the
+//!   tiling, so a band is bitwise the whole sum's rows. Entries left of the diagonal inside
+//!   a diagonal tile are written too (they lie in their row's buffer, and nothing reads them).
+
+use std::arch::x86_64::{
+    __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps,
+    _mm512_set1_ps, _mm512_setzero_ps,
+};
+
+use ndarray::ArrayView2;
+use rayon::prelude::*;
+
+/// Rows of a tile (broadcast values).
+pub(super) const MR: usize = 8;
+/// Columns of a tile (three vectors of 16).
+pub(super) const NR: usize = 48;
+/// Depth of a block: a column panel is 48 · 1024 · 4 = 192 KiB. At M = 2048, K = 4096 (W1,
+/// 2-core Xeon, best of 7): KC 256 → 72–74 ms, 512 → 70–72, 768 → 67, 1024 → 66–70, 2048
+/// → 70–72, 4096 → 99–116.
+const KC: usize = 1024;
+/// Most bytes of packed columns: as many as the whole sum's f32 buffer (M² · 4), between
+/// [`MIN_PACKED_BYTES`] and 8 MiB (KC ≈ 1016 for a 2048-wide sum, whose buffer is 16 MB);
+/// the depth block shrinks to stay within it, to no less than [`MIN_KC`]. The network path
+/// takes it out of a micro-batch's scratch (`network::batch_cost`), so that the memory
+/// plans of `FISHER_CPU_MEMORY_MB` hold.
+const PACKED_BYTES: usize = 8 << 20;
+/// Least bytes of packed columns a sum may take: 2 MiB, which keeps KFAC's 513- and
+/// 785-wide factors at one depth block per micro-batch of ≤ 990 samples.
+const MIN_PACKED_BYTES: usize = 2 << 20;
+/// Least depth of a block.
+const MIN_KC: usize = 64;
+/// Column panels per parallel task: 144 columns, 576 KiB of packed A at KC = 1024, which stay
+/// in L2 (2 MiB per core on the development Xeon) while every row tile above the block's end
+/// streams past them. With KC = 1024 (W1, as above): 1 → 78–80 ms, 2 → 70, 3 → 66, 4 → 70, 8 → 74.
+const BLOCK_PANELS: usize = 3;
+
+/// Whether this CPU runs the kernel (checked once by std, then cached).
+pub(super) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// The depth of a block for a sum of side `m`: a function of `m` alone, so that every band
+/// of the sum sums its entries in the same depth blocks as the whole (and so bitwise alike).
+fn depth_block(m: usize) -> usize {
+    let packed_bytes = m.saturating_mul(m).saturating_mul(4).clamp(MIN_PACKED_BYTES, PACKED_BYTES);
+    (packed_bytes / (4 * m.div_ceil(NR).max(1) * NR)).clamp(MIN_KC, KC)
+}
+
+/// The most scratch [`syrk_upper`] allocates for a band of a sum of side `m` from row `r0`
+/// (its packed columns), bytes: what the callers count in their memory plan.
+pub(super) fn scratch_bytes(m: usize, r0: usize) -> u64 {
+    ((m - r0.min(m)).div_ceil(NR) * NR * depth_block(m) * 4) as u64
+}
+
+/// Packed columns, 64-byte aligned (a panel's rows start on cache lines).
+struct Packed {
+    buf: Vec<__m512>,
+}
+
+impl Packed {
+    fn zeroed(floats: usize) -> Self {
+        // SAFETY: an all-zero __m512 is sixteen 0.0f32.
+        Packed { buf: vec![unsafe { _mm512_setzero_ps() }; floats.div_ceil(16)] }
+    }
+    fn as_mut_slice(&mut self, floats: usize) -> &mut [f32] {
+        // SAFETY: the buffer holds ≥ floats f32 values (16 per __m512), properly aligned.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<f32>(), floats) }
+    }
+}
+
+/// A pointer into `pending` shared by the tasks, each of which writes only its own columns.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: the tasks write disjoint column ranges of the rows (see `syrk_upper`).
+unsafe impl Send for DstPtr {}
+// SAFETY: as above.
+unsafe impl Sync for DstPtr {}
+impl DstPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `pending[(i − r₀)·stride + j − r₀]` (+)= Σₖ a[k, i]·a[k, j] for i ∈ `rows` (a band
+/// [r₀, r₁) of the M = a.ncols() rows), j ∈ [i, M); it adds when `accumulate`, else it
+/// overwrites. `a` has positive strides. Callers check [`available`] first.
+pub(super) fn syrk_upper(a: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, stride: usize, pending: &mut [f32], accumulate: bool) {
+    assert!(available(), "syrk_upper needs AVX-512F");
+    let (k, m) = a.dim();
+    let (r0, r1) = (rows.start, rows.end);
+    assert!(r0 <= r1 && r1 <= m && stride == m - r0 && pending.len() >= (r1 - r0) * stride, "syrk_upper shapes");
+    if k == 0 || r0 == r1 {
+        return;
+    }
+    let panels = (m - r0).div_ceil(NR);
+    let kc_max = depth_block(m).min(k);
+    let mut packed = Packed::zeroed(panels * NR * kc_max);
+    let dst = DstPtr(pending.as_mut_ptr());
+    // Column blocks, the widest (rightmost: most row tiles above them) first.
+    let blocks: Vec<usize> = (0..panels.div_ceil(BLOCK_PANELS)).rev().collect();
+    for k0 in (0..k).step_by(kc_max) {
+        let kc = kc_max.min(k - k0);
+        let buf = packed.as_mut_slice(panels * NR * kc_max);
+        pack(a, k0, kc, r0, buf);
+        let buf: &[f32] = buf;
+        let add = accumulate || k0 > 0;
+        blocks.par_iter().with_max_len(1).for_each(|&b| {
+            let p_lo = b * BLOCK_PANELS;
+            let p_hi = (p_lo + BLOCK_PANELS).min(panels);
+            let block_end = (r0 + p_hi * NR).min(m);
+            // Row tiles from r₀ up to the block's end (and the band's).
+            for i0 in (r0..r1.min(block_end)).step_by(MR) {
+                let tile_rows = MR.min(r1 - i0);
+                // The panel holding rows i0 .. i0 + 8, and their offset in it.
+                let (ip, ioff) = ((i0 - r0) / NR, (i0 - r0) % NR);
+                let rows_at = &buf[ip * NR * kc + ioff..];
+                // Panels of the block whose last column is ≥ i0.
+                let first = ((i0 - r0) / NR).max(p_lo);
+                for p in first..p_hi {
+                    let j0 = r0 + p * NR;
+                    let cols = NR.min(m - j0);
+                    let cols_at = &buf[p * NR * kc..(p + 1) * NR * kc];
+                    // SAFETY: AVX-512F checked above; rows_at holds kc rows of NR values from
+                    // its start (ioff + 8 ≤ NR), cols_at kc rows of NR; the tile's rows
+                    // i0 .. i0 + tile_rows < r₁ and columns j0 .. j0 + cols ≤ M lie in
+                    // `pending` at (i − r₀)·stride + j − r₀, and only this task writes
+                    // columns j0 .. j0 + cols (its block's).
+                    unsafe {
+                        tile(kc, rows_at.as_ptr(), cols_at.as_ptr(), dst.get().add((i0 - r0) * stride + (j0 - r0)), stride, tile_rows, cols, add);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Copies a[k0 .. k0 + kc, r₀ .. M] into panels of NR columns: panel p, depth t, column c at
+/// `buf[p·NR·kc + t·NR + c]`, zero past M. Panels in parallel.
+fn pack(a: ArrayView2<'_, f32>, k0: usize, kc: usize, r0: usize, buf: &mut [f32]) {
+    let m = a.ncols();
+    buf[..m.saturating_sub(r0).div_ceil(NR) * NR * kc].par_chunks_mut(NR * kc).enumerate().for_each(|(p, panel)| {
+        let j0 = r0 + p * NR;
+        let cols = NR.min(m - j0);
+        for (t, out) in panel.chunks_exact_mut(NR).enumerate() {
+            let row = a.row(k0 + t);
+            match row.as_slice() {
+                Some(values) => out[..cols].copy_from_slice(&values[j0..j0 + cols]),
+                None => out[..cols].iter_mut().enumerate().for_each(|(c, o)| *o = row[j0 + c]),
+            }
+            out[cols..].fill(0.0);
+        }
+    });
+}
+
+/// The 8 × 48 tile: C[r, c] (+)= Σ_t rows[t·NR + r] · cols[t·NR + c] for r < `nrows`,
+/// c < `ncols`, C[r, c] at `dst` + r·ld + c.
+///
+/// # Safety
+/// AVX-512F; `rows` and `cols` readable for kc·NR values from their start (rows' values
+/// r < 8 of each step lie in it); `dst` writable at r·ld + c for r < nrows, c < ncols.
+#[target_feature(enable = "avx512f")]
+unsafe fn tile(kc: usize, rows: *const f32, cols: *const f32, dst: *mut f32, ld: usize, nrows: usize, ncols: usize, add: bool) {
+    let mut c: [[__m512; 3]; MR] = [[_mm512_setzero_ps(); 3]; MR];
+    for t in 0..kc {
+        let b = cols.add(t * NR);
+        let b0 = _mm512_loadu_ps(b);
+        let b1 = _mm512_loadu_ps(b.add(16));
+        let b2 = _mm512_loadu_ps(b.add(32));
+        let a = rows.add(t * NR);
+        for (r, acc) in c.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*a.add(r));
+            acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            acc[2] = _mm512_fmadd_ps(x, b2, acc[2]);
+        }
+    }
+    let masks: [__mmask16; 3] = [0, 16, 32].map(|from: usize| {
+        let n = ncols.saturating_sub(from).min(16);
+        if n == 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 }
+    });
+    for (r, acc) in c.iter().enumerate().take(nrows) {
+        let out = dst.add(r * ld);
+        for v in 0..3 {
+            if masks[v] == 0 {
+                continue;
+            }
+            let at = out.add(16 * v);
+            let value = if add { _mm512_add_ps(_mm512_mask_loadu_ps(_mm512_setzero_ps(), masks[v], at), acc[v]) } else { acc[v] };
+            _mm512_mask_storeu_ps(at, masks[v], value);
+        }
+    }
+}
