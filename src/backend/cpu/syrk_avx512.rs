@@ -12,9 +12,12 @@
 //!   are 8 consecutive values of a panel's rows (8 divides 48).
 //! * **Micro-kernel.** An 8 × 48 tile of C, 24 zmm accumulators: for each depth step, three
 //!   vector loads of the column panel and eight broadcasts of the row values, 24 FMAs.
-//! * **Order.** Blocks of [`BLOCK_PANELS`] column panels (144 columns, KC = 1024: 576 KiB,
+//! * **Order.** Blocks of [`BLOCK_PANELS`] column panels (288 columns, KC = 768: 864 KiB,
 //!   kept in L2) run in parallel, the widest first; inside one, the row tiles i₀ < the
-//!   block's end in order, each over the block's panels right of i₀ − 48.
+//!   block's end in order, each over the block's panels right of i₀ − 48. A row tile's 8
+//!   values per depth step are copied into a strip of their own first (24 KiB, kept in L1):
+//!   read in place, every step touched a new cache line of its panel for 32 useful bytes,
+//!   and W1 took 66–68 ms instead of 60–62.
 //! * **Memory.** The packed columns take (M − r₀) · KC · 4 bytes, at most [`PACKED_BYTES`]
 //!   (KC shrinks for wider sums and for narrow bands).
 //! * **Sums.** Each entry is Σ over depth blocks (in order) of an FMA chain over the block
@@ -34,25 +37,27 @@ use rayon::prelude::*;
 pub(super) const MR: usize = 8;
 /// Columns of a tile (three vectors of 16).
 pub(super) const NR: usize = 48;
-/// Depth of a block: a column panel is 48 · 1024 · 4 = 192 KiB. At M = 2048, K = 4096 (W1,
-/// 2-core Xeon, best of 7): KC 256 → 72–74 ms, 512 → 70–72, 768 → 67, 1024 → 66–70, 2048
-/// → 70–72, 4096 → 99–116.
-const KC: usize = 1024;
+/// Depth of a block: a column panel is 48 · 768 · 4 = 144 KiB, a row tile's strip 24 KiB (in
+/// L1). At M = 2048, K = 4096 (W1, 2-core Xeon, best of 9, two runs each, with
+/// [`BLOCK_PANELS`] = 6): KC 640 → 60–62 ms, 768 → 60–61, 1024 → 62–67; 512 and 2048 were
+/// slower at every block width tried.
+const KC: usize = 768;
 /// Most bytes of packed columns: as many as the whole sum's f32 buffer (M² · 4), between
-/// [`MIN_PACKED_BYTES`] and 8 MiB (KC ≈ 1016 for a 2048-wide sum, whose buffer is 16 MB);
+/// [`MIN_PACKED_BYTES`] and 8 MiB (the full KC for a 2048-wide sum, whose buffer is 16 MB);
 /// the depth block shrinks to stay within it, to no less than [`MIN_KC`]. The network path
 /// takes it out of a micro-batch's scratch (`network::batch_cost`), so that the memory
 /// plans of `FISHER_CPU_MEMORY_MB` hold.
 const PACKED_BYTES: usize = 8 << 20;
 /// Least bytes of packed columns a sum may take: 2 MiB, which keeps KFAC's 513- and
-/// 785-wide factors at one depth block per micro-batch of ≤ 990 samples.
+/// 785-wide factors at one depth block per micro-batch of ≤ 755 samples.
 const MIN_PACKED_BYTES: usize = 2 << 20;
 /// Least depth of a block.
 const MIN_KC: usize = 64;
-/// Column panels per parallel task: 144 columns, 576 KiB of packed A at KC = 1024, which stay
-/// in L2 (2 MiB per core on the development Xeon) while every row tile above the block's end
-/// streams past them. With KC = 1024 (W1, as above): 1 → 78–80 ms, 2 → 70, 3 → 66, 4 → 70, 8 → 74.
-const BLOCK_PANELS: usize = 3;
+/// Column panels per parallel task: 288 columns, 864 KiB of packed A at KC = 768, which stay
+/// in L2 (2 MiB per core on the development Xeon) while the row tiles above the block's end
+/// stream past them. With KC = 768 (W1, as above): 4 → 65 ms, 6 → 60–61 ms; with KC = 1024:
+/// 2 → 67, 3 → 65–66, 4 → 63–68, 6 → 61–66, 8 → 72–73.
+const BLOCK_PANELS: usize = 6;
 
 /// Whether this CPU runs the kernel (checked once by std, then cached).
 pub(super) fn available() -> bool {
@@ -125,6 +130,9 @@ pub(super) fn syrk_upper(a: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, s
         let buf: &[f32] = buf;
         let add = accumulate || k0 > 0;
         blocks.par_iter().with_max_len(1).for_each(|&b| {
+            // A row tile's 8 values of each depth step, copied out of their panel so that
+            // they stay in L1 (24 KiB at KC = 768) while the block's panels stream from L2.
+            let mut strip = vec![0f32; kc * MR];
             let p_lo = b * BLOCK_PANELS;
             let p_hi = (p_lo + BLOCK_PANELS).min(panels);
             let block_end = (r0 + p_hi * NR).min(m);
@@ -133,20 +141,23 @@ pub(super) fn syrk_upper(a: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, s
                 let tile_rows = MR.min(r1 - i0);
                 // The panel holding rows i0 .. i0 + 8, and their offset in it.
                 let (ip, ioff) = ((i0 - r0) / NR, (i0 - r0) % NR);
-                let rows_at = &buf[ip * NR * kc + ioff..];
+                let panel = &buf[ip * NR * kc..(ip + 1) * NR * kc];
+                for (out, step) in strip.chunks_exact_mut(MR).zip(panel.chunks_exact(NR)) {
+                    out.copy_from_slice(&step[ioff..ioff + MR]);
+                }
                 // Panels of the block whose last column is ≥ i0.
                 let first = ((i0 - r0) / NR).max(p_lo);
                 for p in first..p_hi {
                     let j0 = r0 + p * NR;
                     let cols = NR.min(m - j0);
                     let cols_at = &buf[p * NR * kc..(p + 1) * NR * kc];
-                    // SAFETY: AVX-512F checked above; rows_at holds kc rows of NR values from
-                    // its start (ioff + 8 ≤ NR), cols_at kc rows of NR; the tile's rows
+                    // SAFETY: AVX-512F checked above; strip holds kc rows of MR values,
+                    // cols_at kc rows of NR; the tile's rows
                     // i0 .. i0 + tile_rows < r₁ and columns j0 .. j0 + cols ≤ M lie in
                     // `pending` at (i − r₀)·stride + j − r₀, and only this task writes
                     // columns j0 .. j0 + cols (its block's).
                     unsafe {
-                        tile(kc, rows_at.as_ptr(), cols_at.as_ptr(), dst.get().add((i0 - r0) * stride + (j0 - r0)), stride, tile_rows, cols, add);
+                        tile(kc, strip.as_ptr(), cols_at.as_ptr(), dst.get().add((i0 - r0) * stride + (j0 - r0)), stride, tile_rows, cols, add);
                     }
                 }
             }
@@ -172,12 +183,12 @@ fn pack(a: ArrayView2<'_, f32>, k0: usize, kc: usize, r0: usize, buf: &mut [f32]
     });
 }
 
-/// The 8 × 48 tile: C[r, c] (+)= Σ_t rows[t·NR + r] · cols[t·NR + c] for r < `nrows`,
+/// The 8 × 48 tile: C[r, c] (+)= Σ_t rows[t·MR + r] · cols[t·NR + c] for r < `nrows`,
 /// c < `ncols`, C[r, c] at `dst` + r·ld + c.
 ///
 /// # Safety
-/// AVX-512F; `rows` and `cols` readable for kc·NR values from their start (rows' values
-/// r < 8 of each step lie in it); `dst` writable at r·ld + c for r < nrows, c < ncols.
+/// AVX-512F; `rows` readable for kc·MR values, `cols` for kc·NR; `dst` writable at r·ld + c
+/// for r < nrows, c < ncols.
 #[target_feature(enable = "avx512f")]
 unsafe fn tile(kc: usize, rows: *const f32, cols: *const f32, dst: *mut f32, ld: usize, nrows: usize, ncols: usize, add: bool) {
     let mut c: [[__m512; 3]; MR] = [[_mm512_setzero_ps(); 3]; MR];
@@ -186,7 +197,7 @@ unsafe fn tile(kc: usize, rows: *const f32, cols: *const f32, dst: *mut f32, ld:
         let b0 = _mm512_loadu_ps(b);
         let b1 = _mm512_loadu_ps(b.add(16));
         let b2 = _mm512_loadu_ps(b.add(32));
-        let a = rows.add(t * NR);
+        let a = rows.add(t * MR);
         for (r, acc) in c.iter_mut().enumerate() {
             let x = _mm512_set1_ps(*a.add(r));
             acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
