@@ -114,13 +114,13 @@ impl Kernel {
 const AVX512_FROM: usize = 1;
 
 /// Scratch that [`SymmetricSum::add`] allocates while it runs, for a band `rows` of a sum of
-/// side `m`, bytes: the AVX-512 kernel's packed columns (≤ 8 MiB), none for `gemm` (whose own
+/// side `m`, bytes: the AVX-512 kernel's packed columns and row strips (≤ 16 MiB), none for `gemm` (whose own
 /// packing buffers are part of every GEMM's cost). Memory plans count it beside a
 /// micro-batch's scratch.
 pub(crate) fn add_scratch_bytes(m: usize, rows: std::ops::Range<usize>) -> u64 {
     match Kernel::best(m) {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => super::syrk_avx512::scratch_bytes(m, rows.start),
+        Kernel::Avx512 => super::syrk_avx512::scratch_bytes(m, rows),
         _ => {
             let _ = rows;
             0

@@ -15,11 +15,11 @@
 //! * **Order.** Blocks of [`BLOCK_PANELS`] column panels (288 columns, KC = 768: 864 KiB,
 //!   kept in L2) run in parallel, the widest first; inside one, the row tiles i₀ < the
 //!   block's end in order, each over the block's panels right of i₀ − 48. A row tile's 8
-//!   values per depth step are copied into a strip of their own first (24 KiB, kept in L1):
-//!   read in place, every step touched a new cache line of its panel for 32 useful bytes,
-//!   and W1 took 66–68 ms instead of 60–62.
+//!   values per depth step are copied into a strip of their own once per depth block (24
+//!   KiB, kept in L1): read in place, every step touched a new cache line of its panel for
+//!   32 useful bytes (W1 66–68 ms); copied per column block, 58–62 ms; once, 55–57 ms.
 //! * **Memory.** The packed columns take (M − r₀) · KC · 4 bytes, at most [`PACKED_BYTES`]
-//!   (KC shrinks for wider sums and for narrow bands).
+//!   (KC shrinks for wider sums), and shared row strips (r₁ − r₀) · KC · 4 more.
 //! * **Sums.** Each entry is Σ over depth blocks (in order) of an FMA chain over the block
 //!   (in order), added to `pending`: the same for a band as for the whole sum, whatever the
 //!   tiling, so a band is bitwise the whole sum's rows. Entries left of the diagonal inside
@@ -71,10 +71,25 @@ fn depth_block(m: usize) -> usize {
     (packed_bytes / (4 * m.div_ceil(NR).max(1) * NR)).clamp(MIN_KC, KC)
 }
 
-/// The most scratch [`syrk_upper`] allocates for a band of a sum of side `m` from row `r0`
-/// (its packed columns), bytes: what the callers count in their memory plan.
-pub(super) fn scratch_bytes(m: usize, r0: usize) -> u64 {
-    ((m - r0.min(m)).div_ceil(NR) * NR * depth_block(m) * 4) as u64
+/// The most scratch [`syrk_upper`] allocates for the band `rows` of a sum of side `m` (its
+/// packed columns, and its row strips where they are shared), bytes: what the callers count
+/// in their memory plan.
+pub(super) fn scratch_bytes(m: usize, rows: std::ops::Range<usize>) -> u64 {
+    let width = m - rows.start.min(m);
+    let strips = if shared_strips(m, rows.start) { rows.len().div_ceil(MR) * MR } else { 0 };
+    ((width.div_ceil(NR) * NR + strips) * depth_block(m) * 4) as u64
+}
+
+/// Column blocks from which the row strips are copied once per depth block for all of
+/// them rather than by each block's task: a row tile is then copied once instead of once
+/// per block right of it (W1: 58–62 → 55–57 ms); below it (KFAC's 513- and 785-wide
+/// factors: 2–3 blocks) the shared copy cost more, through the memory it takes from the
+/// micro-batch, than it saved.
+const SHARED_STRIPS_FROM_BLOCKS: usize = 4;
+
+/// Whether a band from row `r0` of a sum of side `m` shares its row strips.
+fn shared_strips(m: usize, r0: usize) -> bool {
+    (m - r0.min(m)).div_ceil(NR).div_ceil(BLOCK_PANELS) >= SHARED_STRIPS_FROM_BLOCKS
 }
 
 /// Packed columns, 64-byte aligned (a panel's rows start on cache lines).
@@ -118,8 +133,11 @@ pub(super) fn syrk_upper(a: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, s
         return;
     }
     let panels = (m - r0).div_ceil(NR);
+    let tiles = (r1 - r0).div_ceil(MR);
     let kc_max = depth_block(m).min(k);
+    let shared = shared_strips(m, r0);
     let mut packed = Packed::zeroed(panels * NR * kc_max);
+    let mut strips = Packed::zeroed(if shared { tiles * MR * kc_max } else { 0 });
     let dst = DstPtr(pending.as_mut_ptr());
     // Column blocks, the widest (rightmost: most row tiles above them) first.
     let blocks: Vec<usize> = (0..panels.div_ceil(BLOCK_PANELS)).rev().collect();
@@ -128,23 +146,40 @@ pub(super) fn syrk_upper(a: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, s
         let buf = packed.as_mut_slice(panels * NR * kc_max);
         pack(a, k0, kc, r0, buf);
         let buf: &[f32] = buf;
+        // Each row tile's 8 values of every depth step, copied out of their panel into a
+        // strip of their own (24 KiB at KC = 768), so that a strip stays in L1 while the
+        // block's panels stream from L2 past it.
+        // (Once per depth block for sums of many column blocks; otherwise each block's task
+        // copies the strips it needs, which is cheaper than the shared copy's memory.)
+        let strip_of = |q: usize, strip: &mut [f32]| {
+            let (ip, ioff) = ((q * MR) / NR, (q * MR) % NR);
+            let panel = &buf[ip * NR * kc..(ip + 1) * NR * kc];
+            for (out, step) in strip.chunks_exact_mut(MR).zip(panel.chunks_exact(NR)) {
+                out.copy_from_slice(&step[ioff..ioff + MR]);
+            }
+        };
+        let strips = strips.as_mut_slice(if shared { tiles * MR * kc_max } else { 0 });
+        if shared {
+            strips[..tiles * MR * kc].par_chunks_mut(MR * kc).enumerate().for_each(|(q, strip)| strip_of(q, strip));
+        }
+        let strips: &[f32] = strips;
         let add = accumulate || k0 > 0;
         blocks.par_iter().with_max_len(1).for_each(|&b| {
-            // A row tile's 8 values of each depth step, copied out of their panel so that
-            // they stay in L1 (24 KiB at KC = 768) while the block's panels stream from L2.
-            let mut strip = vec![0f32; kc * MR];
+            let mut own = if shared { Vec::new() } else { vec![0f32; MR * kc] };
             let p_lo = b * BLOCK_PANELS;
             let p_hi = (p_lo + BLOCK_PANELS).min(panels);
             let block_end = (r0 + p_hi * NR).min(m);
             // Row tiles from r₀ up to the block's end (and the band's).
             for i0 in (r0..r1.min(block_end)).step_by(MR) {
                 let tile_rows = MR.min(r1 - i0);
-                // The panel holding rows i0 .. i0 + 8, and their offset in it.
-                let (ip, ioff) = ((i0 - r0) / NR, (i0 - r0) % NR);
-                let panel = &buf[ip * NR * kc..(ip + 1) * NR * kc];
-                for (out, step) in strip.chunks_exact_mut(MR).zip(panel.chunks_exact(NR)) {
-                    out.copy_from_slice(&step[ioff..ioff + MR]);
-                }
+                let q = (i0 - r0) / MR;
+                let strip: &[f32] = match shared {
+                    true => &strips[q * MR * kc..(q + 1) * MR * kc],
+                    false => {
+                        strip_of(q, &mut own);
+                        &own
+                    }
+                };
                 // Panels of the block whose last column is ≥ i0.
                 let first = ((i0 - r0) / NR).max(p_lo);
                 for p in first..p_hi {
