@@ -142,7 +142,12 @@ impl Engine {
     /// assert_eq!(f.dim(), (8, 8));
     /// ```
     pub fn fisher_from_grads(&self, grads: ArrayView2<'_, f32>, form: &Form) -> Result<FisherMatrix> {
-        check_matrix("gradients", grads, 0)?;
+        // An empty matrix is refused here, before the form is checked against its width;
+        // NaN/±Inf are refused, with their row and column, by the backend, which checks every
+        // chunk pushed and the Gram's input (scanning 32 MB twice cost 3 % of W1).
+        if grads.is_empty() {
+            check_matrix("gradients", grads, 0)?;
+        }
         form.validate(grads.ncols())?;
         if *form == Form::Gram {
             return Ok(FisherMatrix::Gram(self.backend.gram(grads)?));
