@@ -33,6 +33,25 @@ use crate::model::{DataSource, Mlp};
 use crate::validate::check_matrix;
 use syrk::{band_values, plan_bands, SymmetricSum};
 
+/// An f32 buffer shared by rayon tasks that each write a part of it no other task touches
+/// (disjoint rows in `network::kron_add`, disjoint column ranges in `syrk_avx512`): raw
+/// pointers are neither `Send` nor `Sync`, and the disjointness is the callers' to keep.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointWrites(pub(crate) *mut f32);
+
+// SAFETY: only handed to tasks that write disjoint parts of the buffer (see above), while the
+// buffer is borrowed mutably by the caller that spawned them.
+unsafe impl Send for DisjointWrites {}
+// SAFETY: as above.
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    /// The pointer (a method, so that closures capture the wrapper, not its field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Multi-threaded f32 CPU backend (see the [module docs](self) for the algorithms).
 ///
 /// ```

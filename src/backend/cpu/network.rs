@@ -515,18 +515,6 @@ fn kron_cost(plan: &NetPlan) -> BatchCost {
     cost
 }
 
-/// A pointer to the f32 buffer that the tasks of [`kron_add`] write disjoint rows of.
-#[derive(Clone, Copy)]
-struct RowsPtr(*mut f32);
-// SAFETY: shared between rayon tasks that write disjoint rows only (see `kron_add`).
-unsafe impl Send for RowsPtr {}
-unsafe impl Sync for RowsPtr {}
-impl RowsPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Adds one micro-batch's Σᵢ Σ_q g_iq g_iqᵀ (upper triangle) to the bands `sums` of full F
 /// (`full`) or of the layer blocks (`owners[k]` the layer of `sums[k]`), without forming the
 /// gradient rows g_iq = δ_iq ⊗ ã_i.
@@ -556,7 +544,7 @@ fn kron_add(sums: &mut [BlockSum], owners: &[usize], full: bool, shapes: &[Layer
         let sym = sum.sym_mut();
         sym.begin_direct(m);
         let (rows, stride, pending) = sym.direct_rows();
-        let target = RowsPtr(pending.as_mut_ptr());
+        let target = super::DisjointWrites(pending.as_mut_ptr());
         let row_layers: &[usize] = if full { &all } else { std::slice::from_ref(&owner) };
         for &l in row_layers {
             let s = &shapes[l];

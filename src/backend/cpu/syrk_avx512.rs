@@ -108,19 +108,6 @@ impl Packed {
     }
 }
 
-/// A pointer into `pending` shared by the tasks, each of which writes only its own columns.
-#[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-// SAFETY: the tasks write disjoint column ranges of the rows (see `syrk_upper`).
-unsafe impl Send for DstPtr {}
-// SAFETY: as above.
-unsafe impl Sync for DstPtr {}
-impl DstPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `pending[(i − r₀)·stride + j − r₀]` (+)= Σₖ a[k, i]·a[k, j] for i ∈ `rows` (a band
 /// [r₀, r₁) of the M = a.ncols() rows), j ∈ [i, M); it adds when `accumulate`, else it
 /// overwrites. `a` has positive strides. Callers check [`available`] first.
@@ -138,7 +125,8 @@ pub(super) fn syrk_upper(a: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, s
     let shared = shared_strips(m, r0);
     let mut packed = Packed::zeroed(panels * NR * kc_max);
     let mut strips = Packed::zeroed(if shared { tiles * MR * kc_max } else { 0 });
-    let dst = DstPtr(pending.as_mut_ptr());
+    // The tasks write disjoint column ranges of the rows.
+    let dst = super::DisjointWrites(pending.as_mut_ptr());
     // Column blocks, the widest (rightmost: most row tiles above them) first.
     let blocks: Vec<usize> = (0..panels.div_ceil(BLOCK_PANELS)).rev().collect();
     for k0 in (0..k).step_by(kc_max) {
