@@ -7,7 +7,7 @@
 //!
 //! | form | how | precision |
 //! |---|---|---|
-//! | Full, BlockDiagonal | upper-triangle panels of GᵀG with the `gemm` crate's f32 micro-kernels (half the flops of a GEMM), partial sums of ≤ 4096 rows moved to f64 | blocked-GEMM level, independent of N |
+//! | Full, BlockDiagonal | the upper triangle of GᵀG (half the flops of a GEMM): the engine's AVX-512 kernel where the CPU has it (`syrk_avx512`), else panels with the `gemm` crate's f32 micro-kernels; partial sums of ≤ 4096 rows moved to f64 | blocked-GEMM level, independent of N |
 //! | Gram | the same on Gᵀ: upper-triangle panels of G Gᵀ, ≤ 4096 parameters per f32 partial | same |
 //! | Diagonal | Σ G² per column, products and sums in f64 | ≈ f64 then one rounding |
 //! | SampleNorms | ‖gᵢ‖² per row, f64 | ≈ f64 then one rounding |

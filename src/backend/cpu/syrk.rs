@@ -4,7 +4,11 @@
 //!
 //! # Work
 //!
-//! Only the upper triangle is computed. The M columns are cut into row panels of
+//! Only the upper triangle is computed, by one of two kernels ([`Kernel::best`]): on CPUs with
+//! AVX-512F the engine's own ([`super::syrk_avx512`]: A packed once per depth block, only the
+//! tiles that touch the triangle; 1.1–1.2× OpenBLAS's `ssyrk` at M = 2048, against 1.4× for
+//! the panels below), elsewhere `gemm` in panels. For `gemm`, the M columns are cut into row
+//! panels of
 //! [`PANEL`] rows; panel I = [i₀, i₁) multiplies A[:, i₀..i₁]ᵀ by A[:, i₀..M] with one
 //! `gemm` call (the diagonal block in full, everything right of it), so the whole update
 //! costs K·M²/2·(1 + PANEL/M) multiply-adds instead of K·M². Below M = [`SPLIT_FROM`], where
