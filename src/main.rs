@@ -142,12 +142,12 @@ fn main() -> ExitCode {
 /// under 256 MiB. A value that does not parse changes nothing here: the command reports it.
 fn keep_freed_scratch() {
     use fisher_engine::backend::cpu::{allocator, DEFAULT_ACCUMULATOR_BYTES};
-    let budget = match std::env::var(fisher_engine::device::CPU_MEMORY_ENV) {
-        Ok(text) => match text.trim().parse::<u64>() {
-            Ok(mib) => mib.saturating_mul(1 << 20),
-            Err(_) => return,
-        },
-        Err(_) => DEFAULT_ACCUMULATOR_BYTES,
+    use fisher_engine::device::{DeviceRequest, CPU_MEMORY_ENV};
+    // The request's own parser, given the CPU budget's variable alone.
+    let only_cpu = |name: &str| (name == CPU_MEMORY_ENV).then(|| std::env::var(name).ok()).flatten();
+    let budget = match DeviceRequest::with_env(fisher_engine::Backend::Cpu, Default::default(), only_cpu) {
+        Ok(request) => request.cpu_memory_bytes.unwrap_or(DEFAULT_ACCUMULATOR_BYTES),
+        Err(_) => return,
     };
     let retention = allocator::keep_freed_scratch(budget);
     log::debug!("allocator: {retention:?} (CPU budget {budget} bytes)");
