@@ -6,6 +6,8 @@
 //! indexed rows through views: in `perf` they took 33% of W3's true diag, 25% of its KFAC
 //! and 50% of its empirical diag (784-512-512-10, N = 4096), more than the GEMMs did.
 
+use std::mem::MaybeUninit;
+
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 
@@ -13,11 +15,26 @@ use crate::model::Activation;
 
 /// Elements per parallel task: big enough that a task costs more than rayon's hand-off
 /// (~1 µs), small enough to split a 4096 × 512 pass over every core.
-const GRAIN: usize = 1 << 14;
+pub(crate) const GRAIN: usize = 1 << 14;
 
 /// Rows per task for rows of `width` elements (at least one row).
 fn rows_per_task(width: usize) -> usize {
     (GRAIN / width.max(1)).max(1)
+}
+
+/// A fresh m × n array (standard layout) filled by `write`, which is handed its m·n
+/// uninitialised values row-major and writes every one of them: scratch without the memset
+/// of `Array2::zeros`. The memsets are real work here: the allocator keeps freed scratch
+/// (`allocator::keep_freed_scratch`), so `calloc` cannot hand out fresh zero pages; they
+/// were 3–6 % of W3's diag and KFAC in `perf`.
+///
+/// # Safety
+/// `write` must initialise every element of the slice it is given.
+pub(crate) unsafe fn fresh(m: usize, n: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Array2<f32> {
+    let mut out = Array2::<f32>::uninit((m, n));
+    write(out.as_slice_mut().expect("fresh arrays are standard layout"));
+    // SAFETY: the caller's `write` initialised every element.
+    unsafe { out.assume_init() }
 }
 
 /// Runs `body` with the activation's f32 function (`derivative = false`) or its derivative
@@ -49,24 +66,31 @@ macro_rules! with_fn {
     };
 }
 
-/// `dst[r, ..w] = φ(z[r, ..])` for z m × w and dst m × ld (ld ≥ w; the columns past w, the
-/// bias column of ones, are left alone). Both standard layout.
-pub(crate) fn activate(phi: Activation, z: ArrayView2<'_, f32>, mut dst: ArrayViewMut2<'_, f32>) {
+/// [φ(z) | 1]: an m × ld array whose first w columns are φ(z) (z m × w, ld ≥ w) and whose
+/// columns past w (the bias column of an augmented activation) are 1.
+pub(crate) fn activate(phi: Activation, z: ArrayView2<'_, f32>, ld: usize) -> Array2<f32> {
     let (m, w) = z.dim();
-    let ld = dst.ncols();
-    assert!(dst.nrows() == m && ld >= w, "activate shapes");
+    assert!(ld >= w, "activate shapes");
+    let z = z.as_standard_layout();
     let z = z.as_slice().expect("standard layout");
-    let dst = dst.as_slice_mut().expect("standard layout");
     let rows = rows_per_task(w);
-    with_fn!(phi, |f| {
-        dst.par_chunks_mut(rows * ld).zip(z.par_chunks(rows * w)).for_each(|(d, z)| {
-            for (drow, zrow) in d.chunks_mut(ld).zip(z.chunks(w)) {
-                for (o, &x) in drow[..w].iter_mut().zip(zrow) {
-                    *o = f(x);
-                }
-            }
-        });
-    });
+    // SAFETY: every row's first w values are φ(z), the rest 1.
+    unsafe {
+        fresh(m, ld, |dst| {
+            with_fn!(phi, |f| {
+                dst.par_chunks_mut(rows * ld).zip(z.par_chunks(rows * w)).for_each(|(d, z)| {
+                    for (drow, zrow) in d.chunks_mut(ld).zip(z.chunks(w)) {
+                        for (o, &x) in drow[..w].iter_mut().zip(zrow) {
+                            o.write(f(x));
+                        }
+                        for o in &mut drow[w..] {
+                            o.write(1.0);
+                        }
+                    }
+                });
+            })
+        })
+    }
 }
 
 /// φ'(z) (m × w), from the pre-activations z and, where cheaper, the activations a
@@ -76,39 +100,39 @@ pub(crate) fn derivative(phi: Activation, z: ArrayView2<'_, f32>, a: ArrayView2<
     let (m, w) = z.dim();
     let ld = a.ncols();
     assert!(a.nrows() == m && ld >= w, "derivative shapes");
-    let mut out = Array2::<f32>::zeros((m, w));
     let zs = z.as_slice().expect("standard layout");
     let as_ = a.as_slice().expect("standard layout");
     let rows = rows_per_task(w);
-    let outs = out.as_slice_mut().expect("fresh array");
     macro_rules! from_z {
-        ($f:expr) => {
-            outs.par_chunks_mut(rows * w).zip(zs.par_chunks(rows * w)).for_each(|(o, z)| {
+        ($outs:expr, $f:expr) => {
+            $outs.par_chunks_mut(rows * w).zip(zs.par_chunks(rows * w)).for_each(|(o, z)| {
                 for (o, &x) in o.iter_mut().zip(z) {
-                    *o = $f(x);
+                    o.write($f(x));
                 }
             })
         };
     }
     macro_rules! from_a {
-        ($f:expr) => {
-            outs.par_chunks_mut(rows * w).zip(as_.par_chunks(rows * ld)).for_each(|(o, a)| {
+        ($outs:expr, $f:expr) => {
+            $outs.par_chunks_mut(rows * w).zip(as_.par_chunks(rows * ld)).for_each(|(o, a)| {
                 for (orow, arow) in o.chunks_mut(w).zip(a.chunks(ld)) {
                     for (o, &y) in orow.iter_mut().zip(&arow[..w]) {
-                        *o = $f(y);
+                        o.write($f(y));
                     }
                 }
             })
         };
     }
-    match phi {
-        Activation::Relu => from_z!(|x: f32| if x > 0.0 { 1.0f32 } else { 0.0 }),
-        Activation::Tanh => from_a!(|y: f32| 1.0 - y * y),
-        Activation::Sigmoid => from_a!(|y: f32| y * (1.0 - y)),
-        Activation::Gelu => from_z!(|x: f32| Activation::Gelu.derivative(x)),
-        Activation::Identity => outs.fill(1.0),
+    // SAFETY: each arm writes all m·w values (m rows of w from z, or of ld ≥ w from a).
+    unsafe {
+        fresh(m, w, |outs| match phi {
+            Activation::Relu => from_z!(outs, |x: f32| if x > 0.0 { 1.0f32 } else { 0.0 }),
+            Activation::Tanh => from_a!(outs, |y: f32| 1.0 - y * y),
+            Activation::Sigmoid => from_a!(outs, |y: f32| y * (1.0 - y)),
+            Activation::Gelu => from_z!(outs, |x: f32| Activation::Gelu.derivative(x)),
+            Activation::Identity => from_z!(outs, |_: f32| 1.0f32),
+        })
     }
-    out
 }
 
 /// `rows[q, ..] *= scale[q / d, ..]` for rows (m·d) × w and scale m × w, both standard
@@ -136,41 +160,46 @@ pub(crate) fn row_square_sums(delta: ArrayView2<'_, f32>, d: usize) -> Array2<f3
     let w = delta.ncols();
     assert!(d > 0 && delta.nrows() % d == 0, "row_square_sums shapes");
     let m = delta.nrows() / d;
-    let mut out = Array2::<f32>::zeros((m, w));
     let src = delta.as_slice().expect("standard layout");
-    let dst = out.as_slice_mut().expect("fresh array");
     let per_task = rows_per_task(w * d).max(1);
-    dst.par_chunks_mut(per_task * w).zip(src.par_chunks(per_task * d * w)).for_each(|(o, s)| {
-        let mut part = vec![0f32; w];
-        let mut long = if d > F32_TERMS { vec![0f64; w] } else { Vec::new() };
-        for (orow, sample) in o.chunks_mut(w).zip(s.chunks(d * w)) {
-            if d <= F32_TERMS {
-                orow.fill(0.0);
-                for row in sample.chunks(w) {
-                    for (acc, &x) in orow.iter_mut().zip(row) {
-                        *acc += x * x;
+    // SAFETY: each task writes every value of its m' rows of w (one per sample).
+    unsafe {
+        fresh(m, w, |dst| {
+            dst.par_chunks_mut(per_task * w).zip(src.par_chunks(per_task * d * w)).for_each(|(o, s)| {
+                let mut part = vec![0f32; w];
+                let mut long = if d > F32_TERMS { vec![0f64; w] } else { Vec::new() };
+                for (orow, sample) in o.chunks_mut(w).zip(s.chunks(d * w)) {
+                    if d <= F32_TERMS {
+                        part.fill(0.0);
+                        for row in sample.chunks(w) {
+                            for (acc, &x) in part.iter_mut().zip(row) {
+                                *acc += x * x;
+                            }
+                        }
+                        for (o, &p) in orow.iter_mut().zip(&part) {
+                            o.write(p);
+                        }
+                        continue;
+                    }
+                    long.fill(0.0);
+                    for block in sample.chunks(F32_TERMS * w) {
+                        part.fill(0.0);
+                        for row in block.chunks(w) {
+                            for (acc, &x) in part.iter_mut().zip(row) {
+                                *acc += x * x;
+                            }
+                        }
+                        for (l, &p) in long.iter_mut().zip(&part) {
+                            *l += f64::from(p);
+                        }
+                    }
+                    for (o, &l) in orow.iter_mut().zip(&long) {
+                        o.write(l as f32);
                     }
                 }
-                continue;
-            }
-            long.fill(0.0);
-            for block in sample.chunks(F32_TERMS * w) {
-                part.fill(0.0);
-                for row in block.chunks(w) {
-                    for (acc, &x) in part.iter_mut().zip(row) {
-                        *acc += x * x;
-                    }
-                }
-                for (l, &p) in long.iter_mut().zip(&part) {
-                    *l += f64::from(p);
-                }
-            }
-            for (o, &l) in orow.iter_mut().zip(&long) {
-                *o = l as f32;
-            }
-        }
-    });
-    out
+            });
+        })
+    }
 }
 
 /// Longest f32 sum of squares in [`row_square_sums`] (relative error ≤ 64·2⁻²⁴ ≈ 4·10⁻⁶
@@ -191,14 +220,18 @@ pub(crate) fn add_into_f64(mut acc: ArrayViewMut2<'_, f64>, part: ArrayView2<'_,
 
 /// x ∘ x element-wise (standard layout in and out).
 pub(crate) fn squares(x: ArrayView2<'_, f32>) -> Array2<f32> {
-    let mut out = Array2::<f32>::zeros(x.dim());
+    let (m, w) = x.dim();
     let src = x.as_slice().expect("standard layout");
-    out.as_slice_mut().expect("fresh array").par_chunks_mut(GRAIN).zip(src.par_chunks(GRAIN)).for_each(|(o, s)| {
-        for (o, &v) in o.iter_mut().zip(s) {
-            *o = v * v;
-        }
-    });
-    out
+    // SAFETY: the chunks of the output and of x pair up one to one and cover both.
+    unsafe {
+        fresh(m, w, |out| {
+            out.par_chunks_mut(GRAIN).zip(src.par_chunks(GRAIN)).for_each(|(o, s)| {
+                for (o, &v) in o.iter_mut().zip(s) {
+                    o.write(v * v);
+                }
+            })
+        })
+    }
 }
 
 #[cfg(test)]
@@ -216,8 +249,7 @@ mod tests {
         let (m, w, ld) = (37, 600, 601);
         let z = grid(m, w, 0.37);
         for phi in Activation::ALL {
-            let mut a = Array2::<f32>::ones((m, ld));
-            activate(phi, z.view(), a.view_mut());
+            let a = activate(phi, z.view(), ld);
             let d = derivative(phi, z.view(), a.view());
             for i in 0..m {
                 assert_eq!(a[[i, w]], 1.0, "bias column kept");

@@ -25,7 +25,7 @@ use crate::error::{FisherError, Result};
 use crate::fisher::exact::ExactSum;
 use crate::fisher::sums::{diag_of, packed_row, symmetric_of, NetSums, SumLayer, DEFAULT_BLOCK_SAMPLES};
 use crate::fisher::{mc_class, mc_normal, Fvp, KfacFactors, MemorySink, NetFisher, NetForm, ResultSink, Variant};
-use crate::model::{DataSource, Mlp, TargetRows};
+use crate::model::{Activation, DataSource, Mlp, TargetRows};
 
 /// Default scratch of one micro-batch, bytes ([`CpuBackend::with_batch_bytes`]): large
 /// enough for efficient GEMMs, small enough to keep the per-batch buffers (m·d rows of the
@@ -57,29 +57,49 @@ fn gemm_into(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_
 
 /// C = A·B, or C += A·B when `accumulate`, with `gemm`'s `parallelism`.
 fn gemm_with(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>, accumulate: bool, parallelism: gemm::Parallelism) {
+    assert!(c.dim() == (a.nrows(), b.ncols()), "matmul shapes");
+    let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
+    // SAFETY: C is a distinct mutable view of a.nrows() × b.ncols() values at its strides.
+    unsafe { gemm_raw(a, b, c.as_mut_ptr(), (c_rs, c_cs), accumulate, parallelism) }
+}
+
+/// A·B in a fresh standard-layout array, without zeroing it first: `gemm` writes every
+/// entry of C and reads none when it does not accumulate (for k = 0 too, where it writes
+/// zeros).
+fn matmul_new(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>) -> Array2<f32> {
+    let (m, n) = (a.nrows(), b.ncols());
+    let mut c = Array2::<f32>::uninit((m, n));
+    // SAFETY: C is m × n values, row-major, writable; gemm initialises each of them (see
+    // above), so that the array is initialised afterwards.
+    unsafe {
+        gemm_raw(a, b, c.as_mut_ptr().cast::<f32>(), (n as isize, 1), false, gemm::Parallelism::Rayon(0));
+        c.assume_init()
+    }
+}
+
+/// C = A·B, or C += A·B when `accumulate`, for C at `c` with strides `(row, col)`.
+///
+/// # Safety
+/// `c` must be valid for writes (and, when `accumulate`, reads of initialised values) at
+/// r·row + j·col for r < a.nrows(), j < b.ncols(), and not overlap A or B.
+unsafe fn gemm_raw(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: *mut f32, (c_rs, c_cs): (isize, isize), accumulate: bool, parallelism: gemm::Parallelism) {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
-    assert!(k == k2 && c.dim() == (m, n), "matmul shapes");
+    assert!(k == k2, "matmul shapes");
     if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.fill(0.0);
-        }
         return;
     }
     let (a_rs, a_cs) = (a.strides()[0], a.strides()[1]);
     let (b_rs, b_cs) = (b.strides()[0], b.strides()[1]);
-    let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
     // SAFETY: every index gemm forms is (r < m, kk < k) in A, (kk < k, c < n) in B and
-    // (r < m, c < n) in C, all inside the views; C is a distinct mutable view.
+    // (r < m, c < n) in C, all inside the views and the caller's C. For k = 0 gemm sets C
+    // to zero, or leaves it, when accumulating.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             c_cs,
             c_rs,
             accumulate,
@@ -129,9 +149,34 @@ impl<'a> AugmentedWeight<'a> {
     /// z = ã [W | b]ᵀ (m × out) for augmented activations ã (m × augmented_in, whose bias
     /// column is 1).
     ///
-    /// The bias is added after the GEMM, in f32, rather than as the GEMM's last term: the
-    /// same sum up to rounding (the GEMM's blocking over k moves with k), without a copy of
-    /// [W | b] to multiply by.
+    /// The GEMM of ã's first fan_in columns with Wᵀ adds into z preset to b on every row:
+    /// the same sum as with b as the GEMM's last term up to rounding, without a copy of
+    /// [W | b] to multiply by, and without a pass over z to add b.
+    fn product(&self, acts: ArrayView2<'_, f32>) -> Array2<f32> {
+        let x = acts.slice(s![.., ..self.weight.ncols()]);
+        let Some(bias) = self.bias else { return matmul_new(x, self.weight.t()) };
+        let (m, out) = (acts.nrows(), self.weight.nrows());
+        let bias = bias.as_standard_layout();
+        let bias = bias.as_slice().expect("standard layout");
+        let rows = (super::elementwise::GRAIN / out.max(1)).max(1);
+        // SAFETY: every row is set to b (`out` values each).
+        let mut z = unsafe {
+            super::elementwise::fresh(m, out, |z| {
+                z.par_chunks_mut(rows * out.max(1)).for_each(|block| {
+                    for row in block.chunks_mut(out.max(1)) {
+                        for (o, &b) in row.iter_mut().zip(bias) {
+                            o.write(b);
+                        }
+                    }
+                })
+            })
+        };
+        matmul_add(x, self.weight.t(), z.view_mut());
+        z
+    }
+
+    /// z = ã [W | b]ᵀ into a view (see [`AugmentedWeight::product`]): the GEMM, then b added
+    /// to every row.
     fn product_into(&self, acts: ArrayView2<'_, f32>, mut z: ArrayViewMut2<'_, f32>) {
         matmul(acts.slice(s![.., ..self.weight.ncols()]), self.weight.t(), z.view_mut());
         if let Some(bias) = self.bias {
@@ -156,16 +201,11 @@ fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, 
     let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
     let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
     let first = &mlp.layers[0];
-    let mut a0 = Array2::<f32>::ones((m, first.augmented_in()));
-    a0.slice_mut(s![.., ..first.fan_in()]).assign(&data.inputs(s0, m)?);
-    acts.push(a0);
-    for (l, layer) in mlp.layers.iter().enumerate() {
-        let mut z = Array2::<f32>::zeros((m, layer.fan_out()));
-        waug[l].product_into(acts[l].view(), z.view_mut());
+    acts.push(activate(Activation::Identity, data.inputs(s0, m)?.view(), first.augmented_in()));
+    for l in 0..depth {
+        let z = waug[l].product(acts[l].view());
         if l + 1 < depth {
-            let mut a = Array2::<f32>::ones((m, mlp.layers[l + 1].augmented_in()));
-            activate(mlp.activations[l], z.view(), a.view_mut());
-            acts.push(a);
+            acts.push(activate(mlp.activations[l], z.view(), mlp.layers[l + 1].augmented_in()));
         }
         zs.push(z);
     }
@@ -1117,8 +1157,7 @@ fn reduce(
                                 let acc = sum.dense_mut();
                                 for c0 in unit.rows.clone().step_by(DIAG_ROWS) {
                                     let c1 = (c0 + DIAG_ROWS).min(unit.rows.end);
-                                    let mut part = Array2::<f32>::zeros((c1 - c0, layer.augmented_in()));
-                                    matmul(dsq.slice(s![.., c0..c1]).t(), act_squares[l].view(), part.view_mut());
+                                    let part = matmul_new(dsq.slice(s![.., c0..c1]).t(), act_squares[l].view());
                                     let at = c0 - unit.rows.start;
                                     add_into_f64(acc.slice_mut(s![at..at + c1 - c0, ..]), part.view());
                                 }
@@ -1167,8 +1206,7 @@ fn reduce(
                     }
                 }
                 if l > lowest && l > lowest_delta {
-                    let mut back = Array2::<f32>::zeros((m * d, layer.fan_in()));
-                    matmul(delta.view(), layer.weight.view(), back.view_mut());
+                    let mut back = matmul_new(delta.view(), layer.weight.view());
                     scale_rows(back.view_mut(), derivs[l - 1].view(), d);
                     delta = back;
                 }
@@ -1474,8 +1512,7 @@ impl<'a> CpuNetOperator<'a> {
                 add_into_f64(acc[l].view_mut(), part.view());
             }
             if l > 0 {
-                let mut back = Array2::<f32>::zeros((kk * m, layer.fan_in()));
-                matmul(delta.view(), layer.weight.view(), back.view_mut());
+                let mut back = matmul_new(delta.view(), layer.weight.view());
                 for j in 0..kk {
                     scale_rows(back.slice_mut(s![j * m..(j + 1) * m, ..]), fw.derivs[l - 1].view(), 1);
                 }
@@ -1552,8 +1589,7 @@ impl CpuGramOperator {
                 deltas[l].slice_mut(s![s0 * r..(s0 + m) * r, ..]).assign(&delta);
                 if l > 0 {
                     let layer = &mlp.layers[l];
-                    let mut back = Array2::<f32>::zeros((m * r, layer.fan_in()));
-                    matmul(delta.view(), layer.weight.view(), back.view_mut());
+                    let mut back = matmul_new(delta.view(), layer.weight.view());
                     scale_rows(back.view_mut(), derivs[l - 1].view(), r);
                     delta = back;
                 }
@@ -1582,10 +1618,8 @@ impl CpuGramOperator {
                     }
                 }
             });
-            let mut g = Array2::<f32>::zeros((out_l, act.ncols()));
-            matmul(e.t(), act.view(), g.view_mut());
-            let mut h = Array2::<f32>::zeros((n, out_l));
-            matmul(act.view(), g.t(), h.view_mut());
+            let g = matmul_new(e.t(), act.view());
+            let h = matmul_new(act.view(), g.t());
             let hs = h.as_slice().expect("fresh array");
             out.par_chunks_mut(r).enumerate().for_each(|(i, o)| {
                 let hrow = &hs[i * out_l..(i + 1) * out_l];
