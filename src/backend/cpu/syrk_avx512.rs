@@ -11,7 +11,10 @@
 //!   The same panels feed both sides of the product: a tile's [`MR`] = 8 rows i₀ .. i₀ + 8
 //!   are 8 consecutive values of a panel's rows (8 divides 48).
 //! * **Micro-kernel.** An 8 × 48 tile of C, 24 zmm accumulators: for each depth step, three
-//!   vector loads of the column panel and eight broadcasts of the row values, 24 FMAs.
+//!   vector loads of the column panel and eight broadcasts of the row values, 24 FMAs. On
+//!   the diagonal, and in a last panel narrower than 48, the tile keeps only the vectors of
+//!   16 columns that reach the triangle (8 × 32 or 8 × 16): the full tiles cost 15 % more
+//!   multiply-adds than the triangle at M = 512, 4 % at 2048 (W3's KFAC −3 %, W1 −2.5 %).
 //! * **Order.** Blocks of [`BLOCK_PANELS`] column panels (288 columns, KC = 768: 864 KiB,
 //!   kept in L2) run in parallel, the widest first; inside one, the row tiles i₀ < the
 //!   block's end in order, each over the block's panels right of i₀ − 48. A row tile's 8
@@ -39,6 +42,8 @@ use rayon::prelude::*;
 pub(super) const MR: usize = 8;
 /// Columns of a tile (three vectors of 16).
 pub(super) const NR: usize = 48;
+/// f32 values per zmm vector.
+const LANES: usize = 16;
 /// Depth of a block: a column panel is 48 · 768 · 4 = 144 KiB, a row tile's strip 24 KiB (in
 /// L1). At M = 2048, K = 4096 (W1, 2-core Xeon, best of 9, two runs each, with
 /// [`BLOCK_PANELS`] = 6): KC 640 → 60–62 ms, 768 → 60–61, 1024 → 62–67; 512 and 2048 were
@@ -198,14 +203,27 @@ pub(super) fn syrk_upper(a: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, s
                 for p in first..p_hi {
                     let j0 = r0 + p * NR;
                     let cols = NR.min(m - j0);
-                    let cols_at = &buf[p * NR * kc..(p + 1) * NR * kc];
+                    // The panel's vectors of 16 columns from the first that reaches column
+                    // i0 (those wholly left of it lie below every row's diagonal) to the
+                    // last that holds a column < M: at M = 512 (KFAC's factors) the full
+                    // 48-wide tiles did 15 % more multiply-adds than the triangle needs.
+                    let skip = i0.saturating_sub(j0) / LANES;
+                    let (v0, v1) = (skip, cols.div_ceil(LANES));
+                    let cols_at = &buf[p * NR * kc + v0 * LANES..(p + 1) * NR * kc];
                     // SAFETY: AVX-512F checked above; strip holds kc rows of MR values,
-                    // cols_at kc rows of NR; the tile's rows
-                    // i0 .. i0 + tile_rows < r₁ and columns j0 .. j0 + cols ≤ M lie in
-                    // `pending` at (i − r₀)·stride + j − r₀, and only this task writes
-                    // columns j0 .. j0 + cols (its block's).
+                    // cols_at kc rows of NR from vector v0 (the last row's 16·(3 − v0)
+                    // values end the panel); the tile's rows i0 .. i0 + tile_rows < r₁ and
+                    // columns j0 + 16·v0 .. j0 + cols ≤ M lie in `pending` at
+                    // (i − r₀)·stride + j − r₀, and only this task writes columns
+                    // j0 .. j0 + cols (its block's).
                     unsafe {
-                        tile(kc, strip.as_ptr(), cols_at.as_ptr(), dst.get().add((i0 - r0) * stride + (j0 - r0)), stride, tile_rows, cols, add);
+                        let out = dst.get().add((i0 - r0) * stride + (j0 + v0 * LANES - r0));
+                        let ncols = cols - v0 * LANES;
+                        match v1 - v0 {
+                            3 => tile::<3>(kc, strip.as_ptr(), cols_at.as_ptr(), out, stride, tile_rows, ncols, add),
+                            2 => tile::<2>(kc, strip.as_ptr(), cols_at.as_ptr(), out, stride, tile_rows, ncols, add),
+                            _ => tile::<1>(kc, strip.as_ptr(), cols_at.as_ptr(), out, stride, tile_rows, ncols, add),
+                        }
                     }
                 }
             }
@@ -238,39 +256,37 @@ fn pack(a: ArrayView2<'_, f32>, k0: usize, kc: usize, r0: usize, buf: &mut [Mayb
     });
 }
 
-/// The 8 × 48 tile: C[r, c] (+)= Σ_t rows[t·MR + r] · cols[t·NR + c] for r < `nrows`,
-/// c < `ncols`, C[r, c] at `dst` + r·ld + c.
+/// An 8 × 16·V tile (V ≤ 3 vectors of a 48-wide panel): C[r, c] (+)= Σ_t rows[t·MR + r] ·
+/// cols[t·NR + c] for r < `nrows`, c < `ncols` ≤ 16·V, C[r, c] at `dst` + r·ld + c.
 ///
 /// # Safety
-/// AVX-512F; `rows` readable for kc·MR values, `cols` for kc·NR; `dst` writable at r·ld + c
-/// for r < nrows, c < ncols.
+/// AVX-512F; `rows` readable for kc·MR values, `cols` at t·NR + c for t < kc, c < 16·V;
+/// `dst` writable at r·ld + c for r < nrows, c < ncols.
 #[target_feature(enable = "avx512f")]
-unsafe fn tile(kc: usize, rows: *const f32, cols: *const f32, dst: *mut f32, ld: usize, nrows: usize, ncols: usize, add: bool) {
-    let mut c: [[__m512; 3]; MR] = [[_mm512_setzero_ps(); 3]; MR];
+unsafe fn tile<const V: usize>(kc: usize, rows: *const f32, cols: *const f32, dst: *mut f32, ld: usize, nrows: usize, ncols: usize, add: bool) {
+    let mut c: [[__m512; V]; MR] = [[_mm512_setzero_ps(); V]; MR];
     for t in 0..kc {
         let b = cols.add(t * NR);
-        let b0 = _mm512_loadu_ps(b);
-        let b1 = _mm512_loadu_ps(b.add(16));
-        let b2 = _mm512_loadu_ps(b.add(32));
+        let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(LANES * v)));
         let a = rows.add(t * MR);
         for (r, acc) in c.iter_mut().enumerate() {
             let x = _mm512_set1_ps(*a.add(r));
-            acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
-            acc[2] = _mm512_fmadd_ps(x, b2, acc[2]);
+            for v in 0..V {
+                acc[v] = _mm512_fmadd_ps(x, bv[v], acc[v]);
+            }
         }
     }
-    let masks: [__mmask16; 3] = [0, 16, 32].map(|from: usize| {
-        let n = ncols.saturating_sub(from).min(16);
-        if n == 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 }
+    let masks: [__mmask16; V] = std::array::from_fn(|v| {
+        let n = ncols.saturating_sub(LANES * v).min(LANES);
+        if n == LANES { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 }
     });
     for (r, acc) in c.iter().enumerate().take(nrows) {
         let out = dst.add(r * ld);
-        for v in 0..3 {
+        for v in 0..V {
             if masks[v] == 0 {
                 continue;
             }
-            let at = out.add(16 * v);
+            let at = out.add(LANES * v);
             let value = if add { _mm512_add_ps(_mm512_mask_loadu_ps(_mm512_setzero_ps(), masks[v], at), acc[v]) } else { acc[v] };
             _mm512_mask_storeu_ps(at, masks[v], value);
         }
