@@ -241,7 +241,8 @@ impl FisherBackend for CpuBackend {
             params,
             samples: 0,
             sums,
-            stage: Array2::zeros((staged_rows, params)),
+            stage: Array2::zeros((0, params)),
+            stage_rows: staged_rows,
             staged: 0,
             bands,
             pass: 0,
@@ -355,8 +356,12 @@ struct CpuAccumulator {
     params: usize,
     samples: usize,
     sums: Sums,
-    /// Rows waiting for a batch large enough for `gemm` (Full and BlockDiagonal only).
+    /// Rows waiting for a batch large enough for `gemm` (Full and BlockDiagonal only);
+    /// allocated with the first chunk smaller than `stage_rows` (chunks at least that long
+    /// go straight to the sums, and W1's one push paid a 4 MB memset for nothing).
     stage: Array2<f32>,
+    /// Rows `stage` holds once allocated (0 for the other forms).
+    stage_rows: usize,
     /// Rows of `stage` in use.
     staged: usize,
     /// Bands of rows of a full F, one pass each (see [`CpuBackend::with_accumulator_bytes`]);
@@ -467,10 +472,13 @@ impl Accumulator for CpuAccumulator {
         if let Sums::Norms(_) = self.sums {
             check_result(samples, self.result_limit, || format!("the per-sample norms ({} f32)", samples.unwrap_or(usize::MAX)))?;
         }
-        let capacity = self.stage.nrows();
+        let capacity = self.stage_rows;
         if chunk.nrows() >= capacity {
             self.sums.add(chunk);
         } else {
+            if self.stage.nrows() < capacity {
+                self.stage = Array2::zeros((capacity, self.params));
+            }
             let mut rest = chunk;
             while rest.nrows() > 0 {
                 let take = rest.nrows().min(capacity - self.staged);

@@ -385,7 +385,11 @@ impl SymmetricSum {
         assert!(self.is_whole(), "finish of a band; use finish_band_into");
         let m = self.m;
         let scale = 1.0 / divisor;
-        let mut out = vec![0.0f32; m * m];
+        // Not zeroed: every value is written below (the upper part of each block's rows, its
+        // mirror inside the block, and the tiles left of it), and a 16 MB memset was 1 % of W1.
+        let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * m);
+        // SAFETY: MaybeUninit values need no initialisation.
+        unsafe { out.set_len(m * m) };
         if m > 0 {
             out.par_chunks_mut(FINISH_ROWS * m).enumerate().for_each(|(b, block)| {
                 let r0 = b * FINISH_ROWS;
@@ -393,12 +397,17 @@ impl SymmetricSum {
                 // Upper part of this block's rows, (i, j ≥ i).
                 for t in 0..rows {
                     let i = r0 + t;
-                    self.scaled_row_segment(i, i..m, scale, &mut block[t * m + i..(t + 1) * m]);
+                    self.scaled_row_segment(i, i..m, scale, |c, v| {
+                        block[t * m + i + c].write(v);
+                    });
                 }
                 // Lower part inside the block: (i, j) for r0 ≤ j < i is (j, i), just written.
                 for t in 0..rows {
                     for j in r0..r0 + t {
-                        block[t * m + j] = block[(j - r0) * m + r0 + t];
+                        // SAFETY: (j − r0, r0 + t) with r0 + t > j is an upper entry of this
+                        // block, written by the loop above.
+                        let v = unsafe { block[(j - r0) * m + r0 + t].assume_init() };
+                        block[t * m + j].write(v);
                     }
                 }
                 // Lower part left of the block: (r0 + t, j) for j < r0 is (j, r0 + t), an
@@ -410,17 +419,23 @@ impl SymmetricSum {
                 for j0 in (0..r0).step_by(FINISH_ROWS) {
                     let width = FINISH_ROWS.min(r0 - j0);
                     for (jj, tile_row) in tile.iter_mut().enumerate().take(width) {
-                        self.scaled_row_segment(j0 + jj, r0..r0 + rows, scale, &mut tile_row[..rows]);
+                        self.scaled_row_segment(j0 + jj, r0..r0 + rows, scale, |c, v| tile_row[c] = v);
                     }
                     for t in 0..rows {
                         let out_run = &mut block[t * m + j0..t * m + j0 + width];
                         for (jj, o) in out_run.iter_mut().enumerate() {
-                            *o = tile[jj][t];
+                            o.write(tile[jj][t]);
                         }
                     }
                 }
             });
         }
+        // SAFETY: every one of the m·m values was written above; MaybeUninit<f32> has f32's
+        // layout, so the allocation is reused as it is.
+        let out: Vec<f32> = unsafe {
+            let mut out = std::mem::ManuallyDrop::new(out);
+            Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity())
+        };
         Array2::from_shape_vec((m, m), out).expect("m·m values form an m×m array")
     }
 
@@ -457,22 +472,22 @@ impl SymmetricSum {
         }
     }
 
-    /// `out[c] = (pending[i, j] + flushed[i, j]) · scale` for j = cols.start + c, j ≥ i.
+    /// `put(c, (pending[i, j] + flushed[i, j]) · scale)` for j = cols.start + c, j ≥ i.
     ///
     /// `pending` is valid here: it is zero until the first `gemm`, and every flush is
     /// immediately followed by a `gemm` that overwrites it.
-    fn scaled_row_segment(&self, i: usize, cols: std::ops::Range<usize>, scale: f64, out: &mut [f32]) {
+    fn scaled_row_segment(&self, i: usize, cols: std::ops::Range<usize>, scale: f64, mut put: impl FnMut(usize, f32)) {
         let range = i * self.m + cols.start..i * self.m + cols.end;
         let pending = &self.pending[range.clone()];
         match &self.flushed {
             None => {
-                for (o, &p) in out.iter_mut().zip(pending) {
-                    *o = (f64::from(p) * scale) as f32;
+                for (c, &p) in pending.iter().enumerate() {
+                    put(c, (f64::from(p) * scale) as f32);
                 }
             }
             Some(flushed) => {
-                for ((o, &p), &f) in out.iter_mut().zip(pending).zip(&flushed[range]) {
-                    *o = ((f64::from(p) + f) * scale) as f32;
+                for (c, (&p, &f)) in pending.iter().zip(&flushed[range]).enumerate() {
+                    put(c, ((f64::from(p) + f) * scale) as f32);
                 }
             }
         }
