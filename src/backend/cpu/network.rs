@@ -18,7 +18,7 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
-use super::syrk::{is_single_whole_pass, plan_units, put_band, SymmetricSum, Unit};
+use super::syrk::{is_single_whole_pass, plan_units, put_band, SymmetricSum, Unit, FLUSH_ROWS};
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, LayerShape, MicroBatchLimits, NetPlan};
 use crate::error::{FisherError, Result};
@@ -226,10 +226,81 @@ enum Reduction {
     Norms(Vec<f64>),
 }
 
-/// What one block of samples sums into: f64 sums per layer (diag), or a symmetric sum.
+/// What one block of samples sums into: a dense sum per layer (diag), or a symmetric sum.
 enum Live {
-    Dense(Array2<f64>),
+    Dense(DenseSum),
     Sym(SymmetricSum),
+}
+
+/// A rows × cols sum of f32 products, as [`SymmetricSum`] keeps one: the GEMMs of the
+/// micro-batches add into an f32 `pending` in place, which moves into the f64 `flushed`
+/// after at most [`FLUSH_ROWS`] samples, and the lanes and blocks combine in f64. (A GEMM
+/// result per micro-batch added into f64 was a pass over the sums per micro-batch: 4 % of
+/// W3's empirical diag.)
+struct DenseSum {
+    /// The f32 sum of the samples since the last flush; meaningless while
+    /// `pending_samples` is 0 (the next GEMM overwrites it).
+    pending: Array2<f32>,
+    /// Samples summed in `pending`.
+    pending_samples: usize,
+    /// The f64 sum of every flushed `pending`.
+    flushed: Array2<f64>,
+}
+
+impl DenseSum {
+    fn new(rows: usize, cols: usize) -> Self {
+        DenseSum { pending: Array2::zeros((rows, cols)), pending_samples: 0, flushed: Array2::zeros((rows, cols)) }
+    }
+
+    /// Starts adding `samples` more samples: flushes first when they would take `pending`
+    /// past [`FLUSH_ROWS`]. Returns whether their GEMMs add into `pending` (or overwrite it).
+    fn begin(&mut self, samples: usize) -> bool {
+        if self.pending_samples > 0 && self.pending_samples + samples > FLUSH_ROWS {
+            self.flush();
+        }
+        let accumulate = self.pending_samples > 0;
+        self.pending_samples += samples;
+        accumulate
+    }
+
+    /// `flushed` += `pending`, in f64.
+    fn flush(&mut self) {
+        if self.pending_samples > 0 {
+            add_into_f64(self.flushed.view_mut(), self.pending.view());
+            self.pending_samples = 0;
+        }
+    }
+
+    /// The sum, in f64.
+    fn into_values(mut self) -> Array2<f64> {
+        self.flush();
+        self.flushed
+    }
+
+    /// The sum in f64, row-major.
+    fn values(&self) -> Vec<f64> {
+        match self.pending_samples {
+            0 => self.flushed.iter().copied().collect(),
+            _ => self.flushed.iter().zip(&self.pending).map(|(&f, &p)| f + f64::from(p)).collect(),
+        }
+    }
+
+    /// Empties the sum.
+    fn clear(&mut self) {
+        self.flushed.fill(0.0);
+        self.pending_samples = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.flushed.len()
+    }
+
+    /// Adds `other` (the same sum over other samples) into this one, in f64: this + other.
+    fn absorb(&mut self, other: &mut DenseSum) {
+        self.flush();
+        other.flush();
+        ndarray::Zip::from(self.flushed.view_mut()).and(other.flushed.view()).par_for_each(|x, &y| *x += y);
+    }
 }
 
 /// A sum over samples that is exact across blocks (see [`crate::fisher::sums`]): the
@@ -244,7 +315,7 @@ struct BlockSum {
 
 impl BlockSum {
     fn dense(rows: usize, cols: usize) -> Self {
-        BlockSum { live: Live::Dense(Array2::zeros((rows, cols))), dirty: false, exact: None }
+        BlockSum { live: Live::Dense(DenseSum::new(rows, cols)), dirty: false, exact: None }
     }
 
     /// The rows `rows` of the upper triangle of an m×m symmetric sum.
@@ -252,7 +323,7 @@ impl BlockSum {
         BlockSum { live: Live::Sym(SymmetricSum::band(m, rows)), dirty: false, exact: None }
     }
 
-    fn dense_mut(&mut self) -> &mut Array2<f64> {
+    fn dense_mut(&mut self) -> &mut DenseSum {
         self.dirty = true;
         match &mut self.live {
             Live::Dense(a) => a,
@@ -280,7 +351,7 @@ impl BlockSum {
     /// packed upper triangle).
     fn live_values(&self) -> Vec<f64> {
         match &self.live {
-            Live::Dense(a) => a.iter().copied().collect(),
+            Live::Dense(a) => a.values(),
             Live::Sym(s) => s.packed_upper(),
         }
     }
@@ -293,8 +364,8 @@ impl BlockSum {
         }
         match (&mut self.live, &mut other.live) {
             (Live::Dense(a), Live::Dense(b)) => {
-                ndarray::Zip::from(a.view_mut()).and(b.view()).par_for_each(|x, &y| *x += y);
-                b.fill(0.0);
+                a.absorb(b);
+                b.clear();
             }
             (Live::Sym(a), Live::Sym(b)) => {
                 a.absorb(b);
@@ -314,7 +385,7 @@ impl BlockSum {
         let values = self.live_values();
         self.exact.get_or_insert_with(|| ExactSum::new(values.len())).deposit(0, &values)?;
         match &mut self.live {
-            Live::Dense(a) => a.fill(0.0),
+            Live::Dense(a) => a.clear(),
             Live::Sym(s) => s.clear(),
         }
         self.dirty = false;
@@ -765,7 +836,7 @@ const LANE_SUMS_BYTES: u64 = 32 << 20;
 /// form only, so that every pass plan and every shard of a model sums the same way.
 fn lanes_of(plan: &NetPlan, form: NetForm) -> usize {
     let sums = match form {
-        NetForm::Diagonal => plan.shapes.iter().map(|s| (s.fan_out as u64) * (s.ld as u64) * 8).sum::<u64>(),
+        NetForm::Diagonal => plan.shapes.iter().map(|s| (s.fan_out as u64) * (s.ld as u64) * 12).sum::<u64>(),
         NetForm::Kfac => plan.shapes.iter().map(|s| ((s.ld as u64).pow(2) + (s.fan_out as u64).pow(2)) * 12).sum::<u64>(),
         _ => return 1,
     };
@@ -806,7 +877,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
                 .map(|(sum, l)| {
                     Ok(match sum.combined()? {
                         Ok(values) => Array2::from_shape_vec((l.fan_out, l.augmented_in()), values).expect("layer layout"),
-                        Err(Live::Dense(a)) => a,
+                        Err(Live::Dense(a)) => a.into_values(),
                         Err(Live::Sym(_)) => unreachable!("a dense block sum"),
                     })
                 })
@@ -884,7 +955,8 @@ fn sum_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Optio
             passes.iter_mut().flatten().for_each(|u| u.layer = order[u.layer]);
             passes
         }
-        NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 8 * lanes_of(plan, form) as u64 + exact),
+        // 12 bytes per value and lane: the f32 pending and f64 flushed sums ([`DenseSum`]).
+        NetForm::Diagonal => plan_diag(&plan.shapes.iter().map(|s| (s.fan_out, s.ld)).collect::<Vec<_>>(), budget, 12 * lanes_of(plan, form) as u64 + exact),
         NetForm::Grads | NetForm::Norms => return None,
     };
     (!is_single_whole_pass(&passes)).then_some(passes)
@@ -954,7 +1026,7 @@ pub(crate) fn sums_in_passes(
                 let l = &layers[unit.layer];
                 let values = match sum.combined()? {
                     Ok(values) => values,
-                    Err(Live::Dense(a)) => a.into_raw_vec_and_offset().0,
+                    Err(Live::Dense(a)) => a.into_values().into_raw_vec_and_offset().0,
                     Err(Live::Sym(_)) => unreachable!("a dense block sum"),
                 };
                 put_diag_rows(sink, l, offsets[unit.layer], unit.rows.clone(), &values, nf)?;
@@ -1152,14 +1224,16 @@ fn reduce(
                         if diag_layers[l] {
                             // Σ_d δ² per sample (f64 past 64 draws), then (Σ_d δ²)ᵀ (ã∘ã),
                             // DIAG_ROWS output rows per `gemm`, aligned the same in every plan.
+                            // The products add into the sum's f32 `pending` in place.
                             let dsq = row_square_sums(delta.view(), d);
                             for (sum, unit) in sums.iter_mut().zip(units.iter()).filter(|(_, u)| u.layer == l) {
                                 let acc = sum.dense_mut();
+                                let accumulate = acc.begin(m);
                                 for c0 in unit.rows.clone().step_by(DIAG_ROWS) {
                                     let c1 = (c0 + DIAG_ROWS).min(unit.rows.end);
-                                    let part = matmul_new(dsq.slice(s![.., c0..c1]).t(), act_squares[l].view());
                                     let at = c0 - unit.rows.start;
-                                    add_into_f64(acc.slice_mut(s![at..at + c1 - c0, ..]), part.view());
+                                    let rows = acc.pending.slice_mut(s![at..at + c1 - c0, ..]);
+                                    gemm_into(dsq.slice(s![.., c0..c1]).t(), act_squares[l].view(), rows, accumulate);
                                 }
                             }
                         }
