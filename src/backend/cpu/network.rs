@@ -1,5 +1,6 @@
 //! Network Fisher on the CPU (fast f32): the same stages as `src/gpu/network.rs`, with the
-//! matrix products on the `gemm` crate and every accumulation over micro-batches in f64.
+//! matrix products on the `gemm` crate (the symmetric sums on [`SymmetricSum`]'s kernels),
+//! every sum over micro-batches in f32 for at most [`FLUSH_ROWS`] samples and in f64 beyond.
 //!
 //! Per micro-batch of m samples and R output rows each:
 //! forward Z_l = Ã_l W_lᵀ (+b), Ã_{l+1} = [φ(Z_l) | 1]; output rows δ_{L−1} (m·R × C);
