@@ -18,7 +18,7 @@ pub fn check_matrix(what: &str, m: ArrayView2<'_, f32>, row_offset: usize) -> Re
     // Every entry finite? In parallel over rows, branch-free within a row (so that it
     // vectorizes); the first bad entry is looked for only when there is one.
     let finite = |row: ArrayView1<'_, f32>| match row.as_slice() {
-        Some(values) => values.chunks(256).all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite())),
+        Some(values) => all_finite(values),
         None => row.iter().all(|v| v.is_finite()),
     };
     if m.axis_iter(Axis(0)).into_par_iter().all(finite) {
@@ -35,6 +35,15 @@ pub fn check_matrix(what: &str, m: ArrayView2<'_, f32>, row_offset: usize) -> Re
         }
     }
     Ok(())
+}
+
+/// Whether every value is finite: an f32 is NaN or ±Inf exactly when its exponent bits are
+/// all ones, so the maximum of the masked exponents decides it without branches (one
+/// integer max per value, which vectorizes; `is_finite` per value did not as well: 2 % of
+/// W3's empirical diag checked its inputs).
+pub(crate) fn all_finite(values: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    values.iter().fold(0, |m, &x| m.max(x.to_bits() & EXPONENT)) < EXPONENT
 }
 
 /// Input quoted in an error message: at most [`QUOTE_CHARS`] characters (then `…`), with

@@ -566,15 +566,13 @@ fn check_chunk(chunk: ArrayView2<'_, f32>, row_offset: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether every entry is finite: an f32 is NaN or ±Inf exactly when its exponent bits are
-/// all ones, so the maximum of the masked exponents over a row decides it without branches.
+/// Whether every entry is finite ([`crate::validate::all_finite`] per row, rows in parallel).
 fn all_finite(chunk: ArrayView2<'_, f32>) -> bool {
-    const EXPONENT: u32 = 0x7f80_0000;
     let rows_per_task = (16_384 / chunk.ncols().max(1)).max(1);
     (0..chunk.nrows()).into_par_iter().with_min_len(rows_per_task).all(|r| {
         let row = chunk.row(r);
         match row.as_slice() {
-            Some(values) => values.iter().fold(0, |m, &x| m.max(x.to_bits() & EXPONENT)) < EXPONENT,
+            Some(values) => crate::validate::all_finite(values),
             None => row.iter().all(|x| x.is_finite()),
         }
     })
