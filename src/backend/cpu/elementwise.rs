@@ -37,102 +37,78 @@ pub(crate) unsafe fn fresh(m: usize, n: usize, write: impl FnOnce(&mut [MaybeUni
     unsafe { out.assume_init() }
 }
 
-/// Runs `body` with the activation's f32 function (`derivative = false`) or its derivative
-/// as a concrete closure type, so that each arm compiles to its own vectorized loop.
-macro_rules! with_fn {
-    ($phi:expr, |$f:ident| $body:expr) => {
-        match $phi {
-            Activation::Relu => {
-                let $f = |x: f32| x.max(0.0);
-                $body
-            }
-            Activation::Tanh => {
-                let $f = |x: f32| x.tanh();
-                $body
-            }
-            Activation::Sigmoid => {
-                let $f = |x: f32| Activation::Sigmoid.apply(x);
-                $body
-            }
-            Activation::Gelu => {
-                let $f = |x: f32| Activation::Gelu.apply(x);
-                $body
-            }
-            Activation::Identity => {
-                let $f = |x: f32| x;
-                $body
-            }
-        }
-    };
+/// What [`activate_parts`] computes from z (m × w) in one pass.
+pub(crate) struct Activated {
+    /// [φ(z) | 1] (m × ld): φ(z) in the first w columns, 1 in the rest (the bias column
+    /// of an augmented activation).
+    pub a: Array2<f32>,
+    /// φ'(z) (m × w), when asked for: from z, or where cheaper from φ(z) (tanh' = 1 − a²,
+    /// σ' = a(1 − a)), so that no transcendental function is evaluated twice.
+    pub derivative: Option<Array2<f32>>,
+    /// [φ(z) | 1] ∘ [φ(z) | 1] (m × ld), when asked for.
+    pub squares: Option<Array2<f32>>,
 }
 
-/// [φ(z) | 1]: an m × ld array whose first w columns are φ(z) (z m × w, ld ≥ w) and whose
-/// columns past w (the bias column of an augmented activation) are 1.
-pub(crate) fn activate(phi: Activation, z: ArrayView2<'_, f32>, ld: usize) -> Array2<f32> {
+/// φ(z), φ'(z) and φ(z)² ([`Activated`]) in one pass over z, row block by row block, in
+/// parallel: each row of z is read once, and the row of φ(z) that φ' and the squares read is
+/// still in L1 (three passes over the micro-batch cost W3's empirical diag 2 % more).
+/// Each activation's φ and φ' are concrete closures, so that every arm compiles to its own
+/// vectorized loop.
+pub(crate) fn activate_parts(phi: Activation, z: ArrayView2<'_, f32>, ld: usize, want_derivative: bool, want_squares: bool) -> Activated {
     let (m, w) = z.dim();
     assert!(ld >= w, "activate shapes");
     let z = z.as_standard_layout();
     let z = z.as_slice().expect("standard layout");
-    let rows = rows_per_task(w);
-    // SAFETY: every row's first w values are φ(z), the rest 1.
-    unsafe {
-        fresh(m, ld, |dst| {
-            with_fn!(phi, |f| {
-                dst.par_chunks_mut(rows * ld).zip(z.par_chunks(rows * w)).for_each(|(d, z)| {
-                    for (drow, zrow) in d.chunks_mut(ld).zip(z.chunks(w)) {
-                        for (o, &x) in drow[..w].iter_mut().zip(zrow) {
-                            o.write(f(x));
+    let rows = rows_per_task(ld);
+    let mut a = Array2::<f32>::uninit((m, ld));
+    let mut d = Array2::<f32>::uninit((if want_derivative { m } else { 0 }, w));
+    let mut sq = Array2::<f32>::uninit((if want_squares { m } else { 0 }, ld));
+    {
+        let a_blocks: Vec<&mut [MaybeUninit<f32>]> = a.as_slice_mut().expect("fresh").chunks_mut(rows * ld).collect();
+        let blocks = a_blocks.len();
+        let mut d_blocks: Vec<&mut [MaybeUninit<f32>]> = d.as_slice_mut().expect("fresh").chunks_mut(rows * w.max(1)).collect();
+        let mut sq_blocks: Vec<&mut [MaybeUninit<f32>]> = sq.as_slice_mut().expect("fresh").chunks_mut(rows * ld).collect();
+        d_blocks.resize_with(blocks, Default::default);
+        sq_blocks.resize_with(blocks, Default::default);
+        let tasks: Vec<_> = a_blocks.into_iter().zip(d_blocks).zip(sq_blocks).zip(z.chunks(rows * w.max(1))).collect();
+        macro_rules! run {
+            ($f:expr, $g:expr) => {
+                tasks.into_par_iter().for_each(|(((ab, db), sb), zb)| {
+                    for (t, arow) in ab.chunks_mut(ld).enumerate() {
+                        let zrow = &zb[t * w..(t + 1) * w];
+                        for (o, &x) in arow[..w].iter_mut().zip(zrow) {
+                            o.write($f(x));
                         }
-                        for o in &mut drow[w..] {
+                        for o in &mut arow[w..] {
                             o.write(1.0);
                         }
+                        // SAFETY: the row was written just above.
+                        let arow: &[f32] = unsafe { std::slice::from_raw_parts(arow.as_ptr().cast::<f32>(), ld) };
+                        if want_derivative {
+                            for ((o, &x), &y) in db[t * w..(t + 1) * w].iter_mut().zip(zrow).zip(&arow[..w]) {
+                                o.write($g(x, y));
+                            }
+                        }
+                        if want_squares {
+                            for (o, &y) in sb[t * ld..(t + 1) * ld].iter_mut().zip(arow) {
+                                o.write(y * y);
+                            }
+                        }
                     }
-                });
-            })
-        })
+                })
+            };
+        }
+        match phi {
+            Activation::Relu => run!(|x: f32| x.max(0.0), |x: f32, _y: f32| if x > 0.0 { 1.0f32 } else { 0.0 }),
+            Activation::Tanh => run!(|x: f32| x.tanh(), |_x: f32, y: f32| 1.0 - y * y),
+            Activation::Sigmoid => run!(|x: f32| Activation::Sigmoid.apply(x), |_x: f32, y: f32| y * (1.0 - y)),
+            Activation::Gelu => run!(|x: f32| Activation::Gelu.apply(x), |x: f32, _y: f32| Activation::Gelu.derivative(x)),
+            Activation::Identity => run!(|x: f32| x, |_x: f32, _y: f32| 1.0f32),
+        }
     }
-}
-
-/// φ'(z) (m × w), from the pre-activations z and, where cheaper, the activations a
-/// (m × ld, ld ≥ w, the first w columns φ(z)): tanh' = 1 − a², σ' = a(1 − a), so that no
-/// transcendental function is evaluated twice.
-pub(crate) fn derivative(phi: Activation, z: ArrayView2<'_, f32>, a: ArrayView2<'_, f32>) -> Array2<f32> {
-    let (m, w) = z.dim();
-    let ld = a.ncols();
-    assert!(a.nrows() == m && ld >= w, "derivative shapes");
-    let zs = z.as_slice().expect("standard layout");
-    let as_ = a.as_slice().expect("standard layout");
-    let rows = rows_per_task(w);
-    macro_rules! from_z {
-        ($outs:expr, $f:expr) => {
-            $outs.par_chunks_mut(rows * w).zip(zs.par_chunks(rows * w)).for_each(|(o, z)| {
-                for (o, &x) in o.iter_mut().zip(z) {
-                    o.write($f(x));
-                }
-            })
-        };
-    }
-    macro_rules! from_a {
-        ($outs:expr, $f:expr) => {
-            $outs.par_chunks_mut(rows * w).zip(as_.par_chunks(rows * ld)).for_each(|(o, a)| {
-                for (orow, arow) in o.chunks_mut(w).zip(a.chunks(ld)) {
-                    for (o, &y) in orow.iter_mut().zip(&arow[..w]) {
-                        o.write($f(y));
-                    }
-                }
-            })
-        };
-    }
-    // SAFETY: each arm writes all m·w values (m rows of w from z, or of ld ≥ w from a).
-    unsafe {
-        fresh(m, w, |outs| match phi {
-            Activation::Relu => from_z!(outs, |x: f32| if x > 0.0 { 1.0f32 } else { 0.0 }),
-            Activation::Tanh => from_a!(outs, |y: f32| 1.0 - y * y),
-            Activation::Sigmoid => from_a!(outs, |y: f32| y * (1.0 - y)),
-            Activation::Gelu => from_z!(outs, |x: f32| Activation::Gelu.derivative(x)),
-            Activation::Identity => from_z!(outs, |_: f32| 1.0f32),
-        })
-    }
+    // SAFETY: every task wrote all values of its rows of a, and of d and sq where asked for
+    // (the arrays have no rows otherwise).
+    unsafe { Activated { a: a.assume_init(), derivative: want_derivative.then(|| d.assume_init()), squares: want_squares.then(|| sq.assume_init()) } }
 }
 
 /// `rows[q, ..] *= scale[q / d, ..]` for rows (m·d) × w and scale m × w, both standard
@@ -152,6 +128,44 @@ pub(crate) fn scale_rows(mut rows: ArrayViewMut2<'_, f32>, scale: ArrayView2<'_,
             }
         }
     });
+}
+
+/// [`scale_rows`] and then [`row_square_sums`] of the scaled rows, in one pass (the same
+/// values bit for bit): for d ≤ [`F32_TERMS`], each sample's d rows are scaled and their
+/// squares summed while they are in L1; longer d runs the two passes.
+pub(crate) fn scale_rows_and_square_sums(mut rows: ArrayViewMut2<'_, f32>, scale: ArrayView2<'_, f32>, d: usize) -> Array2<f32> {
+    if d > F32_TERMS {
+        scale_rows(rows.view_mut(), scale, d);
+        return row_square_sums(rows.view(), d);
+    }
+    let w = rows.ncols();
+    assert!(d > 0 && scale.ncols() == w && rows.nrows() == scale.nrows() * d, "scale_rows shapes");
+    let m = scale.nrows();
+    let rows = rows.as_slice_mut().expect("standard layout");
+    let scale = scale.as_slice().expect("standard layout");
+    let per_task = rows_per_task(w * d).max(1);
+    // SAFETY: each task writes every value of its samples' rows of w.
+    unsafe {
+        fresh(m, w, |dst| {
+            dst.par_chunks_mut(per_task * w).zip(rows.par_chunks_mut(per_task * d * w)).zip(scale.par_chunks(per_task * w)).for_each(
+                |((o, r), s)| {
+                    let mut part = vec![0f32; w];
+                    for ((orow, sample), srow) in o.chunks_mut(w).zip(r.chunks_mut(d * w)).zip(s.chunks(w)) {
+                        part.fill(0.0);
+                        for row in sample.chunks_mut(w) {
+                            for ((x, &k), acc) in row.iter_mut().zip(srow).zip(part.iter_mut()) {
+                                *x *= k;
+                                *acc += *x * *x;
+                            }
+                        }
+                        for (o, &p) in orow.iter_mut().zip(&part) {
+                            o.write(p);
+                        }
+                    }
+                },
+            )
+        })
+    }
 }
 
 /// Σ_q δ_{s·d+q}² per sample s (m × w) for δ (m·d) × w standard layout: f32 sums of at most
@@ -218,22 +232,6 @@ pub(crate) fn add_into_f64(mut acc: ArrayViewMut2<'_, f64>, part: ArrayView2<'_,
     });
 }
 
-/// x ∘ x element-wise (standard layout in and out).
-pub(crate) fn squares(x: ArrayView2<'_, f32>) -> Array2<f32> {
-    let (m, w) = x.dim();
-    let src = x.as_slice().expect("standard layout");
-    // SAFETY: the chunks of the output and of x pair up one to one and cover both.
-    unsafe {
-        fresh(m, w, |out| {
-            out.par_chunks_mut(GRAIN).zip(src.par_chunks(GRAIN)).for_each(|(o, s)| {
-                for (o, &v) in o.iter_mut().zip(s) {
-                    o.write(v * v);
-                }
-            })
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,14 +247,24 @@ mod tests {
         let (m, w, ld) = (37, 600, 601);
         let z = grid(m, w, 0.37);
         for phi in Activation::ALL {
-            let a = activate(phi, z.view(), ld);
-            let d = derivative(phi, z.view(), a.view());
-            for i in 0..m {
-                assert_eq!(a[[i, w]], 1.0, "bias column kept");
-                for j in 0..w {
-                    assert_eq!(a[[i, j]], phi.apply(z[[i, j]]), "{phi} φ");
-                    let want = phi.derivative(z[[i, j]]);
-                    assert!((d[[i, j]] - want).abs() <= 2e-7 * want.abs().max(1.0), "{phi} φ' {} vs {want}", d[[i, j]]);
+            for (want_d, want_sq) in [(true, true), (false, true), (true, false), (false, false)] {
+                let parts = activate_parts(phi, z.view(), ld, want_d, want_sq);
+                let a = &parts.a;
+                assert_eq!((parts.derivative.is_some(), parts.squares.is_some()), (want_d, want_sq));
+                for i in 0..m {
+                    assert_eq!(a[[i, w]], 1.0, "bias column kept");
+                    for j in 0..w {
+                        assert_eq!(a[[i, j]], phi.apply(z[[i, j]]), "{phi} φ");
+                        if let Some(d) = &parts.derivative {
+                            let want = phi.derivative(z[[i, j]]);
+                            assert!((d[[i, j]] - want).abs() <= 2e-7 * want.abs().max(1.0), "{phi} φ' {} vs {want}", d[[i, j]]);
+                        }
+                    }
+                    if let Some(sq) = &parts.squares {
+                        for j in 0..ld {
+                            assert_eq!(sq[[i, j]], a[[i, j]] * a[[i, j]], "{phi} φ²");
+                        }
+                    }
                 }
             }
         }
@@ -275,15 +283,18 @@ mod tests {
                     }
                 }
             }
+            // Scaling and summing in one pass: the same values, bit for bit.
+            let mut fused = delta.clone();
+            let fused_sums = scale_rows_and_square_sums(fused.view_mut(), scale.view(), d);
+            assert_eq!(fused, scaled, "scaled rows, d = {d}");
+            assert_eq!(fused_sums, row_square_sums(scaled.view(), d), "Σ of the scaled rows' squares, d = {d}");
         }
         let x = grid(m, w, 0.2);
         let mut acc = Array2::<f64>::from_elem((m, w), 0.5);
         add_into_f64(acc.view_mut(), x.view());
-        let sq = squares(x.view());
         for i in 0..m {
             for j in 0..w {
                 assert_eq!(acc[[i, j]], 0.5 + f64::from(x[[i, j]]));
-                assert_eq!(sq[[i, j]], x[[i, j]] * x[[i, j]]);
             }
         }
     }

@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-use super::elementwise::{activate, add_into_f64, derivative, row_square_sums, scale_rows, squares};
+use super::elementwise::{activate_parts, add_into_f64, row_square_sums, scale_rows, scale_rows_and_square_sums};
 use super::syrk::{is_single_whole_pass, plan_units, put_band, SymmetricSum, Unit, FLUSH_ROWS};
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, LayerShape, MicroBatchLimits, NetPlan};
@@ -191,26 +191,39 @@ fn augmented_weights(mlp: &Mlp) -> Vec<AugmentedWeight<'_>> {
     mlp.layers.iter().map(|layer| AugmentedWeight { weight: layer.weight.view(), bias: layer.bias.as_ref().map(|b| b.view()) }).collect()
 }
 
-/// ã_l and z_l of every layer for one micro-batch (see [`forward_pass`]).
-type ActsAndZs = (Vec<Array2<f32>>, Vec<Array2<f32>>);
+/// One micro-batch's forward pass (see [`forward_pass`]).
+struct Pass {
+    /// ã_l (m × augmented_in, last column 1 where layer l has a bias), every layer.
+    acts: Vec<Array2<f32>>,
+    /// z_l (m × out), every layer.
+    zs: Vec<Array2<f32>>,
+    /// φ'(z_l) (m × out) of every hidden layer.
+    derivs: Vec<Array2<f32>>,
+    /// ã_l ∘ ã_l where asked for (diag), else empty.
+    squares: Vec<Array2<f32>>,
+}
 
-/// The forward pass of samples s0 .. s0 + m: the augmented activations ã_l (m ×
-/// augmented_in, last column 1 where layer l has a bias) and pre-activations z_l (m × out).
-/// Errors only when the inputs cannot be read (data on disk).
-fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, s0: usize, m: usize) -> Result<ActsAndZs> {
+/// The forward pass of samples s0 .. s0 + m, with φ' of every hidden layer and ã_l ∘ ã_l
+/// for the layers l where `squares[l]` (each computed with the activation it derives from,
+/// [`activate_parts`]). Errors only when the inputs cannot be read (data on disk).
+fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, s0: usize, m: usize, squares: &[bool]) -> Result<Pass> {
     let depth = mlp.layers.len();
-    let mut acts: Vec<Array2<f32>> = Vec::with_capacity(depth);
-    let mut zs: Vec<Array2<f32>> = Vec::with_capacity(depth);
-    let first = &mlp.layers[0];
-    acts.push(activate(Activation::Identity, data.inputs(s0, m)?.view(), first.augmented_in()));
+    let wants = |l: usize| squares.get(l).copied().unwrap_or(false);
+    let mut pass = Pass { acts: Vec::with_capacity(depth), zs: Vec::with_capacity(depth), derivs: Vec::with_capacity(depth), squares: Vec::with_capacity(depth) };
+    let first = activate_parts(Activation::Identity, data.inputs(s0, m)?.view(), mlp.layers[0].augmented_in(), false, wants(0));
+    pass.acts.push(first.a);
+    pass.squares.push(first.squares.unwrap_or_default());
     for l in 0..depth {
-        let z = waug[l].product(acts[l].view());
+        let z = waug[l].product(pass.acts[l].view());
         if l + 1 < depth {
-            acts.push(activate(mlp.activations[l], z.view(), mlp.layers[l + 1].augmented_in()));
+            let next = activate_parts(mlp.activations[l], z.view(), mlp.layers[l + 1].augmented_in(), true, wants(l + 1));
+            pass.acts.push(next.a);
+            pass.derivs.push(next.derivative.expect("asked for"));
+            pass.squares.push(next.squares.unwrap_or_default());
         }
-        zs.push(z);
+        pass.zs.push(z);
     }
-    Ok((acts, zs))
+    Ok(pass)
 }
 
 enum Reduction {
@@ -1198,11 +1211,7 @@ fn reduce(
     let step = |reduction: &mut Reduction, s0: usize, m: usize| -> Result<()> {
         // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
         // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
-        let (acts, zs) = forward_pass(mlp, &waug, data, s0, m)?;
-        let derivs: Vec<Array2<f32>> =
-            (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
-        let act_squares: Vec<Array2<f32>> =
-            acts.iter().zip(&diag_layers).map(|(a, &used)| if used { squares(a.view()) } else { Array2::zeros((0, 0)) }).collect();
+        let Pass { acts, zs, derivs, squares: act_squares } = forward_pass(mlp, &waug, data, s0, m, &diag_layers)?;
         // Output rows and backward, d draws (rows per sample) at a time.
         for (q0, d) in batch.draw_ranges(r) {
             // A KFAC pass of A bands only reads the forward pass: the first chunk adds them.
@@ -1217,6 +1226,8 @@ fn reduce(
             };
             // δ of every layer reached, for the Kronecker reduction.
             let mut kept: Vec<Option<Array2<f32>>> = vec![None; if kron { depth } else { 0 }];
+            // Σ_d δ² per sample of the current layer, where the backward pass made it.
+            let mut delta_squares: Option<Array2<f32>> = None;
             for l in (lowest..depth).rev() {
                 let layer = &mlp.layers[l];
                 let act = &acts[l];
@@ -1226,7 +1237,7 @@ fn reduce(
                             // Σ_d δ² per sample (f64 past 64 draws), then (Σ_d δ²)ᵀ (ã∘ã),
                             // DIAG_ROWS output rows per `gemm`, aligned the same in every plan.
                             // The products add into the sum's f32 `pending` in place.
-                            let dsq = row_square_sums(delta.view(), d);
+                            let dsq = delta_squares.take().unwrap_or_else(|| row_square_sums(delta.view(), d));
                             for (sum, unit) in sums.iter_mut().zip(units.iter()).filter(|(_, u)| u.layer == l) {
                                 let acc = sum.dense_mut();
                                 let accumulate = acc.begin(m);
@@ -1282,7 +1293,11 @@ fn reduce(
                 }
                 if l > lowest && l > lowest_delta {
                     let mut back = matmul_new(delta.view(), layer.weight.view());
-                    scale_rows(back.view_mut(), derivs[l - 1].view(), d);
+                    // Diag takes Σ_d δ² of the layer below with its scaling (one pass).
+                    match diag_layers[l - 1] {
+                        true => delta_squares = Some(scale_rows_and_square_sums(back.view_mut(), derivs[l - 1].view(), d)),
+                        false => scale_rows(back.view_mut(), derivs[l - 1].view(), d),
+                    }
                     delta = back;
                 }
             }
@@ -1471,8 +1486,7 @@ impl<'a> CpuNetOperator<'a> {
     }
 
     fn forward_of(&self, s0: usize, m: usize) -> Result<Forward> {
-        let (acts, mut zs) = forward_pass(self.mlp, &self.waug, self.data, s0, m)?;
-        let derivs = (0..zs.len() - 1).map(|l| derivative(self.mlp.activations[l], zs[l].view(), acts[l + 1].view())).collect();
+        let Pass { acts, mut zs, derivs, .. } = forward_pass(self.mlp, &self.waug, self.data, s0, m, &[])?;
         let output = zs.pop().expect("a network has a layer");
         Ok(Forward { acts, output, derivs })
     }
@@ -1656,8 +1670,7 @@ impl CpuGramOperator {
         let m_max = micro_batch(be, n, forward.saturating_add(r.saturating_mul(2 * max_w)))?;
         for s0 in (0..n).step_by(m_max.max(1)) {
             let m = m_max.min(n - s0);
-            let (a, zs) = forward_pass(mlp, &waug, data, s0, m)?;
-            let derivs: Vec<Array2<f32>> = (0..depth - 1).map(|l| derivative(mlp.activations[l], zs[l].view(), a[l + 1].view())).collect();
+            let Pass { acts: a, zs, derivs, .. } = forward_pass(mlp, &waug, data, s0, m, &[])?;
             let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (0, r), false)?;
             for l in (0..depth).rev() {
                 acts[l].slice_mut(s![s0..s0 + m, ..]).assign(&a[l]);
