@@ -97,6 +97,24 @@ fn cpu_full_and_layer_over_r_rows_and_many_micro_batches_match_reference() {
     }
 }
 
+/// The diag's sums over micro-batches (an f32 sum added into in place by each micro-batch's
+/// GEMM, flushed to f64 every 4,096 samples, two lanes added in f64): 9,000 samples in
+/// micro-batches of a few dozen, so that each lane's sum flushes, with one and three rows
+/// per sample and a layer without bias, against the f64 reference.
+#[test]
+fn cpu_diag_over_many_micro_batches_past_the_flush_matches_reference() {
+    use fisher_engine::backend::cpu::CpuBackend;
+    use fisher_engine::Engine;
+    let net = mlp(&[12, 16, 5], Activation::Relu, &[false, true], 41);
+    let data = dataset(9000, 12, 5, false, 42);
+    let engine = Engine::from_cpu_backend(CpuBackend::new().with_batch_bytes(64 << 10));
+    for variant in [Variant::Empirical, Variant::True, Variant::MonteCarlo { samples: 3, seed: 6 }] {
+        let want = reference::fisher(&net, &data, data.likelihood(), variant, NetForm::Diagonal).expect("reference");
+        let a = engine.fisher(&net, &data, variant, NetForm::Diagonal).expect("fisher").agreement(&want).unwrap();
+        assert!(a.frobenius_rel <= FROBENIUS_REL && a.max_rel <= 4.0 * FROBENIUS_REL, "{variant:?}: {a:?}");
+    }
+}
+
 /// Two classes: the CPU's true Fisher of class labels then backpropagates one row per sample
 /// (C − 1 = 1, a factor of diag(p) − ppᵀ), every form against the f64 reference.
 #[test]
