@@ -6,7 +6,7 @@
 //!
 //! Only the upper triangle is computed, by one of two kernels ([`Kernel::best`]): on CPUs with
 //! AVX-512F the engine's own ([`super::syrk_avx512`]: A packed once per depth block, only the
-//! tiles that touch the triangle; 1.1–1.2× OpenBLAS's `ssyrk` at M = 2048, against 1.4× for
+//! tiles that touch the triangle; 1.0–1.05× OpenBLAS's `ssyrk` at M = 2048, against 1.4× for
 //! the panels below), elsewhere `gemm` in panels. For `gemm`, the M columns are cut into row
 //! panels of
 //! [`PANEL`] rows; panel I = [i₀, i₁) multiplies A[:, i₀..i₁]ᵀ by A[:, i₀..M] with one
