@@ -80,6 +80,10 @@ pub struct CpuBackend {
     /// Running sums of a full Fisher (or of a network's layer blocks) held at once, bytes;
     /// beyond it the output is computed in bands of rows, in several passes over the samples.
     accumulator_bytes: u64,
+    /// Whether a network diag's products run on the AVX-512 kernel that squares while it
+    /// packs (where the CPU has it), rather than `gemm` over the squares: off only in tests,
+    /// to check the `gemm` path on CPUs that have the kernel.
+    diag_kernel: bool,
 }
 
 /// Default of [`CpuBackend::with_accumulator_bytes`]: 2 GiB, the GPU's default budget.
@@ -99,7 +103,16 @@ impl CpuBackend {
             batch_bytes: network::MICRO_BATCH_BYTES,
             forward_cache_bytes: network::FORWARD_CACHE_BYTES,
             accumulator_bytes: DEFAULT_ACCUMULATOR_BYTES,
+            diag_kernel: true,
         }
+    }
+
+    /// The same backend computing a network diag's products with `gemm` over the squares
+    /// even where the AVX-512 kernel runs (tests of that path).
+    #[cfg(test)]
+    pub(crate) fn with_gemm_diag(mut self) -> Self {
+        self.diag_kernel = false;
+        self
     }
 
     /// The same backend refusing any result above `bytes` of f32 values

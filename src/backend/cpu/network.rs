@@ -976,6 +976,29 @@ fn sum_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Optio
     (!is_single_whole_pass(&passes)).then_some(passes)
 }
 
+/// Whether the diag's products run on [`diag_product`] (CPUs with AVX-512F).
+fn diag_kernel_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::syrk_avx512::available() {
+        return true;
+    }
+    false
+}
+
+/// `out` (+)= f(left[.., rows])ᵀ · (act ∘ act), f squaring where `square_left`: the diag's
+/// product for the output rows `rows`, on the AVX-512 kernel ([`diag_kernel_available`]).
+/// `out` is rows.len() × act.ncols(), standard layout.
+fn diag_product(left: ArrayView2<'_, f32>, square_left: bool, act: ArrayView2<'_, f32>, rows: std::ops::Range<usize>, mut out: ArrayViewMut2<'_, f32>, accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ld = out.ncols();
+        let out = out.as_slice_mut().expect("a band of whole rows of the sum");
+        super::syrk_avx512::gemm_tn(left, square_left, act, true, rows, out, ld, accumulate);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("diag_product without its kernel ({left:?} {square_left} {act:?} {rows:?} {out:?} {accumulate})");
+}
+
 /// Rows of a layer's diag sums reduced by one `gemm` call: the micro-batch's (Σ_R δ²)ᵀ(ã∘ã)
 /// is computed in row chunks of this many outputs, aligned to multiples of it, in every
 /// plan; so a diag computed in passes ([`plan_diag`]) is bitwise the single pass's.
@@ -1204,6 +1227,10 @@ fn reduce(
         Reduction::Diag { units, .. } => (0..depth).map(|l| units.iter().any(|u| u.layer == l)).collect(),
         _ => vec![false; depth],
     };
+    // Where the CPU has AVX-512F, the diag's products square their operands while packing
+    // them (`syrk_avx512::gemm_tn`): neither ã∘ã nor (for one row per sample) δ∘δ is formed.
+    let squares_in_kernel = be.diag_kernel && diag_kernel_available();
+    let act_squares_wanted: &[bool] = if squares_in_kernel { &[] } else { &diag_layers };
     let first = range.start;
     let blocks = (range.start / block..range.end.div_ceil(block)).map(|b| (b * block).max(range.start)..((b + 1) * block).min(range.end));
 
@@ -1211,7 +1238,7 @@ fn reduce(
     let step = |reduction: &mut Reduction, s0: usize, m: usize| -> Result<()> {
         // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
         // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
-        let Pass { acts, zs, derivs, squares: act_squares } = forward_pass(mlp, &waug, data, s0, m, &diag_layers)?;
+        let Pass { acts, zs, derivs, squares: act_squares } = forward_pass(mlp, &waug, data, s0, m, act_squares_wanted)?;
         // Output rows and backward, d draws (rows per sample) at a time.
         for (q0, d) in batch.draw_ranges(r) {
             // A KFAC pass of A bands only reads the forward pass: the first chunk adds them.
@@ -1236,16 +1263,28 @@ fn reduce(
                         if diag_layers[l] {
                             // Σ_d δ² per sample (f64 past 64 draws), then (Σ_d δ²)ᵀ (ã∘ã),
                             // DIAG_ROWS output rows per `gemm`, aligned the same in every plan.
-                            // The products add into the sum's f32 `pending` in place.
-                            let dsq = delta_squares.take().unwrap_or_else(|| row_square_sums(delta.view(), d));
+                            // The products add into the sum's f32 `pending` in place. With
+                            // one row per sample the kernel squares δ itself.
+                            let dsq = match squares_in_kernel && d == 1 {
+                                true => None,
+                                false => Some(delta_squares.take().unwrap_or_else(|| row_square_sums(delta.view(), d))),
+                            };
                             for (sum, unit) in sums.iter_mut().zip(units.iter()).filter(|(_, u)| u.layer == l) {
                                 let acc = sum.dense_mut();
                                 let accumulate = acc.begin(m);
                                 for c0 in unit.rows.clone().step_by(DIAG_ROWS) {
                                     let c1 = (c0 + DIAG_ROWS).min(unit.rows.end);
                                     let at = c0 - unit.rows.start;
-                                    let rows = acc.pending.slice_mut(s![at..at + c1 - c0, ..]);
-                                    gemm_into(dsq.slice(s![.., c0..c1]).t(), act_squares[l].view(), rows, accumulate);
+                                    let (left, square_left) = match &dsq {
+                                        Some(x) => (x.view(), false),
+                                        None => (delta.view(), true),
+                                    };
+                                    if squares_in_kernel {
+                                        diag_product(left, square_left, act.view(), c0..c1, acc.pending.slice_mut(s![at..at + c1 - c0, ..]), accumulate);
+                                    } else {
+                                        let rows = acc.pending.slice_mut(s![at..at + c1 - c0, ..]);
+                                        gemm_into(left.slice(s![.., c0..c1]).t(), act_squares[l].view(), rows, accumulate);
+                                    }
                                 }
                             }
                         }
@@ -1293,8 +1332,9 @@ fn reduce(
                 }
                 if l > lowest && l > lowest_delta {
                     let mut back = matmul_new(delta.view(), layer.weight.view());
-                    // Diag takes Σ_d δ² of the layer below with its scaling (one pass).
-                    match diag_layers[l - 1] {
+                    // Diag takes Σ_d δ² of the layer below with its scaling (one pass),
+                    // unless its kernel squares δ itself.
+                    match diag_layers[l - 1] && !(squares_in_kernel && d == 1) {
                         true => delta_squares = Some(scale_rows_and_square_sums(back.view_mut(), derivs[l - 1].view(), d)),
                         false => scale_rows(back.view_mut(), derivs[l - 1].view(), d),
                     }
@@ -1832,4 +1872,25 @@ mod tests {
         let whole = network_fisher(&CpuBackend::new(), &mlp, &data, Variant::True, NetForm::Full).unwrap();
         assert_eq!(bits(&banded), bits(&whole), "budget {budget}");
     }
+
+    /// The diag's two paths, the AVX-512 kernel that squares while it packs (where the CPU
+    /// has it) and `gemm` over the squares, against the f64 reference: one and several rows
+    /// per sample, many micro-batches, a layer without bias.
+    #[test]
+    fn diag_on_either_kernel_matches_the_reference() {
+        use crate::model::problem::synthetic_problem;
+        use crate::model::{ActivationSpec, Likelihood};
+        let (mut mlp, data) = synthetic_problem(&[11, 40, 6], 700, 9, &ActivationSpec::parse("relu").unwrap(), Likelihood::Categorical).unwrap();
+        mlp.layers[0].bias = None;
+        for variant in [Variant::Empirical, Variant::True, Variant::MonteCarlo { samples: 2, seed: 3 }] {
+            let want = crate::reference::network::fisher(&mlp, &data, Likelihood::Categorical, variant, NetForm::Diagonal).unwrap();
+            for be in [CpuBackend::new(), CpuBackend::new().with_gemm_diag()] {
+                let be = be.with_batch_bytes(32 << 10);
+                let got = network_fisher(&be, &mlp, &data, variant, NetForm::Diagonal).unwrap();
+                let a = got.agreement(&want).unwrap();
+                assert!(a.frobenius_rel <= 1e-6 && a.max_rel <= 1e-5, "{variant:?} kernel {}: {a:?}", be.diag_kernel);
+            }
+        }
+    }
+
 }
