@@ -786,6 +786,12 @@ fn batch_cost(plan: &NetPlan, form: NetForm) -> BatchCost {
         _ => Vec::new(),
     };
     let fixed = sides.into_iter().map(|m| super::syrk::add_scratch_bytes(m, 0..m)).max().unwrap_or(0);
+    // The diag kernel's packed operands (`diag_product`), for DIAG_ROWS rows at a time.
+    #[cfg(target_arch = "x86_64")]
+    let fixed = match form == NetForm::Diagonal && diag_kernel_available() {
+        true => plan.shapes.iter().map(|s| super::syrk_avx512::gemm_tn_scratch_bytes(s.fan_out.min(DIAG_ROWS), s.ld)).fold(fixed, u64::max),
+        false => fixed,
+    };
     BatchCost { per_sample: per_sample.saturating_mul(4), per_row: per_row.saturating_mul(4), sample_binding: 1, row_binding: 1, fixed }
 }
 

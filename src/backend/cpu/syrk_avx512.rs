@@ -344,6 +344,12 @@ pub(super) fn gemm_tn(left: ArrayView2<'_, f32>, square_left: bool, right: Array
     }
 }
 
+/// The most scratch [`gemm_tn`] allocates for `rows` output rows of `cols` columns, bytes:
+/// the packed panels of the right side and the strips of the left, at the deepest block.
+pub(super) fn gemm_tn_scratch_bytes(rows: usize, cols: usize) -> u64 {
+    ((cols.div_ceil(NR) * NR + rows.div_ceil(MR) * MR) * KC * 4) as u64
+}
+
 /// Copies the columns `rows` = [r₀, r₁) of a[k0 .. k0 + kc, ..] into strips of MR: strip q,
 /// depth t, value i at `buf[q·MR·kc + t·MR + i]` (column r₀ + q·MR + i, squared where
 /// `square`; zero past r₁). Strips in parallel.
