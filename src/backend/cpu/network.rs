@@ -1005,7 +1005,8 @@ fn diag_product(left: ArrayView2<'_, f32>, square_left: bool, act: ArrayView2<'_
     unreachable!("diag_product without its kernel ({left:?} {square_left} {act:?} {rows:?} {out:?} {accumulate})");
 }
 
-/// Rows of a layer's diag sums reduced by one `gemm` call: the micro-batch's (Σ_R δ²)ᵀ(ã∘ã)
+/// Rows of a layer's diag sums reduced by one product call (`gemm`, or [`diag_product`]'s
+/// kernel): the micro-batch's (Σ_R δ²)ᵀ(ã∘ã)
 /// is computed in row chunks of this many outputs, aligned to multiples of it, in every
 /// plan; so a diag computed in passes ([`plan_diag`]) is bitwise the single pass's.
 pub(crate) const DIAG_ROWS: usize = 512;
