@@ -21,6 +21,8 @@ pub(crate) mod network;
 pub(crate) mod syrk;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod syrk_avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod backward_avx512;
 
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, Zip};
 use rayon::prelude::*;
@@ -84,6 +86,10 @@ pub struct CpuBackend {
     /// packs (where the CPU has it), rather than `gemm` over the squares: off only in tests,
     /// to check the `gemm` path on CPUs that have the kernel.
     diag_kernel: bool,
+    /// Whether a network's backward products run on the AVX-512 kernel that skips each
+    /// sample's zero columns (where the CPU has it), rather than `gemm` and a scaling pass:
+    /// off only in tests, as `diag_kernel`.
+    backward_kernel: bool,
 }
 
 /// Default of [`CpuBackend::with_accumulator_bytes`]: 2 GiB, the GPU's default budget.
@@ -104,6 +110,7 @@ impl CpuBackend {
             forward_cache_bytes: network::FORWARD_CACHE_BYTES,
             accumulator_bytes: DEFAULT_ACCUMULATOR_BYTES,
             diag_kernel: true,
+            backward_kernel: true,
         }
     }
 
@@ -112,6 +119,14 @@ impl CpuBackend {
     #[cfg(test)]
     pub(crate) fn with_gemm_diag(mut self) -> Self {
         self.diag_kernel = false;
+        self
+    }
+
+    /// The same backend computing a network's backward products with `gemm` and a scaling
+    /// pass even where the AVX-512 kernel runs (tests of that path).
+    #[cfg(test)]
+    pub(crate) fn with_gemm_backward(mut self) -> Self {
+        self.backward_kernel = false;
         self
     }
 

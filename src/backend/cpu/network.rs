@@ -792,6 +792,15 @@ fn batch_cost(plan: &NetPlan, form: NetForm) -> BatchCost {
         true => plan.shapes.iter().map(|s| super::syrk_avx512::gemm_tn_scratch_bytes(s.fan_out.min(DIAG_ROWS), s.ld)).fold(fixed, u64::max),
         false => fixed,
     };
+    // The backward kernel's panels of W (`backward_rows`), one layer's at a time.
+    #[cfg(target_arch = "x86_64")]
+    let fixed = plan
+        .shapes
+        .iter()
+        .skip(1)
+        .filter(|s| super::backward_avx512::applies(plan.r, s.fan_out, s.fan_in))
+        .map(|s| super::backward_avx512::packed_bytes(s.fan_out, s.fan_in))
+        .fold(fixed, u64::max);
     BatchCost { per_sample: per_sample.saturating_mul(4), per_row: per_row.saturating_mul(4), sample_binding: 1, row_binding: 1, fixed }
 }
 
@@ -980,6 +989,35 @@ fn sum_passes(be: &CpuBackend, plan: &NetPlan, form: NetForm, n: usize) -> Optio
         NetForm::Grads | NetForm::Norms => return None,
     };
     (!is_single_whole_pass(&passes)).then_some(passes)
+}
+
+/// δ_{l−1} = (δ_l W_l) ∘ φ'(z_{l−1}) for δ_l's (m·d) × K rows, d per sample, and with it
+/// Σ_d δ_{l−1}² per sample where `squares`: on the AVX-512 kernel that skips each sample's
+/// zero columns ([`backward_avx512`](super::backward_avx512)) where the CPU has it, else
+/// `gemm` and a scaling pass.
+fn backward_rows(be: &CpuBackend, delta: ArrayView2<'_, f32>, d: usize, weight: ArrayView2<'_, f32>, scale: ArrayView2<'_, f32>, squares: bool) -> (Array2<f32>, Option<Array2<f32>>) {
+    #[cfg(target_arch = "x86_64")]
+    if be.backward_kernel && super::backward_avx512::applies(d, weight.nrows(), weight.ncols()) && super::backward_avx512::sparse_enough(delta, d) {
+        let fused = squares && d <= crate::backend::cpu::elementwise::F32_TERMS;
+        let (back, sums) = super::backward_avx512::backward(delta, d, weight, scale, fused);
+        let sums = match (squares, sums) {
+            (true, None) => Some(row_square_sums(back.view(), d)),
+            (_, sums) => sums,
+        };
+        return (back, sums);
+    }
+    let _ = be;
+    let mut back = matmul_new(delta, weight);
+    match squares {
+        true => {
+            let sums = scale_rows_and_square_sums(back.view_mut(), scale, d);
+            (back, Some(sums))
+        }
+        false => {
+            scale_rows(back.view_mut(), scale, d);
+            (back, None)
+        }
+    }
 }
 
 /// Whether the diag's products run on [`diag_product`] (CPUs with AVX-512F).
@@ -1338,13 +1376,11 @@ fn reduce(
                     }
                 }
                 if l > lowest && l > lowest_delta {
-                    let mut back = matmul_new(delta.view(), layer.weight.view());
                     // Diag takes Σ_d δ² of the layer below with its scaling (one pass),
                     // unless its kernel squares δ itself.
-                    match diag_layers[l - 1] && !(squares_in_kernel && d == 1) {
-                        true => delta_squares = Some(scale_rows_and_square_sums(back.view_mut(), derivs[l - 1].view(), d)),
-                        false => scale_rows(back.view_mut(), derivs[l - 1].view(), d),
-                    }
+                    let squares = diag_layers[l - 1] && !(squares_in_kernel && d == 1);
+                    let (back, sums) = backward_rows(be, delta.view(), d, layer.weight.view(), derivs[l - 1].view(), squares);
+                    delta_squares = sums;
                     delta = back;
                 }
             }
@@ -1891,11 +1927,36 @@ mod tests {
         mlp.layers[0].bias = None;
         for variant in [Variant::Empirical, Variant::True, Variant::MonteCarlo { samples: 2, seed: 3 }] {
             let want = crate::reference::network::fisher(&mlp, &data, Likelihood::Categorical, variant, NetForm::Diagonal).unwrap();
-            for be in [CpuBackend::new(), CpuBackend::new().with_gemm_diag()] {
+            for be in [CpuBackend::new(), CpuBackend::new().with_gemm_diag(), CpuBackend::new().with_gemm_backward()] {
                 let be = be.with_batch_bytes(32 << 10);
                 let got = network_fisher(&be, &mlp, &data, variant, NetForm::Diagonal).unwrap();
                 let a = got.agreement(&want).unwrap();
-                assert!(a.frobenius_rel <= 1e-6 && a.max_rel <= 1e-5, "{variant:?} kernel {}: {a:?}", be.diag_kernel);
+                assert!(a.frobenius_rel <= 1e-6 && a.max_rel <= 1e-5, "{variant:?} kernels {} {}: {a:?}", be.diag_kernel, be.backward_kernel);
+            }
+        }
+    }
+
+    /// The backward products on either path, the AVX-512 kernel that skips each sample's
+    /// zero columns (where the CPU has it) and `gemm` with a scaling pass, against the f64
+    /// reference: two ReLU layers (so that δ reaches a layer through a zero-rich derivative),
+    /// one, two and five rows per sample, every form that runs the backward pass, and a
+    /// tanh model (no zero columns: `gemm`).
+    #[test]
+    fn backward_on_either_path_matches_the_reference() {
+        use crate::model::problem::synthetic_problem;
+        use crate::model::{ActivationSpec, Likelihood};
+        for act in ["relu", "tanh"] {
+            let (mlp, data) = synthetic_problem(&[11, 40, 30, 6], 300, 5, &ActivationSpec::parse(act).unwrap(), Likelihood::Categorical).unwrap();
+            for variant in [Variant::Empirical, Variant::True, Variant::MonteCarlo { samples: 2, seed: 3 }] {
+                for form in [NetForm::Kfac, NetForm::Diagonal, NetForm::Full, NetForm::Layer, NetForm::Norms] {
+                    let want = crate::reference::network::fisher(&mlp, &data, Likelihood::Categorical, variant, form).unwrap();
+                    for be in [CpuBackend::new(), CpuBackend::new().with_gemm_backward()] {
+                        let be = be.with_batch_bytes(64 << 10);
+                        let got = network_fisher(&be, &mlp, &data, variant, form).unwrap();
+                        let a = got.agreement(&want).unwrap();
+                        assert!(a.frobenius_rel <= 1e-6 && a.max_rel <= 1e-5, "{act} {variant:?} {form:?} kernel {}: {a:?}", be.backward_kernel);
+                    }
+                }
             }
         }
     }

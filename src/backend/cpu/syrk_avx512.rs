@@ -104,12 +104,12 @@ fn shared_strips(m: usize, r0: usize) -> bool {
 /// Packed columns, 64-byte aligned (a panel's rows start on cache lines), not zeroed: each
 /// depth block writes every value it then reads ([`pack`], the strips), so that a memset of
 /// up to 8 MiB per call is saved (1.5 % of W3's KFAC, which makes ~70 calls).
-struct Packed {
+pub(super) struct Packed {
     buf: Vec<MaybeUninit<__m512>>,
 }
 
 impl Packed {
-    fn new(floats: usize) -> Self {
+    pub(super) fn new(floats: usize) -> Self {
         let vectors = floats.div_ceil(16);
         let mut buf = Vec::with_capacity(vectors);
         // SAFETY: MaybeUninit values need no initialisation.
@@ -117,7 +117,7 @@ impl Packed {
         Packed { buf }
     }
     /// The first `floats` values, to be written.
-    fn as_uninit(&mut self, floats: usize) -> &mut [MaybeUninit<f32>] {
+    pub(super) fn as_uninit(&mut self, floats: usize) -> &mut [MaybeUninit<f32>] {
         assert!(floats <= self.buf.len() * 16, "packed buffer too small");
         // SAFETY: the buffer holds ≥ floats f32 slots (16 per __m512), properly aligned.
         unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<MaybeUninit<f32>>(), floats) }
@@ -128,7 +128,7 @@ impl Packed {
 ///
 /// # Safety
 /// Every element of `values` is initialised.
-unsafe fn assume_written(values: &[MaybeUninit<f32>]) -> &[f32] {
+pub(super) unsafe fn assume_written(values: &[MaybeUninit<f32>]) -> &[f32] {
     // SAFETY: MaybeUninit<f32> has f32's layout, and the caller vouches for the values.
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<f32>(), values.len()) }
 }
