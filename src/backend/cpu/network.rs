@@ -257,13 +257,15 @@ struct DenseSum {
     pending: Array2<f32>,
     /// Samples summed in `pending`.
     pending_samples: usize,
-    /// The f64 sum of every flushed `pending`.
-    flushed: Array2<f64>,
+    /// The f64 sum of every flushed `pending`, from the first flush on: made by writing the
+    /// first values, not by adding them into zeros (see `syrk::fresh_upper`: a zeroed buffer
+    /// read before it is written faults twice per page).
+    flushed: Option<Array2<f64>>,
 }
 
 impl DenseSum {
     fn new(rows: usize, cols: usize) -> Self {
-        DenseSum { pending: Array2::zeros((rows, cols)), pending_samples: 0, flushed: Array2::zeros((rows, cols)) }
+        DenseSum { pending: Array2::zeros((rows, cols)), pending_samples: 0, flushed: None }
     }
 
     /// Starts adding `samples` more samples: flushes first when they would take `pending`
@@ -280,7 +282,10 @@ impl DenseSum {
     /// `flushed` += `pending`, in f64.
     fn flush(&mut self) {
         if self.pending_samples > 0 {
-            add_into_f64(self.flushed.view_mut(), self.pending.view());
+            match self.flushed.as_mut() {
+                Some(flushed) => add_into_f64(flushed.view_mut(), self.pending.view()),
+                None => self.flushed = Some(map_f64(self.pending.view(), |p| 0.0 + f64::from(p))),
+            }
             self.pending_samples = 0;
         }
     }
@@ -288,33 +293,47 @@ impl DenseSum {
     /// The sum, in f64.
     fn into_values(mut self) -> Array2<f64> {
         self.flush();
-        self.flushed
+        let dim = self.pending.dim();
+        self.flushed.unwrap_or_else(|| Array2::zeros(dim))
     }
 
     /// The sum in f64, row-major.
     fn values(&self) -> Vec<f64> {
-        match self.pending_samples {
-            0 => self.flushed.iter().copied().collect(),
-            _ => self.flushed.iter().zip(&self.pending).map(|(&f, &p)| f + f64::from(p)).collect(),
+        match (&self.flushed, self.pending_samples) {
+            (None, 0) => vec![0.0; self.len()],
+            (None, _) => self.pending.iter().map(|&p| 0.0 + f64::from(p)).collect(),
+            (Some(flushed), 0) => flushed.iter().copied().collect(),
+            (Some(flushed), _) => flushed.iter().zip(&self.pending).map(|(&f, &p)| f + f64::from(p)).collect(),
         }
     }
 
     /// Empties the sum.
     fn clear(&mut self) {
-        self.flushed.fill(0.0);
+        self.flushed = None;
         self.pending_samples = 0;
     }
 
     fn len(&self) -> usize {
-        self.flushed.len()
+        self.pending.len()
     }
 
     /// Adds `other` (the same sum over other samples) into this one, in f64: this + other.
     fn absorb(&mut self, other: &mut DenseSum) {
         self.flush();
         other.flush();
-        ndarray::Zip::from(self.flushed.view_mut()).and(other.flushed.view()).par_for_each(|x, &y| *x += y);
+        match (self.flushed.as_mut(), other.flushed.as_ref()) {
+            (Some(x), Some(y)) => ndarray::Zip::from(x.view_mut()).and(y.view()).par_for_each(|x, &y| *x += y),
+            (None, Some(y)) => self.flushed = Some(map_f64(y.view(), |v| 0.0 + v)),
+            (_, None) => {}
+        }
     }
+}
+
+/// f(x) for every x of a standard-layout array, into a new one, in parallel, written
+/// without being read first.
+fn map_f64<T: Copy + Send + Sync>(a: ArrayView2<'_, T>, f: impl Fn(T) -> f64 + Sync + Send) -> Array2<f64> {
+    let values: Vec<f64> = a.as_slice().expect("standard layout").par_iter().map(|&x| f(x)).collect();
+    Array2::from_shape_vec(a.dim(), values).expect("same shape")
 }
 
 /// A sum over samples that is exact across blocks (see [`crate::fisher::sums`]): the
@@ -1934,6 +1953,28 @@ mod tests {
                 assert!(a.frobenius_rel <= 1e-6 && a.max_rel <= 1e-5, "{variant:?} kernels {} {}: {a:?}", be.diag_kernel, be.backward_kernel);
             }
         }
+    }
+
+    /// A dense sum absorbed into an empty one, and the sums going on past flushes: the f64
+    /// totals of every sample added, whichever side made its f64 buffer first.
+    #[test]
+    fn dense_sums_absorb_into_an_empty_sum_and_go_on() {
+        let (mut a, mut b) = (DenseSum::new(2, 3), DenseSum::new(2, 3));
+        assert!(!b.begin(1));
+        b.pending.assign(&ndarray::array![[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+        b.flush();
+        assert!(!b.begin(1));
+        b.pending.fill(0.5);
+        a.absorb(&mut b);
+        assert_eq!(a.values(), [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]);
+        assert!(!a.begin(1));
+        a.pending.fill(1.0);
+        assert_eq!(a.values(), [2.5, 3.5, 4.5, 5.5, 6.5, 7.5]);
+        a.absorb(&mut b);
+        assert_eq!(a.values(), [4.0, 6.0, 8.0, 10.0, 12.0, 14.0]);
+        a.clear();
+        assert_eq!(a.values(), [0.0; 6]);
+        assert_eq!(a.into_values().into_raw_vec_and_offset().0, [0.0; 6]);
     }
 
     /// The backward products on either path, the AVX-512 kernel that skips each sample's

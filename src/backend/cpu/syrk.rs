@@ -132,6 +132,24 @@ pub(crate) fn add_scratch_bytes(m: usize, rows: std::ops::Range<usize>) -> u64 {
     }
 }
 
+/// A new buffer of `len` f64, rows of `stride`, whose entries on and right of row t's
+/// diagonal (column offset c ≥ t) are `value(t, c)` and the rest zero: written without
+/// being read first. A zeroed buffer (`vec![0.0; len]`) comes from `calloc`, whose fresh
+/// pages map the shared zero page on the first read; the write after it faults again and
+/// flushes the TLB of every core running the process (2–3 % of W3's MC KFAC in `perf`, in
+/// the f64 sums' first flush and the lanes' absorb).
+fn fresh_upper(len: usize, stride: usize, value: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(stride.max(1)).enumerate().for_each(|(t, row)| {
+        for (c, x) in row.iter_mut().enumerate() {
+            x.write(if c >= t { value(t, c) } else { 0.0 });
+        }
+    });
+    // SAFETY: every one of the len values was written just above.
+    unsafe { out.set_len(len) };
+    out
+}
+
 impl SymmetricSum {
     /// An empty sum of M×M outer products.
     pub(crate) fn new(m: usize) -> Self {
@@ -339,17 +357,23 @@ impl SymmetricSum {
         if len == 0 {
             return;
         }
-        let flushed = self.flushed.get_or_insert_with(|| vec![0.0; len]);
-        flushed.par_chunks_mut(stride).zip(self.pending.par_chunks_mut(stride)).enumerate().for_each(|(t, (acc, part))| {
-            let theirs = &other.pending[t * stride..(t + 1) * stride];
-            let theirs_flushed = other.flushed.as_ref().map(|f| &f[t * stride..(t + 1) * stride]);
-            // Row r₀ + t starts at its diagonal, column offset t.
-            for c in t..stride {
-                let other_value = f64::from(theirs[c]) + theirs_flushed.map_or(0.0, |f| f[c]);
-                acc[c] = (f64::from(part[c]) + acc[c]) + other_value;
+        let theirs = |t: usize, c: usize| f64::from(other.pending[t * stride + c]) + other.flushed.as_ref().map_or(0.0, |f| f[t * stride + c]);
+        match self.flushed.as_mut() {
+            Some(flushed) => {
+                flushed.par_chunks_mut(stride).zip(self.pending.par_chunks(stride)).enumerate().for_each(|(t, (acc, part))| {
+                    // Row r₀ + t starts at its diagonal, column offset t.
+                    for c in t..stride {
+                        acc[c] = (f64::from(part[c]) + acc[c]) + theirs(t, c);
+                    }
+                });
             }
-            part.fill(0.0);
-        });
+            // The same values as from zeros, written without reading the new buffer first.
+            None => {
+                let pending = &self.pending;
+                self.flushed = Some(fresh_upper(len, stride, |t, c| (f64::from(pending[t * stride + c]) + 0.0) + theirs(t, c)));
+            }
+        }
+        self.pending.par_chunks_mut(stride).for_each(|part| part.fill(0.0));
         self.pending_rows = 0;
     }
 
@@ -363,15 +387,18 @@ impl SymmetricSum {
     /// `flushed` += `pending` (upper triangle), in f64.
     fn flush(&mut self) {
         let (len, stride) = (self.pending.len(), self.stride());
-        let flushed = self.flushed.get_or_insert_with(|| vec![0.0; len]);
-        flushed.par_chunks_mut(stride).zip(self.pending.par_chunks(stride)).enumerate().for_each(
-            |(t, (acc, part))| {
+        match self.flushed.as_mut() {
+            Some(flushed) => flushed.par_chunks_mut(stride).zip(self.pending.par_chunks(stride)).enumerate().for_each(|(t, (acc, part))| {
                 // Row r₀ + t starts at its diagonal, column offset t.
                 for (a, &p) in acc[t..].iter_mut().zip(&part[t..]) {
                     *a += f64::from(p);
                 }
-            },
-        );
+            }),
+            None => {
+                let pending = &self.pending;
+                self.flushed = Some(fresh_upper(len, stride, |t, c| 0.0 + f64::from(pending[t * stride + c])));
+            }
+        }
         self.pending_rows = 0;
     }
 
