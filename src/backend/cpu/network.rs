@@ -4,7 +4,9 @@
 //!
 //! Per micro-batch of m samples and R output rows each:
 //! forward Z_l = Ã_l W_lᵀ (+b), Ã_{l+1} = [φ(Z_l) | 1]; output rows δ_{L−1} (m·R × C);
-//! backward δ_{l−1} = (δ_l W_l) ∘ φ'(Z_{l−1}); at each layer the reduction of (δ_l, Ã_l):
+//! backward δ_{l−1} = (δ_l W_l) ∘ φ'(Z_{l−1}) (on AVX-512 CPUs skipping each sample's zero
+//! columns of δ_l: [`backward_avx512`](super::backward_avx512)); at each layer the reduction
+//! of (δ_l, Ã_l):
 //! diag (Σ_R δ²)ᵀ(Ã∘Ã), KFAC ÃᵀÃ and δᵀδ, full/layer via the rows δ ⊗ ã, norms ‖δ‖²‖ã‖².
 //!
 //! The R rows of a micro-batch are generated and reduced d at a time ([`Batching`]): the
