@@ -383,8 +383,11 @@ fn check_layers(
                 ));
             }
         }
-        // Row-major iteration, so the flat index is PyTorch's (o·in + i).
-        if let Some((flat, value)) = layer.weight.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        // The branch-free scan first (an early-exit `find` does not vectorize: 0.8 % of
+        // W3's MC KFAC); row-major iteration, so the flat index is PyTorch's (o·in + i).
+        let finite = layer.weight.as_slice().is_some_and(crate::validate::all_finite);
+        let bad = if finite { None } else { layer.weight.iter().enumerate().find(|(_, v)| !v.is_finite()) };
+        if let Some((flat, value)) = bad {
             return Err(format!(
                 "non-finite value {value} in '{name}.weight' at flat index {flat} (row {}, column {})",
                 flat / fan_in,

@@ -327,6 +327,23 @@ fn mlp_new_and_with_parameters_validate() {
     let mut nan = theta.clone();
     nan[13] = f32::NAN;
     assert_mentions(&message(mlp.with_parameters(nan.view())), &["'0.bias'", "flat index 1"]);
+    // A non-finite weight, in a row-major weight and in a transposed (column-major) one: the
+    // first in PyTorch's row-major order is named.
+    for (value, spelled) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
+        let mut second = layer(2, 2, 4, false);
+        second.weight[[1, 3]] = value;
+        second.weight[[1, 1]] = value;
+        assert_mentions(
+            &message(Mlp::new(vec![layer(0, 4, 3, true), second.clone()], vec![Activation::Relu])),
+            &[spelled, "'2.weight'", "flat index 5", "row 1, column 1"],
+        );
+        second.weight = second.weight.t().as_standard_layout().into_owned().reversed_axes();
+        assert!(second.weight.as_slice().is_none(), "a column-major weight");
+        assert_mentions(
+            &message(Mlp::new(vec![layer(0, 4, 3, true), second], vec![Activation::Relu])),
+            &[spelled, "'2.weight'", "flat index 5", "row 1, column 1"],
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
