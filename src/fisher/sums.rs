@@ -261,17 +261,25 @@ impl NetSums {
 /// Each layer's f64 sums are freed once written, and the zeroed result is only touched as it
 /// is written, so the peak is the f64 sums (2× the parameters' bytes) rather than the f64
 /// sums plus the f32 result.
+///
+/// The weights' rows in parallel, each a loop over contiguous values (the element-indexed
+/// single-threaded loop, dividing one value at a time, was 1 % of W3's empirical diag).
 pub(crate) fn diag_of(blocks: Vec<Array2<f64>>, layers: &[SumLayer], nf: f64) -> Array1<f32> {
+    use rayon::prelude::*;
     let p: usize = layers.iter().map(|s| s.params()).sum();
     let mut diag = vec![0f32; p];
     let mut offset = 0;
     for (s, d) in layers.iter().zip(blocks) {
-        for o in 0..s.fan_out {
-            for i in 0..s.fan_in {
-                diag[offset + o * s.fan_in + i] = (d[[o, i]] / nf) as f32;
+        assert_eq!(d.dim(), (s.fan_out, s.augmented_in()), "a layer's diag sums");
+        let (weights, biases) = diag[offset..offset + s.params()].split_at_mut(s.fan_out * s.fan_in);
+        weights.par_chunks_mut(s.fan_in.max(1)).zip(d.axis_iter(ndarray::Axis(0))).for_each(|(out, row)| {
+            for (o, &v) in out.iter_mut().zip(row.iter()) {
+                *o = (v / nf) as f32;
             }
-            if s.bias {
-                diag[offset + s.fan_out * s.fan_in + o] = (d[[o, s.fan_in]] / nf) as f32;
+        });
+        if s.bias {
+            for (o, b) in biases.iter_mut().enumerate() {
+                *b = (d[[o, s.fan_in]] / nf) as f32;
             }
         }
         offset += s.params();

@@ -319,6 +319,56 @@ impl DenseSum {
         self.pending.len()
     }
 
+    /// This lane's flushed f64 sums and its pending f32 ones (when it holds samples) at the
+    /// flat indices `at`.
+    fn parts(&self, at: std::ops::Range<usize>) -> (Option<&[f64]>, Option<&[f32]>) {
+        let flushed = self.flushed.as_ref().map(|f| &f.as_slice().expect("standard layout")[at.clone()]);
+        let pending = (self.pending_samples > 0).then(|| &self.pending.as_slice().expect("standard layout")[at]);
+        (flushed, pending)
+    }
+
+    /// What `self.absorb(other)` and then [`DenseSum::into_values`] give, bit for bit, in
+    /// one parallel pass that writes a new f64 array: the absorb flushed both lanes into
+    /// new buffers and added them in a third pass.
+    fn values_absorbing(&self, other: &DenseSum) -> Array2<f64> {
+        assert_eq!(self.pending.dim(), other.pending.dim(), "lanes of the same sum");
+        // A lane's value as its flush leaves it (None: never flushed, nothing pending).
+        fn flushed(f: Option<&[f64]>, p: Option<&[f32]>, k: usize) -> Option<f64> {
+            match (f, p) {
+                (Some(f), Some(p)) => Some(f[k] + f64::from(p[k])),
+                (Some(f), None) => Some(f[k]),
+                (None, Some(p)) => Some(0.0 + f64::from(p[k])),
+                (None, None) => None,
+            }
+        }
+        let len = self.len();
+        let mut values: Vec<f64> = Vec::with_capacity(len);
+        values.spare_capacity_mut()[..len].par_chunks_mut(super::elementwise::GRAIN).enumerate().for_each(|(c, out)| {
+            let at = c * super::elementwise::GRAIN..c * super::elementwise::GRAIN + out.len();
+            match (self.parts(at.clone()), other.parts(at)) {
+                // Neither lane flushed (every sum of up to FLUSH_ROWS samples per lane).
+                ((None, Some(p)), (None, Some(q))) => {
+                    for ((o, &p), &q) in out.iter_mut().zip(p).zip(q) {
+                        o.write((0.0 + f64::from(p)) + (0.0 + f64::from(q)));
+                    }
+                }
+                ((f1, p1), (f2, p2)) => {
+                    for (k, o) in out.iter_mut().enumerate() {
+                        o.write(match (flushed(f1, p1, k), flushed(f2, p2, k)) {
+                            (Some(x), Some(y)) => x + y,
+                            (None, Some(y)) => 0.0 + y,
+                            (Some(x), None) => x,
+                            (None, None) => 0.0,
+                        });
+                    }
+                }
+            }
+        });
+        // SAFETY: every one of the len values was written just above.
+        unsafe { values.set_len(len) };
+        Array2::from_shape_vec(self.pending.dim(), values).expect("same shape")
+    }
+
     /// Adds `other` (the same sum over other samples) into this one, in f64: this + other.
     fn absorb(&mut self, other: &mut DenseSum) {
         self.flush();
@@ -435,6 +485,43 @@ impl BlockSum {
             Live::Sym(s) => s.packed_count(),
         };
         Ok(self.exact.unwrap_or_else(|| ExactSum::new(len)))
+    }
+
+    /// The m×m symmetric sum divided by `nf`, in f32, with `lane` (the same sums over other
+    /// samples, see [`LANES`]) absorbed first where given: bit for bit what
+    /// [`BlockSum::absorb`] and then finishing give, in one pass after a single block
+    /// ([`SymmetricSum::finish_absorbing`]). After one block, the block sums finish as they
+    /// always did; after several, their exact sum finishes with the formulas of
+    /// `NetSums::finish`, which are the same.
+    fn finish_symmetric(mut self, lane: Option<BlockSum>, m: usize, nf: f64) -> Result<Array2<f32>> {
+        if let Some(mut lane) = lane {
+            match (&self.live, &lane.live) {
+                (Live::Sym(s), Live::Sym(t)) if lane.dirty && self.exact.is_none() => return Ok(s.finish_absorbing(t, nf)),
+                _ => self.absorb(&mut lane),
+            }
+        }
+        Ok(match self.combined()? {
+            Ok(values) => symmetric_of(&values, m, nf),
+            Err(Live::Sym(s)) => s.finish(nf),
+            Err(Live::Dense(_)) => unreachable!("a symmetric block sum"),
+        })
+    }
+
+    /// The (rows × cols) dense sum in f64, with `lane` absorbed first where given: bit for
+    /// bit what [`BlockSum::absorb`] and then [`DenseSum::into_values`] give, in one pass
+    /// after a single block ([`DenseSum::values_absorbing`]).
+    fn dense_values(mut self, lane: Option<BlockSum>, rows: usize, cols: usize) -> Result<Array2<f64>> {
+        if let Some(mut lane) = lane {
+            match (&self.live, &lane.live) {
+                (Live::Dense(a), Live::Dense(b)) if lane.dirty && self.exact.is_none() => return Ok(a.values_absorbing(b)),
+                _ => self.absorb(&mut lane),
+            }
+        }
+        Ok(match self.combined()? {
+            Ok(values) => Array2::from_shape_vec((rows, cols), values).expect("layer layout"),
+            Err(Live::Dense(a)) => a.into_values(),
+            Err(Live::Sym(_)) => unreachable!("a dense block sum"),
+        })
     }
 
     /// The exact sum's values when blocks were combined, `None` after a single block.
@@ -903,18 +990,22 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
         return Ok(sink.into_fisher());
     }
     let p = plan.params;
-    let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, None)?;
+    let (mut reduction, lane) = reduce_lanes(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, None)?;
     let nf = n as f64;
     let layers = SumLayer::of(mlp);
-    // After one block, the block sums finish as they always did; after several, their exact
-    // sum finishes with the formulas of `NetSums::finish`, which are the same.
-    let symmetric = |sum: BlockSum, m: usize| -> Result<Array2<f32>> {
-        Ok(match sum.combined()? {
-            Ok(values) => symmetric_of(&values, m, nf),
-            Err(Live::Sym(s)) => s.finish(nf),
-            Err(Live::Dense(_)) => unreachable!("a symmetric block sum"),
-        })
-    };
+    let symmetric = |sum: BlockSum, m: usize| sum.finish_symmetric(None, m, nf);
+    // KFAC's and the diag's sums finish with their second lane; the others absorb it first.
+    let mut lane_sums = match (lane, &mut reduction) {
+        (Some(Reduction::Kfac { sums, .. }), Reduction::Kfac { .. }) | (Some(Reduction::Diag { sums, .. }), Reduction::Diag { .. }) => {
+            sums.into_iter().map(Some).collect()
+        }
+        (Some(mut lane), _) => {
+            reduction.absorb(&mut lane);
+            Vec::new()
+        }
+        (None, _) => Vec::new(),
+    }
+    .into_iter();
     Ok(match reduction {
         Reduction::Syrk { sums, full: true, .. } => NetFisher::Full(symmetric(sums.into_iter().next().expect("one sum"), p)?),
         Reduction::Syrk { sums, .. } => NetFisher::Layer(
@@ -924,13 +1015,7 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
             let blocks = sums
                 .into_iter()
                 .zip(&layers)
-                .map(|(sum, l)| {
-                    Ok(match sum.combined()? {
-                        Ok(values) => Array2::from_shape_vec((l.fan_out, l.augmented_in()), values).expect("layer layout"),
-                        Err(Live::Dense(a)) => a.into_values(),
-                        Err(Live::Sym(_)) => unreachable!("a dense block sum"),
-                    })
-                })
+                .map(|(sum, l)| sum.dense_values(lane_sums.next().flatten(), l.fan_out, l.augmented_in()))
                 .collect::<Result<Vec<_>>>()?;
             NetFisher::Diagonal(diag_of(blocks, &layers, nf))
         }
@@ -939,7 +1024,11 @@ pub(crate) fn network_fisher(be: &CpuBackend, mlp: &Mlp, data: &dyn DataSource, 
             let mut factors = Vec::with_capacity(layers.len());
             for l in &layers {
                 let (a, g) = (sums.next().expect("A of every layer"), sums.next().expect("G of every layer"));
-                factors.push(KfacFactors { a: symmetric(a, l.augmented_in())?, g: symmetric(g, l.fan_out)? });
+                let (a_lane, g_lane) = (lane_sums.next().flatten(), lane_sums.next().flatten());
+                factors.push(KfacFactors {
+                    a: a.finish_symmetric(a_lane, l.augmented_in(), nf)?,
+                    g: g.finish_symmetric(g_lane, l.fan_out, nf)?,
+                });
             }
             NetFisher::Kfac(factors)
         }
@@ -1205,6 +1294,27 @@ fn reduce(
     block: usize,
     units: Option<&[Unit]>,
 ) -> Result<Reduction> {
+    let (mut reduction, lane) = reduce_lanes(be, mlp, data, variant, form, range, block, units)?;
+    if let Some(mut lane) = lane {
+        reduction.absorb(&mut lane);
+    }
+    Ok(reduction)
+}
+
+/// [`reduce`], with the second lane's sums of the last block (see [`LANES`]) not yet
+/// absorbed: a caller that finishes them can do both in one pass
+/// ([`BlockSum::finish_symmetric`]).
+#[allow(clippy::too_many_arguments)]
+fn reduce_lanes(
+    be: &CpuBackend,
+    mlp: &Mlp,
+    data: &dyn DataSource,
+    variant: Variant,
+    form: NetForm,
+    range: std::ops::Range<usize>,
+    block: usize,
+    units: Option<&[Unit]>,
+) -> Result<(Reduction, Option<Reduction>)> {
     let n = data.len();
     if range.end > n || range.start > range.end || block == 0 {
         return Err(FisherError::InvalidInput(format!(
@@ -1446,10 +1556,7 @@ fn reduce(
             }
         }
     }
-    if let Some(lane) = second_lane.as_mut() {
-        reduction.absorb(lane);
-    }
-    Ok(reduction)
+    Ok((reduction, second_lane))
 }
 
 
@@ -1977,6 +2084,42 @@ mod tests {
         a.clear();
         assert_eq!(a.values(), [0.0; 6]);
         assert_eq!(a.into_values().into_raw_vec_and_offset().0, [0.0; 6]);
+    }
+
+    /// A dense sum finished with its second lane ([`DenseSum::values_absorbing`]) is the
+    /// lane absorbed and then the sum's values, bit for bit, for every state of either lane
+    /// (never flushed, flushed, with and without samples pending) and over several of the
+    /// pass's chunks; a pending −0 meets the absorb's 0 + x.
+    #[test]
+    fn dense_lanes_finish_as_absorbed_bit_for_bit() {
+        let (rows, cols) = (130, 200);
+        let lane = |flushed: bool, pending: bool, seed: u64| {
+            let mut sum = DenseSum::new(rows, cols);
+            let fill = |sum: &mut DenseSum, seed: u64| {
+                sum.begin(1);
+                sum.pending.assign(&crate::synthetic::normal_matrix(rows, cols, seed));
+                sum.pending[[0, 0]] = -0.0;
+            };
+            if flushed {
+                fill(&mut sum, seed);
+                sum.flush();
+            }
+            if pending {
+                fill(&mut sum, seed + 100);
+            }
+            sum
+        };
+        let states = [(false, false), (false, true), (true, false), (true, true)];
+        for (s, &(f1, p1)) in states.iter().enumerate() {
+            for (t, &(f2, p2)) in states.iter().enumerate() {
+                let fused = lane(f1, p1, s as u64).values_absorbing(&lane(f2, p2, 10 + t as u64));
+                let mut x = lane(f1, p1, s as u64);
+                x.absorb(&mut lane(f2, p2, 10 + t as u64));
+                let plain = x.into_values();
+                let same = fused.iter().zip(plain.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "lanes {:?} and {:?}: values_absorbing ≠ absorb + into_values", states[s], states[t]);
+            }
+        }
     }
 
     /// The backward products on either path, the AVX-512 kernel that skips each sample's

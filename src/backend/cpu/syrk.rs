@@ -63,9 +63,25 @@ const SPLIT_FROM: usize = 1536;
 /// at the level of a blocked GEMM (see the module docs).
 pub(crate) const FLUSH_ROWS: usize = 4096;
 
-/// Rows per output block when mirroring in [`SymmetricSum::finish`]: 64 rows of M = 2048
-/// f32 values (512 KiB) stay in L2 while their lower triangle is filled column by column.
+/// Rows per row block of [`SymmetricSum::finish`], and the side of its tiles: a 64×64 f32
+/// tile (16 KiB) stays in L1 while it is written to its rows and to their mirror.
 const FINISH_ROWS: usize = 64;
+
+/// The output of [`SymmetricSum::finish`], shared by its tasks, which write disjoint entries
+/// and read none.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: see `SymmetricSum::finish_rows`: the tasks' writes are disjoint.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Threads inside each `gemm` call; the panels run one after another. Measured against
 /// running the panels in parallel with single-threaded `gemm` calls: as fast on an idle
@@ -405,58 +421,49 @@ impl SymmetricSum {
     /// The full symmetric matrix S / `divisor` in f32: the upper triangle computed (sum of
     /// the f32 and f64 parts, scaled in f64, rounded once to f32) and mirrored bit for bit.
     ///
+    /// One pass, [`FINISH_ROWS`] rows at a time, a square tile of them at a time: each
+    /// tile's upper values are computed once, written to their rows and, from the tile in
+    /// L1, to their mirror below the diagonal. (Mirroring by reading the written upper
+    /// triangle back, 8 KiB-strided at M = 2048, took twice as long as computing it.)
+    ///
     /// The scaling multiplies by the f64 reciprocal of `divisor` rather than dividing
     /// (vdivpd would make this pass several times slower): the two differ by at most one
     /// f64 ulp, 10⁻¹⁶ relative, before the rounding to f32.
     pub(crate) fn finish(&self, divisor: f64) -> Array2<f32> {
+        self.finish_with(None, divisor)
+    }
+
+    /// What `self.absorb(other)` and then [`SymmetricSum::finish`] give, bit for bit,
+    /// without forming the absorbed sum: each entry is (0 + ((pending + flushed) + (other's
+    /// pending + flushed))) · (1/divisor) in f64, rounded to f32. The last of a reduction's
+    /// lanes is finished so: the absorb wrote a new f64 buffer and cleared both `pending`s,
+    /// which the finish then read again (4 % of W3's MC KFAC).
+    pub(crate) fn finish_absorbing(&self, other: &SymmetricSum, divisor: f64) -> Array2<f32> {
+        assert!((self.m, self.r0, self.r1) == (other.m, other.r0, other.r1), "absorb of another band");
+        self.finish_with(Some(other), divisor)
+    }
+
+    /// [`SymmetricSum::finish`], or [`SymmetricSum::finish_absorbing`] `other`.
+    fn finish_with(&self, other: Option<&SymmetricSum>, divisor: f64) -> Array2<f32> {
         assert!(self.is_whole(), "finish of a band; use finish_band_into");
         let m = self.m;
         let scale = 1.0 / divisor;
-        // Not zeroed: every value is written below (the upper part of each block's rows, its
-        // mirror inside the block, and the tiles left of it), and a 16 MB memset was 1 % of W1.
+        // Not zeroed: every value is written below, and a 16 MB memset was 1 % of W1.
         let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * m);
         // SAFETY: MaybeUninit values need no initialisation.
         unsafe { out.set_len(m * m) };
-        if m > 0 {
-            out.par_chunks_mut(FINISH_ROWS * m).enumerate().for_each(|(b, block)| {
-                let r0 = b * FINISH_ROWS;
-                let rows = block.len() / m;
-                // Upper part of this block's rows, (i, j ≥ i).
-                for t in 0..rows {
-                    let i = r0 + t;
-                    self.scaled_row_segment(i, i..m, scale, |c, v| {
-                        block[t * m + i + c].write(v);
-                    });
-                }
-                // Lower part inside the block: (i, j) for r0 ≤ j < i is (j, i), just written.
-                for t in 0..rows {
-                    for j in r0..r0 + t {
-                        // SAFETY: (j − r0, r0 + t) with r0 + t > j is an upper entry of this
-                        // block, written by the loop above.
-                        let v = unsafe { block[(j - r0) * m + r0 + t].assume_init() };
-                        block[t * m + j].write(v);
-                    }
-                }
-                // Lower part left of the block: (r0 + t, j) for j < r0 is (j, r0 + t), an
-                // upper entry of another block's row j: recomputed here with the same
-                // formula (hence bitwise equal) from row j's contiguous segment, a 64×64
-                // tile at a time, so that the transposed writes go to contiguous runs of
-                // each output row rather than one cache line (and page) per value.
-                let mut tile = [[0.0f32; FINISH_ROWS]; FINISH_ROWS];
-                for j0 in (0..r0).step_by(FINISH_ROWS) {
-                    let width = FINISH_ROWS.min(r0 - j0);
-                    for (jj, tile_row) in tile.iter_mut().enumerate().take(width) {
-                        self.scaled_row_segment(j0 + jj, r0..r0 + rows, scale, |c, v| tile_row[c] = v);
-                    }
-                    for t in 0..rows {
-                        let out_run = &mut block[t * m + j0..t * m + j0 + width];
-                        for (jj, o) in out_run.iter_mut().enumerate() {
-                            o.write(tile[jj][t]);
-                        }
-                    }
-                }
-            });
-        }
+        let shared = SharedOut(out.as_mut_ptr().cast::<f32>());
+        let blocks = m.div_ceil(FINISH_ROWS);
+        // A task takes blocks t and blocks − 1 − t: the first has the most columns right of
+        // its diagonal, the second the fewest.
+        (0..blocks.div_ceil(2)).into_par_iter().for_each(|t| {
+            let mut tile = [[0.0f32; FINISH_ROWS]; FINISH_ROWS];
+            // SAFETY: see `finish_rows`; the tasks' row blocks are distinct.
+            unsafe { self.finish_rows(other, t, scale, shared, &mut tile) };
+            if blocks - 1 - t != t {
+                unsafe { self.finish_rows(other, blocks - 1 - t, scale, shared, &mut tile) };
+            }
+        });
         // SAFETY: every one of the m·m values was written above; MaybeUninit<f32> has f32's
         // layout, so the allocation is reused as it is.
         let out: Vec<f32> = unsafe {
@@ -464,6 +471,83 @@ impl SymmetricSum {
             Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity())
         };
         Array2::from_shape_vec((m, m), out).expect("m·m values form an m×m array")
+    }
+
+    /// [`SymmetricSum::finish`]'s work for row block `b` (rows R = b·FINISH_ROWS ..): the
+    /// upper entries (i ∈ R, j ≥ i) and their mirror (j, i), into the m×m output at `out`.
+    ///
+    /// # Safety
+    /// `out` holds m·m f32, and no other thread touches what this call writes: the entries
+    /// (i, j ≥ i) and (j > i, i) for i ∈ R, which are those of no other row block.
+    unsafe fn finish_rows(&self, other: Option<&SymmetricSum>, b: usize, scale: f64, out: SharedOut, tile: &mut [[f32; FINISH_ROWS]; FINISH_ROWS]) {
+        let m = self.m;
+        let base = out.get();
+        let rows = b * FINISH_ROWS..m.min((b + 1) * FINISH_ROWS);
+        for c0 in (rows.start..m).step_by(FINISH_ROWS) {
+            let width = FINISH_ROWS.min(m - c0);
+            // Rows R, columns c0 .. c0 + width, from the diagonal on.
+            for (t, i) in rows.clone().enumerate() {
+                let from = i.max(c0);
+                if from >= c0 + width {
+                    continue;
+                }
+                let at = i * m + from..i * m + c0 + width;
+                // SAFETY: (i, j ≥ i) for i ∈ R, inside the output (the caller's contract).
+                let dst = unsafe { std::slice::from_raw_parts_mut(base.add(at.start), at.len()) };
+                let kept = &mut tile[t][from - c0..width];
+                let pending = &self.pending[at.clone()];
+                // A loop per case, so that the common ones vectorize.
+                let flushed = self.flushed.as_deref().map(|f| &f[at.clone()]);
+                match other {
+                    None => match flushed {
+                        None => {
+                            for ((o, k), &p) in dst.iter_mut().zip(kept).zip(pending) {
+                                let v = (f64::from(p) * scale) as f32;
+                                (*o, *k) = (v, v);
+                            }
+                        }
+                        Some(flushed) => {
+                            for (((o, k), &p), &f) in dst.iter_mut().zip(kept).zip(pending).zip(flushed) {
+                                let v = ((f64::from(p) + f) * scale) as f32;
+                                (*o, *k) = (v, v);
+                            }
+                        }
+                    },
+                    // absorb's (p + f) + (p' + f'), with 0 for a sum not flushed, then
+                    // finish's 0 + that (its `pending` was cleared).
+                    Some(other) => {
+                        let theirs = &other.pending[at.clone()];
+                        match (flushed, other.flushed.as_deref().map(|f| &f[at.clone()])) {
+                            (None, None) => {
+                                for (((o, k), &p), &q) in dst.iter_mut().zip(kept).zip(pending).zip(theirs) {
+                                    let v = ((0.0 + ((f64::from(p) + 0.0) + (f64::from(q) + 0.0))) * scale) as f32;
+                                    (*o, *k) = (v, v);
+                                }
+                            }
+                            (f1, f2) => {
+                                for (c, ((o, k), (&p, &q))) in dst.iter_mut().zip(kept).zip(pending.iter().zip(theirs)).enumerate() {
+                                    let (f, g) = (f1.map_or(0.0, |f| f[c]), f2.map_or(0.0, |f| f[c]));
+                                    let v = ((0.0 + ((f64::from(p) + f) + (f64::from(q) + g))) * scale) as f32;
+                                    (*o, *k) = (v, v);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Their mirror: (j, i) for j in the tile's columns and i ∈ R, i < j (column c of
+            // the tile, read down its rows).
+            #[allow(clippy::needless_range_loop)]
+            for c in 0..width {
+                let j = c0 + c;
+                let count = j.min(rows.end).saturating_sub(rows.start);
+                // SAFETY: (j, i < j) for i ∈ R, inside the output (the caller's contract).
+                let dst = unsafe { std::slice::from_raw_parts_mut(base.add(j * m + rows.start), count) };
+                for (t, o) in dst.iter_mut().enumerate() {
+                    *o = tile[t][c];
+                }
+            }
+        }
     }
 
     /// Writes this band's rows of S / `divisor` (f32, the values [`SymmetricSum::finish`]
@@ -496,27 +580,6 @@ impl SymmetricSum {
                 let at = (i - r0) * stride + j - r0;
                 ((f64::from(pending[at]) + flushed[at]) * scale) as f32
             }),
-        }
-    }
-
-    /// `put(c, (pending[i, j] + flushed[i, j]) · scale)` for j = cols.start + c, j ≥ i.
-    ///
-    /// `pending` is valid here: it is zero until the first `gemm`, and every flush is
-    /// immediately followed by a `gemm` that overwrites it.
-    fn scaled_row_segment(&self, i: usize, cols: std::ops::Range<usize>, scale: f64, mut put: impl FnMut(usize, f32)) {
-        let range = i * self.m + cols.start..i * self.m + cols.end;
-        let pending = &self.pending[range.clone()];
-        match &self.flushed {
-            None => {
-                for (c, &p) in pending.iter().enumerate() {
-                    put(c, (f64::from(p) * scale) as f32);
-                }
-            }
-            Some(flushed) => {
-                for (c, (&p, &f)) in pending.iter().zip(&flushed[range]).enumerate() {
-                    put(c, ((f64::from(p) + f) * scale) as f32);
-                }
-            }
         }
     }
 }
@@ -784,6 +847,33 @@ mod tests {
                     let whole_rows = whole.packed_upper();
                     let band_rows = band.packed_upper();
                     assert!(band_rows.iter().zip(&whole_rows[from..]).all(|(x, y)| x.to_bits() == y.to_bits()), "{kernel:?} m {m}: band ≠ whole");
+                }
+            }
+        }
+    }
+
+    /// Finishing a sum with a second lane ([`SymmetricSum::finish_absorbing`]) is absorbing
+    /// it and then finishing, bit for bit: neither, either or both lanes past a flush, sides
+    /// of one to several of the finish's 64-row blocks (odd and even counts), both kernels.
+    #[test]
+    fn finishing_with_a_lane_is_absorbing_it_first_bit_for_bit() {
+        for kernel in kernels() {
+            for m in [1usize, 7, 64, 65, 200] {
+                for (ka, kb) in [(300, 200), (FLUSH_ROWS + 50, 100), (100, FLUSH_ROWS + 70), (FLUSH_ROWS + 1, FLUSH_ROWS + 9)] {
+                    let sum_of = |k: usize, seed: u64| {
+                        let a = crate::synthetic::normal_matrix(k, m, seed);
+                        let mut sum = SymmetricSum::band_with(m, 0..m, kernel);
+                        sum.add(a.slice(s![..k / 2, ..]));
+                        sum.add(a.slice(s![k / 2.., ..]));
+                        sum
+                    };
+                    let (mut x, y) = (sum_of(ka, 1 + m as u64), sum_of(kb, 2 + m as u64));
+                    assert_eq!((x.flushed.is_some(), y.flushed.is_some()), (ka > FLUSH_ROWS, kb > FLUSH_ROWS));
+                    let fused = x.finish_absorbing(&y, 3.0);
+                    x.absorb(&y);
+                    let plain = x.finish(3.0);
+                    let same = fused.iter().zip(plain.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kernel:?} m {m}, {ka} + {kb} rows: finish_absorbing ≠ absorb + finish");
                 }
             }
         }
