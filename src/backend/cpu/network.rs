@@ -197,8 +197,8 @@ fn augmented_weights(mlp: &Mlp) -> Vec<AugmentedWeight<'_>> {
 struct Pass {
     /// ã_l (m × augmented_in, last column 1 where layer l has a bias), every layer.
     acts: Vec<Array2<f32>>,
-    /// z_l (m × out), every layer.
-    zs: Vec<Array2<f32>>,
+    /// z_L (m × out) of the output layer.
+    output: Array2<f32>,
     /// φ'(z_l) (m × out) of every hidden layer.
     derivs: Vec<Array2<f32>>,
     /// ã_l ∘ ã_l where asked for (diag), else empty.
@@ -211,20 +211,23 @@ struct Pass {
 fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, s0: usize, m: usize, squares: &[bool]) -> Result<Pass> {
     let depth = mlp.layers.len();
     let wants = |l: usize| squares.get(l).copied().unwrap_or(false);
-    let mut pass = Pass { acts: Vec::with_capacity(depth), zs: Vec::with_capacity(depth), derivs: Vec::with_capacity(depth), squares: Vec::with_capacity(depth) };
-    let first = activate_parts(Activation::Identity, data.inputs(s0, m)?.view(), mlp.layers[0].augmented_in(), false, wants(0));
-    pass.acts.push(first.a);
+    let mut acts = Vec::with_capacity(depth);
+    let mut pass = Pass { acts: Vec::new(), output: Array2::zeros((0, 0)), derivs: Vec::with_capacity(depth), squares: Vec::with_capacity(depth) };
+    let first = activate_parts(Activation::Identity, data.inputs(s0, m)?.view(), None, mlp.layers[0].augmented_in(), false, wants(0));
+    acts.push(first.a);
     pass.squares.push(first.squares.unwrap_or_default());
-    for l in 0..depth {
-        let z = waug[l].product(pass.acts[l].view());
-        if l + 1 < depth {
-            let next = activate_parts(mlp.activations[l], z.view(), mlp.layers[l + 1].augmented_in(), true, wants(l + 1));
-            pass.acts.push(next.a);
-            pass.derivs.push(next.derivative.expect("asked for"));
-            pass.squares.push(next.squares.unwrap_or_default());
-        }
-        pass.zs.push(z);
+    for l in 0..depth - 1 {
+        // z_l without b_l: the activation adds it as it reads z ([`activate_parts`]).
+        let w = &waug[l];
+        let z = matmul_new(acts[l].slice(s![.., ..w.weight.ncols()]), w.weight.t());
+        let bias = w.bias.map(|b| b.to_vec());
+        let next = activate_parts(mlp.activations[l], z.view(), bias.as_deref(), mlp.layers[l + 1].augmented_in(), true, wants(l + 1));
+        acts.push(next.a);
+        pass.derivs.push(next.derivative.expect("asked for"));
+        pass.squares.push(next.squares.unwrap_or_default());
     }
+    pass.output = waug[depth - 1].product(acts[depth - 1].view());
+    pass.acts = acts;
     Ok(pass)
 }
 
@@ -1414,14 +1417,14 @@ fn reduce_lanes(
     let step = |reduction: &mut Reduction, s0: usize, m: usize| -> Result<()> {
         // Forward: ã_l (m × augmented_in) and z_l (m × out) for every layer, once for all
         // draws, with φ'(z_l) for the backward pass and ã∘ã for diag.
-        let Pass { acts, zs, derivs, squares: act_squares } = forward_pass(mlp, &waug, data, s0, m, act_squares_wanted)?;
+        let Pass { acts, output, derivs, squares: act_squares } = forward_pass(mlp, &waug, data, s0, m, act_squares_wanted)?;
         // Output rows and backward, d draws (rows per sample) at a time.
         for (q0, d) in batch.draw_ranges(r) {
             // A KFAC pass of A bands only reads the forward pass: the first chunk adds them.
             if q0 > 0 && lowest_delta == depth {
                 break;
             }
-            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (q0, d), compact)?;
+            let mut delta = output_rows(output.view(), data, s0, variant, (q0, d), compact)?;
             let mut grad_rows = match &*reduction {
                 Reduction::Syrk { .. } if kron => None,
                 Reduction::Grads(_) | Reduction::Syrk { full: true, .. } => Some(Array2::<f32>::zeros((m * d, p))),
@@ -1697,8 +1700,7 @@ impl<'a> CpuNetOperator<'a> {
     }
 
     fn forward_of(&self, s0: usize, m: usize) -> Result<Forward> {
-        let Pass { acts, mut zs, derivs, .. } = forward_pass(self.mlp, &self.waug, self.data, s0, m, &[])?;
-        let output = zs.pop().expect("a network has a layer");
+        let Pass { acts, output, derivs, .. } = forward_pass(self.mlp, &self.waug, self.data, s0, m, &[])?;
         Ok(Forward { acts, output, derivs })
     }
 
@@ -1881,8 +1883,8 @@ impl CpuGramOperator {
         let m_max = micro_batch(be, n, forward.saturating_add(r.saturating_mul(2 * max_w)))?;
         for s0 in (0..n).step_by(m_max.max(1)) {
             let m = m_max.min(n - s0);
-            let Pass { acts: a, zs, derivs, .. } = forward_pass(mlp, &waug, data, s0, m, &[])?;
-            let mut delta = output_rows(zs[depth - 1].view(), data, s0, variant, (0, r), false)?;
+            let Pass { acts: a, output, derivs, .. } = forward_pass(mlp, &waug, data, s0, m, &[])?;
+            let mut delta = output_rows(output.view(), data, s0, variant, (0, r), false)?;
             for l in (0..depth).rev() {
                 acts[l].slice_mut(s![s0..s0 + m, ..]).assign(&a[l]);
                 deltas[l].slice_mut(s![s0 * r..(s0 + m) * r, ..]).assign(&delta);
