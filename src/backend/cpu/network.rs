@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-use super::elementwise::{activate_parts, add_into_f64, row_square_sums, scale_rows, scale_rows_and_square_sums};
+use super::elementwise::{activate_in_place, activate_parts, add_into_f64, row_square_sums, scale_rows, scale_rows_and_square_sums};
 use super::syrk::{is_single_whole_pass, plan_units, put_band, SymmetricSum, Unit, FLUSH_ROWS};
 use super::CpuBackend;
 use crate::backend::plan::{BatchCost, Batching, LayerShape, MicroBatchLimits, NetPlan};
@@ -217,11 +217,16 @@ fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, 
     acts.push(first.a);
     pass.squares.push(first.squares.unwrap_or_default());
     for l in 0..depth - 1 {
-        // z_l without b_l: the activation adds it as it reads z ([`activate_parts`]).
+        // z_l without b_l, written into the first columns of ã_{l+1}, which the activation
+        // then fills in place, adding b_l as it reads z ([`activate_in_place`]).
         let w = &waug[l];
-        let z = matmul_new(acts[l].slice(s![.., ..w.weight.ncols()]), w.weight.t());
+        let (out, ld) = (w.weight.nrows(), mlp.layers[l + 1].augmented_in());
+        let mut za = Array2::<f32>::uninit((m, ld));
+        // SAFETY: za is m × ld, row-major; the GEMM writes (overwrites, reading none) its
+        // m × out values at row stride ld, the first out ≤ ld columns.
+        unsafe { gemm_raw(acts[l].slice(s![.., ..w.weight.ncols()]), w.weight.t(), za.as_mut_ptr().cast::<f32>(), (ld as isize, 1), false, gemm::Parallelism::Rayon(0)) };
         let bias = w.bias.map(|b| b.to_vec());
-        let next = activate_parts(mlp.activations[l], z.view(), bias.as_deref(), mlp.layers[l + 1].augmented_in(), true, wants(l + 1));
+        let next = activate_in_place(mlp.activations[l], za, out, bias.as_deref(), true, wants(l + 1));
         acts.push(next.a);
         pass.derivs.push(next.derivative.expect("asked for"));
         pass.squares.push(next.squares.unwrap_or_default());
