@@ -542,6 +542,14 @@ impl BlockSum {
     }
 }
 
+/// A reduction of [`reduce_lanes`] with its second lane absorbed.
+fn absorbed((mut reduction, lane): (Reduction, Option<Reduction>)) -> Reduction {
+    if let Some(mut lane) = lane {
+        reduction.absorb(&mut lane);
+    }
+    reduction
+}
+
 impl Reduction {
     /// Adds the sums of `other` (a second lane of the same reduction, see [`LANES`]) into
     /// these, and empties `other`'s.
@@ -1065,7 +1073,7 @@ pub(crate) fn network_sums(
     let plan = NetPlan::new(mlp, variant)?;
     plan.check_result(form, 1, be.result_limit)?;
     let samples = range.len();
-    let reduction = reduce(be, mlp, data, variant, form, range, block, None)?;
+    let reduction = absorbed(reduce_lanes(be, mlp, data, variant, form, range, block, None)?);
     let parts = match reduction {
         // Whole sums (no units), in the parts' order: A₀, G₀, A₁, … for KFAC.
         Reduction::Syrk { sums, .. } | Reduction::Diag { sums, .. } | Reduction::Kfac { sums, .. } => {
@@ -1216,7 +1224,7 @@ pub(crate) fn sums_in_passes(
     let layers = SumLayer::of(mlp);
     let offsets: Vec<usize> = layers.iter().scan(0, |at, l| Some(std::mem::replace(at, *at + l.params()))).collect();
     for units in passes {
-        let reduction = reduce(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, Some(units))?;
+        let reduction = absorbed(reduce_lanes(be, mlp, data, variant, form, 0..n, DEFAULT_BLOCK_SAMPLES, Some(units))?);
         let sums = match reduction {
             Reduction::Syrk { sums, .. } | Reduction::Diag { sums, .. } | Reduction::Kfac { sums, .. } => sums,
             Reduction::Grads(_) | Reduction::Norms(_) => unreachable!("a form of sums"),
@@ -1291,27 +1299,10 @@ pub(crate) fn network_fisher_into(
 /// the start of every block of `block` samples (counted from sample 0), the block sums
 /// combined exactly when there are several. A full F or the layer blocks sum only the bands
 /// of `units` when given (one pass of [`symmetric_in_passes`]), every row otherwise.
-#[allow(clippy::too_many_arguments)]
-fn reduce(
-    be: &CpuBackend,
-    mlp: &Mlp,
-    data: &dyn DataSource,
-    variant: Variant,
-    form: NetForm,
-    range: std::ops::Range<usize>,
-    block: usize,
-    units: Option<&[Unit]>,
-) -> Result<Reduction> {
-    let (mut reduction, lane) = reduce_lanes(be, mlp, data, variant, form, range, block, units)?;
-    if let Some(mut lane) = lane {
-        reduction.absorb(&mut lane);
-    }
-    Ok(reduction)
-}
-
-/// [`reduce`], with the second lane's sums of the last block (see [`LANES`]) not yet
-/// absorbed: a caller that finishes them can do both in one pass
-/// ([`BlockSum::finish_symmetric`]).
+///
+/// With the second lane's sums of the last block (see [`LANES`]) not yet absorbed: a caller
+/// that finishes them can do both in one pass ([`BlockSum::finish_symmetric`]); the others
+/// take [`absorbed`].
 #[allow(clippy::too_many_arguments)]
 fn reduce_lanes(
     be: &CpuBackend,
