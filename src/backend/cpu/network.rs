@@ -211,11 +211,10 @@ struct Pass {
 fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, s0: usize, m: usize, squares: &[bool]) -> Result<Pass> {
     let depth = mlp.layers.len();
     let wants = |l: usize| squares.get(l).copied().unwrap_or(false);
-    let mut acts = Vec::with_capacity(depth);
-    let mut pass = Pass { acts: Vec::new(), output: Array2::zeros((0, 0)), derivs: Vec::with_capacity(depth), squares: Vec::with_capacity(depth) };
+    let (mut acts, mut derivs, mut act_squares) = (Vec::with_capacity(depth), Vec::with_capacity(depth), Vec::with_capacity(depth));
     let first = activate_parts(Activation::Identity, data.inputs(s0, m)?.view(), None, mlp.layers[0].augmented_in(), false, wants(0));
     acts.push(first.a);
-    pass.squares.push(first.squares.unwrap_or_default());
+    act_squares.push(first.squares.unwrap_or_default());
     for l in 0..depth - 1 {
         // z_l without b_l, written into the first columns of ã_{l+1}, which the activation
         // then fills in place, adding b_l as it reads z ([`activate_in_place`]).
@@ -228,12 +227,11 @@ fn forward_pass(mlp: &Mlp, waug: &[AugmentedWeight<'_>], data: &dyn DataSource, 
         let bias = w.bias.map(|b| b.to_vec());
         let next = activate_in_place(mlp.activations[l], za, out, bias.as_deref(), true, wants(l + 1));
         acts.push(next.a);
-        pass.derivs.push(next.derivative.expect("asked for"));
-        pass.squares.push(next.squares.unwrap_or_default());
+        derivs.push(next.derivative.expect("asked for"));
+        act_squares.push(next.squares.unwrap_or_default());
     }
-    pass.output = waug[depth - 1].product(acts[depth - 1].view());
-    pass.acts = acts;
-    Ok(pass)
+    let output = waug[depth - 1].product(acts[depth - 1].view());
+    Ok(Pass { acts, output, derivs, squares: act_squares })
 }
 
 enum Reduction {
